@@ -1,0 +1,1068 @@
+"""ElasticDiffusion: training-free arbitrary-size image generation with pretrained Stable Diffusion.
+
+Haji-Ali, Balakrishnan and Ordonez, "ElasticDiffusion: Training-free Arbitrary Size Image Generation
+through Global-Local Content Separation", CVPR 2024 (arXiv 2311.18822).
+
+Classifier-free guidance splits the score into an unconditional part and a class direction:
+
+    eps_hat = eps(x, neg) + w * [eps(x, prompt) - eps(x, neg)]
+
+ElasticDiffusion estimates the two parts differently:
+
+* the class direction (global content) on a *reference latent*, a sub-sampled copy of the latent whose
+  longer side is the UNet's native size, written back to full resolution over several resampling passes;
+* the unconditional score (local detail) on overlapping native-size crops of the full-resolution latent.
+
+Then a DDIM step, a repaint pass and reduced-resolution guidance (RRG). Every UNet input is at most
+native size; smaller ones are padded with noised, VAE-encoded solid colours.
+
+Section numbers (§) refer to the method reference (`elasticdiffusion-method.md`).
+
+Python:
+
+    pipe = ElasticDiffusion(device=torch.device("cuda"), sd_version="XL1.0")
+    images, info = pipe.generate_image(prompts="a photo of the dolomites", height=1024, width=2048)
+
+Command line: ``python elastic_diffusion.py --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+logger = logging.getLogger("elastic_diffusion")
+
+# --------------------------------------------------------------------------------------------------
+# Models, defaults and presets (§3.1, §14, §15)
+# --------------------------------------------------------------------------------------------------
+
+MODEL_IDS = {
+    "1.4": "CompVis/stable-diffusion-v1-4",
+    "1.5": "runwayml/stable-diffusion-v1-5",
+    "2.0": "stabilityai/stable-diffusion-2-base",
+    "2.1": "stabilityai/stable-diffusion-2-1-base",
+    "XL1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+# runwayml removed its repository in 2024; the same weights live on under this id.
+HUB_MIRRORS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+DEFAULT_NEGATIVE_PROMPT = "blurry, ugly, duplicate, no details, deformed"
+PRESET_NEGATIVE_PROMPT = "blurry, ugly, poorly drawn, deformed"
+
+# The 14 examples of the official demo (§15), prompts verbatim (typos included), seed 0.
+DEMO_PRESETS = [
+    dict(prompt="A realistic portrait of a young black woman. she has a Christmas red hat and a red scarf. Her eyes are light brown like they're almost caramel color. Her attire, simple yet dignified.", width=2048, height=2048, resampling_steps=10, new_p=0.3, rrg_init_weight=2000),
+    dict(prompt="Envision a portrait of a horse, framed by a blue headscarf with muted tones of rust and cream. she has brown-colored eyes. Her attire, simple yet dignified", width=1536, height=1536, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="Envision a portrait of a cute corgi, framed by a red headscarf. his eyes are light brown. his attire is simple yet dignified", width=1024, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="Envision an ostrich in the dessert. she has a green scarf wrapping her body. her eyes are dark black. her attire, simple yet dignified", width=2048, height=1024, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="Envision a portrait of a cute cat, her face is framed by a blue headscarf with muted tones of rust and cream. Her eyes are blue like faded denim. Her attire, simple yet dignified", width=1080, height=1920, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="Envision a realistic portrait of a black woman, she has a white headscarf. Her eyes are dark black. her attire, simple yet delightful.", width=1920, height=1080, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="A Cute Puppy with wings, Cartoon Drawings, high details", width=2048, height=1536, resampling_steps=10, new_p=0.3, rrg_init_weight=1500),
+    dict(prompt="Darth Vader playing with raccoon in Mars during sunset.", width=1536, height=2048, resampling_steps=10, new_p=0.3, rrg_init_weight=1500),
+    dict(prompt="A dramatic photo of a volcanic eruption, high details, sharp.", width=768, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="A photo of the dolomites, highly detailed, sharp", width=2048, height=768, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="A professional photo of a rabbit riding a bike on a street in New York", width=768, height=768, resampling_steps=0, new_p=0.3, rrg_init_weight=0),
+    dict(prompt="An illustration of an astronaut riding a horse", width=512, height=512, resampling_steps=0, new_p=0.3, rrg_init_weight=0),
+    dict(prompt="A front view of a beautiful waterfall", width=2048, height=512, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+    dict(prompt="A realistic bird-eye view of a lake with palm tree on the side, simply, high details.", width=512, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
+]
+
+# The knobs of the method, in the order the CLI, the apps and the PNG metadata list them.
+SETTING_NAMES = (
+    "num_inference_steps", "guidance_scale", "resampling_steps", "new_p", "rrg_init_weight",
+    "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale",
+)
+
+# Images at most this many times the native size per side are supported (§6.6, D13).
+MAX_SCALE = 2
+MIN_SIDE_PX = 128  # the demo's smallest size; below it the image is mostly padding
+
+
+def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict:
+    """Resolution-aware defaults: reproduce the 14 demo presets at their sizes, interpolate elsewhere.
+
+    Rules read off the presets (§15): nothing to resample at or below the native size (R = 0, no
+    RRG); otherwise R = 10 for the largest pixel counts (>= 2.5x the native area) and 7 below, and
+    the RRG weight grows with the area so the pull at step 0, 2*lambda0/(4*H*W), stays near 0.015:
+    lambda0 = 500 * round(area / native area), at least 1000.
+    """
+    area = (width * height) / float(native_px * native_px)
+    downsampled = max(width, height) > native_px
+    if downsampled:
+        resampling_steps = 10 if area >= 2.5 else 7
+        rrg_init_weight = 500.0 * max(2, math.floor(area + 0.5))
+    else:
+        resampling_steps, rrg_init_weight = 0, 0.0
+    return dict(
+        num_inference_steps=50,
+        guidance_scale=10.0,
+        resampling_steps=resampling_steps,
+        new_p=0.3,  # fraction of cells re-drawn per resampling pass; the paper's recommendation
+        rrg_init_weight=rrg_init_weight,
+        cosine_scale=10.0,  # RRG weight decays as cos^(2*kappa): higher = guidance released sooner
+        rrg_stop_t=0.4,  # RRG runs over the first 60 % of the steps (the demo's value)
+        patch_size=native_px // 16,  # half the native latent size: window 64 + context 64 on SDXL
+        repaint=True,
+        tiled_decoder=False,
+        time_ids_scale=4,  # the official code conditions SDXL on 4x the image size (§3.4)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry: reference size, sub-sampler tables, local views, padding (§4, §6.2, §8, §7)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_size(height: int, width: int, native_px: int) -> tuple[int, int]:
+    """Latent size (h, w) of the reference: longer side = native, aspect kept (§4.2)."""
+    f = max(max(height, width) / native_px, 1.0)
+    return int((height // f) // 8), int((width // f) // 8)
+
+
+def axis_groups(length: int, ref_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a source axis into `ref_length` contiguous groups (the group rule of §6.2).
+
+    Returns (start, size), both (ref_length,) long: group m is [start[m], start[m] + size[m]).
+    """
+    m = torch.arange(ref_length + 1)
+    bounds = (m * length) // ref_length
+    return bounds[:-1], bounds[1:] - bounds[:-1]
+
+
+def group_map(length: int, ref_length: int) -> torch.Tensor:
+    """(length,) long: the reference index whose group contains each source index."""
+    start, size = axis_groups(length, ref_length)
+    return torch.repeat_interleave(torch.arange(ref_length), size)
+
+
+def candidates_per_axis(H: int, W: int, h: int, w: int) -> int:
+    """g: candidates per axis and cell; at least 2, the official 2x2 choice (§6.3)."""
+    return max(2, -(-H // h), -(-W // w))
+
+
+def choose_cells(num_passes: int, h: int, w: int, num_choices: int, new_p: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-cell candidate index k for each resampling pass (§6.3), shape (num_passes, h, w).
+
+    Pass 0 picks k = 0 (top-left). Each later pass draws a fresh k uniformly among the k not yet
+    used in that cell (any k once all are used) and takes it with probability exactly `new_p`
+    (D10), else keeps the previous pass's k. One k per cell serves all channels and batch items.
+    """
+    k = torch.zeros(h, w, dtype=torch.long)
+    used = torch.zeros(h, w, num_choices, dtype=torch.bool)
+    used[..., 0] = True
+    passes = [k]
+    for _ in range(1, num_passes):
+        scores = torch.rand(h, w, num_choices, generator=generator)
+        exhausted = used.all(-1, keepdim=True)
+        fresh = scores.masked_fill(used & ~exhausted, -1.0).argmax(-1)
+        take_fresh = torch.rand(h, w, generator=generator) < new_p
+        k = torch.where(take_fresh, fresh, k)
+        used.scatter_(-1, k[..., None], True)
+        passes.append(k)
+    return torch.stack(passes)
+
+
+def source_indices(k: torch.Tensor, H: int, W: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-resolution (row, col) gathered for each reference cell, each (..., h, w) long (§6.3).
+
+    Candidate k of cell (m, n) is row offset k // g and column offset k % g inside the cell's
+    groups, clamped to the group (so a group of one source index offers it for every offset).
+    """
+    h, w = k.shape[-2:]
+    row_start, row_size = axis_groups(H, h)
+    col_start, col_size = axis_groups(W, w)
+    rows = row_start[:, None] + torch.minimum(k // g, row_size[:, None] - 1)
+    cols = col_start[None, :] + torch.minimum(k % g, col_size[None, :] - 1)
+    return rows, cols
+
+
+def gather_reference(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Reference latent(s): x (B, C, H, W), rows/cols (S, h, w) -> (S, B, C, h, w)."""
+    return torch.stack([x[:, :, r, c] for r, c in zip(rows, cols)])
+
+
+class AxisWindow(NamedTuple):
+    """One window along one axis: the crop fed to the UNet and the part of it this window owns."""
+    crop_start: int
+    crop_end: int
+    own_start: int
+    own_end: int
+
+
+def axis_windows(length: int, native: int, patch: int) -> list[AxisWindow]:
+    """Windows of size `patch` (stride `patch`) with context native - patch along one axis (§8)."""
+    context = native - patch
+    window = length if patch + context >= length else patch
+    count = 1 if window == length else -(-(length - window) // patch) + 1
+    half = context // 2
+    windows, written = [], 0
+    for j in range(count):
+        a = min(j * patch, length - window)  # the last window is moved back inside the axis
+        b = a + window
+        if window == length:
+            before = after = 0
+        elif a - half < 0:  # context that does not fit before the window goes after it, and back
+            before = a
+            after = min(2 * half - before, length - b)
+        else:
+            after = min(half, length - b)
+            before = min(2 * half - after, a)
+        # First writer wins: a moved-back window only owns what earlier windows left.
+        windows.append(AxisWindow(a - before, b + after, max(a, written), b))
+        written = b
+    return windows
+
+
+def local_views(H: int, W: int, native: int, patch: int) -> list[tuple[AxisWindow, AxisWindow]]:
+    """Row-major product of row and column windows: the V local views (§8)."""
+    return [(r, c) for r in axis_windows(H, native, patch) for c in axis_windows(W, native, patch)]
+
+
+def centered_padding(h: int, w: int, native: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) that centre an (h, w) latent on a native x native canvas (§7)."""
+    ph, pw = native - h, native - w
+    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+
+
+def padding_strips(h: int, w: int, native: int) -> dict[str, tuple[int, int]]:
+    """Latent (height, width) of each background strip; width is padded first, then height (§7)."""
+    top, bottom, left, right = centered_padding(h, w, native)
+    strips = {"left": (h, left), "right": (h, right), "top": (top, native), "bottom": (bottom, native)}
+    return {name: size for name, size in strips.items() if size[0] > 0 and size[1] > 0}
+
+
+def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it (§7)."""
+    n = x.shape[0]
+    parts = [strips["left"].expand(n, -1, -1, -1)] if "left" in strips else []
+    parts += [x] + ([strips["right"].expand(n, -1, -1, -1)] if "right" in strips else [])
+    x = torch.cat(parts, dim=3)
+    parts = [strips["top"].expand(n, -1, -1, -1)] if "top" in strips else []
+    parts += [x] + ([strips["bottom"].expand(n, -1, -1, -1)] if "bottom" in strips else [])
+    return torch.cat(parts, dim=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Score assembly, DDIM, repaint and reduced-resolution guidance (§6.1, §8, §9, §10, §11)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_back_direction(deltas: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                         H: int, W: int) -> torch.Tensor:
+    """Full-resolution class direction from S reference passes (§6.1, with the D9 fix).
+
+    deltas (S, B, C, h, w); rows/cols (S, h, w). Every value goes back to the exact position it
+    was gathered from, later passes overwrite earlier ones, and positions no pass sampled take
+    the last pass's value of the group that contains them. Returns (B, C, H, W).
+    """
+    S, B, C, h, w = deltas.shape
+    direction = deltas[-1][:, :, group_map(H, h)][:, :, :, group_map(W, w)].contiguous()
+    flat = direction.view(B, C, H * W)
+    for delta, r, c in zip(deltas, rows, cols):
+        flat[:, :, (r * W + c).flatten().to(deltas.device)] = delta.reshape(B, C, h * w)
+    return direction
+
+
+def assemble_local_score(window_scores: torch.Tensor, views: Sequence[tuple[AxisWindow, AxisWindow]],
+                         H: int, W: int) -> torch.Tensor:
+    """Tile the windows' scores into U (§8): window_scores (V, B, C, ch, cw) -> (B, C, H, W).
+
+    Each view writes only the part of its window that it owns, so the views partition the image
+    and no position is written twice.
+    """
+    V, B, C = window_scores.shape[:3]
+    local = window_scores.new_empty(B, C, H, W)
+    for score, (r, c) in zip(window_scores, views):
+        local[:, :, r.own_start:r.own_end, c.own_start:c.own_end] = score[
+            :, :, r.own_start - r.crop_start:r.own_end - r.crop_start,
+            c.own_start - c.crop_start:c.own_end - c.crop_start]
+    return local
+
+
+def ddim_step(eps: torch.Tensor, x: torch.Tensor, alpha: float, alpha_prev: float):
+    """Deterministic DDIM (eta = 0) as a pure function (§9): returns (x0, x_prev)."""
+    x0 = (x - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+    return x0, math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * eps
+
+
+def renoise(x: torch.Tensor, alpha_from: float, alpha_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse x from level alpha_from to the noisier alpha_to in one draw (§10, D8 fixed)."""
+    ratio = alpha_to / alpha_from
+    return math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise
+
+
+def rrg_weight(step: int, num_inference_steps: int, init_weight: float, cosine_scale: float,
+               stop_t: float) -> float:
+    """lambda(i) = lambda0 * (0.5 (1 + cos(pi i / S)))^kappa for i < S = T - floor(T stop_t) (§11)."""
+    S = num_inference_steps - math.floor(num_inference_steps * stop_t)
+    if step >= S:
+        return 0.0
+    return init_weight * (0.5 * (1 + math.cos(math.pi * step / S))) ** cosine_scale
+
+
+def rrg_pull(x0_reference_up: torch.Tensor, x0: torch.Tensor, weight: float) -> torch.Tensor:
+    """-d/dx0 of weight * mean((x0_ref_up - x0)^2) per item, in closed form (§11 step 4)."""
+    C, H, W = x0.shape[1:]
+    return (2.0 * weight / (C * H * W)) * (x0_reference_up - x0)
+
+
+def upsample_groups(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W): each position takes its group's value (nearest, D9-aligned)."""
+    h, w = x.shape[-2:]
+    return x[:, :, group_map(H, h).to(x.device)][:, :, :, group_map(W, w).to(x.device)]
+
+
+def downsample_groups(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, h, w): the first position of each group (PyTorch nearest, §11)."""
+    H, W = x.shape[-2:]
+    return x[:, :, axis_groups(H, h)[0].to(x.device)][:, :, :, axis_groups(W, w)[0].to(x.device)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading (§3.1)
+# --------------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on accelerators (the UNet's speed), fp32 on the CPU (no fast fp16 kernels)."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def _is_sdxl_checkpoint(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(key.startswith("conditioner.embedders.1") for key in f.keys())
+
+
+def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                  **kwargs):
+    """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
+
+    Raises ValueError naming `sd_version` and what it may be when the source cannot be used.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    allowed = (f"one of {sorted(MODEL_IDS)}, a hub id such as 'stabilityai/sdxl-turbo', a local "
+               "diffusers folder (with model_index.json) or a single .safetensors checkpoint")
+    source = MODEL_IDS.get(sd_version, sd_version)
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"sd_version must be {allowed}; got {sd_version!r}")
+    source = os.path.expanduser(source)
+    if source.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        if not os.path.isfile(source):
+            raise ValueError(f"sd_version: checkpoint file {source!r} does not exist")
+        if not source.endswith(".safetensors"):
+            if not allow_pickle:
+                raise ValueError(f"sd_version: {source!r} is a pickle checkpoint, which can run code when "
+                                 "loaded; convert it to .safetensors or pass allow_pickle=True if you trust it")
+            cls = StableDiffusionPipeline
+        else:
+            cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(source) else StableDiffusionPipeline
+        return cls.from_single_file(source, dtype=torch_dtype, **kwargs)
+    is_path = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
+    if is_path:
+        if not os.path.isdir(source):
+            raise ValueError(f"sd_version: folder {source!r} does not exist; expected {allowed}")
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise ValueError(f"sd_version: {source!r} is not a diffusers-format folder (no model_index.json); "
+                             "save a pipeline with save_pretrained() or pass a single .safetensors file")
+    elif not re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+        raise ValueError(f"sd_version {sd_version!r} is unknown: use {allowed}")
+
+    load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **kwargs)
+    try:
+        config = DiffusionPipeline.load_config(source)
+        if "safety_checker" in config:  # not used by this sampler: do not download or load it
+            load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(source, **load_kwargs)
+    except (OSError, EnvironmentError) as error:
+        if source in HUB_MIRRORS:
+            logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
+            return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, **kwargs)
+        hint = "" if allow_pickle else " (if the model has no .safetensors weights, pass allow_pickle=True)"
+        raise ValueError(f"sd_version {sd_version!r} could not be loaded: {error}{hint}") from error
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipe, name, None) is None:
+            raise ValueError(f"sd_version {sd_version!r} is a {type(pipe).__name__} without a {name}; "
+                             "ElasticDiffusion needs a Stable Diffusion 1.x, 2.x or XL model")
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """Where one UNet sample comes from, for extensions that condition on the image (ControlNet).
+
+    kind "reference": the whole reduced reference latent, (rows, cols) = ((0, h), (0, w));
+    kind "local": a crop [rows) x [cols) of the full-resolution latent. `padding` is
+    (top, bottom, left, right) in latent pixels around it on the native canvas; `item` is the
+    index of the image in the batch.
+    """
+    kind: str
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    item: int
+
+
+class ScoreEstimate(NamedTuple):
+    """The two halves of the score for one latent at one timestep, plus what RRG reuses (§6, §8)."""
+    local_uncond: torch.Tensor  # U (B, C, H, W)
+    direction: torch.Tensor  # Delta (B, C, H, W)
+    reference_latent: torch.Tensor  # x_ref of the last pass (B, C, h, w)
+    reference_uncond: torch.Tensor  # eps(x_ref, neg) of the last pass (B, C, h, w)
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised from `callback_on_step_end` (or when it returns {"cancel": True}) to stop a run."""
+
+
+class ElasticDiffusion:
+    """ElasticDiffusion sampler over a diffusers Stable Diffusion 1.x / 2.x / XL pipeline.
+
+    Args:
+        device: where to run (default: CUDA, then MPS, then CPU).
+        sd_version: '1.4', '1.5', '2.0', '2.1', 'XL1.0', any hub id, a local diffusers folder or a
+            single `.safetensors` checkpoint. The architecture is read from the loaded model.
+        view_batch_size: most UNet samples (native-size latents) per UNet call; memory only.
+        low_vram: diffusers' model CPU offload (one model on the GPU at a time).
+        torch_dtype: weight dtype (default fp16 on accelerators, fp32 on CPU).
+        pipe: an already loaded diffusers pipeline to use instead of loading (see `from_pipe`).
+        allow_pickle: allow non-safetensors weights (they can run code when loaded).
+        compile_unet: `torch.compile` the UNet; every call is padded to `view_batch_size` samples so
+            the compiled graph never sees a new shape, whatever the image size.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
+                 view_batch_size: int = 16, low_vram: bool = False, torch_dtype: torch.dtype | None = None,
+                 pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
+        self.device = torch.device(device) if device is not None else default_device()
+        if not isinstance(view_batch_size, int) or view_batch_size < 1:
+            raise ValueError(f"view_batch_size must be an integer >= 1; got {view_batch_size!r}")
+        self.view_batch_size = view_batch_size
+        self.sd_version = sd_version if pipe is None else getattr(pipe, "name_or_path", None) or "pipeline"
+        if pipe is None:
+            dtype = torch_dtype or default_dtype(self.device)
+            pipe = load_pipeline(sd_version, dtype, allow_pickle, **load_kwargs)
+        elif torch_dtype is not None:
+            pipe.to(dtype=torch_dtype)
+        self.pipe = pipe
+        self.vae, self.unet, self.scheduler = pipe.vae, pipe.unet, pipe.scheduler
+        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        self.dtype = self.unet.dtype
+        # Everything below is read from the loaded configs, never from the name (D12).
+        self.is_sdxl = self.unet.config.get("addition_embed_type") == "text_time"
+        self.native_latent = int(self.unet.config.sample_size)  # D
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.native_px = self.native_latent * self.vae_scale_factor  # P
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        sched = self.scheduler.config
+        self.alphas_cumprod = self._alphas_cumprod()
+        self.final_alpha = 1.0 if sched.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
+        if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16 (§12)
+        self.low_vram = bool(low_vram)
+        if self.low_vram:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if compile_unet:
+            self.unet = torch.compile(self.unet)
+        self.static_batches = bool(compile_unet)
+        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
+
+    @classmethod
+    def from_pipe(cls, pipe, device=None, **kwargs) -> "ElasticDiffusion":
+        """Reuse an already loaded diffusers Stable Diffusion pipeline's components (no reload)."""
+        if device is None:
+            device = getattr(pipe, "_execution_device", None) or pipe.device
+        return cls(device=device, pipe=pipe, **kwargs)
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        return ddim.alphas_cumprod.double()
+
+    def timesteps(self, num_inference_steps: int) -> list[int]:
+        """DDIM timesteps of the model's scheduler config: 981, 961, ..., 1 for T = 50 (§3.2)."""
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        ddim.set_timesteps(num_inference_steps)
+        return [int(t) for t in ddim.timesteps]
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+
+    # ---------------------------------------------------------------------------- text (§3.3)
+
+    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        full = tokenizer(prompts, padding=False, truncation=False).input_ids
+        for prompt, tokens in zip(prompts, full):
+            if len(tokens) > tokenizer.model_max_length:
+                cut = tokenizer.decode(tokens[tokenizer.model_max_length - 1:-1])
+                warnings.warn(f"prompt is longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                              f"this part was cut: {cut!r}", stacklevel=4)
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings (N, 77, d) and, for SDXL, pooled embeddings (N, 1280).
+
+        Empty prompts are CLIP-encoded like any other (never zeroed, unlike diffusers' SDXL default).
+        """
+        ids = self._tokenize(self.tokenizer, prompts)
+        if not self.is_sdxl:
+            return self.text_encoder(ids)[0], None
+        first = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
+        return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+    # ---------------------------------------------------------------------------- UNet calls (§7)
+
+    def unet_extra_kwargs(self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
+                          added_cond_kwargs: dict | None, regions: list[Region]) -> dict:
+        """Extension point: extra keyword arguments for the UNet call on `latents` (N, C, D, D).
+
+        `regions[n]` says where sample n comes from. The base sampler adds nothing; the ControlNet
+        sampler returns `down_block_additional_residuals` / `mid_block_additional_residual`.
+        """
+        return {}
+
+    def predict_noise(self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
+                      pooled_embeds: torch.Tensor | None, regions: list[Region]) -> torch.Tensor:
+        """Noise prediction (epsilon) for a batch of native-size latents: every UNet call goes here."""
+        n = latents.shape[0]
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": pooled_embeds, "time_ids": self._time_ids.expand(n, -1)}
+        extra = self.unet_extra_kwargs(latents, t, prompt_embeds, added, regions)
+        out = self.unet(latents, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+                        **extra).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        alpha, x = self.alpha(t), latents.float()
+        if self.prediction_type == "v_prediction":  # the method splits epsilon; v is linear in it
+            return math.sqrt(alpha) * out + math.sqrt(1 - alpha) * x
+        return (x - math.sqrt(alpha) * out) / math.sqrt(1 - alpha)  # "sample" prediction
+
+    def _evaluate(self, latents: torch.Tensor, t: int, cond_index: torch.Tensor,
+                  regions: list[Region]) -> torch.Tensor:
+        """Run all N samples of one denoising pass in calls of at most `view_batch_size` samples.
+
+        The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12); with a compiled UNet each
+        call is padded to exactly v samples so its shape never changes.
+        """
+        n = latents.shape[0]
+        calls = -(-n // self.view_batch_size)
+        size = -(-n // calls)
+        outputs = []
+        for start in range(0, n, size):
+            chunk = slice(start, min(start + size, n))
+            x, index = latents[chunk].to(self.dtype), cond_index[chunk]
+            pad = self.view_batch_size - x.shape[0] if self.static_batches else 0
+            if pad:
+                x, index = torch.cat([x, x[:1].expand(pad, -1, -1, -1)]), torch.cat([index, index[:1].expand(pad)])
+            pooled = self._pooled[index] if self._pooled is not None else None
+            eps = self.predict_noise(x, t, self._embeds[index], pooled, regions[chunk] + regions[:1] * pad)
+            outputs.append(eps[:eps.shape[0] - pad])
+            self.counters["unet_samples"] += chunk.stop - chunk.start
+            self.counters["unet_calls"] += 1
+        return torch.cat(outputs)
+
+    # ---------------------------------------------------------------------------- backgrounds (§7)
+
+    def _strip_seed(self, name: str, size: tuple[int, int], t: int) -> int:
+        key = f"{self._aux_seed}:{name}:{size[0]}x{size[1]}:{t}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2 ** 63 - 1)
+
+    @torch.no_grad()
+    def prepare_backgrounds(self, strip_sizes: dict[str, tuple[int, int]], timesteps: list[int],
+                            chunk: int = 8) -> dict:
+        """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
+
+        Encoded once, up front: identical across passes, view batches and batch items within a
+        timestep, different across timesteps. Returns {(name, size, t): (1, C, sh, sw)}.
+        """
+        keys = [(name, size, t) for t in timesteps for name, size in strip_sizes.items()]
+        backgrounds = {}
+        f = self.vae_scale_factor
+        for size in sorted({k[1] for k in keys}):
+            same = [k for k in keys if k[1] == size]
+            for i in range(0, len(same), chunk):
+                group = same[i:i + chunk]
+                gens = [torch.Generator().manual_seed(self._strip_seed(*k)) for k in group]
+                colours = torch.stack([torch.rand(3, generator=g) for g in gens])  # RGB in [0, 1]
+                images = colours[:, :, None, None].expand(-1, -1, size[0] * f, size[1] * f)
+                dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+                self.counters["vae_encodes"] += len(group)
+                for k, g, mean, std in zip(group, gens, dist.mean.float(), dist.std.float()):
+                    z0 = (mean + std * torch.randn(mean.shape, generator=g).to(self.device))
+                    z0 = z0 * self.vae.config.scaling_factor
+                    alpha = self.alpha(k[2])
+                    noise = torch.randn(z0.shape, generator=g).to(self.device)
+                    backgrounds[k] = (math.sqrt(alpha) * z0 + math.sqrt(1 - alpha) * noise)[None]
+        return backgrounds
+
+    def _pad(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) == (self.native_latent, self.native_latent):
+            return x
+        strips = padding_strips(h, w, self.native_latent)
+        return pad_with_strips(x, {n: self._backgrounds[(n, s, t)] for n, s in strips.items()})
+
+    # ---------------------------------------------------------------------------- the two scores
+
+    def estimate_scores(self, x: torch.Tensor, t: int, cells: torch.Tensor) -> ScoreEstimate:
+        """Global class direction and local unconditional score of x (B, C, H, W) at t (§6, §8).
+
+        `cells` (S, h, w) are the sub-sampler's choices for the S reference passes. Every UNet
+        sample of this pass (2B per reference pass, B per local view) depends only on x, so all
+        go through `_evaluate` together.
+        """
+        B, C, H, W = x.shape
+        h, w = cells.shape[-2:]
+        S, D = cells.shape[0], self.native_latent
+        rows, cols = source_indices(cells, H, W, self._num_choices)
+        references = gather_reference(x, rows.to(x.device), cols.to(x.device))  # (S, B, C, h, w)
+        views = self._views
+        crops = torch.stack([x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views])
+        ch, cw = crops.shape[-2:]
+
+        # Samples: per pass [neg x B, prompt x B], then per view [neg x B]; cond index into [neg; pos].
+        ref_batch = references.unsqueeze(1).expand(S, 2, B, C, h, w).reshape(S * 2 * B, C, h, w)
+        local_batch = crops.reshape(len(views) * B, C, ch, cw)
+        latents = torch.cat([self._pad(ref_batch, t), self._pad(local_batch, t)])
+        item = torch.arange(B)
+        cond_index = torch.cat([torch.cat([item, item + B]).repeat(S), item.repeat(len(views))])
+        ref_pad, crop_pad = centered_padding(h, w, D), centered_padding(ch, cw, D)
+        regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
+                   for b in range(B)]
+        regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
+                    for r, c in views for b in range(B)]
+        eps = self._evaluate(latents, t, cond_index, regions)
+
+        top, _, left, _ = ref_pad
+        ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w].reshape(S, 2, B, C, h, w)
+        top, _, left, _ = crop_pad
+        local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw].reshape(len(views), B, C, ch, cw)
+        direction = write_back_direction(ref_eps[:, 1] - ref_eps[:, 0], rows, cols, H, W)
+        local = assemble_local_score(local_eps, views, H, W)
+        return ScoreEstimate(local, direction, references[-1], ref_eps[-1, 0])
+
+    def reduced_resolution_guidance(self, estimate: ScoreEstimate, x0: torch.Tensor, t: int,
+                                    guidance_scale: float, weight: float) -> torch.Tensor:
+        """RRG (§11): pull x0 towards the reference's own x0, reusing this step's UNet outputs."""
+        h, w = estimate.reference_latent.shape[-2:]
+        H, W = x0.shape[-2:]
+        eps_reference = estimate.reference_uncond + guidance_scale * downsample_groups(estimate.direction, h, w)
+        x0_reference, _ = ddim_step(eps_reference, estimate.reference_latent.float(), self.alpha(t), self.alpha(t))
+        return rrg_pull(upsample_groups(x0_reference, H, W), x0, weight)
+
+    # ---------------------------------------------------------------------------- inputs
+
+    def check_inputs(self, prompts: list[str], negative_prompts: list[str], height, width, s: dict,
+                     latents: torch.Tensor | None, batch: int) -> None:
+        """Validate everything before any work; ValueError naming the argument and the rule."""
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8x8 pixel blocks); got {value}")
+            limit = MAX_SCALE * self.native_px
+            if not MIN_SIDE_PX <= value <= limit:
+                raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
+                                 f"(at most {MAX_SCALE}x its native {self.native_px} px per side, the "
+                                 f"sub-sampler's limit); got {value}")
+        for name in ("guidance_scale", "new_p", "rrg_init_weight", "cosine_scale", "rrg_stop_t"):
+            value = s[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        for name, low in (("num_inference_steps", 1), ("resampling_steps", 0), ("patch_size", 1)):
+            value = s[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        if s["num_inference_steps"] > 1000:
+            raise ValueError(f"num_inference_steps must be at most 1000; got {s['num_inference_steps']}")
+        if not 0 < s["new_p"] <= 1:
+            raise ValueError(f"new_p (fraction of newly sampled cells per resampling pass) must be in (0, 1]; "
+                             f"got {s['new_p']}")
+        if s["patch_size"] > self.native_latent:
+            raise ValueError(f"patch_size must be at most the native latent size {self.native_latent} "
+                             f"(window plus context must fit one UNet input); got {s['patch_size']}")
+        if s["rrg_init_weight"] < 0 or s["cosine_scale"] < 0:
+            raise ValueError("rrg_init_weight and cosine_scale must be >= 0; got "
+                             f"{s['rrg_init_weight']} and {s['cosine_scale']}")
+        if not 0 <= s["rrg_stop_t"] < 1:
+            raise ValueError(f"rrg_stop_t must be in [0, 1); got {s['rrg_stop_t']}")
+        if s["time_ids_scale"] not in (1, 4):
+            raise ValueError(f"time_ids_scale must be 1 or 4; got {s['time_ids_scale']!r}")
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings; got {prompts!r}")
+        if not all(isinstance(p, str) for p in negative_prompts) or len(negative_prompts) != len(prompts):
+            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
+                             f"prompt); got {len(negative_prompts)}")
+        if latents is not None:
+            shape = (batch, self.latent_channels, height // 8, width // 8)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this size and batch; got {tuple(latents.shape)}")
+
+    def resolve_settings(self, width: int, height: int, **explicit) -> dict:
+        """Resolution-aware presets with the explicitly given (non-None) values on top."""
+        settings = recommended_settings(width, height, self.native_px)
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+        return settings
+
+    # ---------------------------------------------------------------------------- generation (§5)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, resampling_steps: int | None = None,
+                 new_p: float | None = None, rrg_init_weight: float | None = None,
+                 cosine_scale: float | None = None, rrg_stop_t: float | None = None,
+                 patch_size: int | None = None, repaint: bool | None = None,
+                 tiled_decoder: bool | None = None, time_ids_scale: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", callback_on_step_end: Callable | None = None,
+                 progress: bool | Callable = True, drop_p: float | None = None):
+        """Generate images; returns (images, info).
+
+        Method knobs left at None come from `recommended_settings(width, height)`. `drop_p` is the
+        complement of `new_p` (the official README's spelling). `generator` / `seed` seed the initial
+        latents and, through one derived seed, the sub-sampler, re-noising and backgrounds.
+        `callback_on_step_end(pipe, step, t, {"latents": x, "x0": x0})` may return {"latents": ...}
+        to replace the latent, or raise `GenerationCancelled` to stop.
+        """
+        t_start = time.perf_counter()
+        height = 2 * self.native_px if height is None else height
+        width = 2 * self.native_px if width is None else width
+        if drop_p is not None:
+            if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
+                raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
+            new_p = 1 - drop_p
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        s = self.resolve_settings(width, height, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, resampling_steps=resampling_steps, new_p=new_p,
+                                  rrg_init_weight=rrg_init_weight, cosine_scale=cosine_scale,
+                                  rrg_stop_t=rrg_stop_t, patch_size=patch_size, repaint=repaint,
+                                  tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
+        batch = len(prompts) * num_images_per_prompt
+        self.check_inputs(prompts, negatives, height, width, s, latents, batch)
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
+
+        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
+        timings = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if generator is None:
+            seed = random.randrange(2 ** 32) if seed is None else int(seed)
+            generator = torch.Generator().manual_seed(seed)
+        H, W = height // 8, width // 8
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor((batch, self.latent_channels, H, W), generator=generator,
+                                   device=self.device, dtype=torch.float32)
+        x = latents.to(self.device, torch.float32)
+        self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        aux = torch.Generator().manual_seed(self._aux_seed)
+
+        tic = time.perf_counter()
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        embeds, pooled = self.encode_prompt(negatives + prompts)  # [neg; pos] (§3.3)
+        self._embeds, self._pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
+        if self.is_sdxl:
+            k = s["time_ids_scale"]
+            self._time_ids = torch.tensor([k * height, k * width, 0, 0, k * height, k * width],
+                                          device=self.device, dtype=self.dtype)[None]
+        timings["encode_prompt"] = self._sync_time(tic)
+
+        tic = time.perf_counter()
+        D, T = self.native_latent, s["num_inference_steps"]
+        h, w = reference_size(height, width, self.native_px)
+        self._views = local_views(H, W, D, s["patch_size"])
+        self._num_choices = candidates_per_axis(H, W, h, w) ** 2
+        timesteps = self.timesteps(T)
+        crop = (self._views[0][0].crop_end - self._views[0][0].crop_start,
+                self._views[0][1].crop_end - self._views[0][1].crop_start)
+        strips = {**padding_strips(h, w, D), **padding_strips(*crop, D)}
+        self._backgrounds = self.prepare_backgrounds(strips, timesteps) if strips else {}
+        timings["backgrounds"] = self._sync_time(tic)
+
+        tic = time.perf_counter()
+        x = self.sample(x, timesteps, s, aux, callback_on_step_end, progress)
+        timings["denoise"] = self._sync_time(tic)
+        tic = time.perf_counter()
+        images = x if output_type == "latent" else self.decode(x, s["tiled_decoder"], output_type)
+        timings["decode"] = self._sync_time(tic)
+        timings["total"] = time.perf_counter() - t_start
+        self._backgrounds = {}
+        info = dict(settings=dict(s, width=width, height=height, view_batch_size=self.view_batch_size),
+                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(self._views),
+                    **self.counters, timings=timings,
+                    peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                                     if self.device.type == "cuda" else None))
+        return images, info
+
+    def sample(self, x: torch.Tensor, timesteps: list[int], s: dict, aux: torch.Generator,
+               callback_on_step_end: Callable | None = None, progress: bool | Callable = True) -> torch.Tensor:
+        """The sampling loop of §5, one iteration per DDIM timestep."""
+        from tqdm.auto import tqdm
+
+        T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
+        h, w = reference_size(x.shape[-2] * 8, x.shape[-1] * 8, self.native_px)
+        step_size = self.scheduler.config.num_train_timesteps // T
+        top_left = torch.zeros(1, h, w, dtype=torch.long)
+        steps = enumerate(timesteps)
+        if callable(progress):
+            steps = progress(steps)
+        elif progress:
+            steps = tqdm(steps, total=T, desc="ElasticDiffusion")
+        for i, t in steps:
+            alpha, alpha_prev = self.alpha(t), self.alpha(t - step_size)
+            # 1. Global direction over R + 1 resampling passes and local unconditional score.
+            cells = choose_cells(R + 1, h, w, self._num_choices, s["new_p"], aux)
+            scores = self.estimate_scores(x, t, cells)
+            # 2. Combine and take a DDIM step.
+            x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
+            omega_step = omega
+            # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (§10).
+            if s["repaint"] and R > 0 and i < T - 1:
+                noise = torch.randn(x.shape, generator=aux).to(x.device)
+                x = renoise(x_prev, alpha_prev, alpha, noise)
+                scores = self.estimate_scores(x, t, top_left)
+                omega_step = omega / 3
+                x0, x_prev = ddim_step(scores.local_uncond + omega_step * scores.direction, x, alpha, alpha_prev)
+            # 4. Reduced-resolution guidance, from this step's own UNet outputs (§11).
+            weight = rrg_weight(i, T, s["rrg_init_weight"], s["cosine_scale"], s["rrg_stop_t"])
+            if weight > 10:
+                x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, t, omega_step, weight)
+            x = x_prev
+            if callback_on_step_end is not None:
+                result = callback_on_step_end(self, i, t, {"latents": x, "x0": x0}) or {}
+                if result.get("cancel"):
+                    raise GenerationCancelled(f"cancelled after step {i + 1} of {T}")
+                x = result.get("latents", x)
+        return x
+
+    # ---------------------------------------------------------------------------- decoding (§12)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool = False, output_type: str = "pil"):
+        """VAE decode, one image at a time; `tiled` uses diffusers' blended overlapping tiles.
+
+        A plain decode that runs out of GPU memory is retried tiled.
+        """
+        images = []
+        for z in latents.split(1):
+            z = z / self.vae.config.scaling_factor
+            if self.vae.config.get("shift_factor") is not None:
+                z = z + self.vae.config.shift_factor
+            try:
+                images.append(self._vae_decode(z, tiled))
+            except torch.OutOfMemoryError:
+                if tiled:
+                    raise
+                logger.warning("plain VAE decode ran out of memory; decoding in tiles")
+                torch.cuda.empty_cache()
+                images.append(self._vae_decode(z, True))
+        images = torch.cat(images)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
+
+    def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+        was_tiling = getattr(self.vae, "use_tiling", False)
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            image = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
+        finally:
+            if tiled and not was_tiling:
+                self.vae.disable_tiling()
+        return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _sync_time(self, tic: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - tic
+
+    # ---------------------------------------------------------------------------- compatibility
+
+    def generate_image(self, prompts: str | list[str], negative_prompts: str | list[str] = "",
+                       height: int | None = None, width: int | None = None, *, repaint_sampling: bool | None = None,
+                       **kwargs):
+        """The official entry point: `generate_image(prompts, negative_prompts, height, width, ...)`.
+
+        Returns (images, verbose_info). Takes the same knobs as `__call__`, plus the official names
+        `repaint_sampling` (= repaint) and `drop_p` (= 1 - new_p).
+        """
+        if repaint_sampling is not None:
+            kwargs.setdefault("repaint", repaint_sampling)
+        return self(prompt=prompts, negative_prompt=negative_prompts, height=height, width=width, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving images with their settings
+# --------------------------------------------------------------------------------------------------
+
+
+def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
+    """Text chunks that reproduce an image: a JSON record and an A1111-style 'parameters' line."""
+    record = dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
+                  model=info["model"], **info["settings"])
+    line = f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(
+        f"{k}: {v}" for k, v in record.items() if k not in ("prompt", "negative_prompt"))
+    return {"elastic_diffusion": json.dumps(record), "parameters": line}
+
+
+def save_png(image, path: str, metadata: dict[str, str]) -> str:
+    """Write a PNG with text metadata atomically: no half-written file is ever left at `path`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    for key, value in metadata.items():
+        chunks.add_text(key, value)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=chunks)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="ElasticDiffusion: training-free generation at any size and aspect ratio (up to 2x the "
+                    "model's native size per side). Method knobs left out follow the resolution-aware "
+                    "presets of the official demo (see README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", default=DEMO_PRESETS[0]["prompt"], help="text prompt")
+    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt ('' is encoded too)")
+    p.add_argument("--width", type=int, default=2048, help="image width in pixels, a multiple of 8")
+    p.add_argument("--height", type=int, default=2048, help="image height in pixels, a multiple of 8")
+    p.add_argument("--seed", type=int, default=0, help="random seed (a random one is used if negative)")
+    p.add_argument("--num_images", "--num_sampled", type=int, default=1, help="images to generate for the prompt")
+    p.add_argument("--outdir", default="results/", help="folder for the PNGs (created if missing)")
+    p.add_argument("--sd_version", "--model", default="XL1.0",
+                   help=f"model: one of {sorted(MODEL_IDS)}, a hub id, a diffusers folder or a .safetensors file")
+    p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--allow_pickle", action="store_true", help="allow non-safetensors (pickle) weights")
+    p.add_argument("--view_batch_size", type=int, default=16, help="most UNet samples per UNet call (memory only)")
+    p.add_argument("--low_vram", action=argparse.BooleanOptionalAction, default=False,
+                   help="offload models to the CPU, one on the GPU at a time")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the UNet (pays off within one large image)")
+    g = p.add_argument_group("method knobs (default: resolution-aware preset)")
+    g.add_argument("--num_inference_steps", "--steps", type=int, help="DDIM steps T (preset 50)")
+    g.add_argument("--guidance_scale", type=float, help="classifier-free guidance w (preset 10)")
+    g.add_argument("--resampling_steps", type=int,
+                   help="extra reference passes R per step; more = sharper, slower (preset 0/7/10 by size)")
+    g.add_argument("--new_p", type=float, help="fraction of cells newly sampled per resampling pass (preset 0.3)")
+    g.add_argument("--drop_p", type=float, help="the official README's name: 1 - new_p")
+    g.add_argument("--rrg_init_weight", "--rrg_scale", type=float,
+                   help="reduced-resolution guidance weight at step 0; higher removes artefacts but blurs "
+                        "(preset 0/1000/1500/2000 by size)")
+    g.add_argument("--cosine_scale", type=float, help="RRG weight decay exponent; higher = faster decay (preset 10)")
+    g.add_argument("--rrg_stop_t", type=float, help="fraction of the final steps without RRG (preset 0.4)")
+    g.add_argument("--patch_size", type=int, help="local window size in latent pixels (preset native/2)")
+    g.add_argument("--repaint", "--repaint_sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="repaint pass after each step (preset on)")
+    g.add_argument("--tiled_decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode in blended overlapping tiles to save memory (preset off)")
+    g.add_argument("--time_ids_scale", type=int, choices=[1, 4], default=None,
+                   help="SDXL size conditioning: 4x the image size as the official code (preset), or 1x")
+    p.add_argument("-v", "--verbose", action="store_true", help="log timings and counts")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    knobs = {name: getattr(args, name) for name in SETTING_NAMES}
+    seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
+    try:
+        pipe = ElasticDiffusion(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
+                                low_vram=args.low_vram, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+                                compile_unet=args.compile)
+        images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
+                            num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs)
+    except (ValueError, GenerationCancelled) as error:
+        build_parser().error(str(error))
+    except torch.OutOfMemoryError:
+        sys.exit("error: out of GPU memory. Try --view_batch_size 4, --low_vram or --tiled_decoder, "
+                 "or a smaller --width/--height.")
+    os.makedirs(args.outdir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for i, image in enumerate(images):
+        path = os.path.join(args.outdir, f"{stamp}_seed{seed}_{i}.png")
+        paths.append(save_png(image, path, png_metadata(info, args.prompt, args.negative_prompt, i)))
+        print(path)
+    logger.info("UNet samples %d in %d calls, timings %s", info["unet_samples"], info["unet_calls"],
+                {k: round(v, 2) for k, v in info["timings"].items()})
+    return paths
+
+
+if __name__ == "__main__":
+    main()
