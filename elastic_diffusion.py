@@ -37,6 +37,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -492,15 +493,27 @@ class ElasticDiffusion:
         self.final_alpha = 1.0 if sched.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16 (§12)
-        self.low_vram = bool(low_vram)
-        if self.low_vram:
-            pipe.enable_model_cpu_offload(device=self.device)
-        else:
-            pipe.to(self.device)
+        self.low_vram = None
+        self.set_low_vram(low_vram)
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.static_batches = bool(compile_unet)
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
+        # Per-call state (embeddings, views, backgrounds) lives on the instance: one run at a time.
+        self._lock = threading.Lock()
+
+    def set_low_vram(self, low_vram: bool) -> None:
+        """Switch diffusers' model CPU offload on or off in place (no reload; the official demo rebuilt)."""
+        low_vram = bool(low_vram)
+        if low_vram == self.low_vram:
+            return
+        if low_vram:
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            if self.low_vram:
+                self.pipe.remove_all_hooks()
+            self.pipe.to(self.device)
+        self.low_vram = low_vram
 
     @classmethod
     def from_pipe(cls, pipe, device=None, **kwargs) -> "ElasticDiffusion":
@@ -749,8 +762,13 @@ class ElasticDiffusion:
 
     # ---------------------------------------------------------------------------- generation (§5)
 
+    def __call__(self, *args, **kwargs):
+        """Generate images; returns (images, info). See `generate` for the arguments."""
+        with self._lock:
+            return self.generate(*args, **kwargs)
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, resampling_steps: int | None = None,
                  new_p: float | None = None, rrg_init_weight: float | None = None,

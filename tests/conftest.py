@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: tiny Stable Diffusion checkpoints saved once per session.
+
+``HF_HUB_OFFLINE`` is set before diffusers/transformers are imported so no test
+can reach the network: everything loads from local folders, like a real
+checkpoint that is already in the cache.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tiny_models import save_tiny_pipeline  # noqa: E402
+
+
+def _saved(tmp_path_factory, kind: str) -> str:
+    return save_tiny_pipeline(kind, tmp_path_factory.mktemp(f"tiny_{kind}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_path(tmp_path_factory) -> str:
+    return _saved(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory) -> str:
+    return _saved(tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> str:
+    return _saved(tmp_path_factory, "sdxl")

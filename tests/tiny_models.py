@@ -1,0 +1,189 @@
+"""Tiny random-weight Stable Diffusion pipelines for offline tests.
+
+The sampler must be tested against the real diffusers code paths (prompt
+encoding, VAE scaling, UNet/ControlNet calls, scheduler config) without
+downloading gigabytes of weights. These builders create pipelines whose
+*geometry* matches the real models — CLIP tokenizers with the real ids, 77
+tokens, VAE scale factor 8, UNet ``sample_size`` 64 (SD 1.x/2.x) or 128
+(SDXL), SDXL's ``text_time`` conditioning — but whose networks are tiny
+(UNet ~0.1M parameters, 4-32 channels), so a denoising step at 128x128
+latents costs milliseconds on a CPU.
+
+Tests save them with ``save_pretrained`` (see ``conftest.py``) and load them
+back through ``DiffusionPipeline.from_pretrained(folder)``, exactly as a user
+loads a real checkpoint.
+
+Deliberate deviations from the real models, to keep things cheap:
+
+* the UNet has four levels (downsampling factor 8, like SD 1.x/2.x; real
+  SDXL has three, factor 4) and attention only at its lowest resolution;
+* the VAE has no mid-block attention (a 2048x2048 decode would otherwise
+  attend over 65,536 tokens).
+
+The tokenizer folders come from ``tests/make_clip_tokenizer.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TOKENIZER_EOS_PAD = os.path.join(FIXTURES, "clip_tokenizer")  # pads with <|endoftext|> (49407)
+TOKENIZER_ZERO_PAD = os.path.join(FIXTURES, "clip_tokenizer_pad0")  # pads with "!" (0)
+
+KINDS = ("sd1", "sd2", "sdxl")
+TEXT_HIDDEN = 32  # width of every tiny text encoder
+ADD_TIME_DIM = 8  # SDXL addition_time_embed_dim
+
+
+def _tokenizer(folder: str) -> CLIPTokenizer:
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        raise FileNotFoundError(f"{folder} missing: run `python tests/make_clip_tokenizer.py`")
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def _text_config(hidden_act: str, pad_token_id: int, projection_dim: int = TEXT_HIDDEN) -> CLIPTextConfig:
+    # eos_token_id must be the real 49407 (not the legacy 2): CLIPTextModel then
+    # pools at the first <|endoftext|> position, whatever the pad token is.
+    return CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=projection_dim,
+        hidden_act=hidden_act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _vae(kind: str) -> AutoencoderKL:
+    sdxl = kind == "sdxl"
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),  # four blocks -> scale factor 8
+        layers_per_block=1,
+        norm_num_groups=2,
+        latent_channels=4,
+        sample_size=1024 if sdxl else 512,
+        scaling_factor=0.13025 if sdxl else 0.18215,
+        force_upcast=True,
+        mid_block_add_attention=False,
+    )
+
+
+def _unet(kind: str) -> UNet2DConditionModel:
+    kwargs = dict(
+        sample_size=128 if kind == "sdxl" else 64,
+        in_channels=4,
+        out_channels=4,
+        # Four levels (3 downsamplings): attention runs at 1/8 of the latent
+        # size only, i.e. 16x16 tokens for a 128x128 latent.
+        block_out_channels=(4, 8, 16, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        layers_per_block=1,
+        norm_num_groups=4,
+        # diffusers' legacy naming: this is the number of heads per block.
+        attention_head_dim=(1, 2, 4, 4),
+        cross_attention_dim=2 * TEXT_HIDDEN if kind == "sdxl" else TEXT_HIDDEN,
+        use_linear_projection=kind != "sd1",
+    )
+    if kind == "sdxl":
+        kwargs.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=ADD_TIME_DIM,
+            projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * ADD_TIME_DIM,
+            transformer_layers_per_block=1,
+        )
+    return UNet2DConditionModel(**kwargs)
+
+
+def _scheduler() -> DDIMScheduler:
+    # The real Stable Diffusion (1.x, 2.x base, XL) DDIM configuration.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def build_tiny_pipeline(kind: str, seed: int = 0):
+    """Return an in-memory tiny pipeline; ``kind`` is "sd1", "sd2" or "sdxl"."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    torch.manual_seed(seed)
+    vae = _vae(kind)
+    unet = _unet(kind)
+    scheduler = _scheduler()
+    if kind == "sd1":
+        text_encoder = CLIPTextModel(_text_config("quick_gelu", pad_token_id=49407))
+        tokenizer = _tokenizer(TOKENIZER_EOS_PAD)
+    elif kind == "sd2":
+        text_encoder = CLIPTextModel(_text_config("gelu", pad_token_id=0))
+        tokenizer = _tokenizer(TOKENIZER_ZERO_PAD)
+    else:
+        text_encoder = CLIPTextModel(_text_config("quick_gelu", pad_token_id=49407))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config("gelu", pad_token_id=0))
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=_tokenizer(TOKENIZER_EOS_PAD),
+            tokenizer_2=_tokenizer(TOKENIZER_ZERO_PAD),
+            unet=unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(kind: str, folder) -> str:
+    """Build the tiny ``kind`` pipeline, save it as safetensors in ``folder``, return the path."""
+    folder = os.fspath(folder)
+    build_tiny_pipeline(kind).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_controlnet(unet: UNet2DConditionModel, folder=None) -> ControlNetModel:
+    """ControlNet mirroring ``unet`` (weights copied from it); saved to ``folder`` if given.
+
+    Its conditioning image is RGB at 8x the latent size: the four conditioning
+    channels give three stride-2 convolutions, i.e. a factor 8.
+    """
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8))
+    if folder is not None:
+        controlnet.save_pretrained(os.fspath(folder), safe_serialization=True)
+    return controlnet
