@@ -624,14 +624,15 @@ class ElasticDiffusion:
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2 ** 63 - 1)
 
     @torch.no_grad()
-    def prepare_backgrounds(self, strip_sizes: dict[str, tuple[int, int]], timesteps: list[int],
+    def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
                             chunk: int = 8) -> dict:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
 
-        Encoded once, up front: identical across passes, view batches and batch items within a
-        timestep, different across timesteps. Returns {(name, size, t): (1, C, sh, sw)}.
+        `strips` holds (name, (height, width)) pairs. Encoded once, up front: identical across
+        passes, view batches and batch items within a timestep, different across timesteps.
+        Returns {(name, size, t): (1, C, sh, sw)}.
         """
-        keys = [(name, size, t) for t in timesteps for name, size in strip_sizes.items()]
+        keys = [(name, size, t) for t in timesteps for name, size in sorted(strips)]
         backgrounds = {}
         f = self.vae_scale_factor
         for size in sorted({k[1] for k in keys}):
@@ -846,7 +847,7 @@ class ElasticDiffusion:
         timesteps = self.timesteps(T)
         crop = (self._views[0][0].crop_end - self._views[0][0].crop_start,
                 self._views[0][1].crop_end - self._views[0][1].crop_start)
-        strips = {**padding_strips(h, w, D), **padding_strips(*crop, D)}
+        strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
         self._backgrounds = self.prepare_backgrounds(strips, timesteps) if strips else {}
         timings["backgrounds"] = self._sync_time(tic)
 

@@ -1,0 +1,530 @@
+"""End-to-end checks of the sampler on tiny random models loaded through `from_pretrained`.
+
+Exactness (plain CFG at native size, an independent implementation on the deterministic path),
+UNet evaluation counts for every demo preset, seeding, batching invariance, conditioning details
+and the fixes of the reference implementation's defects (§20) that need a model.
+"""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import elastic_diffusion as ed
+
+QUIET = dict(progress=False, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def xl(tiny_sdxl_path):
+    return ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_path):
+    return ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd1_path, view_batch_size=16)
+
+
+class UNetSpy:
+    """Forward pre-hook that records the batch size, spatial size and conditioning of each call."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        added = kwargs.get("added_cond_kwargs") or {}
+        self.calls.append(dict(shape=tuple(sample.shape), t=int(args[1] if len(args) > 1 else kwargs["timestep"]),
+                               sample=sample.detach().clone(), time_ids=added.get("time_ids")))
+
+    @property
+    def samples(self):
+        return sum(c["shape"][0] for c in self.calls)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def relative_error(a, b):
+    """||a - b|| / ||b||: fp32 round-off lands near 1e-7 to 1e-6 after a few DDIM steps."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def expected_samples(T, B, R, V, repaint=True):
+    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV)."""
+    return T * (2 * B * (R + 1) + B * V) + (T - 1) * (R > 0 and repaint) * (2 * B + B * V)
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+def _diffusers_latents(sampler, pipe_kwargs, T, omega, latents):
+    return sampler.pipe(num_inference_steps=T, guidance_scale=omega, latents=latents.clone(), output_type="latent",
+                        **pipe_kwargs).images
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_native_size_without_resampling_equals_plain_cfg_ddim(kind, request):
+    path = request.getfixturevalue(f"tiny_{kind}_path")
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=path)
+    P, T, omega = sampler.native_px, 4, 7.5
+    latents = torch.randn(1, 4, P // 8, P // 8, generator=torch.Generator().manual_seed(0))
+    ours, info = sampler("a red house by the sea", "blurry", height=P, width=P, num_inference_steps=T,
+                         guidance_scale=omega, resampling_steps=0, rrg_init_weight=0, time_ids_scale=1,
+                         latents=latents, **QUIET)
+    embeds, pooled = sampler.encode_prompt(["blurry", "a red house by the sea"])
+    kwargs = dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], height=P, width=P)
+    if kind == "sdxl":
+        kwargs.update(pooled_prompt_embeds=pooled[1:], negative_pooled_prompt_embeds=pooled[:1])
+    reference = _diffusers_latents(sampler, kwargs, T, omega, latents)
+    assert info["unet_samples"] == 3 * T  # one local view + [neg; pos] reference pass per step
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5), (ours - reference).abs().max()
+
+
+def _naive_views(L, D, p):
+    """Independent re-statement of §8 for one axis: list of (window_start, window_end, crop_start, crop_end)."""
+    if L <= D:
+        return [(0, L, 0, L)]
+    n = math.ceil((L - p) / p) + 1
+    out, half = [], (D - p) // 2
+    for j in range(n):
+        a = min(j * p, L - p)
+        b = a + p
+        if a - half < 0:
+            nb = a
+            na = min(2 * half - nb, L - b)
+        else:
+            na = min(half, L - b)
+            nb = min(2 * half - na, a)
+        out.append((a, b, a - nb, b + na))
+    return out
+
+
+def _naive_elastic(sampler, latents, neg, pos, T, omega, lam0, kappa, stop_t, patch):
+    """The method on its deterministic path (ratio 1/2, R = 0, no padding), written from the spec alone:
+    nearest interpolation, diffusers' DDIMScheduler.step and autograd for RRG."""
+    from diffusers import DDIMScheduler
+
+    unet, D = sampler.unet, sampler.native_latent
+    sched = DDIMScheduler.from_config(sampler.scheduler.config)
+    sched.set_timesteps(T)
+    (e_all, p_all) = sampler.encode_prompt([neg, pos])
+    H, W = latents.shape[-2:]
+    h, w = H // 2, W // 2
+    Hp, Wp = 8 * H, 8 * W
+    extra = {}
+
+    def unet_eps(x, t, idx):
+        kw = {}
+        if sampler.is_sdxl:
+            ids = torch.tensor([[4 * Hp, 4 * Wp, 0, 0, 4 * Hp, 4 * Wp]], dtype=torch.float32).repeat(len(idx), 1)
+            kw["added_cond_kwargs"] = {"text_embeds": p_all[idx], "time_ids": ids}
+        return unet(x, t, encoder_hidden_states=e_all[idx], **kw).sample
+
+    S = T - math.floor(T * stop_t)
+    x = latents.clone()
+    for i, t in enumerate(sched.timesteps):
+        xr = x[:, :, ::2, ::2]
+        e = unet_eps(torch.cat([xr, xr]), t, [0, 1])
+        direction = F.interpolate(e[1:] - e[:1], size=(H, W), mode="nearest")
+        local = torch.zeros_like(x)
+        written = torch.zeros(H, W, dtype=torch.bool)
+        for (ra, rb, rc0, rc1) in _naive_views(H, D, patch):
+            for (ca, cb, cc0, cc1) in _naive_views(W, D, patch):
+                out = unet_eps(x[:, :, rc0:rc1, cc0:cc1], t, [0])
+                win = torch.zeros(H, W, dtype=torch.bool)
+                win[ra:rb, ca:cb] = True
+                todo = win & ~written
+                full = torch.zeros_like(x)
+                full[:, :, rc0:rc1, cc0:cc1] = out
+                local[:, :, todo] = full[:, :, todo]
+                written |= todo
+        assert written.all()
+        step = sched.step(local + omega * direction, t, x)
+        x0, x_prev = step.pred_original_sample, step.prev_sample
+        lam = lam0 * ((1 + math.cos(math.pi * i / S)) / 2) ** kappa if i < S else 0.0
+        if lam > 10:
+            a = sched.alphas_cumprod[t]
+            eps_ref = e[:1] + omega * F.interpolate(direction, size=(h, w), mode="nearest")
+            x0_ref = (xr - (1 - a).sqrt() * eps_ref) / a.sqrt()
+            target = F.interpolate(x0_ref, size=(H, W), mode="nearest")
+            leaf = x0.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(lam * ((target - leaf) ** 2).mean(), leaf)
+            x_prev = x_prev - grad
+        x = x_prev
+    return x
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_deterministic_path_matches_independent_implementation(kind, request):
+    path = request.getfixturevalue(f"tiny_{kind}_path")
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=path, view_batch_size=5)
+    P, D = sampler.native_px, sampler.native_latent
+    T, omega, lam0, kappa, stop_t, patch = 3, 9.0, 1500.0, 1.0, 0.2, D // 2
+    latents = torch.randn(1, 4, 2 * D, 2 * D, generator=torch.Generator().manual_seed(4))
+    ours, info = sampler("a castle", "ugly", height=2 * P, width=2 * P, num_inference_steps=T, guidance_scale=omega,
+                         resampling_steps=0, rrg_init_weight=lam0, cosine_scale=kappa, rrg_stop_t=stop_t,
+                         patch_size=patch, latents=latents, **QUIET)
+    with torch.no_grad():
+        naive = _naive_elastic(sampler, latents, "ugly", "a castle", T, omega, lam0, kappa, stop_t, patch)
+    assert info["vae_encodes"] == 0  # no padding on this path
+    assert relative_error(ours, naive) < 1e-5
+
+
+# ------------------------------------------------------------------------------ counts
+
+
+@pytest.mark.parametrize("preset", ed.DEMO_PRESETS, ids=lambda p: f"{p['width']}x{p['height']}")
+def test_unet_sample_count_matches_cost_formula(xl, preset):
+    T = 3
+    W, H = preset["width"] // 8, preset["height"] // 8
+    V = len(ed.local_views(H, W, 128, 64))
+    spy = UNetSpy(xl.unet)
+    try:
+        _, info = xl(preset["prompt"], ed.PRESET_NEGATIVE_PROMPT, height=preset["height"], width=preset["width"],
+                     num_inference_steps=T, resampling_steps=preset["resampling_steps"],
+                     rrg_init_weight=preset["rrg_init_weight"], seed=0, **QUIET)
+    finally:
+        spy.remove()
+    expected = expected_samples(T, 1, preset["resampling_steps"], V)
+    assert spy.samples == info["unet_samples"] == expected
+    assert {c["shape"][1:] for c in spy.calls} == {(4, 128, 128)}  # every UNet input is D x D
+    assert all(c["shape"][0] <= 16 for c in spy.calls)
+    h, w = ed.reference_size(preset["height"], preset["width"], 1024)
+    crop = (min(H, 128), min(W, 128))
+    strips = set(ed.padding_strips(h, w, 128).items()) | set(ed.padding_strips(*crop, 128).items())
+    assert info["vae_encodes"] == T * len(strips)  # each strip once per timestep (D15)
+
+
+@pytest.mark.parametrize("width,height,samples,encodes", [(2048, 2048, 2782, 0), (1024, 2048, 1294, 100)])
+def test_unet_sample_count_at_50_steps(xl, width, height, samples, encodes):
+    _, info = xl("a corgi", height=height, width=width, num_inference_steps=50, seed=0, **QUIET)
+    assert info["unet_samples"] == samples
+    assert info["vae_encodes"] == encodes
+    assert info["settings"]["resampling_steps"] == (10 if width == 2048 and height == 2048 else 7)
+
+
+def test_one_unet_call_per_pass_when_the_batch_fits(xl):
+    # 2048x1024: main pass 2(R+1) + V = 20 samples, repaint pass 2 + V = 6 samples.
+    xl.view_batch_size = 20
+    try:
+        _, info = xl("a corgi", height=1024, width=2048, num_inference_steps=3, seed=0, **QUIET)
+    finally:
+        xl.view_batch_size = 16
+    assert info["unet_calls"] == 3 + 2  # one call per main pass, one per repaint pass
+    assert info["unet_samples"] == 3 * 20 + 2 * 6
+
+
+def test_repaint_structure(xl):
+    """R > 0: every step but the last runs a second (repaint) pass at the same t; R = 0: one pass."""
+    spy = UNetSpy(xl.unet)
+    try:
+        xl("x", height=1024, width=2048, num_inference_steps=4, resampling_steps=2, seed=0, **QUIET)
+        with_repaint = [(c["t"], c["shape"][0]) for c in spy.calls]
+        spy.calls.clear()
+        xl("x", height=1024, width=2048, num_inference_steps=4, resampling_steps=0, seed=0, **QUIET)
+        without = [(c["t"], c["shape"][0]) for c in spy.calls]
+    finally:
+        spy.remove()
+    # 2048x1024: V = 4; main pass 2(R+1) + V = 10 samples, repaint pass 2 + V = 6; v = 16 holds each pass
+    assert with_repaint == [(751, 10), (751, 6), (501, 10), (501, 6), (251, 10), (251, 6), (1, 10)]
+    assert without == [(751, 6), (501, 6), (251, 6), (1, 6)]
+
+
+# ------------------------------------------------------------------------------ randomness and batching
+
+
+def test_same_seed_same_image_and_different_seed_differs(xl):
+    args = dict(height=1024, width=2048, num_inference_steps=3, **QUIET)
+    a, info = xl("a fox", seed=11, **args)
+    b, _ = xl("a fox", seed=11, **args)
+    c, _ = xl("a fox", seed=12, **args)
+    assert info["seed"] == 11
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_generator_and_latents_follow_diffusers_conventions(xl):
+    args = dict(height=1024, width=2048, num_inference_steps=2, **QUIET)
+    a, _ = xl("a fox", generator=torch.Generator().manual_seed(5), **args)
+    b, _ = xl("a fox", generator=torch.Generator().manual_seed(5), **args)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="seed or generator"):
+        xl("a fox", seed=1, generator=torch.Generator(), **args)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        xl("a fox", latents=torch.randn(1, 4, 10, 10), **args)
+
+
+@pytest.mark.parametrize("view_batch_size", [1, 7, 64])
+def test_batching_changes_nothing_but_speed(xl, view_batch_size):
+    args = dict(height=1080, width=1920, num_inference_steps=3, seed=3, **QUIET)
+    reference, ref_info = xl("a lake", **args)
+    xl.view_batch_size = view_batch_size
+    try:
+        other, info = xl("a lake", **args)
+    finally:
+        xl.view_batch_size = 16
+    assert info["unet_samples"] == ref_info["unet_samples"]
+    assert relative_error(other, reference) < 1e-5
+
+
+def test_static_batch_padding_changes_nothing(xl):
+    args = dict(height=768, width=2048, num_inference_steps=2, seed=3, **QUIET)
+    reference, ref_info = xl("a lake", **args)
+    xl.static_batches = True  # what compile_unet=True uses: every call padded to view_batch_size
+    spy = UNetSpy(xl.unet)
+    try:
+        padded, info = xl("a lake", **args)
+    finally:
+        xl.static_batches = False
+        spy.remove()
+    assert {c["shape"][0] for c in spy.calls} == {16}
+    assert info["unet_samples"] == ref_info["unet_samples"]
+    assert relative_error(padded, reference) < 1e-5
+
+
+def test_batch_of_prompts_equals_single_runs(xl):
+    latents = torch.randn(2, 4, 128, 256, generator=torch.Generator().manual_seed(0))
+    args = dict(height=1024, width=2048, num_inference_steps=2, resampling_steps=0, **QUIET)
+    both, _ = xl(["a cat", "a dog"], ["", "blurry"], latents=latents, seed=0, **args)
+    one, _ = xl("a dog", "blurry", latents=latents[1:], seed=0, **args)
+    assert both.shape == (2, 4, 128, 256)
+    assert relative_error(both[1:], one) < 1e-5
+
+
+def test_num_images_per_prompt(xl):
+    images, info = xl("a cat", height=512, width=1024, num_inference_steps=1, num_images_per_prompt=2, seed=0,
+                      progress=False)
+    assert len(images) == 2 and images[0].size == (1024, 512)
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+# ------------------------------------------------------------------------------ conditioning and padding
+
+
+def test_sdxl_time_ids_are_four_times_the_size(xl):
+    for (width, height), expected in (((2048, 2048), [8192, 8192, 0, 0, 8192, 8192]),
+                                      ((1920, 1080), [4320, 7680, 0, 0, 4320, 7680])):
+        spy = UNetSpy(xl.unet)
+        try:
+            xl("x", height=height, width=width, num_inference_steps=1, resampling_steps=0, seed=0, **QUIET)
+        finally:
+            spy.remove()
+        for call in spy.calls:
+            assert call["time_ids"].tolist() == [expected] * call["shape"][0]
+    spy = UNetSpy(xl.unet)
+    try:
+        xl("x", height=1024, width=2048, num_inference_steps=1, time_ids_scale=1, seed=0, **QUIET)
+    finally:
+        spy.remove()
+    assert spy.calls[0]["time_ids"][0].tolist() == [1024, 2048, 0, 0, 1024, 2048]
+
+
+def test_sdxl_embeddings_and_empty_negative_prompt_is_encoded(xl):
+    embeds, pooled = xl.encode_prompt(["", "a cat"])
+    assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)  # tiny: 32 + 32 features
+    assert embeds[0].abs().sum() > 0 and pooled[0].abs().sum() > 0  # never zeroed
+    assert not torch.allclose(embeds[0], embeds[1])
+
+
+def test_long_prompt_warns_with_the_cut_text(sd1):
+    prompt = " ".join(["word"] * 80) + " tailend"
+    with pytest.warns(UserWarning, match="tailend"):
+        sd1.encode_prompt([prompt])
+
+
+def test_background_strips_identical_within_a_step_different_across_steps(xl):
+    spy = UNetSpy(xl.unet)
+    try:
+        xl("x", height=768, width=768, num_inference_steps=2, seed=0, **QUIET)  # 96x96 in a 128 canvas
+    finally:
+        spy.remove()
+    by_step = {}
+    for call in spy.calls:
+        by_step.setdefault(call["t"], []).append(call["sample"])
+    assert len(by_step) == 2
+    strips = []
+    for t, samples in by_step.items():
+        stacked = torch.cat(samples)  # global [neg, pos] and local samples of this step
+        assert stacked.shape[0] == 3
+        top = stacked[:, :, :16]
+        left = stacked[:, :, 16:112, :16]
+        assert torch.equal(top[0], top[1]) and torch.equal(top[0], top[2])
+        assert torch.equal(left[0], left[2])
+        strips.append(top[0])
+    assert not torch.allclose(strips[0], strips[1])
+    # the image region of the global and local inputs is the same latent at ratio 1
+    assert torch.equal(stacked[0, :, 16:112, 16:112], stacked[2, :, 16:112, 16:112])
+
+
+def test_fp32_direction_on_cpu(xl):
+    """D11: the assembled direction stays in the working precision (fp32 here), never fp16."""
+    seen = {}
+    original = ed.write_back_direction
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["dtype"] = out.dtype
+        return out
+
+    ed.write_back_direction = spy
+    try:
+        xl("x", height=1024, width=2048, num_inference_steps=1, seed=0, **QUIET)
+    finally:
+        ed.write_back_direction = original
+    assert seen["dtype"] == torch.float32
+
+
+def test_rrg_changes_the_result_only_when_active(xl):
+    args = dict(height=1024, width=2048, num_inference_steps=3, seed=0, resampling_steps=0, **QUIET)
+    off, _ = xl("x", rrg_init_weight=0, **args)
+    below, _ = xl("x", rrg_init_weight=10, cosine_scale=0, **args)  # lambda = 10 is not > 10
+    on, _ = xl("x", rrg_init_weight=1000, **args)
+    assert torch.equal(off, below)
+    assert not torch.allclose(off, on)
+
+
+def test_callback_can_replace_latents_and_cancel(xl):
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, t, tuple(tensors["latents"].shape), tuple(tensors["x0"].shape)))
+        return {"cancel": True} if i == 1 else {}
+
+    with pytest.raises(ed.GenerationCancelled):
+        xl("x", height=512, width=1024, num_inference_steps=5, seed=0, callback_on_step_end=callback, **QUIET)
+    assert [s[0] for s in seen] == [0, 1]
+    assert seen[0][2] == (1, 4, 64, 128) and seen[0][3] == (1, 4, 64, 128)
+    # the sampler serves the next request normally
+    images, _ = xl("x", height=512, width=1024, num_inference_steps=1, seed=0, progress=False)
+    assert images[0].size == (1024, 512)
+
+
+# ------------------------------------------------------------------------------ decode and memory modes
+
+
+def test_tiled_decode_is_seamless(xl):
+    z = torch.randn(1, 4, 256, 256, generator=torch.Generator().manual_seed(0))
+    plain = xl.decode(z, tiled=False, output_type="pt")
+    tiled = xl.decode(z, tiled=True, output_type="pt")
+    assert tiled.shape == plain.shape == (1, 3, 2048, 2048)
+    assert (tiled - plain).abs().mean() < 0.01
+    # no step at the tile borders (768 and 1536 px for 1024-px tiles with 25 % overlap)
+    step_tiled = (tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2))
+    step_plain = (plain[..., 1:] - plain[..., :-1]).abs().mean(dim=(0, 1, 2))
+    for border in (767, 1535):
+        assert step_tiled[border - 2:border + 3].max() < 1.5 * step_plain[border - 2:border + 3].max() + 1e-3
+    assert not getattr(xl.vae, "use_tiling", False)  # tiling switched back off
+
+
+def test_low_vram_uses_model_offload_and_changes_nothing(xl):
+    args = dict(height=1024, width=2048, num_inference_steps=2, seed=0, **QUIET)
+    reference, _ = xl("x", **args)
+    xl.set_low_vram(True)
+    try:
+        assert type(getattr(xl.unet, "_hf_hook", None)).__name__ == "CpuOffload"
+        offloaded, _ = xl("x", tiled_decoder=True, **dict(args, output_type="pil"))
+        latent, _ = xl("x", **args)
+    finally:
+        xl.set_low_vram(False)
+    assert getattr(xl.unet, "_hf_hook", None) is None
+    assert torch.equal(reference, latent)
+    assert offloaded[0].size == (2048, 1024)
+
+
+def test_from_pipe_reuses_components(xl):
+    other = ed.ElasticDiffusion.from_pipe(xl.pipe, device="cpu")
+    assert other.unet is xl.unet and other.vae is xl.vae and other.text_encoder_2 is xl.text_encoder_2
+    assert other.is_sdxl and other.native_latent == 128 and other.native_px == 1024
+
+
+def test_sd2_model_runs_and_reads_geometry_from_config(tiny_sd2_path):
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd2_path)
+    assert (sampler.is_sdxl, sampler.native_latent, sampler.native_px, sampler.vae_scale_factor) == (False, 64, 512, 8)
+    images, info = sampler("a cat", height=512, width=1024, num_inference_steps=2, seed=0, progress=False)
+    assert images[0].size == (1024, 512)
+    assert info["reference_size"] == (32, 64)
+
+
+# ------------------------------------------------------------------------------ info and compatibility
+
+
+def test_verbose_info_reports_what_was_used(xl):
+    images, info = xl("a cat", height=1024, width=2048, num_inference_steps=2, seed=7, progress=False)
+    s = info["settings"]
+    assert (s["width"], s["height"], s["resampling_steps"], s["rrg_init_weight"], s["new_p"]) == (2048, 1024, 7, 1000.0, 0.3)
+    assert info["seed"] == 7 and info["unet_samples"] == expected_samples(2, 1, 7, 4)
+    assert set(info["timings"]) >= {"encode_prompt", "backgrounds", "denoise", "decode", "total"}
+    assert info["peak_memory_gib"] is None  # CPU
+    assert images[0].size == (2048, 1024)
+
+
+def test_generate_image_official_signature_and_drop_p(xl):
+    images, info = xl.generate_image(prompts="a cat", negative_prompts="blurry", height=512, width=1024,
+                                     num_inference_steps=1, guidance_scale=10.0, resampling_steps=2, drop_p=0.7,
+                                     rrg_init_weight=1000, cosine_scale=10, tiled_decoder=False,
+                                     repaint_sampling=False, progress=False)
+    assert images[0].size == (1024, 512)
+    assert info["settings"]["new_p"] == pytest.approx(0.3) and info["settings"]["repaint"] is False
+    with pytest.raises(ValueError, match="drop_p"):
+        xl.generate_image("a cat", height=512, width=1024, drop_p=0.7, new_p=0.5)
+    _, info = xl.generate_image("a cat", height=512, width=1024, num_inference_steps=1, drop_p=0.7, new_p=0.3,
+                                progress=False)
+    assert info["settings"]["new_p"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(width=1000 + 4), "multiple of 8"),
+    (dict(height=2056), "between 128 and 2048"),
+    (dict(width=64), "between 128 and 2048"),
+    (dict(width=1024.0), "integer"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(new_p=0.0), "new_p"),
+    (dict(new_p=1.5), "new_p"),
+    (dict(patch_size=200), "patch_size"),
+    (dict(patch_size=0), "patch_size"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(rrg_init_weight=float("inf")), "rrg_init_weight"),
+    (dict(resampling_steps=-1), "resampling_steps"),
+    (dict(rrg_stop_t=1.0), "rrg_stop_t"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt"),
+    (dict(prompt=[]), "prompt"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(time_ids_scale=2), "time_ids_scale"),
+])
+def test_bad_input_is_a_clear_error(xl, kwargs, match):
+    args = dict(prompt="a cat", height=1024, width=1024, num_inference_steps=1, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        xl(**args)
+
+
+@pytest.mark.parametrize("source,match", [
+    ("3.0", "unknown"),
+    ("/nonexistent/folder", "does not exist"),
+    ("./missing.safetensors", "does not exist"),
+])
+def test_bad_model_source(source, match):
+    with pytest.raises(ValueError, match=match):
+        ed.load_pipeline(source)
+
+
+def test_non_diffusers_folder_and_pickle_checkpoint(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ValueError, match="model_index.json"):
+        ed.load_pipeline(str(tmp_path))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        ed.load_pipeline(str(ckpt))
+
+
+def test_model_keys_map_to_hub_ids():
+    assert ed.MODEL_IDS["XL1.0"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert ed.MODEL_IDS["2.0"] == "stabilityai/stable-diffusion-2-base"
+    assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0"}
