@@ -766,7 +766,16 @@ class ElasticDiffusion:
     def __call__(self, *args, **kwargs):
         """Generate images; returns (images, info). See `generate` for the arguments."""
         with self._lock:
-            return self.generate(*args, **kwargs)
+            try:
+                return self.generate(*args, **kwargs)
+            except torch.OutOfMemoryError as error:
+                self._backgrounds = {}
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise torch.OutOfMemoryError(
+                    f"out of GPU memory: {error}. Try a smaller view_batch_size (now {self.view_batch_size}; "
+                    "4 still works and gives the same image), low_vram=True, tiled_decoder=True, or a smaller "
+                    "width/height.") from error
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
@@ -794,7 +803,7 @@ class ElasticDiffusion:
         if drop_p is not None:
             if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
                 raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
-            new_p = 1 - drop_p
+            new_p = round(1 - drop_p, 12)  # 1 - 0.7 is 0.30000000000000004 in floats
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         s = self.resolve_settings(width, height, num_inference_steps=num_inference_steps,
@@ -1007,12 +1016,21 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for preset-driven knobs (None) and off-by-default flags."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="ElasticDiffusion: training-free generation at any size and aspect ratio (up to 2x the "
                     "model's native size per side). Method knobs left out follow the resolution-aware "
                     "presets of the official demo (see README).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--prompt", default=DEMO_PRESETS[0]["prompt"], help="text prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt ('' is encoded too)")
     p.add_argument("--width", type=int, default=2048, help="image width in pixels, a multiple of 8")
