@@ -26,7 +26,6 @@ benchmark: $(VENV)/.runtime
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install -r requirements.txt

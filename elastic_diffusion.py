@@ -597,12 +597,13 @@ class ElasticDiffusion:
                   regions: list[Region]) -> torch.Tensor:
         """Run all N samples of one denoising pass in calls of at most `view_batch_size` samples.
 
-        The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12); with a compiled UNet each
-        call is padded to exactly v samples so its shape never changes.
+        The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12). With a compiled UNet the
+        calls are v, v, ..., and the last is padded to v, so the shape never changes (pick a v that
+        divides the pass sizes, 2B(R+1) + BV and 2B + BV, to waste nothing).
         """
         n = latents.shape[0]
         calls = -(-n // self.view_batch_size)
-        size = -(-n // calls)
+        size = self.view_batch_size if self.static_batches else -(-n // calls)
         outputs = []
         for start in range(0, n, size):
             chunk = slice(start, min(start + size, n))
