@@ -746,11 +746,6 @@ class ElasticDiffusion:
             raise ValueError(f"rrg_stop_t must be in [0, 1); got {s['rrg_stop_t']}")
         if s["time_ids_scale"] not in (1, 4):
             raise ValueError(f"time_ids_scale must be 1 or 4; got {s['time_ids_scale']!r}")
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings; got {prompts!r}")
-        if not all(isinstance(p, str) for p in negative_prompts) or len(negative_prompts) != len(prompts):
-            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
-                             f"prompt); got {len(negative_prompts)}")
         if latents is not None:
             shape = (batch, self.latent_channels, height // 8, width // 8)
             if tuple(latents.shape) != shape:
@@ -801,47 +796,76 @@ class ElasticDiffusion:
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
         width = 2 * self.native_px if width is None else width
+        prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
         if drop_p is not None:
             if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
                 raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
             new_p = round(1 - drop_p, 12)  # 1 - 0.7 is 0.30000000000000004 in floats
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         s = self.resolve_settings(width, height, num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, resampling_steps=resampling_steps, new_p=new_p,
                                   rrg_init_weight=rrg_init_weight, cosine_scale=cosine_scale,
                                   rrg_stop_t=rrg_stop_t, patch_size=patch_size, repaint=repaint,
                                   tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
-        batch = len(prompts) * num_images_per_prompt
-        self.check_inputs(prompts, negatives, height, width, s, latents, batch)
+        self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
 
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
-        timings = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if generator is None:
             seed = random.randrange(2 ** 32) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
-        H, W = height // 8, width // 8
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
-            latents = randn_tensor((batch, self.latent_channels, H, W), generator=generator,
-                                   device=self.device, dtype=torch.float32)
+            shape = (len(prompts), self.latent_channels, height // 8, width // 8)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         x = latents.to(self.device, torch.float32)
+        # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
         self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        aux = torch.Generator().manual_seed(self._aux_seed)
+        try:
+            timings = self._prepare_run(negatives + prompts, height, width, s)
+            tic = time.perf_counter()
+            x = self.sample(x, self._timesteps, s, torch.Generator().manual_seed(self._aux_seed),
+                            callback_on_step_end, progress)
+            timings["denoise"] = self._sync_time(tic)
+            tic = time.perf_counter()
+            images = x if output_type == "latent" else self.decode(x, s["tiled_decoder"], output_type)
+            timings["decode"] = self._sync_time(tic)
+        finally:
+            self._backgrounds = {}  # per-call state: do not hold GPU memory between calls
+        timings["total"] = time.perf_counter() - t_start
+        info = dict(settings=dict(s, width=width, height=height, view_batch_size=self.view_batch_size),
+                    seed=seed, model=str(self.sd_version),
+                    reference_size=reference_size(height, width, self.native_px), num_views=len(self._views),
+                    **self.counters, timings=timings,
+                    peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                                     if self.device.type == "cuda" else None))
+        return images, info
 
-        tic = time.perf_counter()
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
-        embeds, pooled = self.encode_prompt(negatives + prompts)  # [neg; pos] (§3.3)
+    @staticmethod
+    def _prompt_lists(prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list, list]:
+        """Prompt and negative lists of equal length, each prompt repeated num_images_per_prompt times."""
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}")
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
+                             f"prompt); got {negative_prompt!r}")
+        repeat = num_images_per_prompt
+        return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
+
+    def _prepare_run(self, texts: list[str], height: int, width: int, s: dict) -> dict:
+        """Per-image state computed once: embeddings, time ids, views, timesteps, backgrounds."""
+        tic, timings = time.perf_counter(), {}
+        embeds, pooled = self.encode_prompt(texts)  # [neg; pos] (§3.3)
         self._embeds, self._pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
         if self.is_sdxl:
             k = s["time_ids_scale"]
@@ -850,31 +874,17 @@ class ElasticDiffusion:
         timings["encode_prompt"] = self._sync_time(tic)
 
         tic = time.perf_counter()
-        D, T = self.native_latent, s["num_inference_steps"]
+        D, H, W = self.native_latent, height // 8, width // 8
         h, w = reference_size(height, width, self.native_px)
         self._views = local_views(H, W, D, s["patch_size"])
         self._num_choices = candidates_per_axis(H, W, h, w) ** 2
-        timesteps = self.timesteps(T)
-        crop = (self._views[0][0].crop_end - self._views[0][0].crop_start,
-                self._views[0][1].crop_end - self._views[0][1].crop_start)
+        self._timesteps = self.timesteps(s["num_inference_steps"])
+        rows, cols = self._views[0]
+        crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
         strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
-        self._backgrounds = self.prepare_backgrounds(strips, timesteps) if strips else {}
+        self._backgrounds = self.prepare_backgrounds(strips, self._timesteps) if strips else {}
         timings["backgrounds"] = self._sync_time(tic)
-
-        tic = time.perf_counter()
-        x = self.sample(x, timesteps, s, aux, callback_on_step_end, progress)
-        timings["denoise"] = self._sync_time(tic)
-        tic = time.perf_counter()
-        images = x if output_type == "latent" else self.decode(x, s["tiled_decoder"], output_type)
-        timings["decode"] = self._sync_time(tic)
-        timings["total"] = time.perf_counter() - t_start
-        self._backgrounds = {}
-        info = dict(settings=dict(s, width=width, height=height, view_batch_size=self.view_batch_size),
-                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(self._views),
-                    **self.counters, timings=timings,
-                    peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-                                     if self.device.type == "cuda" else None))
-        return images, info
+        return timings
 
     def sample(self, x: torch.Tensor, timesteps: list[int], s: dict, aux: torch.Generator,
                callback_on_step_end: Callable | None = None, progress: bool | Callable = True) -> torch.Tensor:
