@@ -88,7 +88,9 @@ SETTING_NAMES = (
     "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale",
 )
 
-# Images at most this many times the native size per side are supported (§6.6, D13).
+# The paper's validated range: up to 2x the native size per side (§6.6). The sub-sampler here is
+# general (groups of up to g = ceil(L / l) source pixels, g*g candidates per cell, D13), so larger
+# sizes run when a user raises `max_scale`; their quality is not validated.
 MAX_SCALE = 2
 MIN_SIDE_PX = 128  # the demo's smallest size; below it the image is mostly padding
 
@@ -498,6 +500,7 @@ class ElasticDiffusion:
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.static_batches = bool(compile_unet)
+        self.max_scale = MAX_SCALE
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
         # Per-call state (embeddings, views, backgrounds) lives on the instance: one run at a time.
         self._lock = threading.Lock()
@@ -718,11 +721,13 @@ class ElasticDiffusion:
                 raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
             if value % 8:
                 raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8x8 pixel blocks); got {value}")
-            limit = MAX_SCALE * self.native_px
+            limit = self.max_scale * self.native_px
             if not MIN_SIDE_PX <= value <= limit:
+                hint = (f"; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
+                        if self.max_scale == MAX_SCALE else "")
                 raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
-                                 f"(at most {MAX_SCALE}x its native {self.native_px} px per side, the "
-                                 f"sub-sampler's limit); got {value}")
+                                 f"(at most {self.max_scale}x its native {self.native_px} px per side){hint}; "
+                                 f"got {value}")
         for name in ("guidance_scale", "new_p", "rrg_init_weight", "cosine_scale", "rrg_stop_t"):
             value = s[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -1079,6 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode in blended overlapping tiles to save memory (preset off)")
     g.add_argument("--time_ids_scale", type=int, choices=[1, 4], default=None,
                    help="SDXL size conditioning: 4x the image size as the official code (preset), or 1x")
+    p.add_argument("--max_scale", type=int, default=MAX_SCALE,
+                   help="largest side as a multiple of the native size; above 2 is experimental")
     p.add_argument("-v", "--verbose", action="store_true", help="log timings and counts")
     return p
 
@@ -1093,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         pipe = ElasticDiffusion(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
                                 low_vram=args.low_vram, torch_dtype=dtype, allow_pickle=args.allow_pickle,
                                 compile_unet=args.compile)
+        pipe.max_scale = args.max_scale
         images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
                             num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs)
     except (ValueError, GenerationCancelled) as error:

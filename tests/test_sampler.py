@@ -528,3 +528,39 @@ def test_model_keys_map_to_hub_ids():
     assert ed.MODEL_IDS["XL1.0"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert ed.MODEL_IDS["2.0"] == "stabilityai/stable-diffusion-2-base"
     assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0"}
+
+
+# ------------------------------------------------------------------------------ beyond 2x (D13)
+
+
+def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
+    with pytest.raises(ValueError, match="max_scale"):
+        sd1("a city", height=512, width=1536, num_inference_steps=1, progress=False)
+    sd1.max_scale = 3
+    try:
+        spy = UNetSpy(sd1.unet)
+        try:
+            images, info = sd1("a city", height=512, width=1536, num_inference_steps=2, seed=0, progress=False)
+        finally:
+            spy.remove()
+    finally:
+        sd1.max_scale = ed.MAX_SCALE
+    # 1536x512 on SD 1 (native 512 px = 64 latent): reference (21, 64), groups of 3 columns
+    assert info["reference_size"] == (21, 64) and images[0].size == (1536, 512)
+    V = len(ed.local_views(64, 192, 64, 32))
+    assert V == 6 and info["settings"]["resampling_steps"] == 10
+    assert spy.samples == expected_samples(2, 1, 10, V)
+
+
+def test_general_subsampler_at_three_times():
+    H, W, h, w = 192, 192, 64, 64
+    g = ed.candidates_per_axis(H, W, h, w)
+    assert g == 3
+    cells = ed.choose_cells(30, h, w, g * g, 0.3, torch.Generator().manual_seed(0))
+    rows, cols = ed.source_indices(cells, H, W, g)
+    hit = torch.zeros(H * W, dtype=torch.bool)
+    for r, c in zip(rows, cols):
+        flat = (r * W + c).flatten()
+        assert flat.unique().numel() == h * w  # one distinct source pixel per cell in every pass
+        hit[flat] = True
+    assert hit.float().mean() > 0.9  # the 9 candidates of every cell get visited over the passes
