@@ -494,7 +494,10 @@ class ElasticDiffusion:
         self.alphas_cumprod = self._alphas_cumprod()
         self.final_alpha = 1.0 if sched.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
-            self.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16 (§12)
+            # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory
+            # of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB).
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            self.vae.to(torch.bfloat16 if bf16 else torch.float32)
         self.low_vram = None
         self.set_low_vram(low_vram)
         if compile_unet:
@@ -838,7 +841,9 @@ class ElasticDiffusion:
                             callback_on_step_end, progress)
             timings["denoise"] = self._sync_time(tic)
             tic = time.perf_counter()
-            images = x if output_type == "latent" else self.decode(x, s["tiled_decoder"], output_type)
+            # Low-VRAM mode decodes large images in tiles: a plain 2048^2 SDXL decode needs ~10 GiB.
+            tiled = s["tiled_decoder"] or (self.low_vram and max(x.shape[-2:]) > self.native_latent)
+            images = x if output_type == "latent" else self.decode(x, tiled, output_type)
             timings["decode"] = self._sync_time(tic)
         finally:
             self._backgrounds = {}  # per-call state: do not hold GPU memory between calls

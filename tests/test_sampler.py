@@ -564,3 +564,20 @@ def test_general_subsampler_at_three_times():
         assert flat.unique().numel() == h * w  # one distinct source pixel per cell in every pass
         hit[flat] = True
     assert hit.float().mean() > 0.9  # the 9 candidates of every cell get visited over the passes
+
+
+@pytest.mark.slow  # about 2 minutes of inductor compilation on 2 CPU cores: `make test ARGS="-m slow"`
+def test_compiled_unet_same_image_and_no_recompile_on_new_size(tiny_sdxl_path):
+    import torch._dynamo
+
+    args = dict(num_inference_steps=2, seed=0, progress=False, output_type="latent")
+    eager = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=8)
+    compiled = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=8, compile_unet=True)
+    reference, _ = eager("x", height=1024, width=2048, **args)
+    torch._dynamo.utils.counters.clear()
+    out, _ = compiled("x", height=1024, width=2048, **args)
+    assert relative_error(out, reference) < 1e-4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the counter does count compiles
+    torch._dynamo.utils.counters.clear()
+    compiled("x", height=768, width=2048, **args)  # another size: same (8, 4, 128, 128) calls
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
