@@ -470,7 +470,7 @@ class ElasticDiffusion:
         self.device = torch.device(device) if device is not None else default_device()
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ValueError(f"view_batch_size must be an integer >= 1; got {view_batch_size!r}")
-        self.view_batch_size = view_batch_size
+        self.view_batch_size = self._batch_size = view_batch_size
         self.sd_version = sd_version if pipe is None else getattr(pipe, "name_or_path", None) or "pipeline"
         if pipe is None:
             dtype = torch_dtype or default_dtype(self.device)
@@ -498,6 +498,8 @@ class ElasticDiffusion:
             # of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             self.vae.to(torch.bfloat16 if bf16 else torch.float32)
+        # Per-call state (embeddings, views, backgrounds) lives on the instance: one run at a time.
+        self._lock = threading.Lock()
         self.low_vram = None
         self.set_low_vram(low_vram)
         if compile_unet:
@@ -505,21 +507,20 @@ class ElasticDiffusion:
         self.static_batches = bool(compile_unet)
         self.max_scale = MAX_SCALE
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
-        # Per-call state (embeddings, views, backgrounds) lives on the instance: one run at a time.
-        self._lock = threading.Lock()
 
     def set_low_vram(self, low_vram: bool) -> None:
         """Switch diffusers' model CPU offload on or off in place (no reload; the official demo rebuilt)."""
         low_vram = bool(low_vram)
-        if low_vram == self.low_vram:
-            return
-        if low_vram:
-            self.pipe.enable_model_cpu_offload(device=self.device)
-        else:
-            if self.low_vram:
-                self.pipe.remove_all_hooks()
-            self.pipe.to(self.device)
-        self.low_vram = low_vram
+        with self._lock:  # never while a generation is running
+            if low_vram == self.low_vram:
+                return
+            if low_vram:
+                self.pipe.enable_model_cpu_offload(device=self.device)
+            else:
+                if self.low_vram:
+                    self.pipe.remove_all_hooks()
+                self.pipe.to(self.device)
+            self.low_vram = low_vram
 
     @classmethod
     def from_pipe(cls, pipe, device=None, **kwargs) -> "ElasticDiffusion":
@@ -607,14 +608,14 @@ class ElasticDiffusion:
         calls are v, v, ..., and the last is padded to v, so the shape never changes (pick a v that
         divides the pass sizes, 2B(R+1) + BV and 2B + BV, to waste nothing).
         """
-        n = latents.shape[0]
-        calls = -(-n // self.view_batch_size)
-        size = self.view_batch_size if self.static_batches else -(-n // calls)
+        n, limit = latents.shape[0], self._batch_size
+        calls = -(-n // limit)
+        size = limit if self.static_batches else -(-n // calls)
         outputs = []
         for start in range(0, n, size):
             chunk = slice(start, min(start + size, n))
             x, index = latents[chunk].to(self.dtype), cond_index[chunk]
-            pad = self.view_batch_size - x.shape[0] if self.static_batches else 0
+            pad = limit - x.shape[0] if self.static_batches else 0
             if pad:
                 x, index = torch.cat([x, x[:1].expand(pad, -1, -1, -1)]), torch.cat([index, index[:1].expand(pad)])
             pooled = self._pooled[index] if self._pooled is not None else None
@@ -777,7 +778,7 @@ class ElasticDiffusion:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise torch.OutOfMemoryError(
-                    f"out of GPU memory: {error}. Try a smaller view_batch_size (now {self.view_batch_size}; "
+                    f"out of GPU memory: {error}. Try a smaller view_batch_size (now {self._batch_size}; "
                     "4 still works and gives the same image), low_vram=True, tiled_decoder=True, or a smaller "
                     "width/height.") from error
 
@@ -792,7 +793,8 @@ class ElasticDiffusion:
                  num_images_per_prompt: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
-                 progress: bool | Callable = True, drop_p: float | None = None):
+                 progress: bool | Callable = True, drop_p: float | None = None,
+                 view_batch_size: int | None = None):
         """Generate images; returns (images, info).
 
         Method knobs left at None come from `recommended_settings(width, height)`. `drop_p` is the
@@ -815,6 +817,10 @@ class ElasticDiffusion:
                                   rrg_stop_t=rrg_stop_t, patch_size=patch_size, repaint=repaint,
                                   tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
         self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
+        view_batch_size = self.view_batch_size if view_batch_size is None else view_batch_size
+        if isinstance(view_batch_size, bool) or not isinstance(view_batch_size, int) or view_batch_size < 1:
+            raise ValueError(f"view_batch_size must be an integer >= 1; got {view_batch_size!r}")
+        self._batch_size = view_batch_size
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -848,7 +854,7 @@ class ElasticDiffusion:
         finally:
             self._backgrounds = {}  # per-call state: do not hold GPU memory between calls
         timings["total"] = time.perf_counter() - t_start
-        info = dict(settings=dict(s, width=width, height=height, view_batch_size=self.view_batch_size),
+        info = dict(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
                     seed=seed, model=str(self.sd_version),
                     reference_size=reference_size(height, width, self.native_px), num_views=len(self._views),
                     **self.counters, timings=timings,

@@ -210,11 +210,8 @@ def test_unet_sample_count_at_50_steps(xl, width, height, samples, encodes):
 
 def test_one_unet_call_per_pass_when_the_batch_fits(xl):
     # 2048x1024: main pass 2(R+1) + V = 20 samples, repaint pass 2 + V = 6 samples.
-    xl.view_batch_size = 20
-    try:
-        _, info = xl("a corgi", height=1024, width=2048, num_inference_steps=3, seed=0, **QUIET)
-    finally:
-        xl.view_batch_size = 16
+    _, info = xl("a corgi", height=1024, width=2048, num_inference_steps=3, seed=0, view_batch_size=20, **QUIET)
+    assert info["settings"]["view_batch_size"] == 20 and xl.view_batch_size == 16
     assert info["unet_calls"] == 3 + 2  # one call per main pass, one per repaint pass
     assert info["unet_samples"] == 3 * 20 + 2 * 6
 
