@@ -130,10 +130,10 @@ def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict
 # --------------------------------------------------------------------------------------------------
 
 
-def reference_size(height: int, width: int, native_px: int) -> tuple[int, int]:
+def reference_size(height: int, width: int, native_px: int, vae_scale_factor: int = 8) -> tuple[int, int]:
     """Latent size (h, w) of the reference: longer side = native, aspect kept (§4.2)."""
     f = max(max(height, width) / native_px, 1.0)
-    return int((height // f) // 8), int((width // f) // 8)
+    return int((height // f) // vae_scale_factor), int((width // f) // vae_scale_factor)
 
 
 def axis_groups(length: int, ref_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,6 +543,11 @@ class ElasticDiffusion:
         ddim.set_timesteps(num_inference_steps)
         return [int(t) for t in ddim.timesteps]
 
+    def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
+        """Reference latent size (h, w) for a full-resolution latent of (H, W) (§4.2)."""
+        f = self.vae_scale_factor
+        return reference_size(H * f, W * f, self.native_px, f)
+
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
 
@@ -723,11 +728,13 @@ class ElasticDiffusion:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
-            if value % 8:
-                raise ValueError(f"{name} must be a multiple of 8 (the VAE works on 8x8 pixel blocks); got {value}")
+            f = self.vae_scale_factor
+            if value % f:
+                raise ValueError(f"{name} must be a multiple of {f} (the VAE works on {f}x{f} pixel blocks); "
+                                 f"got {value}")
             limit = self.max_scale * self.native_px
             if not MIN_SIDE_PX <= value <= limit:
-                hint = (f"; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
+                hint = ("; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
                         if self.max_scale == MAX_SCALE else "")
                 raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
                                  f"(at most {self.max_scale}x its native {self.native_px} px per side){hint}; "
@@ -756,7 +763,7 @@ class ElasticDiffusion:
         if s["time_ids_scale"] not in (1, 4):
             raise ValueError(f"time_ids_scale must be 1 or 4; got {s['time_ids_scale']!r}")
         if latents is not None:
-            shape = (batch, self.latent_channels, height // 8, width // 8)
+            shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this size and batch; got {tuple(latents.shape)}")
 
@@ -835,13 +842,14 @@ class ElasticDiffusion:
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
-            shape = (len(prompts), self.latent_channels, height // 8, width // 8)
+            f = self.vae_scale_factor
+            shape = (len(prompts), self.latent_channels, height // f, width // f)
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         x = latents.to(self.device, torch.float32)
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
         self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         try:
-            timings = self._prepare_run(negatives + prompts, height, width, s)
+            timings = self.prepare(negatives + prompts, height, width, s)
             tic = time.perf_counter()
             x = self.sample(x, self._timesteps, s, torch.Generator().manual_seed(self._aux_seed),
                             callback_on_step_end, progress)
@@ -856,7 +864,9 @@ class ElasticDiffusion:
         timings["total"] = time.perf_counter() - t_start
         info = dict(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
                     seed=seed, model=str(self.sd_version),
-                    reference_size=reference_size(height, width, self.native_px), num_views=len(self._views),
+                    reference_size=self.reference_latent_size(height // self.vae_scale_factor,
+                                                       width // self.vae_scale_factor),
+                    num_views=len(self._views),
                     **self.counters, timings=timings,
                     peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                                      if self.device.type == "cuda" else None))
@@ -878,8 +888,13 @@ class ElasticDiffusion:
         repeat = num_images_per_prompt
         return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
 
-    def _prepare_run(self, texts: list[str], height: int, width: int, s: dict) -> dict:
-        """Per-image state computed once: embeddings, time ids, views, timesteps, backgrounds."""
+    def prepare(self, texts: list[str], height: int, width: int, s: dict) -> dict:
+        """Per-image state computed once: embeddings, time ids, views, timesteps, backgrounds.
+
+        texts = negatives + prompts; s = the resolved settings. Extensions that need per-image
+        state of their own (the ControlNet's condition maps) override this and call super().
+        Returns {stage: seconds}.
+        """
         tic, timings = time.perf_counter(), {}
         embeds, pooled = self.encode_prompt(texts)  # [neg; pos] (§3.3)
         self._embeds, self._pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
@@ -890,8 +905,8 @@ class ElasticDiffusion:
         timings["encode_prompt"] = self._sync_time(tic)
 
         tic = time.perf_counter()
-        D, H, W = self.native_latent, height // 8, width // 8
-        h, w = reference_size(height, width, self.native_px)
+        D, H, W = self.native_latent, height // self.vae_scale_factor, width // self.vae_scale_factor
+        h, w = self.reference_latent_size(H, W)
         self._views = local_views(H, W, D, s["patch_size"])
         self._num_choices = candidates_per_axis(H, W, h, w) ** 2
         self._timesteps = self.timesteps(s["num_inference_steps"])
@@ -908,7 +923,7 @@ class ElasticDiffusion:
         from tqdm.auto import tqdm
 
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
-        h, w = reference_size(x.shape[-2] * 8, x.shape[-1] * 8, self.native_px)
+        h, w = self.reference_latent_size(*x.shape[-2:])
         step_size = self.scheduler.config.num_train_timesteps // T
         top_left = torch.zeros(1, h, w, dtype=torch.long)
         steps = enumerate(timesteps)
@@ -1031,6 +1046,9 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=chunks)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -1101,34 +1119,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    args = build_parser().parse_args(argv)
+def sampler_kwargs(args: argparse.Namespace) -> dict:
+    """Constructor arguments of the sampler from the shared command-line flags."""
+    return dict(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
+                low_vram=args.low_vram, torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+                allow_pickle=args.allow_pickle, compile_unet=args.compile)
+
+
+def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
+            call_kwargs: dict | None = None, extra_outputs: Callable | None = None) -> list[str]:
+    """Load, generate and save PNGs with metadata; shared by both command lines.
+
+    `make_sampler()` builds the sampler; `call_kwargs` are extra generate() arguments;
+    `extra_outputs(info)` returns more (name, PIL image) pairs to save (the ControlNet's condition map).
+    Bad input ends as a usage error (exit 2) before anything is written.
+    """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     knobs = {name: getattr(args, name) for name in SETTING_NAMES}
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     try:
-        pipe = ElasticDiffusion(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
-                                low_vram=args.low_vram, torch_dtype=dtype, allow_pickle=args.allow_pickle,
-                                compile_unet=args.compile)
+        pipe = make_sampler()
         pipe.max_scale = args.max_scale
         images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
-                            num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs)
+                            num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
+                            **(call_kwargs or {}))
     except (ValueError, GenerationCancelled) as error:
-        build_parser().error(str(error))
-    except torch.OutOfMemoryError:
-        sys.exit("error: out of GPU memory. Try --view_batch_size 4, --low_vram or --tiled_decoder, "
-                 "or a smaller --width/--height.")
+        parser.error(str(error))
+    except torch.OutOfMemoryError as error:
+        sys.exit(f"error: {error}")
     os.makedirs(args.outdir, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}")
+    outputs = list(enumerate(images)) + (extra_outputs(info) if extra_outputs else [])
     paths = []
-    for i, image in enumerate(images):
-        path = os.path.join(args.outdir, f"{stamp}_seed{seed}_{i}.png")
-        paths.append(save_png(image, path, png_metadata(info, args.prompt, args.negative_prompt, i)))
-        print(path)
+    for name, image in outputs:
+        index = name if isinstance(name, int) else 0
+        paths.append(save_png(image, f"{stem}_{name}.png", png_metadata(info, args.prompt, args.negative_prompt, index)))
+        print(paths[-1])
     logger.info("UNet samples %d in %d calls, timings %s", info["unet_samples"], info["unet_calls"],
                 {k: round(v, 2) for k, v in info["timings"].items()})
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_cli(parser, args, lambda: ElasticDiffusion(**sampler_kwargs(args)))
 
 
 if __name__ == "__main__":

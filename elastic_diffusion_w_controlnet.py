@@ -1,0 +1,296 @@
+"""ElasticDiffusion with a ControlNet: any supported size and aspect ratio, following an input image's structure.
+
+A subclass of `ElasticDiffusion` that feeds a ControlNet's residuals to every UNet call through the base class's
+extension point `unet_extra_kwargs` (§18 of the method reference, D3 and D6 fixed). Reference samples get the
+condition map at the reference size, local windows full-resolution crops of it (see `control_batch`).
+
+    pipe = ElasticDiffusionControlNet(sd_version="XL1.0", controlnet_model="canny")
+    images, info = pipe("an astronaut", condition_image="imgs/input/astronaut.jpg", width=1536, height=1536)
+
+Command line: ``python elastic_diffusion_w_controlnet.py --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import elastic_diffusion as ed
+from elastic_diffusion import ElasticDiffusion, Region
+
+# Default ControlNets per condition and base-model family (§18); any other hub id or folder is accepted.
+CONTROLNET_IDS = {
+    "canny": {"sdxl": "diffusers/controlnet-canny-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-canny"},
+    "depth": {"sdxl": "diffusers/controlnet-depth-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-depth"},
+}
+CONDITIONS = ("canny", "depth", "image", "none")  # 'image' and 'none': the input already is the condition map
+CONTROL_ARGS = ("condition_image", "condition", "controlnet_conditioning_scale", "canny_low", "canny_high")
+DEFAULT_DEPTH_MODEL = "Intel/dpt-large"  # transformers' default depth-estimation model, as the official code
+MAX_INPUT_PIXELS = 8192 * 8192  # 64 MP: larger inputs are refused before they are decoded
+DEFAULT_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imgs", "input", "astronaut.jpg")
+DEFAULT_PROMPT = "A portrait photo of a smiling astronaut in an orange spacesuit, highly detailed, sharp"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a PIL image of any mode: alpha composited on white, 16-bit and float maps min-max scaled."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # e.g. a 16-bit depth map
+        a = np.asarray(image, dtype=np.float32)
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+        image = Image.fromarray((a * 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def load_image(image, name: str = "condition_image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """A path or PIL image -> RGB PIL image, EXIF orientation applied; ValueError naming `name` if unusable."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        try:
+            with Image.open(path) as opened:  # reads the header; pixels are decoded after the size check
+                return load_image(opened, name, max_pixels)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{name}: {path!r} is too large ({error}); the limit is {max_pixels} pixels") from error
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{name}: {path!r} is not a readable image file ({error})") from error
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be an image file path or a PIL image; got {type(image).__name__}")
+    w, h = image.size
+    if w * h == 0 or w * h > max_pixels:
+        raise ValueError(f"{name} has no pixels ({w}x{h})" if w * h == 0 else
+                         f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP); at most {max_pixels / 1e6:.0f} MP "
+                         "are accepted, downscale it first")
+    try:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data, unsupported mode
+        raise ValueError(f"{name} could not be decoded ({error})") from error
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The resize rule: scale to cover width x height (aspect kept), then centre-crop the overflow."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def canny_condition(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """Canny edges of an RGB PIL image (OpenCV, hysteresis thresholds low/high) as a 3-channel 0/255 image."""
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W) uint8 in {0, 255}
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+def depth_condition(image: Image.Image, estimator) -> Image.Image:
+    """Depth map of an RGB PIL image from a transformers depth-estimation pipeline, as RGB at the same size."""
+    depth = estimator(image)["depth"]
+    return to_rgb(depth if depth.size == image.size else depth.resize(image.size, Image.Resampling.BICUBIC))
+
+
+class ElasticDiffusionControlNet(ElasticDiffusion):
+    """ElasticDiffusion whose every UNet call gets a ControlNet's residuals for that sample's region.
+
+    Args (on top of `ElasticDiffusion`'s; `from_pipe(pipe, controlnet_model=pipe.controlnet)` reuses a pipeline):
+        controlnet_model: 'canny' or 'depth' (the default ControlNet of the loaded model's family, §18), any
+            hub id or local diffusers folder, or a loaded `ControlNetModel`. It must fit the UNet.
+        depth_model: transformers depth-estimation model id or folder for `condition='depth'` (loaded on first
+            use, on the CPU in low-VRAM mode), or a ready callable such as a transformers pipeline.
+    """
+
+    def __init__(self, device=None, sd_version: str = "XL1.0", controlnet_model="canny",
+                 depth_model=DEFAULT_DEPTH_MODEL, low_vram: bool = False, allow_pickle: bool = False, **kwargs):
+        self.controlnet, self._controlnet_hook, self._control = None, None, None
+        super().__init__(device=device, sd_version=sd_version, low_vram=False, allow_pickle=allow_pickle, **kwargs)
+        self.controlnet = self.load_controlnet(controlnet_model, allow_pickle)
+        self.controlnet_model = (controlnet_model if isinstance(controlnet_model, str)
+                                 else self.controlnet.config.get("_name_or_path") or type(controlnet_model).__name__)
+        known = {i: kind for kind, family in CONTROLNET_IDS.items() for i in family.values()}
+        self.default_condition = {"canny": "canny", "depth": "depth", **known}.get(self.controlnet_model, "image")
+        self.depth_model, self._depth_estimator = depth_model, None
+        self.set_low_vram(low_vram)
+
+    def load_controlnet(self, model, allow_pickle: bool = False):
+        """ControlNetModel from a condition name, hub id, folder or instance, in the UNet's dtype."""
+        from diffusers import ControlNetModel
+
+        if isinstance(model, str):
+            source = os.path.expanduser(CONTROLNET_IDS.get(model, {}).get("sdxl" if self.is_sdxl else "sd", model))
+            try:
+                model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype,
+                                                        use_safetensors=None if allow_pickle else True)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"controlnet_model {model!r} ({source}) could not be loaded: {error}") from error
+        as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists vs tuples)
+        for key in ("block_out_channels", "cross_attention_dim", "addition_embed_type"):
+            if as_list(model.config.get(key)) != as_list(self.unet.config.get(key)):
+                raise ValueError(f"controlnet_model does not fit this base model: its {key} is "
+                                 f"{model.config.get(key)}, the UNet's {self.unet.config.get(key)}")
+        return (model if model.dtype == self.dtype else model.to(dtype=self.dtype)).eval()
+
+    def set_low_vram(self, low_vram: bool) -> None:
+        """The base class's offload switch; the ControlNet is offloaded with the UNet (D6)."""
+        super().set_low_vram(low_vram)
+        if self.controlnet is None:  # the base constructor calls this before the ControlNet exists
+            return
+        import accelerate
+        with self._lock:  # never while a generation is running
+            accelerate.hooks.remove_hook_from_module(self.controlnet, recurse=True)
+            self._controlnet_hook = None
+            if self.low_vram:  # on the GPU from its first call to the VAE decode (see `decode`)
+                _, self._controlnet_hook = accelerate.cpu_offload_with_hook(self.controlnet.to("cpu"), self.device)
+            else:
+                self.controlnet.to(self.device)
+
+    def offload_controlnet(self) -> None:
+        """Low-VRAM mode: move the ControlNet back to the CPU."""
+        if self._controlnet_hook is not None:
+            self._controlnet_hook.offload()
+
+    def depth_estimator(self):
+        """The depth-estimation pipeline of `depth_model`, created on first use."""
+        if self._depth_estimator is None:
+            from transformers import pipeline
+            try:
+                self._depth_estimator = self.depth_model if callable(self.depth_model) else pipeline(
+                    "depth-estimation", model=self.depth_model, device="cpu" if self.low_vram else self.device)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
+        return self._depth_estimator
+
+    def check_inputs(self, *args, **kwargs) -> None:
+        """The base checks, then the ControlNet arguments; the input image is read here."""
+        super().check_inputs(*args, **kwargs)
+        c = self._control
+        if c["condition"] not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
+        if isinstance(c["scale"], bool) or not isinstance(c["scale"], (int, float)) or not 0 <= c["scale"] < 1e9:
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number >= 0; got {c['scale']!r}")
+        low, high = c["low"], c["high"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or not 0 <= low <= high:
+            raise ValueError(f"canny_low and canny_high must be integers with 0 <= low <= high; got {low}, {high}")
+        if c["source"] is None:
+            raise ValueError("condition_image is required: an image file path or a PIL image")
+        c["image"] = load_image(c["source"])
+        if c["condition"] == "depth":
+            self.depth_estimator()  # a bad depth_model fails here, before any sampling
+
+    def prepare_condition(self, H: int, W: int) -> None:
+        """Condition map at the full output size (8H x 8W px) and its area downscale to the reference size."""
+        c, f, tic = self._control, self.vae_scale_factor, time.perf_counter()
+        image = fit_image(c["image"], W * f, H * f)
+        if c["condition"] == "canny":
+            image = canny_condition(image, c["low"], c["high"])
+        elif c["condition"] == "depth":
+            image = depth_condition(image, self.depth_estimator())
+        full = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255  # (1, 3, 8H, 8W)
+        h, w = self.reference_latent_size(H, W)
+        reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
+        c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
+                 cache={}, seconds=time.perf_counter() - tic)
+
+    def control_batch(self, regions: list[Region]) -> torch.Tensor:
+        """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1] (§18)."""
+        c, f = self._control, self.vae_scale_factor
+        for region in regions:
+            key = (region.kind, region.rows, region.cols, region.padding)
+            if key in c["cache"]:
+                continue
+            (r0, r1), (c0, c1) = region.rows, region.cols
+            if region.kind == "reference":
+                source = c["reference"]
+                assert source.shape[-2:] == ((r1 - r0) * f, (c1 - c0) * f), "reference size mismatch"
+            else:  # "local": a crop of the full-resolution map, not of an upsampled reduced one
+                assert region.kind == "local", f"no ControlNet condition for region kind {region.kind!r}"
+                source = c["full"][:, :, r0 * f:r1 * f, c0 * f:c1 * f]
+            top, bottom, left, right = (p * f for p in region.padding)
+            c["cache"][key] = F.pad(source, (left, right, top, bottom))
+        return torch.cat([c["cache"][(r.kind, r.rows, r.cols, r.padding)] for r in regions])
+
+    def unet_extra_kwargs(self, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
+        """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
+        down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
+                                    controlnet_cond=self.control_batch(regions),
+                                    conditioning_scale=float(self._control["scale"]), guess_mode=False,
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        count = self.counters
+        count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
+        for key in [f"controlnet_{r.kind}_samples" for r in regions] + ["controlnet_samples"] * len(regions):
+            count[key] = count.get(key, 0) + 1
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def prepare(self, texts, height: int, width: int, settings: dict) -> dict:
+        """The base per-image preparation, plus the condition maps for this size."""
+        timings = super().prepare(texts, height, width, settings)
+        self.prepare_condition(height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return timings
+
+    def decode(self, *args, **kwargs):
+        self.offload_controlnet()  # low-VRAM: free the GPU for the VAE
+        return super().decode(*args, **kwargs)
+
+    def generate(self, prompt, negative_prompt="", height=None, width=None, *args, condition_image=None,
+                 condition: str | None = None, controlnet_conditioning_scale: float = 1.0, canny_low: int = 100,
+                 canny_high: int = 200, **kwargs):
+        """`ElasticDiffusion.generate` plus the ControlNet input; returns (images, info).
+
+        condition_image: file path or PIL image (any mode, EXIF orientation applied, at most 64 MP); it is scaled
+        to cover the output size and centre-cropped (nothing stretched or letterboxed). condition: 'canny',
+        'depth', or 'image'/'none' for a ready-made edge or depth map (default: the ControlNet's type, 'image'
+        for custom ids); it is extracted once, at the output size. `info["condition_image"]` is that map (PIL).
+        """
+        condition = condition or self.default_condition
+        condition = "image" if condition == "none" else condition
+        self._control = dict(source=condition_image, condition=condition, scale=controlnet_conditioning_scale,
+                             low=canny_low, high=canny_high)
+        try:
+            images, info = super().generate(prompt, negative_prompt, height, width, *args, **kwargs)
+        finally:
+            control, self._control = self._control, None
+            self.offload_controlnet()
+        source = os.fspath(condition_image) if isinstance(condition_image, (str, os.PathLike)) else "PIL image"
+        info["settings"].update(controlnet_model=self.controlnet_model, condition=condition,
+                                controlnet_conditioning_scale=controlnet_conditioning_scale, condition_image=source,
+                                **(dict(canny_low=canny_low, canny_high=canny_high) if condition == "canny" else {}))
+        info["condition_image"], info["timings"]["condition"] = control["pil"], control["seconds"]
+        return images, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The base sampler's flags (1536 x 1536 by default here) plus the ControlNet's."""
+    p = ed.build_parser()
+    p.description = ("ElasticDiffusion with a ControlNet: any size and aspect ratio, following an input image's "
+                     "edges or depth. The input is scaled to cover the output size and centre-cropped.")
+    p.set_defaults(prompt=DEFAULT_PROMPT, width=1536, height=1536)
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--condition_image", default=DEFAULT_INPUT, help="input image (any mode, at most 64 MP)")
+    g.add_argument("--condition", choices=CONDITIONS, default=None,
+                   help="canny edges, depth map, or image/none when the input already is an edge or depth map "
+                        "(default: the ControlNet's type; image for custom ids)")
+    g.add_argument("--controlnet_model", default="canny",
+                   help="canny or depth (the default ControlNet of the model's family), a hub id or a local folder")
+    g.add_argument("--controlnet_conditioning_scale", type=float, default=0.5,
+                   help="ControlNet strength: 0.5 (the official demo's) leaves room for detail, 1.0 (the Python "
+                        "default) follows the structure strictly, 0 ignores it")
+    g.add_argument("--canny_low", type=int, default=100, help="Canny lower hysteresis threshold")
+    g.add_argument("--canny_high", type=int, default=200, help="Canny upper hysteresis threshold")
+    g.add_argument("--depth_model", default=DEFAULT_DEPTH_MODEL, help="transformers depth-estimation model id/folder")
+    g.add_argument("--save_condition", action=argparse.BooleanOptionalAction, default=True,
+                   help="also save the condition map next to the images")
+    return p
+
+
+def main(argv=None) -> list[str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    make = lambda: ElasticDiffusionControlNet(controlnet_model=args.controlnet_model,  # noqa: E731
+                                              depth_model=args.depth_model, **ed.sampler_kwargs(args))
+    extra = (lambda info: [("condition", info["condition_image"])]) if args.save_condition else None
+    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra)
+
+
+if __name__ == "__main__":
+    main()
