@@ -28,6 +28,7 @@ Command line: ``python elastic_diffusion.py --help``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -152,6 +153,13 @@ def group_map(length: int, ref_length: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(ref_length), size)
 
 
+@functools.lru_cache(maxsize=128)
+def _index_table(kind: str, length: int, ref_length: int, device: torch.device) -> torch.Tensor:
+    """Group maps and group starts on the device, made once per size (no copies inside the loop)."""
+    table = group_map(length, ref_length) if kind == "map" else axis_groups(length, ref_length)[0]
+    return table.to(device)
+
+
 def candidates_per_axis(H: int, W: int, h: int, w: int) -> int:
     """g: candidates per axis and cell; at least 2, the official 2x2 choice (§6.3)."""
     return max(2, -(-H // h), -(-W // w))
@@ -274,10 +282,11 @@ def write_back_direction(deltas: torch.Tensor, rows: torch.Tensor, cols: torch.T
     the last pass's value of the group that contains them. Returns (B, C, H, W).
     """
     S, B, C, h, w = deltas.shape
-    direction = deltas[-1][:, :, group_map(H, h)][:, :, :, group_map(W, w)].contiguous()
+    direction = upsample_groups(deltas[-1], H, W).contiguous()
     flat = direction.view(B, C, H * W)
-    for delta, r, c in zip(deltas, rows, cols):
-        flat[:, :, (r * W + c).flatten().to(deltas.device)] = delta.reshape(B, C, h * w)
+    positions = (rows * W + cols).flatten(1).to(deltas.device)  # (S, h*w)
+    for delta, where in zip(deltas, positions):
+        flat[:, :, where] = delta.reshape(B, C, h * w)
     return direction
 
 
@@ -327,13 +336,13 @@ def rrg_pull(x0_reference_up: torch.Tensor, x0: torch.Tensor, weight: float) -> 
 def upsample_groups(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, H, W): each position takes its group's value (nearest, D9-aligned)."""
     h, w = x.shape[-2:]
-    return x[:, :, group_map(H, h).to(x.device)][:, :, :, group_map(W, w).to(x.device)]
+    return x[:, :, _index_table("map", H, h, x.device)][:, :, :, _index_table("map", W, w, x.device)]
 
 
 def downsample_groups(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, h, w): the first position of each group (PyTorch nearest, §11)."""
     H, W = x.shape[-2:]
-    return x[:, :, axis_groups(H, h)[0].to(x.device)][:, :, :, axis_groups(W, w)[0].to(x.device)]
+    return x[:, :, _index_table("start", H, h, x.device)][:, :, :, _index_table("start", W, w, x.device)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,8 +469,8 @@ class ElasticDiffusion:
         torch_dtype: weight dtype (default fp16 on accelerators, fp32 on CPU).
         pipe: an already loaded diffusers pipeline to use instead of loading (see `from_pipe`).
         allow_pickle: allow non-safetensors weights (they can run code when loaded).
-        compile_unet: `torch.compile` the UNet; every call is padded to `view_batch_size` samples so
-            the compiled graph never sees a new shape, whatever the image size.
+        compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
+            dimension marked dynamic one compilation serves every image size.
     """
 
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
@@ -502,9 +511,9 @@ class ElasticDiffusion:
         self._lock = threading.Lock()
         self.low_vram = None
         self.set_low_vram(low_vram)
-        if compile_unet:
+        self.compiled = bool(compile_unet)
+        if self.compiled:  # all UNet inputs are D x D: only the batch size varies (marked dynamic)
             self.unet = torch.compile(self.unet)
-        self.static_batches = bool(compile_unet)
         self.max_scale = MAX_SCALE
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
 
@@ -594,9 +603,15 @@ class ElasticDiffusion:
         n = latents.shape[0]
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": pooled_embeds, "time_ids": self._time_ids.expand(n, -1)}
-        extra = self.unet_extra_kwargs(latents, t, prompt_embeds, added, regions)
-        out = self.unet(latents, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+            added = {"text_embeds": pooled_embeds, "time_ids": self._time_ids.expand(n, -1).contiguous()}
+        timestep = self._timestep_tensors[t]  # a tensor: a Python int would recompile a compiled UNet
+        extra = self.unet_extra_kwargs(latents, timestep, prompt_embeds, added, regions)
+        if self.compiled and n > 1:  # sizes 0 and 1 are always specialised by torch.compile
+            extras = [v for value in extra.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+            for tensor in (latents, prompt_embeds, *(added or {}).values(), *extras):
+                if torch.is_tensor(tensor):
+                    torch._dynamo.mark_dynamic(tensor, 0)
+        out = self.unet(latents, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
                         **extra).sample.float()
         if self.prediction_type == "epsilon":
             return out
@@ -609,25 +624,22 @@ class ElasticDiffusion:
                   regions: list[Region]) -> torch.Tensor:
         """Run all N samples of one denoising pass in calls of at most `view_batch_size` samples.
 
-        The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12). With a compiled UNet the
-        calls are v, v, ..., and the last is padded to v, so the shape never changes (pick a v that
-        divides the pass sizes, 2B(R+1) + BV and 2B + BV, to waste nothing).
+        The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12): as few calls as the limit
+        allows, each as large as possible, none padded.
         """
-        n, limit = latents.shape[0], self._batch_size
-        calls = -(-n // limit)
-        size = limit if self.static_batches else -(-n // calls)
+        n = latents.shape[0]
+        calls = -(-n // self._batch_size)
+        size = -(-n // calls)
         outputs = []
         for start in range(0, n, size):
             chunk = slice(start, min(start + size, n))
-            x, index = latents[chunk].to(self.dtype), cond_index[chunk]
-            pad = limit - x.shape[0] if self.static_batches else 0
-            if pad:
-                x, index = torch.cat([x, x[:1].expand(pad, -1, -1, -1)]), torch.cat([index, index[:1].expand(pad)])
+            x, index = latents[chunk].to(self.dtype), self._to_device(cond_index[chunk])
             pooled = self._pooled[index] if self._pooled is not None else None
-            eps = self.predict_noise(x, t, self._embeds[index], pooled, regions[chunk] + regions[:1] * pad)
-            outputs.append(eps[:eps.shape[0] - pad])
-            self.counters["unet_samples"] += chunk.stop - chunk.start
+            outputs.append(self.predict_noise(x, t, self._embeds[index], pooled, regions[chunk]))
+            self.counters["unet_samples"] += x.shape[0]
             self.counters["unet_calls"] += 1
+            batches = self.counters["unet_batch_sizes"]
+            batches[x.shape[0]] = batches.get(x.shape[0], 0) + 1
         return torch.cat(outputs)
 
     # ---------------------------------------------------------------------------- backgrounds (§7)
@@ -684,8 +696,9 @@ class ElasticDiffusion:
         B, C, H, W = x.shape
         h, w = cells.shape[-2:]
         S, D = cells.shape[0], self.native_latent
-        rows, cols = source_indices(cells, H, W, self._num_choices)
-        references = gather_reference(x, rows.to(x.device), cols.to(x.device))  # (S, B, C, h, w)
+        rows, cols = source_indices(cells, H, W, self.num_choices_root)
+        rows, cols = self._to_device(rows), self._to_device(cols)
+        references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
         views = self._views
         crops = torch.stack([x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views])
         ch, cw = crops.shape[-2:]
@@ -833,7 +846,7 @@ class ElasticDiffusion:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
 
-        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
+        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0, "unet_batch_sizes": {}}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if generator is None:
@@ -908,8 +921,9 @@ class ElasticDiffusion:
         D, H, W = self.native_latent, height // self.vae_scale_factor, width // self.vae_scale_factor
         h, w = self.reference_latent_size(H, W)
         self._views = local_views(H, W, D, s["patch_size"])
-        self._num_choices = candidates_per_axis(H, W, h, w) ** 2
+        self.num_choices_root = candidates_per_axis(H, W, h, w)  # g: g * g candidates per cell
         self._timesteps = self.timesteps(s["num_inference_steps"])
+        self._timestep_tensors = {t: torch.tensor(t, device=self.device) for t in self._timesteps}
         rows, cols = self._views[0]
         crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
         strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
@@ -934,14 +948,14 @@ class ElasticDiffusion:
         for i, t in steps:
             alpha, alpha_prev = self.alpha(t), self.alpha(t - step_size)
             # 1. Global direction over R + 1 resampling passes and local unconditional score.
-            cells = choose_cells(R + 1, h, w, self._num_choices, s["new_p"], aux)
+            cells = choose_cells(R + 1, h, w, self.num_choices_root ** 2, s["new_p"], aux)
             scores = self.estimate_scores(x, t, cells)
             # 2. Combine and take a DDIM step.
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
             omega_step = omega
             # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (§10).
             if s["repaint"] and R > 0 and i < T - 1:
-                noise = torch.randn(x.shape, generator=aux).to(x.device)
+                noise = self._to_device(torch.randn(x.shape, generator=aux))
                 x = renoise(x_prev, alpha_prev, alpha, noise)
                 scores = self.estimate_scores(x, t, top_left)
                 omega_step = omega / 3
@@ -999,6 +1013,12 @@ class ElasticDiffusion:
             if tiled and not was_tiling:
                 self.vae.disable_tiling()
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host-to-device copy that does not make the CPU wait for the GPU (pinned, non-blocking)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _sync_time(self, tic: float) -> float:
         if self.device.type == "cuda":

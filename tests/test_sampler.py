@@ -269,19 +269,11 @@ def test_batching_changes_nothing_but_speed(xl, view_batch_size):
     assert relative_error(other, reference) < 1e-5
 
 
-def test_static_batch_padding_changes_nothing(xl):
-    args = dict(height=768, width=2048, num_inference_steps=2, seed=3, **QUIET)
-    reference, ref_info = xl("a lake", **args)
-    xl.static_batches = True  # what compile_unet=True uses: every call padded to view_batch_size
-    spy = UNetSpy(xl.unet)
-    try:
-        padded, info = xl("a lake", **args)
-    finally:
-        xl.static_batches = False
-        spy.remove()
-    assert {c["shape"][0] for c in spy.calls} == {16}
-    assert info["unet_samples"] == ref_info["unet_samples"]
-    assert relative_error(padded, reference) < 1e-5
+def test_calls_are_balanced_and_reported(xl):
+    # 2048x1024, R = 7, V = 4: main pass 20 samples -> 10 + 10 at v = 16; repaint pass 6 -> one call of 6
+    _, info = xl("a lake", height=1024, width=2048, num_inference_steps=3, seed=3, **QUIET)
+    assert info["unet_batch_sizes"] == {10: 2 * 3, 6: 2}
+    assert info["unet_calls"] == 8 and info["unet_samples"] == 3 * 20 + 2 * 6
 
 
 def test_batch_of_prompts_equals_single_runs(xl):
@@ -570,11 +562,13 @@ def test_compiled_unet_same_image_and_no_recompile_on_new_size(tiny_sdxl_path):
     args = dict(num_inference_steps=2, seed=0, progress=False, output_type="latent")
     eager = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=8)
     compiled = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=8, compile_unet=True)
+    assert compiled.compiled
     reference, _ = eager("x", height=1024, width=2048, **args)
     torch._dynamo.utils.counters.clear()
     out, _ = compiled("x", height=1024, width=2048, **args)
     assert relative_error(out, reference) < 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the counter does count compiles
     torch._dynamo.utils.counters.clear()
-    compiled("x", height=768, width=2048, **args)  # another size: same (8, 4, 128, 128) calls
+    _, info = compiled("x", height=768, width=2048, resampling_steps=5, **args)  # other size and batches
+    assert 8 in info["unet_batch_sizes"]  # the first image ran batches of 7 and 6 only
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0

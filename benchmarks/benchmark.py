@@ -1,0 +1,586 @@
+#!/usr/bin/env python
+"""Speed and memory benchmark of the ElasticDiffusion sampler on the real model architectures.
+
+The models are the published SDXL and SD 1.5 architectures (method reference §22) with random
+weights: nothing is downloaded, and timing does not depend on weight values. Each preset run is
+compared with the *UNet floor* measured in the same process: the number of native-size UNet
+samples the run needs (§16) times the best per-sample time of the bare UNet at a saturated batch.
+The ratio wall / floor says how much the sampler costs on top of the UNet work it cannot avoid.
+
+Modes:
+
+* ``gpu`` (default when CUDA is available): real architectures built directly on the GPU in the
+  target dtype, real sizes, T = 50. What §17 measured for the reference implementation.
+* ``tiny`` (CPU, used in CI): the tiny random pipelines of ``tests/tiny_models.py``, T = 2. A
+  liveness check of this script and of the counts; its times mean nothing.
+* ``meta``: build the real architectures on the meta device (no memory), check their parameter
+  counts against §22 and exit.
+
+    python benchmarks/benchmark.py --mode gpu --model sdxl --presets 1,3 --json benchmarks/out/sdxl.json
+
+Output: a JSON file (``--json``) with every number, and a markdown table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, "tests")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never reach the hub
+
+import torch  # noqa: E402
+
+import elastic_diffusion as ed  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+DEFAULT_PRESETS = (1, 3)  # the two presets measured in §17: 2048x2048 and 1024x2048
+DEFAULT_FLOOR_BATCHES = (2, 8, 16, 24, 32)
+TINY_FLOOR_BATCHES = (2, 8, 16)
+
+# --------------------------------------------------------------------------------------------------
+# Real architectures (§22)
+# --------------------------------------------------------------------------------------------------
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' legacy name: heads per block
+    cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 1280 pooled + 6 * 256 time ids
+    use_linear_projection=True,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+)
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+)
+
+
+def vae_config(model: str) -> dict:
+    sdxl = model == "sdxl"
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        act_fn="silu", norm_num_groups=32,
+        sample_size=1024 if sdxl else 512,
+        scaling_factor=0.13025 if sdxl else 0.18215,
+        force_upcast=sdxl,
+    )
+
+
+def clip_config(kind: str):
+    """ViT-L/14 text tower ("L", SD 1.x and SDXL encoder 1) or OpenCLIP bigG ("bigG", SDXL encoder 2)."""
+    from transformers import CLIPTextConfig
+
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                  layer_norm_eps=1e-5)
+    if kind == "L":
+        return CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, hidden_act="quick_gelu", projection_dim=768,
+                              pad_token_id=49407, **common)
+    return CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                          hidden_act="gelu", projection_dim=1280, pad_token_id=0, **common)
+
+
+# Parameter counts of §22, in millions, to one decimal.
+EXPECTED_PARAMS_M = {
+    "sdxl": {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7},
+    "sd15": {"unet": 859.5, "vae": 83.7, "text_encoder": 123.1},
+}
+
+
+def ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+
+
+def build_empty_components(model: str) -> dict:
+    """The networks of `model` with parameters on the meta device (no memory, well under a second).
+
+    Buffers (CLIP's position ids) stay real on the CPU.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if model not in EXPECTED_PARAMS_M:
+        raise ValueError(f"model must be one of {sorted(EXPECTED_PARAMS_M)}; got {model!r}")
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts = {
+            "unet": UNet2DConditionModel(**(SDXL_UNET if model == "sdxl" else SD15_UNET)),
+            "vae": AutoencoderKL(**vae_config(model)),
+            "text_encoder": CLIPTextModel(clip_config("L")),
+        }
+        if model == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(clip_config("bigG"))
+    return parts
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def check_param_counts(model: str, parts: dict) -> dict:
+    """Parameter counts in millions; AssertionError when one is off the §22 table (a config typo)."""
+    counts = {name: count_params(module) / 1e6 for name, module in parts.items()}
+    for name, expected in EXPECTED_PARAMS_M[model].items():
+        got = counts[name]
+        assert abs(got - expected) < 0.06, (
+            f"{model} {name}: {got:.3f} M parameters, §22 says {expected} M: check the config")
+    return counts
+
+
+@torch.no_grad()
+def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                generator: torch.Generator) -> torch.nn.Module:
+    """Allocate meta parameters directly on `device` in `dtype` and fill them with small random normals.
+
+    Matrices and convolutions get std 1/sqrt(fan_in) (activations stay in range in half precision),
+    norm weights 1 + noise, everything else N(0, 0.02). Never all-zero weights: kernels may shortcut.
+    """
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            data = torch.empty(param.shape, device=device, dtype=dtype)
+            if isinstance(sub, norms):
+                data.normal_(1.0 if name == "weight" else 0.0, 0.02, generator=generator)
+            elif param.dim() >= 2:
+                data.normal_(0.0, math.prod(param.shape[1:]) ** -0.5, generator=generator)
+            else:
+                data.normal_(0.0, 0.02, generator=generator)
+            sub._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+    return module.to(device).eval().requires_grad_(False)  # buffers (CLIP position ids) follow
+
+
+def build_real_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A diffusers pipeline of the real `model` architecture with random weights, built on `device`.
+
+    Returns (pipeline, parameter counts in millions).
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    parts = build_empty_components(model)
+    counts = check_param_counts(model, parts)
+    generator = torch.Generator(device).manual_seed(seed)
+    parts = {name: materialize(module, device, dtype, generator) for name, module in parts.items()}
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "clip_tokenizer"))
+    if model == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "clip_tokenizer_pad0")),
+            scheduler=ddim_scheduler(), **parts)
+    else:
+        pipe = StableDiffusionPipeline(tokenizer=tokenizer, scheduler=ddim_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False, **parts)
+    return pipe, counts
+
+
+def build_tiny(model: str):
+    from tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sdxl" if model == "sdxl" else "sd1")
+    return pipe, {name: count_params(getattr(pipe, name)) / 1e6 for name in EXPECTED_PARAMS_M[model]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Expected cost (§16), computed from the geometry independently of the sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def windows_along(length: int, native: int, patch: int) -> int:
+    """n(L): one window when the axis fits a native crop, else ceil((L - p) / s) + 1 with s = p (§8)."""
+    return 1 if length <= native else -(-(length - patch) // patch) + 1
+
+
+def expected_cost(height: int, width: int, native: int, patch: int, R: int, T: int, B: int, v: int,
+                  repaint: bool = True) -> dict:
+    """UNet samples and calls of one generation (§16) and of the batched design.
+
+    Every UNet sample of a pass (2B per reference pass, B per view) goes through the UNet together,
+    in ceil(samples / v) balanced calls (none padded, compiled or not).
+    """
+    H, W = height // 8, width // 8
+    V = windows_along(H, native, patch) * windows_along(W, native, patch)
+    main = 2 * B * (R + 1) + B * V
+    repaint_pass = 2 * B + B * V if (repaint and R > 0) else 0
+    main_calls = -(-main // v)
+    repaint_calls = -(-repaint_pass // v)
+    return dict(
+        V=V,
+        samples_per_main_pass=main,
+        samples_per_repaint_pass=repaint_pass,
+        samples=T * main + (T - 1) * repaint_pass,
+        calls=T * main_calls + (T - 1) * repaint_calls,
+        plain_cfg_samples=2 * B * T,
+    )
+
+
+def preset_request(index: int, native_px: int) -> dict:
+    """Demo preset `index` (1-based), sizes scaled to the model (SD 1.5: half the SDXL sizes)."""
+    if not 1 <= index <= len(ed.DEMO_PRESETS):
+        raise ValueError(f"presets are numbered 1..{len(ed.DEMO_PRESETS)}; got {index}")
+    preset = ed.DEMO_PRESETS[index - 1]
+    scale = native_px / 1024
+    return dict(
+        prompt=preset["prompt"],
+        width=int(preset["width"] * scale) // 8 * 8,
+        height=int(preset["height"] * scale) // 8 * 8,
+        resampling_steps=preset["resampling_steps"],
+        new_p=preset["new_p"],
+        rrg_init_weight=preset["rrg_init_weight"] * scale * scale,  # same pull per pixel (§11)
+    )
+
+
+# The reference implementation on an H200 (§17, SDXL, fp32 weights under fp16 autocast, v = 16).
+REFERENCE_SDXL = {
+    (2048, 2048): dict(wall_s=95.9, unet_calls=698, vae_encodes=0, peak_gib=32.1),
+    (1024, 2048): dict(wall_s=68.6, unet_calls=548, vae_encodes=898, peak_gib=22.6),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def unet_inputs(unet, n: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Inputs of the right shapes for n native-size samples (SDXL: (n, 77, 2048) + added cond)."""
+    config = unet.config
+    D, gen = int(config.sample_size), torch.Generator(device).manual_seed(1)
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    inputs = dict(
+        sample=torch.randn(n, config.in_channels, D, D, generator=gen, device=device, dtype=dtype),
+        timestep=500,  # an int, as the sampler passes it
+        encoder_hidden_states=torch.randn(n, 77, cross, generator=gen, device=device, dtype=dtype),
+    )
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        size = 8 * 8 * D  # 4x the native pixel size, as the sampler's default conditioning
+        inputs["added_cond_kwargs"] = dict(
+            text_embeds=torch.randn(n, pooled, generator=gen, device=device, dtype=dtype),
+            time_ids=torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype).expand(n, -1))
+    return inputs
+
+
+@torch.no_grad()  # not inference_mode: its tensors would make a compiled UNet recompile
+def time_unet(unet, batch: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> float:
+    """Seconds per call of `unet` on `batch` native-size samples (CUDA events on a GPU)."""
+    inputs = unet_inputs(unet, batch, device, dtype)
+    sample, timestep = inputs.pop("sample"), inputs.pop("timestep")
+
+    def call():  # positional (sample, t) as the sampler calls it: a compiled UNet sees the same signature
+        unet(sample, timestep, **inputs)
+
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / iters
+    tic = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - tic) / iters
+
+
+def measure_floor(unet, batches, device, dtype, iters: int, warmup: int) -> dict:
+    """Per-sample UNet time at each batch size; the best one is the floor's per-sample cost."""
+    per_sample = {}
+    for batch in batches:
+        try:
+            per_sample[batch] = time_unet(unet, batch, device, dtype, iters, warmup) / batch
+        except torch.OutOfMemoryError:
+            per_sample[batch] = None
+            torch.cuda.empty_cache()
+        shown = "OOM" if per_sample[batch] is None else f"{1000 * per_sample[batch]:.2f} ms/sample"
+        print(f"  UNet alone, batch {batch:3d}: {shown}", flush=True)
+    measured = {b: s for b, s in per_sample.items() if s is not None}
+    if not measured:
+        raise RuntimeError("the UNet floor could not be measured at any batch size (out of memory)")
+    best = min(measured, key=measured.get)
+    return dict(per_sample_s={str(b): s for b, s in per_sample.items()}, best_batch=best,
+                best_per_sample_s=measured[best])
+
+
+# --------------------------------------------------------------------------------------------------
+# One preset
+# --------------------------------------------------------------------------------------------------
+
+
+def generate(sampler, request: dict, steps: int, batch: int, patch: int, seed: int):
+    kwargs = dict(request)
+    prompt = kwargs.pop("prompt")
+    synchronize(sampler.device)
+    tic = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: NaN pixels cast to uint8
+        images, info = sampler(prompt, ed.PRESET_NEGATIVE_PROMPT, num_inference_steps=steps, guidance_scale=10.0,
+                               cosine_scale=10.0, rrg_stop_t=0.4, patch_size=patch, repaint=True,
+                               tiled_decoder=False, seed=seed, num_images_per_prompt=batch, progress=False,
+                               output_type="pil", **kwargs)
+    synchronize(sampler.device)
+    return images, info, time.perf_counter() - tic
+
+
+def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: float | None) -> dict:
+    D = sampler.native_latent
+    patch = args.patch_size or D // 2
+    request = preset_request(index, sampler.native_px)
+    width, height, R = request["width"], request["height"], request["resampling_steps"]
+    expected = expected_cost(height, width, D, patch, R, args.steps, args.batch, args.view_batch_size)
+    print(f"preset {index}: {width}x{height}, R={R}, T={args.steps}, V={expected['V']}", flush=True)
+    if args.warmup:
+        warm_steps = min(args.warmup_steps, args.steps)
+        _, _, warm_s = generate(sampler, request, warm_steps, args.batch, patch, args.seed)
+        print(f"  warm-up (T={warm_steps}): {warm_s:.2f} s", flush=True)
+    _, info, wall = generate(sampler, request, args.steps, args.batch, patch, args.seed)
+
+    per_sample = floor["best_per_sample_s"]
+    floor_s = info["unet_samples"] * per_sample
+    result = dict(
+        preset=index, width=width, height=height, resampling_steps=R, new_p=request["new_p"],
+        rrg_init_weight=request["rrg_init_weight"], steps=args.steps, batch=args.batch, patch_size=patch,
+        view_batch_size=args.view_batch_size, num_views=info.get("num_views"),
+        reference_size=list(info.get("reference_size") or ()),
+        unet_samples=info["unet_samples"], unet_calls=info["unet_calls"], vae_encodes=info["vae_encodes"],
+        expected=expected,
+        samples_match=info["unet_samples"] == expected["samples"],
+        calls_match=info["unet_calls"] == expected["calls"],
+        views_match=info.get("num_views") == expected["V"],
+        wall_s=wall, timings=info["timings"], decode_s=info["timings"].get("decode"),
+        peak_memory_gib=info["peak_memory_gib"],
+        floor_s=floor_s, ratio=wall / floor_s if floor_s else None,
+        denoise_ratio=info["timings"]["denoise"] / floor_s if floor_s else None,
+        plain_cfg_samples=expected["plain_cfg_samples"],
+        plain_cfg_floor_s=expected["plain_cfg_samples"] * per_sample,
+    )
+    two_b = str(2 * args.batch)
+    if floor["per_sample_s"].get(two_b) is not None:  # plain CFG runs batch-2B calls
+        result["plain_cfg_est_s"] = expected["plain_cfg_samples"] * floor["per_sample_s"][two_b]
+    if compiled_per_sample is not None:
+        result.update(compiled_per_sample_s=compiled_per_sample,
+                      compiled_floor_s=info["unet_samples"] * compiled_per_sample,
+                      ratio_compiled=wall / (info["unet_samples"] * compiled_per_sample))
+    reference = REFERENCE_SDXL.get((width, height)) if args.model == "sdxl" else None
+    if reference and args.steps == 50 and args.batch == 1 and args.mode == "gpu":
+        result["reference_h200"] = reference
+    print(f"  samples {info['unet_samples']} (expected {expected['samples']}), calls {info['unet_calls']} "
+          f"(expected {expected['calls']}), VAE encodes {info['vae_encodes']}, wall {wall:.2f} s, "
+          f"floor {floor_s:.2f} s, ratio {result['ratio']:.2f}, decode {result['decode_s']:.3f} s", flush=True)
+    if compiled_per_sample is not None:
+        print(f"  compiled: batch sizes {info['unet_batch_sizes']}, compiled floor {result['compiled_floor_s']:.2f} s, ratio {result['ratio_compiled']:.2f}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=["gpu", "tiny", "meta"], default=None,
+                   help="gpu: real architectures (default with CUDA); tiny: tiny CPU models (CI); "
+                        "meta: only check the real architectures' parameter counts")
+    p.add_argument("--model", choices=["sdxl", "sd15"], default="sdxl")
+    p.add_argument("--presets", default=",".join(map(str, DEFAULT_PRESETS)),
+                   help="1-based indexes into DEMO_PRESETS (SD 1.5: sizes halved)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps T (default 50 gpu, 2 tiny)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt B")
+    p.add_argument("--view_batch_size", type=int, default=16, help="most UNet samples per call v")
+    p.add_argument("--patch_size", type=int, default=None, help="local window (default native latent / 2)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16",
+                   help="weight dtype in gpu mode (tiny mode is float32)")
+    p.add_argument("--device", default=None, help="override the device (default cuda in gpu mode, cpu in tiny)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (sampler's compile_unet)")
+    p.add_argument("--low_vram", action="store_true", help="sampler's low_vram (model CPU offload)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each preset once with a few steps before the timed run (compiles under --compile)")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="steps of the warm-up run (default 2 gpu: main and repaint passes, two timesteps; 1 tiny)")
+    p.add_argument("--floor_batches", default=None,
+                   help="batch sizes at which the bare UNet is timed (default "
+                        f"{','.join(map(str, DEFAULT_FLOOR_BATCHES))} gpu, "
+                        f"{','.join(map(str, TINY_FLOOR_BATCHES))} tiny)")
+    p.add_argument("--floor_iters", type=int, default=None, help="timed UNet calls per batch (default 3 gpu, 1 tiny)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default 1 in tiny mode: robust on a shared CPU; torch's default otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    return p
+
+
+def markdown_table(results: list[dict], card: str) -> str:
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["| preset | size | R | samples | calls | wall s | floor s | ratio | peak GiB | card |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['preset']} | {r['width']}x{r['height']} | {r['resampling_steps']} | {r['unet_samples']} | "
+                     f"{r['unet_calls']} | {num(r['wall_s'], '.2f')} | {num(r['floor_s'], '.2f')} | "
+                     f"{num(r['ratio'], '.2f')} | {num(r['peak_memory_gib'], '.1f')} | {card} |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
+                transformers=transformers.__version__, cuda=torch.version.cuda)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.mode is None:
+        args.mode = "gpu" if torch.cuda.is_available() else "tiny"
+    report = dict(command=" ".join(shlex.quote(a) for a in ["python", "benchmarks/benchmark.py", *argv]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  versions=versions(), mode=args.mode, model=args.model)
+
+    if args.mode == "meta":
+        counts = check_param_counts(args.model, build_empty_components(args.model))
+        report["params_m"] = counts
+        for name, value in counts.items():
+            print(f"{args.model} {name}: {value:.2f} M parameters (§22: {EXPECTED_PARAMS_M[args.model][name]} M)")
+        _write_json(args.json, report)
+        return report
+
+    tiny = args.mode == "tiny"
+    args.steps = args.steps or (2 if tiny else 50)
+    args.floor_iters = args.floor_iters or (1 if tiny else 3)
+    args.warmup_steps = args.warmup_steps or (1 if tiny else 2)
+    if args.compile:
+        # The sampler passes t as a Python int: a compiled UNet specialises on the first value and
+        # recompiles once on the second. Two warm-up steps take both compiles out of the timed run.
+        args.warmup_steps = max(args.warmup_steps, 2)
+    if args.threads or tiny:
+        # Tiny models are too small for intra-op parallelism; on a busy CPU, OpenMP's spinning threads
+        # made them 10-100x slower.
+        torch.set_num_threads(args.threads or 1)
+    args.floor_batches = args.floor_batches or ",".join(map(str, TINY_FLOOR_BATCHES if tiny else DEFAULT_FLOOR_BATCHES))
+    device = torch.device(args.device or ("cpu" if tiny else "cuda"))
+    dtype = torch.float32 if tiny else getattr(torch, args.dtype)
+    presets = [int(p) for p in args.presets.split(",") if p.strip()]
+    floor_batches = [int(b) for b in args.floor_batches.split(",") if b.strip()]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--mode gpu needs CUDA; use --mode tiny on a CPU (or --device cpu to force it)")
+
+    tic = time.perf_counter()
+    if tiny:
+        pipe, counts = build_tiny(args.model)
+        pipe.to(device)
+    else:
+        pipe, counts = build_real_pipeline(args.model, device, dtype, args.seed)
+    synchronize(device)
+    card = card_name(device)
+    report.update(device=str(device), card=card, dtype=str(dtype).replace("torch.", ""), params_m=counts,
+                  build_s=time.perf_counter() - tic, settings=vars(args))
+    print(f"{args.mode} {args.model} on {card}, {report['dtype']}; built in {report['build_s']:.1f} s; "
+          + ", ".join(f"{k} {v:.1f} M" for k, v in counts.items()), flush=True)
+
+    # The floor, in the same process, on the bare (eager) UNet before the sampler touches it.
+    print("UNet floor (eager):", flush=True)
+    floor = measure_floor(pipe.unet, floor_batches, device, dtype, args.floor_iters, warmup=1 if tiny else 2)
+    report["floor"] = floor
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    sampler = ed.ElasticDiffusion.from_pipe(pipe, device=device, view_batch_size=args.view_batch_size,
+                                            low_vram=args.low_vram, compile_unet=args.compile)
+    results, compiled_per_sample = [], None
+    for index in presets:
+        if args.compile and compiled_per_sample is None and not args.low_vram:
+            # Compiled UNet (batch dimension dynamic), timed at batch v after a warm-up generation.
+            generate(sampler, preset_request(index, sampler.native_px), min(args.warmup_steps, args.steps), args.batch,
+                     args.patch_size or sampler.native_latent // 2, args.seed)
+            compiled_per_sample = time_unet(sampler.unet, args.view_batch_size, device, dtype,
+                                            args.floor_iters, warmup=1) / args.view_batch_size
+            report["floor"]["compiled_per_sample_s"] = compiled_per_sample
+            print(f"  compiled UNet, batch {args.view_batch_size}: {1000 * compiled_per_sample:.2f} ms/sample")
+        results.append(run_preset(sampler, index, args, floor, compiled_per_sample))
+    report["results"] = results
+
+    failures = [f"preset {r['preset']}: {what} {r[key]} != expected {r['expected'][exp]}"
+                for r in results
+                for what, key, exp, ok in (("samples", "unet_samples", "samples", r["samples_match"]),
+                                           ("calls", "unet_calls", "calls", r["calls_match"]),
+                                           ("views", "num_views", "V", r["views_match"]))
+                if not ok]
+    report["failures"] = failures
+    report["all_checks_passed"] = not failures
+    report["table"] = markdown_table(results, card)
+    _write_json(args.json, report)
+    for failure in failures:
+        print(f"MISMATCH: {failure}", file=sys.stderr)
+    print()
+    print(report["table"], flush=True)
+    return report
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main().get("all_checks_passed", True) else 1)
