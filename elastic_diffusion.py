@@ -415,8 +415,10 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         if source in HUB_MIRRORS:
             logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
             return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, **kwargs)
-        hint = "" if allow_pickle else " (if the model has no .safetensors weights, pass allow_pickle=True)"
-        raise ValueError(f"sd_version {sd_version!r} could not be loaded: {error}{hint}") from error
+        hint = "" if allow_pickle else "; a model without .safetensors weights needs allow_pickle=True"
+        raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
+                         "(gated models need `hf auth login`), or pass a local diffusers folder or a "
+                         f".safetensors file{hint}") from error
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, name, None) is None:
             raise ValueError(f"sd_version {sd_version!r} is a {type(pipe).__name__} without a {name}; "
