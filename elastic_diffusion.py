@@ -519,6 +519,22 @@ class ElasticDiffusion:
         self.max_scale = MAX_SCALE
         self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
 
+    def exclusive(self) -> threading.Lock:
+        """The lock a generation holds: `with pipe.exclusive():` to use the components undisturbed."""
+        return self._lock
+
+    def initial_latents(self, height: int, width: int, batch: int = 1,
+                        generator: torch.Generator | int | None = None) -> torch.Tensor:
+        """The starting noise a generation draws: (batch, C, H, W) fp32, from a CPU generator (or seed)
+        so the same seed gives the same image on every device."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if generator is None or isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator if generator is not None else random.randrange(2 ** 32))
+        f = self.vae_scale_factor
+        shape = (batch, self.latent_channels, height // f, width // f)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
     def set_low_vram(self, low_vram: bool) -> None:
         """Switch diffusers' model CPU offload on or off in place (no reload; the official demo rebuilt)."""
         low_vram = bool(low_vram)
@@ -855,11 +871,7 @@ class ElasticDiffusion:
             seed = random.randrange(2 ** 32) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
         if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            f = self.vae_scale_factor
-            shape = (len(prompts), self.latent_channels, height // f, width // f)
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            latents = self.initial_latents(height, width, len(prompts), generator)
         x = latents.to(self.device, torch.float32)
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
         self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))

@@ -1,0 +1,764 @@
+"""ElasticDiffusion text-to-image demo (Gradio): locally, on a Hugging Face Space or through a share link.
+
+    python app_gradio.py                              # SDXL from the hub, http://127.0.0.1:7860
+    python app_gradio.py --model /path/to/diffusers/folder --port 7861 --share --low-vram
+
+The model is loaded once at start-up and serves every request; one GPU job runs at a time and the
+others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_settings`) work from
+`gradio_client` (see the README).
+
+The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
+`build_parser`, `load_sampler`, `knob_widgets`, `wire_size_presets`, `run_generation`,
+`stream_generation`, `OutputFolders`, `on_gpu` and `serve`.
+"""
+from __future__ import annotations
+
+try:  # ZeroGPU (Hugging Face Spaces) patches torch, so it must be imported before torch
+    import spaces
+except ImportError:
+    spaces = None
+
+import argparse
+import atexit
+import dataclasses
+import inspect
+import logging
+import math
+import os
+import queue
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import gradio as gr
+import torch
+
+from elastic_diffusion import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DEMO_PRESETS,
+    MAX_SCALE,
+    MIN_SIDE_PX,
+    PRESET_NEGATIVE_PROMPT,
+    ElasticDiffusion,
+    GenerationCancelled,
+    local_views,
+    png_metadata,
+    recommended_settings,
+    save_png,
+)
+
+logger = logging.getLogger("app_gradio")
+
+DEFAULT_MODEL = "XL1.0"
+DEFAULT_SIZE = 1024  # the first image people see: fast (R = 0) at SDXL's native size
+DEFAULT_NATIVE_PX = 1024  # SDXL; only used to lay out the widgets when no model could be loaded
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (~300 characters); far longer text is a paste mistake
+MAX_SEED = 2 ** 32 - 1  # the range numpy, the CLI and most image tools accept
+QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused with "queue full"
+PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
+PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
+HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a cancel can close it promptly
+UNET_SAMPLE_SECONDS = 0.017  # one native-size SDXL UNet sample in fp16 on an H100 (§17), for ZeroGPU
+KEEP_OUTPUTS_SECONDS = 3600  # per-request folders older than this are removed (Gradio keeps its own copy)
+
+OUT_OF_MEMORY_ADVICE = (
+    "Out of GPU memory. Open Advanced options and try, in this order: a lower View batch size (e.g. 4), "
+    "Tiled decoder, Low VRAM, or a smaller width/height. The next request starts with a clean GPU.")
+
+
+def no_model_advice(model: str, reason: str) -> str:
+    """Markdown for the banner (and, without the markup, for the Generate button's error)."""
+    return (f"**No model is loaded.** `{model}` could not be loaded: {reason}\n\n"
+            "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
+            "with `python app_gradio.py --model /path/to/diffusers/folder` (a folder saved with diffusers' "
+            "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`.")
+
+
+def refuse(message: str, **kwargs) -> gr.Error:
+    """A gr.Error for a request the user can fix: shown in the UI and to API clients, not logged as a crash."""
+    return gr.Error(message, print_exception=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line and model
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio).") -> argparse.ArgumentParser:
+    """The flags every ElasticDiffusion app shares; an app adds its own to the returned parser."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", "--sd_version", dest="model", default=os.environ.get("ELASTIC_MODEL", DEFAULT_MODEL),
+                   help="'1.5', '2.1', 'XL1.0', any hub id, a local diffusers folder or a .safetensors file")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="HTTP port")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on (0.0.0.0 to serve the local network)")
+    p.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
+                   help="also serve through a temporary public gradio.live link")
+    p.add_argument("--low-vram", "--low_vram", dest="low_vram", action=argparse.BooleanOptionalAction,
+                   default=False, help="start with models offloaded to the CPU (the UI can toggle it per request)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
+                   help="allow non-safetensors (pickle) weights; only for checkpoints you trust")
+    p.add_argument("--max-scale", "--max_scale", dest="max_scale", type=int, default=MAX_SCALE,
+                   help="largest size as a multiple of the model's native size per side; above 2 is experimental")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
+    p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
+                   help="show a preview of the image every N steps (0: no previews)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return p
+
+
+def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, **kwargs) -> tuple[Any, str]:
+    """Load the model once; returns (sampler, "") or (None, a message that tells the user what to do)."""
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    try:
+        sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram,
+                                torch_dtype=dtype, allow_pickle=args.allow_pickle, **kwargs)
+    except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
+        logger.debug("model loading failed", exc_info=True)
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
+        return None, no_model_advice(args.model, reason)
+    sampler.max_scale = getattr(args, "max_scale", MAX_SCALE)  # start-up only, as the CLI does
+    logger.info("loaded %s on %s (native %d px)", args.model, sampler.device, sampler.native_px)
+    return sampler, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Widgets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """A numeric hyper-parameter: its widget and the range the app accepts (UI and API alike)."""
+    name: str
+    label: str
+    info: str
+    minimum: float
+    maximum: float
+    step: float
+    integer: bool = False
+
+
+def numeric_knobs(native_latent: int) -> list[Knob]:
+    """The method's numeric knobs with their meaning (§14, README guidance); ranges bound the GPU time."""
+    return [
+        Knob("num_inference_steps", "Number of inference steps (T)",
+             "DDIM steps. Time grows linearly with it; 50 is the paper's setting.", 1, 150, 1, True),
+        Knob("guidance_scale", "Classifier-free guidance scale (ω)",
+             "How closely the image follows the prompt; scales the global content direction.", 1, 30, 0.5),
+        Knob("resampling_steps", "Resampling steps (R)",
+             "Extra passes over the reduced-resolution reference per step: higher is sharper and more coherent "
+             "but slower. 0 at or below the model's native size.", 0, 40, 1, True),
+        Knob("new_p", "Percentage of newly sampled pixels (ρ)",
+             "Fraction of reference pixels drawn from new positions in each resampling pass; 0.3 is "
+             "recommended.", 0.05, 1, 0.05),
+        Knob("rrg_init_weight", "Reduced-resolution guidance scale (λ0)",
+             "Pull towards the reduced-resolution image at the first step: higher removes artifacts such as "
+             "repeated objects but blurs, too high lets the background bleed through. 1000-4000 above the "
+             "native size, 0 at or below it.", 0, 10000, 50),
+        Knob("cosine_scale", "Cosine scale (κ)",
+             "How fast the reduced-resolution guidance fades over the steps: higher releases it sooner.",
+             0, 50, 0.5),
+        Knob("rrg_stop_t", "RRG stop",
+             "Fraction of the final steps that run without reduced-resolution guidance.", 0, 0.95, 0.05),
+        Knob("patch_size", "Patch size (latent pixels)",
+             "Width of each local window of the detail score: larger means fewer UNet evaluations (faster) "
+             "but may hurt coherence.", 8, native_latent, 8, True),
+        Knob("view_batch_size", "View batch size",
+             "Most native-size samples per UNet call. Memory only: lower it if the GPU runs out of memory.",
+             1, 64, 1, True),
+    ]
+
+
+# The sampler's own knobs among the widgets (view_batch_size and low_vram are sampler state).
+SAMPLER_KNOBS = ("num_inference_steps", "guidance_scale", "resampling_steps", "new_p", "rrg_init_weight",
+                 "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale")
+
+
+def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width: int = DEFAULT_SIZE,
+                 height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE) -> dict[str, gr.components.Component]:
+    """Size row (visible) and an "Advanced options" accordion with every hyper-parameter.
+
+    Returns the widgets by name: width, height, swap_size, negative_prompt, seed, randomize_seed, the
+    numeric knobs of `numeric_knobs`, repaint, tiled_decoder, low_vram, time_ids_scale and
+    reset_knobs. Call inside a `gr.Blocks`; an app can add its own widgets before or after.
+    """
+    limit = max_scale * native_px
+    size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
+    w = {}
+    with gr.Row(equal_height=True):
+        w["width"] = gr.Number(label="Width", value=width, precision=0, step=8, minimum=MIN_SIDE_PX,
+                               maximum=limit, info=size_info, elem_id="width")
+        w["height"] = gr.Number(label="Height", value=height, precision=0, step=8, minimum=MIN_SIDE_PX,
+                                maximum=limit, info=size_info, elem_id="height")
+        w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
+    recommended = recommended_settings(width, height, native_px)
+    with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
+        w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
+                                          max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
+        with gr.Row():
+            w["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                                  info="The same seed and settings give the same image.")
+            w["randomize_seed"] = gr.Checkbox(label="Randomize seed", value=True,
+                                              info="Draw a new seed for every request (shown with the result).")
+        gr.Markdown("Hyper-parameters follow the resolution-aware presets when you change the size, "
+                    "except those you set yourself.")
+        knobs = numeric_knobs(native_px // 8)
+        for row in range(0, len(knobs), 2):
+            with gr.Row():
+                for knob in knobs[row:row + 2]:
+                    value = recommended.get(knob.name, 16 if knob.name == "view_batch_size" else knob.minimum)
+                    w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=value, step=knob.step,
+                                             precision=0 if knob.integer else None, label=knob.label,
+                                             info=knob.info, elem_id=f"knob-{knob.name}")
+        with gr.Row():
+            w["repaint"] = gr.Checkbox(label="Repaint pass", value=True,
+                                       info="Re-noise and re-denoise each step with one reference pass (part of "
+                                            "the method; off only for ablations).")
+            w["tiled_decoder"] = gr.Checkbox(label="Tiled decoder", value=False,
+                                             info="Decode in blended overlapping tiles: less memory, same image.")
+            w["low_vram"] = gr.Checkbox(label="Low VRAM", value=False,
+                                        info="Keep models on the CPU, one at a time on the GPU: slower, for "
+                                             "small GPUs.")
+        w["time_ids_scale"] = gr.Radio([4, 1], value=4, label="SDXL size conditioning", visible=is_sdxl,
+                                       info="Condition SDXL on 4x the image size (the official code) or 1x.")
+        w["reset_knobs"] = gr.Button("Reset hyper-parameters to the preset for this size", size="sm")
+    return w
+
+
+def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_scale: int = MAX_SCALE) -> gr.State:
+    """Re-apply `recommended_settings` when the size changes, except to knobs the user edited.
+
+    `.input` fires only on the user's own edits (not on example loads or our updates), so it marks a
+    knob as the user's; the reset button forgets the marks. Returns the per-session set of marks.
+    """
+    names = [name for name in recommended_settings(DEFAULT_SIZE, DEFAULT_SIZE, native_px) if name in widgets]
+    edited = gr.State(frozenset())
+    for name in names:
+        widgets[name].input(lambda marks, name=name: marks | {name}, inputs=edited, outputs=edited,
+                            queue=False, show_progress="hidden", api_visibility="private")
+
+    def follow_size(width, height, marks):
+        return preset_updates(width, height, marks, names, native_px, max_scale)
+
+    def reset(width, height):
+        marks = frozenset()
+        return [marks] + follow_size(width, height, marks)
+
+    size = [widgets["width"], widgets["height"]]
+    knob_outputs = [widgets[name] for name in names]
+    # Raw values (preprocess=False): sizes being typed ("2", "20", ...) are not errors here.
+    gr.on([widgets["width"].change, widgets["height"].change], follow_size, inputs=size + [edited],
+          outputs=knob_outputs, queue=False, show_progress="hidden", api_visibility="private", preprocess=False)
+    widgets["reset_knobs"].click(reset, inputs=size, outputs=[edited] + knob_outputs, queue=False,
+                                 api_visibility="private", preprocess=False)
+    widgets["swap_size"].click(lambda width, height: (height, width), inputs=size, outputs=size, queue=False,
+                               api_visibility="private", preprocess=False)
+    return edited
+
+
+def preset_updates(width, height, edited: frozenset, names: Sequence[str], native_px: int,
+                   max_scale: int = MAX_SCALE) -> list:
+    """New values for the knobs `names` at this size: the preset, or gr.skip() for the user's own values."""
+    limit = max_scale * native_px
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit
+               for v in (width, height)):  # a value being typed: leave the knobs alone
+        return [gr.skip()] * len(names)
+    recommended = recommended_settings(int(width), int(height), native_px)
+    return [gr.skip() if name in edited else recommended[name] for name in names]
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests: validation (UI and API alike)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One validated request: what to generate, with which seed, knobs and memory settings."""
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    knobs: dict  # the sampler's keyword arguments (SAMPLER_KNOBS)
+    view_batch_size: int
+    low_vram: bool
+    compare_plain: bool
+
+
+def _text(label: str, value, required: bool) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise refuse(f"{label} must be text; got {type(value).__name__} {value!r}.")
+    value = value.strip()
+    if required and not value:
+        raise refuse(f"{label} is empty: describe the image you want, e.g. \"a photo of the dolomites\".")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise refuse(f"{label} is {len(value)} characters long; shorten it to at most {MAX_PROMPT_CHARS} "
+                     "(the text encoder reads only its first 77 tokens, about 300 characters).")
+    return value
+
+
+def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
+    """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise refuse(f"{label} must be {kind} between {minimum:g} and {maximum:g}; got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise refuse(f"{label} must be {kind} between {minimum:g} and {maximum:g}; got {value!r}.")
+    if integer and value != int(value):
+        raise refuse(f"{label} must be {kind}; got {value!r}.")
+    if not minimum <= value <= maximum:
+        raise refuse(f"{label} must be between {minimum:g} and {maximum:g}; got {value:g}.")
+    return int(value) if integer else float(value)
+
+
+def _flag(label: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise refuse(f"{label} must be true or false; got {value!r}.")
+
+
+def _size(label: str, value, limit: int) -> int:
+    pixels = _number(label, value, MIN_SIDE_PX, limit, integer=True)
+    if pixels % 8:
+        lower = pixels - pixels % 8
+        raise refuse(f"{label} must be a multiple of 8 (the VAE works on 8x8 pixel blocks): "
+                     f"try {lower} or {lower + 8} instead of {pixels}.")
+    return pixels
+
+
+def parse_request(values: dict, sampler) -> GenerationRequest:
+    """Validate raw widget or API values, every field with an actionable gr.Error, and pick the seed."""
+    max_side = getattr(sampler, "max_scale", MAX_SCALE) * sampler.native_px
+    if _flag("Randomize seed", values.get("randomize_seed", False)):
+        seed = secrets.randbelow(MAX_SEED + 1)
+    elif values.get("seed") in (None, ""):
+        raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
+    else:
+        seed = _number("Seed", values["seed"], 0, MAX_SEED, integer=True)
+    knobs = {k.name: _number(k.label, values.get(k.name), k.minimum, k.maximum, k.integer)
+             for k in numeric_knobs(sampler.native_latent)}
+    time_ids_scale = _number("SDXL size conditioning", values.get("time_ids_scale", 4), 1, 4, integer=True)
+    if time_ids_scale not in (1, 4):
+        raise refuse(f"SDXL size conditioning must be 1 or 4; got {time_ids_scale}.")
+    knobs.update(repaint=_flag("Repaint pass", values.get("repaint", True)),
+                 tiled_decoder=_flag("Tiled decoder", values.get("tiled_decoder", False)),
+                 time_ids_scale=time_ids_scale)
+    request = GenerationRequest(
+        prompt=_text("Prompt", values.get("prompt"), required=True),
+        negative_prompt=_text("Negative prompt", values.get("negative_prompt"), required=False),
+        width=_size("Width", values.get("width"), max_side), height=_size("Height", values.get("height"), max_side),
+        seed=seed, view_batch_size=knobs.pop("view_batch_size"),
+        low_vram=_flag("Low VRAM", values.get("low_vram", False)),
+        compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
+        knobs={name: knobs[name] for name in SAMPLER_KNOBS})
+    try:  # the sampler's own cross-field rules, before the request waits for the GPU
+        settings = sampler.resolve_settings(request.width, request.height, **request.knobs)
+        sampler.check_inputs([request.prompt], [request.negative_prompt], request.height, request.width,
+                             settings, None, 1)
+    except ValueError as error:
+        raise refuse(str(error)) from error
+    return request
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one request
+# --------------------------------------------------------------------------------------------------
+
+
+class OutputFolders:
+    """A private folder per request under one root, so no two requests ever share a file.
+
+    Gradio copies returned files into its own cache, so folders older than `keep_seconds` are pruned
+    when a new one is made, and the root goes when the process exits.
+    """
+
+    def __init__(self, keep_seconds: float = KEEP_OUTPUTS_SECONDS):
+        self.root = tempfile.mkdtemp(prefix="elastic_diffusion_app_")
+        self.keep_seconds = keep_seconds
+        atexit.register(shutil.rmtree, self.root, True)
+
+    def new(self) -> str:
+        cutoff = time.time() - self.keep_seconds
+        for entry in os.scandir(self.root):
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return tempfile.mkdtemp(prefix="request_", dir=self.root)
+
+
+@dataclasses.dataclass
+class StepReport:
+    """Progress of the running request, sent from the sampler's callback to the handler."""
+    phase: str  # "ElasticDiffusion" or "Plain generation"
+    step: int  # steps done
+    total: int
+    eta_seconds: float
+
+    def describe(self) -> str:
+        return f"{self.phase}: step {self.step}/{self.total}, about {self.eta_seconds:.0f} s left"
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    gallery: list[tuple[str, str]]  # (PNG path, caption)
+    seed: int
+    summary: str  # markdown: time, UNet evaluations, settings
+    info: dict
+
+
+def make_plain_pipeline(sampler):
+    """The loaded diffusers pipeline with a DDIM scheduler (the sampler's), sharing every module."""
+    from diffusers import DDIMScheduler
+
+    plain = type(sampler.pipe).from_pipe(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
+def _step_callback(cancel: threading.Event | None, on_step: Callable | None, phase: str, total: int):
+    """A `callback_on_step_end` for the sampler and diffusers alike: stops between steps once cancelled."""
+    start = time.perf_counter()
+
+    def callback(pipe, step, timestep, tensors):
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"cancelled after step {step + 1} of {total}")
+        if on_step is not None:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step + 1) * (total - step - 1)
+            on_step(StepReport(phase, step + 1, total, eta), tensors.get("x0"))
+        return {}
+
+    return callback
+
+
+def _free_gpu() -> None:
+    """Hand cached blocks back after a run (a cancelled or failed one included), so the next starts clean."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event | None = None,
+                   on_step: Callable | None = None, plain_pipe=None, **sampler_kwargs) -> GenerationResult:
+    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into `out_dir`.
+
+    Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps.
+    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image).
+    """
+    request = parse_request(values, sampler)
+    steps = request.knobs["num_inference_steps"]
+    plain_image = None
+    try:
+        # Low VRAM moves modules in place (never a reload, D4) and waits for any running generation.
+        sampler.set_low_vram(request.low_vram)
+        images, info = sampler(request.prompt, request.negative_prompt, height=request.height, width=request.width,
+                               seed=request.seed, view_batch_size=request.view_batch_size, progress=False,
+                               callback_on_step_end=_step_callback(cancel, on_step, "ElasticDiffusion", steps),
+                               **request.knobs, **sampler_kwargs)
+        if request.compare_plain and plain_pipe is not None:
+            tic = time.perf_counter()
+            with sampler.exclusive():  # the plain run shares the sampler's modules: one run at a time
+                plain_image = plain_pipe(
+                    prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                    width=request.width, num_inference_steps=steps, guidance_scale=request.knobs["guidance_scale"],
+                    latents=sampler.initial_latents(request.height, request.width, 1, request.seed).to(sampler.dtype),
+                    callback_on_step_end=_step_callback(cancel, on_step, "Plain generation", steps)).images[0]
+            info["plain_seconds"] = time.perf_counter() - tic
+    except ValueError as error:
+        raise refuse(str(error)) from error
+    except torch.OutOfMemoryError as error:
+        raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
+    finally:
+        _free_gpu()
+    return save_results(out_dir, request, images[0], info, plain_image, sampler.native_px)
+
+
+def save_results(out_dir: str, request: GenerationRequest, image, info: dict, plain_image,
+                 native_px: int) -> GenerationResult:
+    """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
+    size = f"{request.width}x{request.height}"
+    path = os.path.join(out_dir, f"elastic_seed{request.seed}_{size}.png")
+    save_png(image, path, png_metadata(info, request.prompt, request.negative_prompt))
+    gallery = [(path, f"ElasticDiffusion {size}, seed {request.seed}")]
+    if plain_image is not None:
+        plain_info = dict(info, settings=dict(method="plain DDIM", width=request.width, height=request.height,
+                                              num_inference_steps=request.knobs["num_inference_steps"],
+                                              guidance_scale=request.knobs["guidance_scale"]))
+        plain_path = os.path.join(out_dir, f"plain_seed{request.seed}_{size}.png")
+        save_png(plain_image, plain_path, png_metadata(plain_info, request.prompt, request.negative_prompt))
+        gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
+    return GenerationResult(gallery, request.seed, summarize(info, request, native_px), info)
+
+
+def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
+    """Markdown: the time taken, the UNet evaluations and what they cost next to a plain image."""
+    s, timings = info["settings"], info["timings"]
+    plain_cost = 2 * s["num_inference_steps"]  # one conditional and one unconditional sample per step
+    lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** "
+             f"(denoising {timings['denoise']:.1f} s, decoding {timings['decode']:.1f} s)",
+             f"**{info['unet_samples']:,} UNet evaluations** (native-size samples) in {info['unet_calls']:,} calls, "
+             f"{info['unet_samples'] / plain_cost:.1f}× a plain {native_px}² image",
+             f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
+             f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
+             f"view batch {s['view_batch_size']}"]
+    if info.get("peak_memory_gib") is not None:
+        lines.append(f"peak GPU memory {info['peak_memory_gib']:.1f} GiB")
+    if "plain_seconds" in info:
+        lines.append(f"plain comparison: {plain_cost} UNet evaluations at full size, {info['plain_seconds']:.1f} s")
+    return "  \n".join(lines)
+
+
+def preview_image(sampler, x0: torch.Tensor):
+    """x0 decoded at <= 512 px per side: a glimpse of the image for a fraction of a full decode."""
+    factor = max(1, math.ceil(max(x0.shape[-2:]) / PREVIEW_LATENT_SIDE))
+    small = torch.nn.functional.avg_pool2d(x0[:1], factor) if factor > 1 else x0[:1]  # (1, C, h, w)
+    return sampler.decode(small, tiled=False, output_type="pil")[0]
+
+
+def _generation_worker(sampler, values, out_dir, cancel, updates, preview_every, run_kwargs) -> None:
+    """Runs in a thread: the sampler's callbacks push progress and previews; the outcome comes last."""
+    low_vram = bool(values.get("low_vram"))
+
+    def on_step(report: StepReport, x0):
+        updates.put(("step", report))
+        # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
+        if x0 is not None and preview_every and not low_vram and report.step % preview_every == 0 \
+                and report.step < report.total:
+            updates.put(("preview", (preview_image(sampler, x0), report)))
+
+    try:
+        updates.put(("done", run_generation(sampler, values, out_dir, cancel, on_step, **run_kwargs)))
+    except GenerationCancelled as stop:
+        updates.put(("cancelled", stop))
+    except BaseException as error:  # handed to the handler, which raises it in Gradio's thread
+        updates.put(("error", error))
+
+
+def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=None,
+                      preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
+    """Run one request in a worker thread; yield (gallery, seed, summary): previews, then the result.
+
+    When Gradio closes this generator (Cancel button, `job.cancel()`, a client that went away), the
+    worker stops at the next step boundary and releases the GPU.
+    """
+    updates, cancel = queue.Queue(), threading.Event()
+    worker = threading.Thread(target=_generation_worker, daemon=True, name="elastic-diffusion-request",
+                              args=(sampler, values, outputs.new(), cancel, updates, preview_every, run_kwargs))
+    no_change = (gr.skip(), gr.skip(), gr.skip())
+    worker.start()
+    yield gr.skip(), gr.skip(), ""  # clear the last summary: the progress bar is drawn over it
+    last_yield = time.monotonic()
+    try:
+        while True:
+            try:
+                kind, payload = updates.get(timeout=HEARTBEAT_SECONDS)
+            except queue.Empty:
+                kind, payload = "idle", None
+            if kind == "done":
+                yield payload.gallery, payload.seed, payload.summary
+                return
+            if kind == "error":
+                raise payload
+            if kind == "cancelled":
+                yield gr.skip(), gr.skip(), f"Stopped: {payload}."
+                return
+            if kind == "step" and progress is not None:
+                progress((payload.step, payload.total), desc=payload.describe())
+            if kind == "preview":
+                image, report = payload
+                yield [(image, f"Preview, step {report.step}/{report.total}")], gr.skip(), gr.skip()
+                last_yield = time.monotonic()
+            elif time.monotonic() - last_yield >= HEARTBEAT_SECONDS:
+                yield no_change  # lets Gradio close this generator between two events
+                last_yield = time.monotonic()
+    finally:
+        cancel.set()  # no-op after a normal end; otherwise the worker stops between two steps
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeroGPU
+# --------------------------------------------------------------------------------------------------
+
+
+def estimate_gpu_seconds(values: dict, native_px: int) -> int:
+    """GPU time to reserve on ZeroGPU: the UNet evaluations of the cost model (§16) at ~17 ms each."""
+    try:
+        width, height = int(values["width"]), int(values["height"])
+        steps, passes = int(values["num_inference_steps"]), int(values["resampling_steps"])
+        patch, repaint = int(values["patch_size"]), bool(values.get("repaint", True))
+        native = native_px // 8
+        views = len(local_views(height // 8, width // 8, native, patch))
+        samples = steps * (2 * (passes + 1) + views)
+        if passes > 0 and repaint:
+            samples += (steps - 1) * (2 + views)
+        if values.get("compare_plain"):
+            samples += 2 * steps * width * height / native_px ** 2
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # invalid input fails fast anyway
+        return 30
+    seconds = samples * UNET_SAMPLE_SECONDS * (native_px / 1024) ** 2
+    return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
+
+
+def on_gpu(handler: Callable, native_px: int) -> Callable:
+    """`spaces.GPU` with a per-request duration on ZeroGPU Spaces; the handler itself anywhere else."""
+    if spaces is None:
+        return handler
+    signature = inspect.signature(handler)
+
+    def duration(*args, **kwargs):
+        return estimate_gpu_seconds(signature.bind_partial(*args, **kwargs).arguments, native_px)
+
+    return spaces.GPU(handler, duration=duration)
+
+
+# --------------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------------
+
+
+def _aspect_ratio(width: int, height: int) -> str:
+    divisor = math.gcd(width, height)
+    return f"{width // divisor}:{height // divisor}"
+
+
+EXAMPLE_INPUTS = ("prompt", "negative_prompt", "width", "height", "resampling_steps", "new_p", "rrg_init_weight",
+                  "seed", "randomize_seed")
+EXAMPLE_ROWS = [[p["prompt"], PRESET_NEGATIVE_PROMPT, p["width"], p["height"], p["resampling_steps"], p["new_p"],
+                 p["rrg_init_weight"], 0, False] for p in DEMO_PRESETS]
+EXAMPLE_LABELS = [f"{p['width']}×{p['height']} ({_aspect_ratio(p['width'], p['height'])}): {p['prompt'][:70]}"
+                  + ("…" if len(p["prompt"]) > 70 else "") for p in DEMO_PRESETS]
+
+
+class TextToImageApp:
+    """The demo's handlers and layout; everything in it is fixed at start-up and shared read-only."""
+
+    def __init__(self, sampler, status: str = "", preview_every: int = PREVIEW_EVERY,
+                 outputs: OutputFolders | None = None):
+        self.sampler = sampler
+        self.status = status if sampler is None else ""
+        self.preview_every = preview_every
+        self.outputs = outputs or OutputFolders()
+        self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
+        self.plain_pipe = make_plain_pipeline(sampler) if sampler is not None else None
+
+    def generate(self, prompt, negative_prompt, width, height, seed, randomize_seed, compare_plain,
+                 num_inference_steps, guidance_scale, resampling_steps, new_p, rrg_init_weight, cosine_scale,
+                 rrg_stop_t, patch_size, view_batch_size, repaint, tiled_decoder, low_vram, time_ids_scale,
+                 progress=gr.Progress()):
+        """Generate with ElasticDiffusion; yields previews, then [(PNG, caption)], the seed used and a summary."""
+        values = {name: value for name, value in locals().items() if name not in ("self", "progress")}
+        self._require_model()
+        yield from stream_generation(self.sampler, values, self.outputs, progress, self.preview_every,
+                                     plain_pipe=self.plain_pipe)
+
+    def generate_example(self, prompt, negative_prompt, width, height, resampling_steps, new_p, rrg_init_weight,
+                         seed, randomize_seed, progress=gr.Progress()):
+        """One of the 14 presets (§15): its own R, ρ and λ0, every other control at the demo's default."""
+        values = dict(recommended_settings(int(width), int(height), self.native_px), prompt=prompt,
+                      negative_prompt=negative_prompt, width=width, height=height, seed=seed, randomize_seed=False,
+                      resampling_steps=resampling_steps, new_p=new_p, rrg_init_weight=rrg_init_weight,
+                      view_batch_size=16, low_vram=False, compare_plain=False)
+        self._require_model()
+        yield from stream_generation(self.sampler, values, self.outputs, progress, self.preview_every)
+
+    def _require_model(self) -> None:
+        if self.sampler is None:
+            raise refuse(self.status.replace("**", "").replace("`", ""), title="No model loaded", duration=None)
+
+    def recommended(self, width: int, height: int) -> dict:
+        """The resolution-aware hyper-parameters for a size, named as /generate's parameters."""
+        return recommended_settings(int(width), int(height), self.native_px)
+
+    def build(self) -> gr.Blocks:
+        """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
+        with gr.Blocks(title="ElasticDiffusion", delete_cache=(3600, KEEP_OUTPUTS_SECONDS)) as demo:
+            self._header()
+            with gr.Row(equal_height=True):
+                prompt = gr.Textbox(label="Prompt", placeholder="a photo of the dolomites", lines=2, scale=5,
+                                    max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                with gr.Column(scale=1, min_width=160):
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            max_scale = getattr(self.sampler, "max_scale", MAX_SCALE)
+            widgets = knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True), max_scale=max_scale)
+            widgets["prompt"] = prompt
+            widgets["compare_plain"] = gr.Checkbox(
+                label="Also generate the plain image (the model run directly at this size, same seed) for comparison",
+                value=False, elem_id="compare-plain")
+            wire_size_presets(widgets, self.native_px, max_scale)
+            outputs = self._result_widgets(widgets)
+            names = list(inspect.signature(self.generate).parameters)[:-1]  # the API's parameter names
+            event = gr.on([run.click, prompt.submit], on_gpu(self.generate, self.native_px),
+                          inputs=[widgets[name] for name in names], outputs=outputs, api_name="generate",
+                          show_progress_on=outputs[2], preprocess=False,  # raw values: parse_request checks
+                          concurrency_id="gpu")
+            cancel.click(lambda: "Cancelled: the GPU is freed after the current step.", outputs=outputs[2],
+                         cancels=[event], queue=False, api_visibility="private")
+            gr.Examples(EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs,
+                        fn=on_gpu(self.generate_example, self.native_px) if self.sampler else None,
+                        cache_examples=self.sampler is not None, cache_mode="lazy", example_labels=EXAMPLE_LABELS,
+                        label="Presets of the paper's demo (generated on first click, then cached)",
+                        examples_per_page=len(EXAMPLE_ROWS))
+            gr.api(self.recommended, api_name="recommended_settings")
+        return demo
+
+    def _header(self) -> None:
+        model = ""
+        if self.sampler is not None:  # a local model by its folder or file name: no server paths on the page
+            name = str(self.sampler.sd_version)
+            name = os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
+            model = f" Model: `{name}`, native {self.native_px} px."
+        gr.Markdown("# ElasticDiffusion\nTraining-free image generation at any size and aspect ratio with a "
+                    "pretrained Stable Diffusion model, up to twice its native resolution per side "
+                    f"([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).{model}")
+        if self.sampler is None:
+            gr.Markdown(f"⚠️ {self.status}", elem_id="status-banner", container=True)
+
+    @staticmethod
+    def _result_widgets(widgets: dict) -> list:
+        """Gallery, seed used (with a button to reuse it) and the run's summary: /generate's outputs."""
+        gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
+                             object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
+        with gr.Row(equal_height=True):
+            seed_used = gr.Number(label="Seed used", precision=0, interactive=False, scale=0, min_width=180)
+            reuse_seed = gr.Button("Reuse this seed", size="sm", scale=0, min_width=140)
+            summary = gr.Markdown(label="Summary", elem_id="summary", min_height=90)
+        reuse_seed.click(lambda seed: (seed, False), inputs=seed_used,
+                         outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
+        return [gallery, seed_used, summary]
+
+
+def serve(demo: gr.Blocks, args: argparse.Namespace, **launch_kwargs):
+    """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway) and launch."""
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                       **launch_kwargs)
+
+
+def main(argv: Sequence[str] | None = None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    sampler, status = load_sampler(args)
+    if sampler is None:
+        logger.warning("%s", status)
+    app = TextToImageApp(sampler, status, preview_every=args.preview_every)
+    return serve(app.build(), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""The text-to-image demo (`app_gradio.py`) end to end on a tiny random SDXL, on the CPU.
+
+The app is launched in-process on a free port and driven through `gradio_client`, as a user of the
+API would: images of the requested size with their settings in the PNG metadata, actionable errors
+for bad input after which the app keeps serving, per-request isolation, cancellation, and the
+no-model mode. 1024x512 is the smallest size with a reduced reference on the tiny SDXL (native 1024).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app_gradio as app  # noqa: E402
+from elastic_diffusion import DEMO_PRESETS, ElasticDiffusion  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(prompt="a lighthouse at dusk", width=1024, height=512, num_inference_steps=3, seed=7,
+            randomize_seed=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(text_to_image: app.TextToImageApp):
+    demo = text_to_image.build()
+    demo.queue(max_size=8)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        yield demo, url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_sdxl_path):
+    return ElasticDiffusion(sd_version=tiny_sdxl_path)
+
+
+@pytest.fixture(scope="module")
+def examples_cache(tmp_path_factory):
+    """Gradio's example cache in a temporary folder instead of ./.gradio of the checkout."""
+    folder = tmp_path_factory.mktemp("gradio_examples")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def server(sampler, examples_cache):
+    with served(app.TextToImageApp(sampler, preview_every=1)) as (demo, url):
+        yield demo, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def generate(client, **overrides):
+    return client.predict(**dict(FAST, **overrides), api_name="/generate")
+
+
+def png(gallery_item) -> Image.Image:
+    image = Image.open(gallery_item["image"])
+    image.load()
+    return image
+
+
+def record(image: Image.Image) -> dict:
+    return json.loads(image.text["elastic_diffusion"])
+
+
+def test_generate_returns_full_size_png_with_settings(client):
+    gallery, seed, summary = generate(client)
+    assert len(gallery) == 1 and seed == 7
+    image = png(gallery[0])
+    assert image.format == "PNG" and image.size == (1024, 512)
+    meta = record(image)
+    assert (meta["seed"], meta["width"], meta["height"], meta["num_inference_steps"]) == (7, 1024, 512, 3)
+    assert meta["prompt"] == FAST["prompt"] and "Negative prompt:" in image.text["parameters"]
+    assert "UNet evaluations" in summary and "s**" in summary
+
+
+def test_randomized_seed_is_echoed_and_reproducible(client):
+    gallery, seed, _ = generate(client, randomize_seed=True)
+    assert 0 <= seed <= app.MAX_SEED and record(png(gallery[0]))["seed"] == seed
+    again, _, _ = generate(client, seed=seed)
+    assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(png(again[0])))
+
+
+def test_recommended_settings_endpoint_feeds_generate(client):
+    settings = client.predict(2048, 1024, api_name="/recommended_settings")
+    assert (settings["resampling_steps"], settings["rrg_init_weight"]) == (7, 1000)
+    gallery, _, _ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
+    assert png(gallery[0]).size == (1024, 512)  # FAST's size; the knobs came from the endpoint
+
+
+def test_plain_comparison_uses_same_size_and_seed(client):
+    gallery, seed, summary = generate(client, compare_plain=True)
+    elastic, plain = (png(item) for item in gallery)
+    assert elastic.size == plain.size == (1024, 512)
+    assert record(plain)["seed"] == seed and record(plain)["method"] == "plain DDIM"
+    assert "plain comparison" in summary
+
+
+def test_plain_run_starts_from_the_samplers_noise(sampler, monkeypatch):
+    import diffusers.utils.torch_utils as torch_utils
+
+    drawn = []
+    original = torch_utils.randn_tensor
+    monkeypatch.setattr(torch_utils, "randn_tensor", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    sampler("p", "", height=512, width=1024, seed=3, num_inference_steps=1, progress=False, output_type="latent")
+    monkeypatch.undo()
+    torch.manual_seed(0)  # the draw must not depend on the global RNG
+    assert torch.equal(drawn[0], sampler.initial_latents(512, 1024, 1, 3))
+
+
+def test_previews_stream_before_the_result(client):
+    job = client.submit(**dict(FAST, num_inference_steps=4), api_name="/generate")
+    job.result(timeout=60)
+    captions = [item.get("caption") or "" for out in job.outputs() if isinstance(out[0], list) for item in out[0]]
+    assert any(c.startswith("Preview, step") for c in captions)
+    assert captions[-1].startswith("ElasticDiffusion 1024x512")
+
+
+BAD_INPUTS = [
+    (dict(width=1001), "multiple of 8"),
+    (dict(width=4096), "between 128 and 2048"),
+    (dict(height=64), "between 128 and 2048"),
+    (dict(height="tall"), "Height must be a whole number"),
+    (dict(seed="abc", randomize_seed=False), "Seed must be a whole number"),
+    (dict(seed=-1), "Seed must be between 0"),
+    (dict(prompt=""), "Prompt is empty"),
+    (dict(prompt="   "), "Prompt is empty"),
+    (dict(prompt="x" * 5000), "at most 1000"),
+    (dict(negative_prompt="y" * 5000), "Negative prompt is 5000 characters"),
+    (dict(guidance_scale="nan"), "guidance scale"),  # JSON has no NaN: clients send text (raw NaN below)
+    (dict(cosine_scale="-inf"), "cosine scale"),
+    (dict(rrg_init_weight=-5), "between 0 and 10000"),
+    (dict(num_inference_steps=100000), "between 1 and 150"),
+    (dict(num_inference_steps=2.5), "whole number"),
+    (dict(new_p=0), "between 0.05 and 1"),
+    (dict(patch_size=512), "between 8 and 128"),
+    (dict(view_batch_size=0), "between 1 and 64"),
+    (dict(time_ids_scale=2), "must be 1 or 4"),
+    (dict(randomize_seed="maybe"), "true or false"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[str(sorted(o))[:40] for o, _ in BAD_INPUTS])
+def test_bad_input_gives_actionable_error(client, overrides, message):
+    with pytest.raises(AppError, match=f"(?i){message}"):
+        generate(client, **overrides)
+
+
+def call_raw(url: str, payload: str) -> str:
+    """POST a hand-written JSON body to /generate's REST route and return the event stream's text."""
+    request = urllib.request.Request(url + "gradio_api/call/generate", data=payload.encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.load(urllib.request.urlopen(request))["event_id"]
+    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event_id}", timeout=60).read().decode()
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_json_numbers_are_refused(server, token):
+    marker = 7.125  # stands for guidance_scale in the body, then becomes the non-finite token
+    values = {**FAST, **app.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
+              "view_batch_size": 16, "low_vram": False, "guidance_scale": marker}
+    names = list(app.inspect.signature(app.TextToImageApp.generate).parameters)[1:-1]
+    body = json.dumps({"data": [values[name] for name in names]}).replace(str(marker), token)
+    stream = call_raw(server[1], body)
+    assert "event: error" in stream and "guidance scale" in stream.lower(), stream
+
+
+def test_app_keeps_serving_after_errors(client):
+    for overrides, _ in BAD_INPUTS[:3]:
+        with pytest.raises(AppError):
+            generate(client, **overrides)
+    gallery, seed, _ = generate(client, seed=8)
+    assert seed == 8 and png(gallery[0]).size == (1024, 512)
+
+
+def test_parallel_clients_get_their_own_images(server):
+    seeds = (101, 102, 103)
+
+    def one_user(seed):
+        return Client(server[1], verbose=False).predict(**dict(FAST, seed=seed), api_name="/generate")
+
+    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+        results = list(pool.map(one_user, seeds))
+    paths = [gallery[0]["image"] for gallery, _, _ in results]
+    assert len(set(paths)) == len(seeds)
+    for seed, (gallery, echoed, _) in zip(seeds, results):
+        assert echoed == seed and record(png(gallery[0]))["seed"] == seed
+    pixels = [np.asarray(png(gallery[0])) for gallery, _, _ in results]
+    assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
+
+
+def test_cancel_stops_between_steps_and_frees_the_sampler(client, sampler):
+    long_run = dict(FAST, width=2048, height=2048, num_inference_steps=150, resampling_steps=10,
+                    rrg_init_weight=2000)
+    job = client.submit(**long_run, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not any(isinstance(out[0], list) for out in job.outputs()):  # the first preview: denoising runs
+        assert time.monotonic() < deadline and not job.done(), "no preview arrived"
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.cancel()
+    while sampler._lock.locked():
+        assert time.monotonic() - started < 15, "the sampler kept running after the cancel"
+        time.sleep(0.05)
+    gallery, seed, _ = generate(client, seed=9)
+    assert seed == 9 and png(gallery[0]).size == (1024, 512)
+
+
+def test_out_of_memory_becomes_advice(client, sampler, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(sampler, "generate", out_of_memory)
+    with pytest.raises(AppError, match="View batch size.*Tiled decoder.*Low VRAM.*smaller"):
+        generate(client)
+    monkeypatch.undo()
+    assert png(generate(client)[0][0]).size == (1024, 512)
+
+
+def test_sampler_value_error_becomes_gr_error(client, sampler, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("latents must have shape (1, 4, 64, 128)")
+
+    monkeypatch.setattr(sampler, "generate", refuse)
+    with pytest.raises(AppError, match="latents must have shape"):
+        generate(client)
+
+
+def test_fourteen_presets_are_wired_lazily(server, examples_cache):
+    demo, url = server
+    config = json.load(urllib.request.urlopen(url + "config"))
+    datasets = [c for c in config["components"] if c.get("type") == "dataset"]
+    assert len(datasets) == 1
+    samples = datasets[0]["props"]["samples"]
+    assert len(samples) == 14 and [row[0] for row in samples] == [p["prompt"] for p in DEMO_PRESETS]
+    ratios = {app._aspect_ratio(p["width"], p["height"]) for p in DEMO_PRESETS}
+    assert {"1:1", "1:2", "2:1", "9:16", "16:9", "3:4", "4:3", "1:4", "4:1"} <= ratios
+    loader = next(d for d in config["dependencies"] if d.get("api_name") == "load_example_input")
+    assert len(loader["outputs"]) == len(app.EXAMPLE_INPUTS)  # a preset fills only the fields it sets
+    cached = [f for _, _, files in os.walk(examples_cache) for f in files]
+    assert cached == []  # lazy: nothing generated at start-up
+
+
+def test_preset_example_runs_with_its_own_knobs(sampler, monkeypatch):
+    calls = []
+    real_generate = sampler.generate
+
+    def two_steps(*args, **kwargs):  # record what the preset asks for, then run it short
+        calls.append(kwargs)
+        return real_generate(*args, **dict(kwargs, num_inference_steps=2))
+
+    monkeypatch.setattr(sampler, "generate", two_steps)
+    row = app.EXAMPLE_ROWS[2]  # 1024x2048, R = 7, lambda0 = 1000
+    *_, (gallery, seed, summary) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
+    asked = calls[0]
+    assert (asked["width"], asked["height"], asked["seed"]) == (1024, 2048, 0)
+    assert (asked["resampling_steps"], asked["new_p"], asked["rrg_init_weight"]) == (7, 0.3, 1000)
+    assert (asked["num_inference_steps"], asked["guidance_scale"], asked["cosine_scale"]) == (50, 10, 10)
+    assert (asked["patch_size"], asked["rrg_stop_t"], asked["repaint"]) == (64, 0.4, True)
+    meta = record(Image.open(gallery[0][0]))
+    assert (meta["width"], meta["height"], meta["negative_prompt"]) == (1024, 2048, row[1])
+
+
+def test_size_change_follows_presets_except_edited_knobs():
+    names = ["resampling_steps", "rrg_init_weight", "patch_size"]
+    assert app.preset_updates(2048, 2048, frozenset(), names, 1024) == [10, 2000.0, 64]
+    updates = app.preset_updates(2048, 1024, frozenset({"resampling_steps"}), names, 1024)
+    assert updates[0] == app.gr.skip() and updates[1:] == [1000.0, 64]
+    assert app.preset_updates(20, 1024, frozenset(), names, 1024) == [app.gr.skip()] * 3  # mid-typing
+    assert app.preset_updates(3072, 1024, frozenset(), names, 1024, max_scale=3)[0] == 10
+
+
+def test_gpu_duration_grows_with_the_work():
+    base = dict(width=1024, height=1024, num_inference_steps=50, resampling_steps=0, patch_size=64, repaint=True)
+    big = dict(base, width=2048, height=2048, resampling_steps=10)
+    assert 20 <= app.estimate_gpu_seconds(base, 1024) < app.estimate_gpu_seconds(big, 1024) <= 300
+    # 2048x2048, R = 10: 2,782 UNet samples (§16) at 17 ms, plus margins
+    assert app.estimate_gpu_seconds(big, 1024) == int(20 + 1.2 * 2782 * app.UNET_SAMPLE_SECONDS)
+    assert app.estimate_gpu_seconds(dict(base, width="x"), 1024) == 30
+    if app.spaces is None:  # without the `spaces` package the handler is used as it is
+        assert app.on_gpu(free_port, 1024) is free_port
+
+
+def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
+    durations = []
+
+    class FakeSpaces:  # what `spaces.GPU(fn, duration=callable)` receives on a ZeroGPU Space
+        @staticmethod
+        def GPU(fn, duration):
+            durations.append(duration)
+            return fn
+
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
+    text_to_image = app.TextToImageApp(sampler)
+    app.on_gpu(text_to_image.generate, 1024)
+    names = list(app.inspect.signature(text_to_image.generate).parameters)[:-1]
+    values = {**app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
+    positional = [values.get(name) for name in names]  # Gradio passes the inputs by position
+    assert durations[0](*positional) == app.estimate_gpu_seconds(values, 1024) == 76
+
+
+def test_without_a_model_the_app_starts_and_explains():
+    args = app.build_parser().parse_args(["--model", "/nonexistent/model/folder"])
+    sampler, message = app.load_sampler(args)
+    assert sampler is None and "--model /path/to/diffusers/folder" in message and "nonexistent" in message
+    with served(app.TextToImageApp(None, message)) as (demo, url):
+        page = urllib.request.urlopen(url + "config").read().decode()
+        assert "--model /path/to/diffusers/folder" in page
+        with pytest.raises(AppError, match="--model /path/to/diffusers/folder"):
+            Client(url, verbose=False).predict(**FAST, api_name="/generate")
+
+
+def test_command_line_launches_with_a_local_model(tiny_sdxl_path):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "app_gradio.py"), "--model", tiny_sdxl_path,
+                                "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                config = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.5)
+        assert any(d.get("api_name") == "generate" for d in config["dependencies"])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_request_values_reach_the_sampler_validated(sampler):
+    values = dict(FAST, negative_prompt=None, compare_plain="false", seed="12", num_inference_steps=3.0,
+                  guidance_scale="7.5", resampling_steps=0, new_p=0.3, rrg_init_weight=0, cosine_scale=10,
+                  rrg_stop_t=0.4, patch_size=64, view_batch_size=4, repaint=True, tiled_decoder=False,
+                  low_vram=False, time_ids_scale="4")
+    request = app.parse_request(values, sampler)
+    assert (request.seed, request.negative_prompt, request.compare_plain, request.view_batch_size) == (12, "", False, 4)
+    assert request.knobs["num_inference_steps"] == 3 and isinstance(request.knobs["num_inference_steps"], int)
+    assert request.knobs["guidance_scale"] == 7.5 and request.knobs["time_ids_scale"] == 4
+    assert set(request.knobs) == set(app.SAMPLER_KNOBS)
+    assert not math.isnan(request.knobs["new_p"])

@@ -1,0 +1,116 @@
+"""A real headless Chromium opens the demo, types a prompt, clicks Generate and sees the image.
+
+Needs Debian's `chromium` and `chromium-driver` (`bash .ci/install-browser.sh`); skipped without them.
+Selenium drives the browser through the system chromedriver, so nothing is downloaded. Set
+APP_SCREENSHOT=path/to/file.png to keep a screenshot of the page with its result (the README's
+`imgs/app_screenshot.png` is made this way).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (run: bash .ci/install-browser.sh)")
+
+os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never download a browser or driver
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+import app_gradio as app  # noqa: E402
+from elastic_diffusion import ElasticDiffusion  # noqa: E402
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1450", "--hide-scrollbars")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_sdxl_path, tmp_path_factory):
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
+    demo = app.TextToImageApp(ElasticDiffusion(sd_version=tiny_sdxl_path), preview_every=10).build()
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={tmp_path / 'chromium-profile'}",):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+def set_number(driver, selector: str, value: int) -> None:
+    field = driver.find_element(By.CSS_SELECTOR, selector)
+    field.clear()
+    field.send_keys(str(value), Keys.TAB)  # TAB: the change event fires when the field loses focus
+
+
+def slider_value(driver, name: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"#knob-{name} input[type=number]").get_attribute("value")
+
+
+def finished_images(driver):
+    """The result's images once the summary is in and each image has loaded, else False."""
+    summary = driver.find_element(By.CSS_SELECTOR, "#summary").text
+    images = driver.find_elements(By.CSS_SELECTOR, "#gallery img")
+    loaded = [img for img in images if driver.execute_script("return arguments[0].naturalWidth", img) > 0]
+    return loaded if "UNet evaluations" in summary and len(loaded) == len(images) > 0 else False
+
+
+def save_compact_screenshot(driver, path: str) -> None:
+    """The page at 80 % in 128 colours: the README's image stays small although the test model draws noise."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    page = Image.open(BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    page = page.resize((page.width * 4 // 5, page.height * 4 // 5), Image.LANCZOS)
+    page.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def test_type_prompt_click_generate_see_image(app_url, browser, tmp_path):
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 90, poll_frequency=0.2)
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    prompt.send_keys("A photo of the dolomites, highly detailed, sharp")
+    set_number(browser, "#width input", 2048)
+    set_number(browser, "#height input", 1024)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()  # open Advanced options
+    # The knobs follow the resolution-aware preset of the new size (R = 7, lambda0 = 1000 at 2048x1024).
+    wait.until(lambda d: slider_value(d, "resampling_steps") == "7" and slider_value(d, "rrg_init_weight") == "1000")
+    set_number(browser, "#knob-num_inference_steps input[type=number]", 8)  # keep the CPU run short
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    browser.find_element(By.CSS_SELECTOR, "#compare-plain input").click()
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+
+    images = wait.until(finished_images)
+    sources = [img.get_attribute("src") for img in images]
+    assert len(images) == 2 and "elastic_seed" in sources[0] and "plain_seed" in sources[1]
+    assert all(source.endswith("2048x1024.png") for source in sources)
+    assert [browser.execute_script("return arguments[0].naturalWidth", img) for img in images] == [2048, 2048]
+    summary = browser.find_element(By.CSS_SELECTOR, "#summary").text
+    assert "2048×1024" in summary and "R 7" in summary and "T 8" in summary
+    browser.save_screenshot(str(tmp_path / "app.png"))
+    if os.environ.get("APP_SCREENSHOT"):
+        save_compact_screenshot(browser, os.environ["APP_SCREENSHOT"])
