@@ -9,7 +9,7 @@ others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_
 
 The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
 `build_parser`, `load_sampler`, `knob_widgets`, `wire_size_presets`, `run_generation`,
-`stream_generation`, `OutputFolders`, `on_gpu` and `serve`.
+`stream_generation`, `OutputFolders`, `on_gpu` and `serve`, and subclasses `TextToImageApp`.
 """
 from __future__ import annotations
 
@@ -69,12 +69,18 @@ OUT_OF_MEMORY_ADVICE = (
     "Tiled decoder, Low VRAM, or a smaller width/height. The next request starts with a clean GPU.")
 
 
-def no_model_advice(model: str, reason: str) -> str:
+def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") -> str:
     """Markdown for the banner (and, without the markup, for the Generate button's error)."""
     return (f"**No model is loaded.** `{model}` could not be loaded: {reason}\n\n"
             "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
-            "with `python app_gradio.py --model /path/to/diffusers/folder` (a folder saved with diffusers' "
+            f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
             "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`.")
+
+
+def public_name(model) -> str:
+    """A hub id as it is, a local model by its folder or file name: no server paths on the page."""
+    name = str(model)
+    return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
 
 
 def refuse(message: str, **kwargs) -> gr.Error:
@@ -113,8 +119,12 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     return p
 
 
-def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, **kwargs) -> tuple[Any, str]:
-    """Load the model once; returns (sampler, "") or (None, a message that tells the user what to do)."""
+def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_file: str = "app_gradio.py",
+                 **kwargs) -> tuple[Any, str]:
+    """Load the model once; returns (sampler, "") or (None, a message that tells the user what to do).
+
+    `kwargs` go to `sampler_class` (e.g. a ControlNet); `app_file` is the script the advice names.
+    """
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
         sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram,
@@ -122,7 +132,7 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, **kwa
     except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
         logger.debug("model loading failed", exc_info=True)
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
-        return None, no_model_advice(args.model, reason)
+        return None, no_model_advice(args.model, reason, app_file)
     sampler.max_scale = getattr(args, "max_scale", MAX_SCALE)  # start-up only, as the CLI does
     logger.info("loaded %s on %s (native %d px)", args.model, sampler.device, sampler.native_px)
     return sampler, ""
@@ -182,12 +192,15 @@ SAMPLER_KNOBS = ("num_inference_steps", "guidance_scale", "resampling_steps", "n
 
 
 def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width: int = DEFAULT_SIZE,
-                 height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE) -> dict[str, gr.components.Component]:
+                 height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE,
+                 extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
     """Size row (visible) and an "Advanced options" accordion with every hyper-parameter.
 
     Returns the widgets by name: width, height, swap_size, negative_prompt, seed, randomize_seed, the
     numeric knobs of `numeric_knobs`, repaint, tiled_decoder, low_vram, time_ids_scale and
-    reset_knobs. Call inside a `gr.Blocks`; an app can add its own widgets before or after.
+    reset_knobs. Call inside a `gr.Blocks`; an app can add its own widgets before or after, and its own
+    advanced options inside the accordion: `extra_advanced()` is called there (after the seed) and the
+    widgets it returns by name are added to the result.
     """
     limit = max_scale * native_px
     size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
@@ -207,6 +220,8 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
                                   info="The same seed and settings give the same image.")
             w["randomize_seed"] = gr.Checkbox(label="Randomize seed", value=True,
                                               info="Draw a new seed for every request (shown with the result).")
+        if extra_advanced is not None:
+            w.update(extra_advanced())
         gr.Markdown("Hyper-parameters follow the resolution-aware presets when you change the size, "
                     "except those you set yourself.")
         knobs = numeric_knobs(native_px // 8)
@@ -370,8 +385,10 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
         knobs={name: knobs[name] for name in SAMPLER_KNOBS})
     try:  # the sampler's own cross-field rules, before the request waits for the GPU
         settings = sampler.resolve_settings(request.width, request.height, **request.knobs)
-        sampler.check_inputs([request.prompt], [request.negative_prompt], request.height, request.width,
-                             settings, None, 1)
+        # The base class's checks: a subclass's may read the running generation's state (the ControlNet
+        # sampler's reads its input image), and this runs outside the sampler's lock.
+        ElasticDiffusion.check_inputs(sampler, [request.prompt], [request.negative_prompt], request.height,
+                                      request.width, settings, None, 1)
     except ValueError as error:
         raise refuse(str(error)) from error
     return request
@@ -454,11 +471,14 @@ def _free_gpu() -> None:
 
 
 def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event | None = None,
-                   on_step: Callable | None = None, plain_pipe=None, **sampler_kwargs) -> GenerationResult:
+                   on_step: Callable | None = None, plain_pipe=None, finish: Callable | None = None,
+                   **sampler_kwargs) -> GenerationResult:
     """Validate, seed, generate (cancel-aware), and write PNGs with their settings into `out_dir`.
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps.
-    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image).
+    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(out_dir, request,
+    info)`, if given, runs before the PNGs are written: it may amend `info["settings"]` (the metadata)
+    and returns more (path, caption) items for the gallery, shown after the image (e.g. a condition map).
     """
     request = parse_request(values, sampler)
     steps = request.knobs["num_inference_steps"]
@@ -485,7 +505,10 @@ def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event 
         raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
     finally:
         _free_gpu()
-    return save_results(out_dir, request, images[0], info, plain_image, sampler.native_px)
+    extra = list(finish(out_dir, request, info)) if finish is not None else []
+    result = save_results(out_dir, request, images[0], info, plain_image, sampler.native_px)
+    result.gallery.extend(extra)
+    return result
 
 
 def save_results(out_dir: str, request: GenerationRequest, image, info: dict, plain_image,
@@ -516,6 +539,11 @@ def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
              f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
              f"view batch {s['view_batch_size']}"]
+    if "controlnet_model" in s:  # the ControlNet demo's sampler
+        canny = f" {s['canny_low']}/{s['canny_high']}" if s.get("condition") == "canny" else ""
+        lines.append(f"ControlNet `{public_name(s['controlnet_model'])}`: {s['condition']}{canny} map, scale "
+                     f"{s['controlnet_conditioning_scale']:g}, {info.get('controlnet_samples', 0):,} ControlNet "
+                     f"evaluations; map made in {timings.get('condition', 0):.2f} s")
     if info.get("peak_memory_gib") is not None:
         lines.append(f"peak GPU memory {info['peak_memory_gib']:.1f} GiB")
     if "plain_seconds" in info:
@@ -595,10 +623,15 @@ def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=No
 # --------------------------------------------------------------------------------------------------
 
 
-def estimate_gpu_seconds(values: dict, native_px: int) -> int:
-    """GPU time to reserve on ZeroGPU: the UNet evaluations of the cost model (§16) at ~17 ms each."""
+def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
+    """GPU time to reserve on ZeroGPU: the UNet evaluations of the cost model (§16) at ~17 ms each.
+
+    Knobs missing from `values` (an example's handler takes only some) are the size's preset;
+    `cost_factor` is the cost of one sample relative to the UNet's alone (a ControlNet adds to it).
+    """
     try:
         width, height = int(values["width"]), int(values["height"])
+        values = {**recommended_settings(width, height, native_px), **values}
         steps, passes = int(values["num_inference_steps"]), int(values["resampling_steps"])
         patch, repaint = int(values["patch_size"]), bool(values.get("repaint", True))
         native = native_px // 8
@@ -610,18 +643,18 @@ def estimate_gpu_seconds(values: dict, native_px: int) -> int:
             samples += 2 * steps * width * height / native_px ** 2
     except (KeyError, TypeError, ValueError, ZeroDivisionError):  # invalid input fails fast anyway
         return 30
-    seconds = samples * UNET_SAMPLE_SECONDS * (native_px / 1024) ** 2
+    seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
 
 
-def on_gpu(handler: Callable, native_px: int) -> Callable:
+def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0) -> Callable:
     """`spaces.GPU` with a per-request duration on ZeroGPU Spaces; the handler itself anywhere else."""
     if spaces is None:
         return handler
     signature = inspect.signature(handler)
 
     def duration(*args, **kwargs):
-        return estimate_gpu_seconds(signature.bind_partial(*args, **kwargs).arguments, native_px)
+        return estimate_gpu_seconds(signature.bind_partial(*args, **kwargs).arguments, native_px, cost_factor)
 
     return spaces.GPU(handler, duration=duration)
 
@@ -645,7 +678,17 @@ EXAMPLE_LABELS = [f"{p['width']}×{p['height']} ({_aspect_ratio(p['width'], p['h
 
 
 class TextToImageApp:
-    """The demo's handlers and layout; everything in it is fixed at start-up and shared read-only."""
+    """The demo's handlers and layout; everything in it is fixed at start-up and shared read-only.
+
+    Other demos subclass it (`app_gradio_img2img.ImageToImageApp`): `title` and `intro` make the header,
+    `plain_comparison` says whether a plain pipeline is set up for the comparison checkbox.
+    """
+
+    title = "ElasticDiffusion"
+    intro = ("Training-free image generation at any size and aspect ratio with a pretrained Stable Diffusion "
+             "model, up to twice its native resolution per side "
+             "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
+    plain_comparison = True
 
     def __init__(self, sampler, status: str = "", preview_every: int = PREVIEW_EVERY,
                  outputs: OutputFolders | None = None):
@@ -654,7 +697,7 @@ class TextToImageApp:
         self.preview_every = preview_every
         self.outputs = outputs or OutputFolders()
         self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
-        self.plain_pipe = make_plain_pipeline(sampler) if sampler is not None else None
+        self.plain_pipe = make_plain_pipeline(sampler) if sampler is not None and self.plain_comparison else None
 
     def generate(self, prompt, negative_prompt, width, height, seed, randomize_seed, compare_plain,
                  num_inference_steps, guidance_scale, resampling_steps, new_p, rrg_init_weight, cosine_scale,
@@ -717,15 +760,14 @@ class TextToImageApp:
             gr.api(self.recommended, api_name="recommended_settings")
         return demo
 
+    def model_note(self) -> str:
+        """The header's sentence about the loaded model(s)."""
+        if self.sampler is None:
+            return ""
+        return f" Model: `{public_name(self.sampler.sd_version)}`, native {self.native_px} px."
+
     def _header(self) -> None:
-        model = ""
-        if self.sampler is not None:  # a local model by its folder or file name: no server paths on the page
-            name = str(self.sampler.sd_version)
-            name = os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
-            model = f" Model: `{name}`, native {self.native_px} px."
-        gr.Markdown("# ElasticDiffusion\nTraining-free image generation at any size and aspect ratio with a "
-                    "pretrained Stable Diffusion model, up to twice its native resolution per side "
-                    f"([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).{model}")
+        gr.Markdown(f"# {self.title}\n{self.intro}{self.model_note()}")
         if self.sampler is None:
             gr.Markdown(f"⚠️ {self.status}", elem_id="status-banner", container=True)
 

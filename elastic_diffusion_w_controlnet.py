@@ -165,6 +165,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         """The base checks, then the ControlNet arguments; the input image is read here."""
         super().check_inputs(*args, **kwargs)
         c = self._control
+        if c is None:  # called outside a generation: only the base checks apply
+            return
         if c["condition"] not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
         if isinstance(c["scale"], bool) or not isinstance(c["scale"], (int, float)) or not 0 <= c["scale"] < 1e9:

@@ -114,3 +114,41 @@ def test_type_prompt_click_generate_see_image(app_url, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "app.png"))
     if os.environ.get("APP_SCREENSHOT"):
         save_compact_screenshot(browser, os.environ["APP_SCREENSHOT"])
+
+
+@pytest.fixture(scope="module")
+def img2img_url(tiny_sdxl_path, tmp_path_factory):
+    import app_gradio_img2img as img2img
+    from elastic_diffusion_w_controlnet import ElasticDiffusionControlNet
+    from tiny_models import save_tiny_controlnet
+
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
+    controlnet = save_tiny_controlnet(tiny_sdxl_path, tmp_path_factory.mktemp("controlnet-canny"))
+    sampler = ElasticDiffusionControlNet(sd_version=tiny_sdxl_path, controlnet_model=controlnet)
+    demo = img2img.ImageToImageApp(sampler, preview_every=10).build()
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield url
+    demo.close()
+
+
+def preview_width(driver):
+    """The natural width of the condition-map preview once it has loaded, else False."""
+    images = driver.find_elements(By.CSS_SELECTOR, "#condition-preview img")
+    width = images and driver.execute_script("return arguments[0].naturalWidth", images[0])
+    return width or False
+
+
+def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url, browser):
+    from elastic_diffusion_w_controlnet import DEFAULT_INPUT
+
+    browser.get(img2img_url)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
+    upload.send_keys(DEFAULT_INPUT)
+    assert wait.until(preview_width) == 1024  # the default 1024x1024, made as soon as the image is there
+    set_number(browser, "#width input", 2048)
+    assert wait.until(lambda d: preview_width(d) == 2048 or False)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")  # the size presets work here too
+    assert slider_value(browser, "canny_low") == "100" and slider_value(browser, "canny_high") == "200"

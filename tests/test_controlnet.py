@@ -1,6 +1,6 @@
 """ElasticDiffusion + ControlNet on tiny random models (CPU, seconds).
 
-The ControlNets are built from the tiny UNets (`build_tiny_controlnet`), saved, and loaded back through the
+The ControlNets are built from the tiny UNets (`save_tiny_controlnet`), saved, and loaded back through the
 sampler's `controlnet_model=<folder>` path; the depth model is a tiny random DPT saved the same way.
 """
 import json
@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 import elastic_diffusion_w_controlnet as edc
 from elastic_diffusion import ElasticDiffusion, reference_size
 from elastic_diffusion_w_controlnet import (ElasticDiffusionControlNet, canny_condition, depth_condition, fit_image,
                                             load_image)
-from tiny_models import build_tiny_controlnet
+from tiny_models import save_tiny_controlnet, save_tiny_depth_model
 
 PHOTO = edc.DEFAULT_INPUT  # the shipped public-domain photograph
 FAST = dict(num_inference_steps=2, seed=0, progress=False)
@@ -27,15 +26,7 @@ FAST = dict(num_inference_steps=2, seed=0, progress=False)
 
 def _controlnet_folder(model_path, folder):
     """A tiny ControlNet whose zero-initialised layers are made random, so its residuals depend on the condition."""
-    controlnet = build_tiny_controlnet(UNet2DConditionModel.from_pretrained(model_path, subfolder="unet"))
-    torch.manual_seed(1)
-    for layer in [*controlnet.controlnet_cond_embedding.modules(), controlnet.controlnet_mid_block,
-                  *controlnet.controlnet_down_blocks]:
-        if isinstance(layer, torch.nn.Conv2d):  # variance-preserving, so the condition is not washed out
-            torch.nn.init.kaiming_normal_(layer.weight)
-            torch.nn.init.normal_(layer.bias, std=0.02)
-    controlnet.save_pretrained(folder, safe_serialization=True)
-    return os.fspath(folder)
+    return save_tiny_controlnet(model_path, folder)
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +46,7 @@ def sd1(tiny_sd1_path, sd1_controlnet):
 
 @pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory):
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    torch.manual_seed(0)
-    config = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
-                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
-    folder = tmp_path_factory.mktemp("tiny_dpt")
-    DPTForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
-    return os.fspath(folder)
+    return save_tiny_depth_model(tmp_path_factory.mktemp("tiny_dpt"))
 
 
 class Recorder:

@@ -187,3 +187,34 @@ def build_tiny_controlnet(unet: UNet2DConditionModel, folder=None) -> ControlNet
     if folder is not None:
         controlnet.save_pretrained(os.fspath(folder), safe_serialization=True)
     return controlnet
+
+
+def save_tiny_controlnet(model_path, folder, seed: int = 1) -> str:
+    """A tiny ControlNet for the saved pipeline at ``model_path``, with random output layers, saved to ``folder``.
+
+    A fresh ControlNet's zero convolutions (and its conditioning embedding's last layer) are zero, so its
+    residuals would not depend on the condition: they are re-drawn here (variance-preserving, so the
+    condition is not washed out).
+    """
+    controlnet = build_tiny_controlnet(UNet2DConditionModel.from_pretrained(os.fspath(model_path), subfolder="unet"))
+    torch.manual_seed(seed)
+    for layer in [*controlnet.controlnet_cond_embedding.modules(), controlnet.controlnet_mid_block,
+                  *controlnet.controlnet_down_blocks]:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight)
+            torch.nn.init.normal_(layer.bias, std=0.02)
+    controlnet.save_pretrained(os.fspath(folder), safe_serialization=True)
+    return os.fspath(folder)
+
+
+def save_tiny_depth_model(folder) -> str:
+    """A tiny random DPT depth-estimation model with its image processor, saved to ``folder`` (for 'depth')."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).save_pretrained(os.fspath(folder))
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(os.fspath(folder))
+    return os.fspath(folder)

@@ -1,0 +1,404 @@
+"""ElasticDiffusion + ControlNet image-to-image demo (Gradio): an input image's edges or depth, any output size.
+
+    python app_gradio_img2img.py                                     # SDXL + canny ControlNet from the hub
+    python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
+    python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
+
+The page, the queue, the validation, previews, cancel, ZeroGPU and the saved PNGs are the text-to-image
+demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
+ControlNet scale, the Canny thresholds and a preview of the condition map. Named API endpoints:
+`/generate` (the page's inputs, the input image first) and `/condition_preview` (the edge or depth map
+that `/generate` would follow, at the output size); see the README.
+
+One ControlNet is loaded at start-up and serves every request. The condition type only chooses how the
+map is made from the input (Canny edges, depth estimation, or the image itself as a ready-made map): the
+type is switched first and the map made with it (D5), and nothing is rebuilt per request (D4).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import os
+import threading
+from typing import Sequence
+
+import gradio as gr
+import torch
+from PIL import Image, UnidentifiedImageError
+
+import app_gradio as base
+from app_gradio import Knob, refuse
+from elastic_diffusion import MAX_SCALE, MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, png_metadata, save_png
+from elastic_diffusion_w_controlnet import (
+    CONDITIONS,
+    DEFAULT_DEPTH_MODEL,
+    DEFAULT_INPUT,
+    MAX_INPUT_PIXELS,
+    ElasticDiffusionControlNet,
+    canny_condition,
+    depth_condition,
+    fit_image,
+    load_image,
+)
+
+logger = logging.getLogger("app_gradio_img2img")
+
+APP_FILE = "app_gradio_img2img.py"
+DEFAULT_CONDITION = "canny"  # the condition of the default ControlNet
+CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own edge or depth map", "image")]
+CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "your own edge or depth map",
+                   "none": "your own edge or depth map"}
+EXAMPLE_SCALE = 0.5  # the official demo's ControlNet scale (§15), also the slider's default
+CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
+MAX_UPLOAD = "50mb"  # larger uploads are refused by the server before any decoding
+IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
+CONTROL_KNOBS = [
+    Knob("controlnet_conditioning_scale", "ControlNet scale",
+         "How strictly the image follows the condition map: 0.5 leaves room for detail, 1 and above follows it "
+         "closely.", 0.1, 2.0, 0.1),
+    Knob("canny_low", "Canny low threshold",
+         "Edges weaker than this are dropped: lower it to keep fainter edges (Canny edges only).", 0, 255, 1, True),
+    Knob("canny_high", "Canny high threshold",
+         "Edges stronger than this are always kept; raise it to keep only strong edges (Canny edges only).",
+         0, 255, 1, True),
+]
+KNOB_DEFAULTS = {"controlnet_conditioning_scale": EXAMPLE_SCALE, "canny_low": 100, "canny_high": 200}
+
+# The single example (§15): the official prompt and settings, with the shipped input photograph.
+EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high quality."
+EXAMPLE_INPUTS = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps", "new_p",
+                  "rrg_init_weight", "seed", "randomize_seed")
+EXAMPLE_ROWS = [[DEFAULT_INPUT, EXAMPLE_PROMPT, PRESET_NEGATIVE_PROMPT, "canny", 1536, 1536, 7, 0.3, 1000, 0, False]]
+EXAMPLE_LABELS = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT]
+
+
+@dataclasses.dataclass
+class ControlRequest:
+    """The validated ControlNet part of a request."""
+    image: Image.Image  # RGB, EXIF orientation applied
+    name: str  # the upload's own file name (never a server path), for messages and metadata
+    condition: str  # 'canny', 'depth' or 'image'
+    scale: float
+    canny_low: int
+    canny_high: int
+
+    def sampler_kwargs(self) -> dict:
+        return dict(condition_image=self.image, condition=self.condition,
+                    controlnet_conditioning_scale=self.scale, canny_low=self.canny_low, canny_high=self.canny_high)
+
+
+def control_widgets(default_condition: str, expects: str) -> dict:
+    """Input image, condition type and ControlNet scale (the first column), by /generate's names."""
+    w = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"], height=360,
+                           elem_id="input-image")}
+    w["condition"] = gr.Dropdown(CONDITION_CHOICES, value=default_condition, label="Condition",
+                                 info=f"What the image follows. {expects}", elem_id="condition")
+    knob = CONTROL_KNOBS[0]
+    w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=KNOB_DEFAULTS[knob.name], step=knob.step,
+                             label=knob.label, info=knob.info, elem_id=f"knob-{knob.name}")
+    return w
+
+
+def canny_widgets() -> dict:
+    """The Canny thresholds, for the Advanced options accordion."""
+    w = {}
+    with gr.Row():
+        for knob in CONTROL_KNOBS[1:]:
+            w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=KNOB_DEFAULTS[knob.name], step=knob.step,
+                                     precision=0, label=knob.label, info=knob.info, elem_id=f"knob-{knob.name}")
+    return w
+
+
+def trained_condition(sampler) -> str | None:
+    """'canny' or 'depth' for the default ControlNets and for ids or folders named after one; else None."""
+    if sampler is None:
+        return DEFAULT_CONDITION
+    if sampler.default_condition in ("canny", "depth"):
+        return sampler.default_condition
+    name = os.path.basename(os.path.normpath(str(sampler.controlnet_model))).lower()
+    found = [kind for kind in ("canny", "depth") if kind in name]
+    return found[0] if len(found) == 1 else None
+
+
+class ImageToImageApp(base.TextToImageApp):
+    """The ControlNet demo: the text-to-image demo's handlers and widgets plus an input image."""
+
+    title = "ElasticDiffusion + ControlNet"
+    intro = ("Generate an image at any size and aspect ratio that follows the edges or the depth of an input "
+             "image, with a pretrained Stable Diffusion model and a ControlNet, training-free "
+             "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024). The input is scaled to cover the output "
+             "size and centre-cropped.")
+    plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
+
+    def __init__(self, sampler, status: str = "", preview_every: int = base.PREVIEW_EVERY,
+                 outputs: base.OutputFolders | None = None, default_condition: str | None = None):
+        super().__init__(sampler, status, preview_every, outputs)
+        # What the loaded ControlNet was trained on (None: unknown), and where the condition menu starts.
+        if default_condition is None:
+            self.controlnet_condition = trained_condition(sampler)
+            self.default_condition = self.controlnet_condition or "image"
+        else:
+            self.default_condition = self.condition_type(default_condition)
+            self.controlnet_condition = self.default_condition if self.default_condition != "image" else None
+        self._images: collections.OrderedDict = collections.OrderedDict()  # (path, mtime, size) -> RGB image
+        self._images_lock = threading.Lock()
+        self._depth_lock = threading.Lock()  # one depth estimate at a time outside generations
+        self._depth_map = base.on_gpu(self._estimate_depth, self.native_px)
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    def input_image(self, value) -> tuple[Image.Image, str]:
+        """The uploaded image (gradio's file payload) decoded to RGB, with its own name; gr.Error if unusable.
+
+        Only files that Gradio received or holds itself are read: a client sends `handle_file(...)`.
+        """
+        if isinstance(value, dict) and value.get("path"):
+            path = str(value["path"])
+            name = os.path.basename(str(value.get("orig_name") or path))
+        elif value in (None, "") or (isinstance(value, dict) and not value.get("path")):
+            raise refuse("Input image is missing: upload a photo (or your own edge or depth map) whose structure "
+                         "the image should follow.")
+        else:
+            raise refuse("Input image must be an uploaded image file; from Python, pass "
+                         "gradio_client.handle_file('photo.jpg').")
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise refuse(f"Input image {name!r} is no longer on the server: upload it again.") from None
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        with self._images_lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key], name
+        label = f"Input image {name!r}"  # the user's file name: never a server path in a message
+        try:
+            with Image.open(path) as opened:  # the header only: the size is checked before any decoding
+                image = load_image(opened, name=label)
+        except Image.DecompressionBombError:
+            raise refuse(f"{label} is far too large (at most {MAX_INPUT_PIXELS / 1e6:.0f} MP are accepted): "
+                         "downscale it first.") from None
+        except (UnidentifiedImageError, OSError):
+            raise refuse(f"{label} is not a readable image file: upload a JPEG, PNG or WebP image (a file that "
+                         "is empty, corrupt or has no pixels cannot be used).") from None
+        except ValueError as error:  # no pixels, too many pixels, or corrupt data
+            raise refuse(str(error)) from None
+        with self._images_lock:
+            self._images[key] = image
+            while len(self._images) > IMAGE_CACHE_SIZE:
+                self._images.popitem(last=False)
+        return image, name
+
+    @staticmethod
+    def condition_type(value) -> str:
+        if isinstance(value, str) and value.strip().lower() in CONDITIONS:
+            value = value.strip().lower()
+            return "image" if value == "none" else value
+        labels = ", ".join(f"'{v}' ({label})" for label, v in CONDITION_CHOICES)
+        raise refuse(f"Condition must be one of {labels}; got {value!r}.")
+
+    def parse_control(self, values: dict) -> ControlRequest:
+        """Validate the ControlNet inputs (UI and API alike), each with an actionable gr.Error."""
+        condition = self.condition_type(values.get("condition"))
+        knobs = {k.name: base._number(k.label, values.get(k.name, KNOB_DEFAULTS[k.name]), k.minimum, k.maximum,
+                                      k.integer) for k in CONTROL_KNOBS}
+        if knobs["canny_low"] > knobs["canny_high"]:
+            raise refuse(f"Canny low threshold ({knobs['canny_low']}) must not be above the Canny high threshold "
+                         f"({knobs['canny_high']}).")
+        image, name = self.input_image(values.get("image"))
+        return ControlRequest(image, name, condition, knobs["controlnet_conditioning_scale"], knobs["canny_low"],
+                              knobs["canny_high"])
+
+    def _size(self, width, height) -> tuple[int, int]:
+        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
+        return base._size("Width", width, limit), base._size("Height", height, limit)
+
+    # ------------------------------------------------------------------------------------------ handlers
+
+    def generate(self, image, prompt, negative_prompt, condition, controlnet_conditioning_scale, width, height, seed,
+                 randomize_seed, num_inference_steps, guidance_scale, resampling_steps, new_p, rrg_init_weight,
+                 cosine_scale, rrg_stop_t, patch_size, view_batch_size, repaint, tiled_decoder, low_vram,
+                 time_ids_scale, canny_low, canny_high, progress=gr.Progress()):
+        """Generate following the input image; yields previews, then [(PNG, caption), (condition map, caption)],
+        the seed used and a summary."""
+        values = {name: value for name, value in locals().items() if name not in ("self", "progress")}
+        yield from self._run(values, progress)
+
+    def generate_example(self, image, prompt, negative_prompt, condition, width, height, resampling_steps, new_p,
+                         rrg_init_weight, seed, randomize_seed, progress=gr.Progress()):
+        """The demo's example (§15): its own size, R, ρ and λ0, every other control at the demo's default."""
+        values = dict(base.recommended_settings(int(width), int(height), self.native_px), image=image,
+                      prompt=prompt, negative_prompt=negative_prompt, condition=condition, width=width, height=height,
+                      seed=seed, randomize_seed=False, resampling_steps=resampling_steps, new_p=new_p,
+                      rrg_init_weight=rrg_init_weight, view_batch_size=16, low_vram=False, **KNOB_DEFAULTS)
+        yield from self._run(values, progress)
+
+    def _run(self, values: dict, progress):
+        self._require_model()
+        control = self.parse_control(values)
+        self._warn_if_mismatched(control.condition)
+        yield from base.stream_generation(self.sampler, values, self.outputs, progress, self.preview_every,
+                                          finish=functools.partial(self._save_condition, control),
+                                          **control.sampler_kwargs())
+
+    def _warn_if_mismatched(self, condition: str) -> None:
+        expected = self.controlnet_condition
+        if expected is not None and condition in ("canny", "depth") and condition != expected:
+            gr.Warning(f"The loaded ControlNet was trained on {CONDITION_NAMES[expected]}, so it follows "
+                       f"{CONDITION_NAMES[condition]} only loosely. For {CONDITION_NAMES[condition]}, start the app "
+                       f"with --controlnet {condition}.")
+
+    @staticmethod
+    def _save_condition(control: ControlRequest, out_dir: str, request, info: dict) -> list[tuple[str, str]]:
+        """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
+        info["settings"]["condition_image"] = control.name  # the sampler saw a decoded image, not a file
+        condition_map = info["condition_image"]
+        if control.condition in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
+            condition_map = condition_map.convert("L")
+        size = f"{request.width}x{request.height}"
+        path = os.path.join(out_dir, f"condition_{control.condition}_seed{request.seed}_{size}.png")
+        record = dict(info, settings=dict(info["settings"], image="condition map"))
+        save_png(condition_map, path, png_metadata(record, request.prompt, request.negative_prompt))
+        thresholds = f" {control.canny_low}/{control.canny_high}" if control.condition == "canny" else ""
+        return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]
+
+    def condition_map(self, image, condition, width, height, canny_low, canny_high) -> str:
+        """The condition map /generate would follow for these inputs, at the output size (a PNG)."""
+        values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
+        control = self.parse_control(values)
+        width, height = self._size(width, height)
+        fitted = fit_image(control.image, width, height)  # the sampler's resize rule
+        if control.condition == "canny":
+            result = canny_condition(fitted, control.canny_low, control.canny_high).convert("L")
+        elif control.condition == "depth":
+            self._require_model()
+            result = self._depth_map(fitted).convert("L")
+        else:
+            result = fitted
+        path = os.path.join(self.outputs.new(), f"condition_{control.condition}_{width}x{height}.png")
+        result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
+        return path
+
+    def _estimate_depth(self, image: Image.Image) -> Image.Image:
+        try:
+            with self._depth_lock:
+                return depth_condition(image, self.sampler.depth_estimator())
+        except ValueError as error:  # the depth model could not be loaded
+            raise refuse(str(error)) from error
+        except torch.OutOfMemoryError as error:
+            raise gr.Error(base.OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
+
+    def preview(self, image, condition, width, height, canny_low, canny_high):
+        """The page's live preview: cleared without an image, unchanged while a size is being typed."""
+        if image in (None, "") or (isinstance(image, dict) and not image.get("path")):
+            return None
+        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit and v % 8 == 0
+                   for v in (width, height)):
+            return gr.skip()
+        return self.condition_map(image, condition, width, height, canny_low, canny_high)
+
+    # ------------------------------------------------------------------------------------------ page
+
+    def model_note(self) -> str:
+        if self.sampler is None:
+            return ""
+        return (f" Model: `{base.public_name(self.sampler.sd_version)}`, native {self.native_px} px; ControlNet: "
+                f"`{base.public_name(self.sampler.controlnet_model)}`.")
+
+    def _expects(self) -> str:
+        if self.controlnet_condition is not None:
+            return f"The loaded ControlNet follows {CONDITION_NAMES[self.controlnet_condition]}."
+        return ("The loaded ControlNet is a custom one: choose the map it was trained on, or give your own map "
+                "('My own edge or depth map').")
+
+    def build(self) -> gr.Blocks:
+        """The page: input image and condition map, prompt, size, Advanced options, results, the example."""
+        with gr.Blocks(title=self.title, delete_cache=(3600, base.KEEP_OUTPUTS_SECONDS)) as demo:
+            self._header()
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    widgets = control_widgets(self.default_condition, self._expects())
+                with gr.Column(scale=1):
+                    preview = gr.Image(label="Condition map (what the ControlNet follows, at the output size)",
+                                       type="filepath", format="png", interactive=False, height=360,
+                                       elem_id="condition-preview", buttons=["download", "fullscreen"])
+            with gr.Row(equal_height=True):
+                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, lines=2, scale=5,
+                                    max_length=base.MAX_PROMPT_CHARS, elem_id="prompt")
+                with gr.Column(scale=1, min_width=160):
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            max_scale = getattr(self.sampler, "max_scale", MAX_SCALE)
+            widgets.update(base.knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True),
+                                             max_scale=max_scale, extra_advanced=canny_widgets))
+            widgets["prompt"] = prompt
+            base.wire_size_presets(widgets, self.native_px, max_scale)
+            outputs = self._result_widgets(widgets)
+
+            names = list(inspect.signature(self.generate).parameters)[:-1]  # the API's parameter names
+            event = gr.on([run.click, prompt.submit], base.on_gpu(self.generate, self.native_px, CONTROLNET_COST),
+                          inputs=[widgets[name] for name in names], outputs=outputs, api_name="generate",
+                          show_progress_on=outputs[2], preprocess=False,  # raw values: validated here
+                          concurrency_id="gpu")
+            cancel.click(lambda: "Cancelled: the GPU is freed after the current step.", outputs=outputs[2],
+                         cancels=[event], queue=False, api_visibility="private")
+
+            # The condition map: follows the inputs on the page; /condition_preview is its API twin.
+            preview_names = list(inspect.signature(self.condition_map).parameters)
+            preview_inputs = [widgets[name] for name in preview_names]
+            preview_options = dict(outputs=preview, preprocess=False, concurrency_id="preview", concurrency_limit=2,
+                                   show_progress="minimal")
+            gr.on([widgets[name].change for name in preview_names], self.preview, inputs=preview_inputs,
+                  trigger_mode="always_last", api_visibility="private", **preview_options)
+            gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
+                                                            api_name="condition_preview", **preview_options)
+
+            example_fn = base.on_gpu(self.generate_example, self.native_px, CONTROLNET_COST) if self.sampler else None
+            self.examples = gr.Examples(
+                EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs, fn=example_fn,
+                cache_examples=self.sampler is not None, cache_mode="lazy", example_labels=EXAMPLE_LABELS,
+                preprocess=False,  # raw values, as /generate gets them
+                label="Example of the paper's demo (generated on first click, then cached)")
+            gr.api(self.recommended, api_name="recommended_settings")
+        return demo
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The text-to-image demo's flags plus the ControlNet's."""
+    p = base.build_parser("ElasticDiffusion + ControlNet image-to-image demo (Gradio).")
+    p.add_argument("--controlnet", "--controlnet_model", dest="controlnet", default="canny",
+                   help="'canny' or 'depth' (the default ControlNet of the model's family), a hub id or a local "
+                        "diffusers folder")
+    p.add_argument("--condition", choices=["canny", "depth", "image"], default=None,
+                   help="the condition the ControlNet was trained on, where the menu starts (default: canny or depth "
+                        "for those ControlNets and for ids or folders named after one, else 'image')")
+    p.add_argument("--depth-model", "--depth_model", dest="depth_model", default=DEFAULT_DEPTH_MODEL,
+                   help="transformers depth-estimation model id or folder, for the 'Depth map' condition")
+    return p
+
+
+def main(argv: Sequence[str] | None = None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    sampler, status = base.load_sampler(args, ElasticDiffusionControlNet, app_file=APP_FILE,
+                                        controlnet_model=args.controlnet, depth_model=args.depth_model)
+    if sampler is None:
+        status += (f" A ControlNet on disk is given the same way: `--controlnet /path/to/controlnet/folder` "
+                   f"(now `{args.controlnet}`).")
+        logger.warning("%s", status)
+    app = ImageToImageApp(sampler, status, preview_every=args.preview_every, default_condition=args.condition)
+    return base.serve(app.build(), args, max_file_size=MAX_UPLOAD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The ControlNet image-to-image demo (`app_gradio_img2img.py`) end to end on tiny random models, on the CPU.
+
+A tiny SDXL, a tiny ControlNet (random output layers, so it reacts to the condition) and a tiny depth model
+are saved to temporary folders and loaded as a user loads real ones. The app is launched in-process and
+driven through `gradio_client` with the shipped photograph, as an API user would. What the text-to-image
+demo shares with it (queue, knob validation, cancel, previews, ZeroGPU) is tested in `test_app.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app_gradio as text_app  # noqa: E402
+import app_gradio_img2img as app  # noqa: E402
+from elastic_diffusion_w_controlnet import (DEFAULT_INPUT, ElasticDiffusionControlNet, canny_condition,  # noqa: E402
+                                            fit_image, load_image)
+from test_app import free_port, served  # noqa: E402
+from tiny_models import save_tiny_controlnet, save_tiny_depth_model  # noqa: E402
+
+PHOTO = DEFAULT_INPUT  # the shipped photograph (512x512)
+FAST = dict(prompt="a portrait photo of an astronaut", condition="canny", width=1024, height=512,
+            num_inference_steps=2, seed=5, randomize_seed=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory):
+    return save_tiny_depth_model(tmp_path_factory.mktemp("tiny_dpt"))
+
+
+@pytest.fixture(scope="module")
+def controlnet_path(tiny_sdxl_path, tmp_path_factory):
+    return save_tiny_controlnet(tiny_sdxl_path, tmp_path_factory.mktemp("controlnet-canny"))
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_sdxl_path, controlnet_path, tiny_depth_model):
+    return ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sdxl_path, controlnet_model=controlnet_path,
+                                      depth_model=tiny_depth_model)
+
+
+@pytest.fixture(scope="module")
+def examples_cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gradio_examples_img2img")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def image_to_image(sampler):
+    return app.ImageToImageApp(sampler, preview_every=1)
+
+
+@pytest.fixture(scope="module")
+def server(image_to_image, examples_cache):
+    with served(image_to_image) as (demo, url):
+        yield demo, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def generate(client, image=PHOTO, **overrides):
+    return client.predict(image=handle_file(image), **dict(FAST, **overrides), api_name="/generate")
+
+
+def preview(client, image=PHOTO, **overrides):
+    values = dict(condition="canny", width=1024, height=512, canny_low=100, canny_high=200)
+    return client.predict(image=handle_file(image), **dict(values, **overrides), api_name="/condition_preview")
+
+
+def opened(path) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+def record(image: Image.Image) -> dict:
+    return json.loads(image.text["elastic_diffusion"])
+
+
+def expected_canny(width, height, low=100, high=200) -> np.ndarray:
+    return np.asarray(canny_condition(fit_image(load_image(PHOTO), width, height), low, high))[:, :, 0]
+
+
+def test_generate_follows_the_input_image(client):
+    gallery, seed, summary = generate(client)
+    assert seed == 5 and len(gallery) == 2
+    image, condition_map = (opened(item["image"]) for item in gallery)
+    assert image.format == "PNG" and image.size == condition_map.size == (1024, 512)
+    meta = record(image)
+    assert (meta["width"], meta["height"], meta["seed"], meta["num_inference_steps"]) == (1024, 512, 5, 2)
+    assert meta["condition"] == "canny" and meta["controlnet_conditioning_scale"] == 0.5
+    assert (meta["canny_low"], meta["canny_high"]) == (100, 200)
+    assert meta["condition_image"] == "astronaut.jpg"  # the upload's own name, no server path
+    assert "controlnet-canny" in meta["controlnet_model"]
+    assert "condition_image:" in image.text["parameters"]
+    assert np.array_equal(np.asarray(condition_map), expected_canny(1024, 512))  # the map it followed
+    assert record(condition_map)["image"] == "condition map"
+    assert "Condition map (canny 100/200), 1024x512" in gallery[1]["caption"]
+    assert "ControlNet" in summary and "canny 100/200" in summary and "scale 0.5" in summary
+
+
+def test_the_input_image_steers_the_result(client, tmp_path):
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(flat)  # no edges at all
+    strong = dict(controlnet_conditioning_scale=2.0)
+    with_edges = np.asarray(opened(generate(client, **strong)[0][0]["image"]), dtype=np.float32)
+    without = np.asarray(opened(generate(client, image=str(flat), **strong)[0][0]["image"]), dtype=np.float32)
+    assert np.abs(with_edges - without).mean() > 0.1  # same seed and prompt: only the condition differs
+
+
+def test_condition_preview_is_the_binary_canny_map_at_the_output_size(client):
+    edges = np.asarray(opened(preview(client)))
+    assert edges.shape == (512, 1024)  # (height, width): the requested size, one grey channel
+    assert set(np.unique(edges)) <= {0, 255} and 0 < (edges == 255).mean() < 0.5
+    assert np.array_equal(edges, expected_canny(1024, 512))
+    fewer = np.asarray(opened(preview(client, canny_low=250, canny_high=255)))
+    assert (fewer == 255).sum() < (edges == 255).sum()
+    portrait = opened(preview(client, width=512, height=768))
+    assert portrait.size == (512, 768)
+
+
+def test_condition_preview_of_a_ready_map_and_of_depth(client):
+    ready = opened(preview(client, condition="image", width=768, height=384))
+    assert ready.size == (768, 384) and ready.mode == "RGB"
+    assert np.array_equal(np.asarray(ready), np.asarray(fit_image(load_image(PHOTO), 768, 384)))
+    depth = opened(preview(client, condition="depth"))
+    assert depth.size == (1024, 512) and np.asarray(depth).std() > 0
+
+
+def test_depth_with_a_canny_controlnet_warns_and_follows_a_depth_map(client, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, *args, **kwargs: warnings.append(message))
+    gallery, _, summary = generate(client, condition="depth")
+    depth_map = np.asarray(opened(gallery[1]["image"]))
+    assert depth_map.shape == (512, 1024) and len(np.unique(depth_map)) > 2  # grey levels, not edges
+    assert record(opened(gallery[0]["image"]))["condition"] == "depth" and "depth map" in summary
+    assert len(warnings) == 1 and "trained on Canny edges" in warnings[0] and "--controlnet depth" in warnings[0]
+
+
+def test_previews_stream_and_cancel_frees_the_sampler(client, sampler):
+    long_run = dict(FAST, width=1024, height=1024, num_inference_steps=150, resampling_steps=0, rrg_init_weight=0)
+    job = client.submit(image=handle_file(PHOTO), **long_run, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not any(isinstance(out[0], list) for out in job.outputs()):  # the first preview: denoising runs
+        assert time.monotonic() < deadline and not job.done(), "no preview arrived"
+        time.sleep(0.05)
+    preview_item = next(out[0] for out in job.outputs() if isinstance(out[0], list))[0]
+    assert preview_item["caption"].startswith("Preview, step")
+    started = time.monotonic()
+    job.cancel()
+    while sampler.exclusive().locked():
+        assert time.monotonic() - started < 15, "the sampler kept running after the cancel"
+        time.sleep(0.05)
+    assert opened(generate(client)[0][0]["image"]).size == (1024, 512)
+
+
+def zero_size_png() -> bytes:
+    """A PNG whose header declares 0x0 pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def huge_png() -> bytes:
+    """A PNG that declares 10,000 x 10,000 pixels (100 MP) but holds almost no data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+BAD_FILES = [
+    ("corrupt.jpg", b"this is not an image" * 20, "not a readable image"),
+    ("empty.png", b"", "not a readable image"),
+    ("zero.png", zero_size_png(), "not a readable image"),
+    ("truncated.jpg", open(PHOTO, "rb").read()[:3000], "could not be decoded"),
+    ("huge.png", huge_png(), "100 MP\\); at most 67 MP"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("name,content,message", BAD_FILES, ids=[name for name, _, _ in BAD_FILES])
+def test_bad_images_are_refused_by_name_then_the_app_keeps_serving(client, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for call in (generate, preview):
+        with pytest.raises(AppError, match=f"Input image.*{name}.*{message}") as error:
+            call(client, image=str(path))
+        assert str(tmp_path) not in str(error.value) and "/tmp/gradio" not in str(error.value)
+    assert opened(preview(client)).size == (1024, 512)
+    if name == BAD_FILES[0][0]:  # one full generation after an error is enough
+        assert opened(generate(client)[0][0]["image"]).size == (1024, 512)
+
+
+BAD_CONTROLS = [
+    (dict(condition="sketch"), "Condition must be one of 'canny'"),
+    (dict(controlnet_conditioning_scale=5), "ControlNet scale must be between 0.1 and 2"),
+    (dict(canny_low=210, canny_high=200), "Canny low threshold \\(210\\) must not be above"),
+    (dict(canny_high=300), "Canny high threshold must be between 0 and 255"),
+    (dict(width=1001), "multiple of 8"),
+    (dict(prompt=""), "Prompt is empty"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONTROLS, ids=[str(sorted(o)) for o, _ in BAD_CONTROLS])
+def test_bad_settings_give_actionable_errors(client, overrides, message):
+    with pytest.raises(AppError, match=message):
+        generate(client, **overrides)
+
+
+def test_missing_image_is_explained(server):
+    client = Client(server[1], verbose=False)
+    for endpoint, values in (("/generate", FAST), ("/condition_preview", dict(condition="canny"))):
+        with pytest.raises(AppError, match="Input image is missing"):
+            client.predict(image=None, **values, api_name=endpoint)
+
+
+def test_the_example_is_wired_lazily(server, examples_cache, controlnet_path):
+    page = urllib.request.urlopen(server[1] + "config").read().decode()
+    assert f"ControlNet: `{os.path.basename(controlnet_path)}`" in page  # by its folder's name:
+    assert controlnet_path not in page  # no server paths on the page
+    config = json.loads(page)
+    datasets = [c for c in config["components"] if c.get("type") == "dataset"]
+    assert len(datasets) == 1
+    (row,) = datasets[0]["props"]["samples"]
+    assert row[0]["orig_name"] == "astronaut.jpg"  # the shipped photograph
+    assert row[1:] == [app.EXAMPLE_PROMPT, "blurry, ugly, poorly drawn, deformed", "canny", 1536, 1536, 7, 0.3,
+                       1000, 0, False]
+    assert [f for _, _, files in os.walk(examples_cache) for f in files] == []  # nothing generated at start-up
+    names = {d.get("api_name") for d in config["dependencies"]}
+    assert {"generate", "condition_preview", "recommended_settings"} <= names
+
+
+def test_the_example_runs_through_the_lazy_cache_with_its_own_settings(server, image_to_image, sampler, monkeypatch):
+    calls = []
+    real_generate = sampler.generate
+
+    def short(*args, **kwargs):  # record what the example asks for, then run it short
+        calls.append(kwargs)
+        return real_generate(*args, **dict(kwargs, num_inference_steps=2, resampling_steps=0))
+
+    monkeypatch.setattr(sampler, "generate", short)
+    gallery, seed, summary = image_to_image.examples.load_from_cache(0)  # what the first click does
+    asked = calls[0]
+    assert (asked["width"], asked["height"], asked["seed"], seed) == (1536, 1536, 0, 0)
+    assert (asked["resampling_steps"], asked["new_p"], asked["rrg_init_weight"]) == (7, 0.3, 1000)
+    assert (asked["condition"], asked["controlnet_conditioning_scale"]) == ("canny", 0.5)
+    assert (asked["num_inference_steps"], asked["guidance_scale"], asked["rrg_stop_t"]) == (50, 10, 0.4)
+    image, condition_map = (opened(item.image.path) for item in gallery.root)
+    assert image.size == condition_map.size == (1536, 1536)
+    assert record(image)["negative_prompt"] == app.EXAMPLE_ROWS[0][2]
+    assert record(image)["condition_image"] == "astronaut.jpg" and "canny 100/200" in summary
+
+
+def test_zero_gpu_durations_count_the_controlnet_and_the_examples_presets(sampler, monkeypatch, tmp_path):
+    durations = {}
+
+    class FakeSpaces:  # what `spaces.GPU(fn, duration=callable)` receives on a ZeroGPU Space
+        @staticmethod
+        def GPU(fn, duration):
+            durations[fn.__name__] = duration
+            return fn
+
+    monkeypatch.setattr(text_app, "spaces", FakeSpaces)
+    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
+    app.ImageToImageApp(sampler).build()
+    values = {**text_app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
+    names = list(app.inspect.signature(app.ImageToImageApp.generate).parameters)[1:-1]
+    unet_only = text_app.estimate_gpu_seconds(values, 1024)  # 76 s for 2048x2048 (test_app.py)
+    assert durations["generate"](*[values.get(name) for name in names]) == int(
+        20 + 1.2 * 2782 * text_app.UNET_SAMPLE_SECONDS * app.CONTROLNET_COST) > unet_only
+    # The example's handler takes only some knobs: the others are the size's preset, not a 30 s guess.
+    example = durations["generate_example"](*app.EXAMPLE_ROWS[0])
+    preset = {**text_app.recommended_settings(1536, 1536), "width": 1536, "height": 1536}
+    assert example == text_app.estimate_gpu_seconds(preset, 1024, app.CONTROLNET_COST) > 30
+    assert text_app.estimate_gpu_seconds(dict(width=2048, height=2048), 1024) == unet_only
+
+
+def test_command_line_shares_the_text_apps_flags(monkeypatch, tiny_sdxl_path):
+    args = app.build_parser().parse_args(["--model", tiny_sdxl_path, "--controlnet", "depth", "--depth-model", "dpt",
+                                          "--port", "7861", "--share", "--low-vram", "--condition", "depth"])
+    assert (args.model, args.controlnet, args.depth_model, args.port) == (tiny_sdxl_path, "depth", "dpt", 7861)
+    assert args.share and args.low_vram and args.condition == "depth"
+    base_flags = {a.dest for a in text_app.build_parser()._actions}
+    assert base_flags <= {a.dest for a in app.build_parser()._actions}
+
+    launched = {}
+    monkeypatch.setattr(app.base, "serve", lambda demo, args, **kwargs: launched.update(kwargs, demo=demo))
+    app.main(["--model", "/nonexistent/model", "--controlnet", "canny", "--port", str(free_port())])
+    assert launched["max_file_size"] == app.MAX_UPLOAD and isinstance(launched["demo"], app.gr.Blocks)
+
+
+def test_without_a_model_the_page_explains_and_canny_previews_still_work():
+    args = app.build_parser().parse_args(["--model", "/nonexistent/model/folder"])
+    sampler, message = text_app.load_sampler(args, ElasticDiffusionControlNet, app_file=app.APP_FILE)
+    assert sampler is None and "python app_gradio_img2img.py --model /path/to/diffusers/folder" in message
+    with served(app.ImageToImageApp(None, message)) as (_, url):
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="--model /path/to/diffusers/folder"):
+            generate(client)
+        assert opened(preview(client)).size == (1024, 512)  # Canny needs no model
+
+
+def test_condition_menu_starts_at_the_controlnets_type(sampler):
+    assert app.trained_condition(sampler) == "canny"  # a folder named after its condition
+    assert app.ImageToImageApp(sampler, default_condition="image").controlnet_condition is None
+    assert app.ImageToImageApp(sampler, default_condition="depth").default_condition == "depth"
