@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 import elastic_diffusion as ed

@@ -156,6 +156,10 @@ def test_ratio_half_is_polyphase_pick():
     m = torch.arange(32)
     assert torch.equal(rows - 2 * m[:, None], cells // 2)
     assert torch.equal(cols - 2 * m[None, :], cells % 2)
+    refs = ed.gather_reference(x, rows, cols)
+    for ref, k in zip(refs, cells):  # x_ref[m, n] = x[2m + a, 2n + b], (a, b) from the cell's k
+        expected = torch.stack([x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]])
+        assert torch.equal(ref, expected.gather(0, k[None, None, None].expand(1, 1, 4, 32, 32)).squeeze(0))
 
 
 def test_fresh_fraction_is_exactly_new_p():

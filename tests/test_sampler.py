@@ -4,9 +4,7 @@ Exactness (plain CFG at native size, an independent implementation on the determ
 UNet evaluation counts for every demo preset, seeding, batching invariance, conditioning details
 and the fixes of the reference implementation's defects (§20) that need a model.
 """
-import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -115,7 +113,6 @@ def _naive_elastic(sampler, latents, neg, pos, T, omega, lam0, kappa, stop_t, pa
     H, W = latents.shape[-2:]
     h, w = H // 2, W // 2
     Hp, Wp = 8 * H, 8 * W
-    extra = {}
 
     def unet_eps(x, t, idx):
         kw = {}
