@@ -569,3 +569,21 @@ def test_compiled_unet_same_image_and_no_recompile_on_new_size(tiny_sdxl_path):
     _, info = compiled("x", height=768, width=2048, resampling_steps=5, **args)  # other size and batches
     assert 8 in info["unet_batch_sizes"]  # the first image ran batches of 7 and 6 only
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_single_file_checkpoints_route_to_the_right_diffusers_loader(tmp_path, monkeypatch):
+    """A .safetensors file goes through diffusers' own `from_single_file` of the architecture its keys
+    name (the conversion itself needs the original configs from the hub, so it is not run here)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    calls = []
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(lambda c, path, **kw: calls.append((c, path, kw))))
+    xl_file, sd_file = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(xl_file))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd_file))
+    ed.load_pipeline(str(xl_file), torch.float16)
+    ed.load_pipeline(str(sd_file))
+    assert [c for c, _, _ in calls] == [StableDiffusionXLPipeline, StableDiffusionPipeline]
+    assert calls[0][1] == str(xl_file) and calls[0][2]["dtype"] == torch.float16
