@@ -714,7 +714,7 @@ class ElasticDiffusion:
         B, C, H, W = x.shape
         h, w = cells.shape[-2:]
         S, D = cells.shape[0], self.native_latent
-        rows, cols = source_indices(cells, H, W, self.num_choices_root)
+        rows, cols = source_indices(cells, H, W, self._candidates_per_axis)
         rows, cols = self._to_device(rows), self._to_device(cols)
         references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
         views = self._views
@@ -935,7 +935,7 @@ class ElasticDiffusion:
         D, H, W = self.native_latent, height // self.vae_scale_factor, width // self.vae_scale_factor
         h, w = self.reference_latent_size(H, W)
         self._views = local_views(H, W, D, s["patch_size"])
-        self.num_choices_root = candidates_per_axis(H, W, h, w)  # g: g * g candidates per cell
+        self._candidates_per_axis = candidates_per_axis(H, W, h, w)  # g: g * g candidates per cell
         self._timesteps = self.timesteps(s["num_inference_steps"])
         self._timestep_tensors = {t: torch.tensor(t, device=self.device) for t in self._timesteps}
         rows, cols = self._views[0]
@@ -962,7 +962,7 @@ class ElasticDiffusion:
         for i, t in steps:
             alpha, alpha_prev = self.alpha(t), self.alpha(t - step_size)
             # 1. Global direction over R + 1 resampling passes and local unconditional score.
-            cells = choose_cells(R + 1, h, w, self.num_choices_root ** 2, s["new_p"], aux)
+            cells = choose_cells(R + 1, h, w, self._candidates_per_axis ** 2, s["new_p"], aux)
             scores = self.estimate_scores(x, t, cells)
             # 2. Combine and take a DDIM step.
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
