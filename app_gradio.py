@@ -385,10 +385,8 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
         knobs={name: knobs[name] for name in SAMPLER_KNOBS})
     try:  # the sampler's own cross-field rules, before the request waits for the GPU
         settings = sampler.resolve_settings(request.width, request.height, **request.knobs)
-        # The base class's checks: a subclass's may read the running generation's state (the ControlNet
-        # sampler's reads its input image), and this runs outside the sampler's lock.
-        ElasticDiffusion.check_inputs(sampler, [request.prompt], [request.negative_prompt], request.height,
-                                      request.width, settings, None, 1)
+        sampler.check_inputs([request.prompt], [request.negative_prompt], request.height, request.width,
+                             settings, None, 1)
     except ValueError as error:
         raise refuse(str(error)) from error
     return request

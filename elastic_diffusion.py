@@ -431,6 +431,12 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
 # --------------------------------------------------------------------------------------------------
 
 
+def _checked_view_batch_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"view_batch_size must be an integer >= 1; got {value!r}")
+    return value
+
+
 @dataclass
 class Region:
     """Where one UNet sample comes from, for extensions that condition on the image (ControlNet).
@@ -479,9 +485,7 @@ class ElasticDiffusion:
                  view_batch_size: int = 16, low_vram: bool = False, torch_dtype: torch.dtype | None = None,
                  pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
-        if not isinstance(view_batch_size, int) or view_batch_size < 1:
-            raise ValueError(f"view_batch_size must be an integer >= 1; got {view_batch_size!r}")
-        self.view_batch_size = self._batch_size = view_batch_size
+        self.view_batch_size = self._batch_size = _checked_view_batch_size(view_batch_size)
         self.sd_version = sd_version if pipe is None else getattr(pipe, "name_or_path", None) or "pipeline"
         if pipe is None:
             dtype = torch_dtype or default_dtype(self.device)
@@ -501,9 +505,12 @@ class ElasticDiffusion:
         self.native_px = self.native_latent * self.vae_scale_factor  # P
         self.latent_channels = int(self.unet.config.in_channels)
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        sched = self.scheduler.config
-        self.alphas_cumprod = self._alphas_cumprod()
-        self.final_alpha = 1.0 if sched.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
+        from diffusers import DDIMScheduler
+
+        # The method's own DDIM (§3.2), from the model's scheduler config: noise levels and timesteps.
+        self._ddim = DDIMScheduler.from_config(self.scheduler.config)
+        self.alphas_cumprod = self._ddim.alphas_cumprod.double()
+        self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
         if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory
             # of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB).
@@ -556,19 +563,10 @@ class ElasticDiffusion:
             device = getattr(pipe, "_execution_device", None) or pipe.device
         return cls(device=device, pipe=pipe, **kwargs)
 
-    def _alphas_cumprod(self) -> torch.Tensor:
-        from diffusers import DDIMScheduler
-
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
-        return ddim.alphas_cumprod.double()
-
     def timesteps(self, num_inference_steps: int) -> list[int]:
         """DDIM timesteps of the model's scheduler config: 981, 961, ..., 1 for T = 50 (§3.2)."""
-        from diffusers import DDIMScheduler
-
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
-        ddim.set_timesteps(num_inference_steps)
-        return [int(t) for t in ddim.timesteps]
+        self._ddim.set_timesteps(num_inference_steps)
+        return [int(t) for t in self._ddim.timesteps]
 
     def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
         """Reference latent size (h, w) for a full-resolution latent of (H, W) (§4.2)."""
@@ -651,7 +649,7 @@ class ElasticDiffusion:
         outputs = []
         for start in range(0, n, size):
             chunk = slice(start, min(start + size, n))
-            x, index = latents[chunk].to(self.dtype), self._to_device(cond_index[chunk])
+            x, index = latents[chunk].to(self.dtype), cond_index[chunk]
             pooled = self._pooled[index] if self._pooled is not None else None
             outputs.append(self.predict_noise(x, t, self._embeds[index], pooled, regions[chunk]))
             self.counters["unet_samples"] += x.shape[0]
@@ -726,7 +724,7 @@ class ElasticDiffusion:
         local_batch = crops.reshape(len(views) * B, C, ch, cw)
         latents = torch.cat([self._pad(ref_batch, t), self._pad(local_batch, t)])
         item = torch.arange(B)
-        cond_index = torch.cat([torch.cat([item, item + B]).repeat(S), item.repeat(len(views))])
+        cond_index = self._to_device(torch.cat([torch.cat([item, item + B]).repeat(S), item.repeat(len(views))]))
         ref_pad, crop_pad = centered_padding(h, w, D), centered_padding(ch, cw, D)
         regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
                    for b in range(B)]
@@ -855,9 +853,7 @@ class ElasticDiffusion:
                                   rrg_stop_t=rrg_stop_t, patch_size=patch_size, repaint=repaint,
                                   tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
         self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
-        view_batch_size = self.view_batch_size if view_batch_size is None else view_batch_size
-        if isinstance(view_batch_size, bool) or not isinstance(view_batch_size, int) or view_batch_size < 1:
-            raise ValueError(f"view_batch_size must be an integer >= 1; got {view_batch_size!r}")
+        view_batch_size = _checked_view_batch_size(self.view_batch_size if view_batch_size is None else view_batch_size)
         self._batch_size = view_batch_size
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")

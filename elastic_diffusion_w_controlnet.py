@@ -161,12 +161,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                 raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
         return self._depth_estimator
 
-    def check_inputs(self, *args, **kwargs) -> None:
-        """The base checks, then the ControlNet arguments; the input image is read here."""
-        super().check_inputs(*args, **kwargs)
-        c = self._control
-        if c is None:  # called outside a generation: only the base checks apply
-            return
+    def check_control(self, c: dict) -> None:
+        """Validate the ControlNet arguments of one call and read its input image into c["image"].
+
+        Runs inside the generation (under the sampler's lock), on the call's own dict, so the
+        base `check_inputs` stays free of per-call state and callable from anywhere.
+        """
         if c["condition"] not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
         if isinstance(c["scale"], bool) or not isinstance(c["scale"], (int, float)) or not 0 <= c["scale"] < 1e9:
@@ -246,8 +246,10 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         """
         condition = condition or self.default_condition
         condition = "image" if condition == "none" else condition
-        self._control = dict(source=condition_image, condition=condition, scale=controlnet_conditioning_scale,
-                             low=canny_low, high=canny_high)
+        control = dict(source=condition_image, condition=condition, scale=controlnet_conditioning_scale,
+                       low=canny_low, high=canny_high)
+        self.check_control(control)
+        self._control = control
         try:
             images, info = super().generate(prompt, negative_prompt, height, width, *args, **kwargs)
         finally:

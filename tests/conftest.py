@@ -36,3 +36,12 @@ def tiny_sd2_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory) -> str:
     return _saved(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="module")
+def examples_cache(tmp_path_factory):
+    """Gradio's example cache in a fresh temporary folder per test module, not ./.gradio of the checkout."""
+    folder = tmp_path_factory.mktemp("gradio_examples")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(folder))
+        yield folder

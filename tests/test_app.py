@@ -58,15 +58,6 @@ def sampler(tiny_sdxl_path):
 
 
 @pytest.fixture(scope="module")
-def examples_cache(tmp_path_factory):
-    """Gradio's example cache in a temporary folder instead of ./.gradio of the checkout."""
-    folder = tmp_path_factory.mktemp("gradio_examples")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def server(sampler, examples_cache):
     with served(app.TextToImageApp(sampler, preview_every=1)) as (demo, url):
         yield demo, url

@@ -51,14 +51,6 @@ def sampler(tiny_sdxl_path, controlnet_path, tiny_depth_model):
 
 
 @pytest.fixture(scope="module")
-def examples_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gradio_examples_img2img")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def image_to_image(sampler):
     return app.ImageToImageApp(sampler, preview_every=1)
 
