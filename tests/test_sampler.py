@@ -51,8 +51,14 @@ def relative_error(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def expected_samples(T, B, R, V, repaint=True):
-    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV)."""
+def expected_samples(T, B, R, V, repaint=True, native=False):
+    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV).
+
+    At or below the native size (`native`: the reference is the latent itself) every pass and the one
+    local view are the same input, evaluated once: 2B per pass, as plain CFG.
+    """
+    if native:
+        return T * 2 * B + (T - 1) * (R > 0 and repaint) * 2 * B
     return T * (2 * B * (R + 1) + B * V) + (T - 1) * (R > 0 and repaint) * (2 * B + B * V)
 
 
@@ -78,7 +84,7 @@ def test_native_size_without_resampling_equals_plain_cfg_ddim(kind, request):
     if kind == "sdxl":
         kwargs.update(pooled_prompt_embeds=pooled[1:], negative_pooled_prompt_embeds=pooled[:1])
     reference = _diffusers_latents(sampler, kwargs, T, omega, latents)
-    assert info["unet_samples"] == 3 * T  # one local view + [neg; pos] reference pass per step
+    assert info["unet_samples"] == 2 * T  # the local view is the reference's neg sample: plain CFG's cost
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5), (ours - reference).abs().max()
 
 
@@ -187,7 +193,8 @@ def test_unet_sample_count_matches_cost_formula(xl, preset):
                      rrg_init_weight=preset["rrg_init_weight"], seed=0, **QUIET)
     finally:
         spy.remove()
-    expected = expected_samples(T, 1, preset["resampling_steps"], V)
+    native = max(preset["width"], preset["height"]) <= 1024
+    expected = expected_samples(T, 1, preset["resampling_steps"], V, native=native)
     assert spy.samples == info["unet_samples"] == expected
     assert {c["shape"][1:] for c in spy.calls} == {(4, 128, 128)}  # every UNet input is D x D
     assert all(c["shape"][0] <= 16 for c in spy.calls)
@@ -324,9 +331,10 @@ def test_long_prompt_warns_with_the_cut_text(sd1):
 
 
 def test_background_strips_identical_within_a_step_different_across_steps(xl):
+    # 2048x768: H = 96. Reference (48, 128) between 40-row strips; local crops 96 x 128 between 16-row strips.
     spy = UNetSpy(xl.unet)
     try:
-        xl("x", height=768, width=768, num_inference_steps=2, seed=0, **QUIET)  # 96x96 in a 128 canvas
+        xl("x", height=768, width=2048, num_inference_steps=2, resampling_steps=2, repaint=False, seed=0, **QUIET)
     finally:
         spy.remove()
     by_step = {}
@@ -335,16 +343,28 @@ def test_background_strips_identical_within_a_step_different_across_steps(xl):
     assert len(by_step) == 2
     strips = []
     for t, samples in by_step.items():
-        stacked = torch.cat(samples)  # global [neg, pos] and local samples of this step
-        assert stacked.shape[0] == 3
-        top = stacked[:, :, :16]
-        left = stacked[:, :, 16:112, :16]
-        assert torch.equal(top[0], top[1]) and torch.equal(top[0], top[2])
-        assert torch.equal(left[0], left[2])
-        strips.append(top[0])
+        stacked = torch.cat(samples)
+        assert stacked.shape[0] == 2 * 3 + 4  # 3 reference passes of [neg, pos], then 4 local views
+        reference, local = stacked[:6], stacked[6:]
+        for group, pad in ((reference, 40), (local, 16)):
+            for part in (group[:, :, :pad], group[:, :, 128 - pad:]):  # top and bottom strips
+                assert all(torch.equal(part[0], other) for other in part[1:])
+        assert not torch.equal(reference[0, :, :16], local[0, :, :16])  # strips of other sizes are drawn apart
+        strips.append(reference[0, :, :40])
     assert not torch.allclose(strips[0], strips[1])
-    # the image region of the global and local inputs is the same latent at ratio 1
-    assert torch.equal(stacked[0, :, 16:112, 16:112], stacked[2, :, 16:112, 16:112])
+
+
+def test_native_size_padding_is_one_input(xl):
+    """768x768 on SDXL: the latent (96 x 96) is the reference and the one local view, in a 128 canvas."""
+    spy = UNetSpy(xl.unet)
+    try:
+        _, info = xl("x", height=768, width=768, num_inference_steps=2, seed=0, **QUIET)
+    finally:
+        spy.remove()
+    assert info["num_views"] == 1 and info["unet_samples"] == 4 and info["vae_encodes"] == 2 * 4
+    for call in spy.calls:  # [neg, pos] of one reference pass: same latent, same strips
+        sample = call["sample"]
+        assert sample.shape == (2, 4, 128, 128) and torch.equal(sample[0], sample[1])
 
 
 def test_fp32_direction_on_cpu(xl):
@@ -540,10 +560,10 @@ def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
 
 def test_general_subsampler_at_three_times():
     H, W, h, w = 192, 192, 64, 64
-    g = ed.candidates_per_axis(H, W, h, w)
-    assert g == 3
-    cells = ed.choose_cells(30, h, w, g * g, 0.3, torch.Generator().manual_seed(0))
-    rows, cols = ed.source_indices(cells, H, W, g)
+    counts = ed.candidate_counts(H, W, h, w)
+    assert counts.unique().tolist() == [9]
+    cells = ed.choose_cells(30, counts, 0.3, torch.Generator().manual_seed(0))
+    rows, cols = ed.source_indices(cells, H, W)
     hit = torch.zeros(H * W, dtype=torch.bool)
     for r, c in zip(rows, cols):
         flat = (r * W + c).flatten()
