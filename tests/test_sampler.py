@@ -1,14 +1,12 @@
 """End-to-end checks of the sampler on tiny random models loaded through `from_pretrained`.
 
-Exactness (plain CFG at native size, an independent implementation on the deterministic path),
-UNet evaluation counts for every demo preset, seeding, batching invariance, conditioning details
-and the fixes of the reference implementation's defects (§20) that need a model.
+Exactness (plain CFG at native size; the independent implementation of the whole loop is in
+test_method.py), UNet evaluation counts for every demo preset, seeding, batching invariance,
+threads, conditioning details and the fixes of the reference implementation's defects (§20) that
+need a model.
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import elastic_diffusion as ed
 
@@ -86,96 +84,6 @@ def test_native_size_without_resampling_equals_plain_cfg_ddim(kind, request):
     reference = _diffusers_latents(sampler, kwargs, T, omega, latents)
     assert info["unet_samples"] == 2 * T  # the local view is the reference's neg sample: plain CFG's cost
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5), (ours - reference).abs().max()
-
-
-def _naive_views(L, D, p):
-    """Independent re-statement of §8 for one axis: list of (window_start, window_end, crop_start, crop_end)."""
-    if L <= D:
-        return [(0, L, 0, L)]
-    n = math.ceil((L - p) / p) + 1
-    out, half = [], (D - p) // 2
-    for j in range(n):
-        a = min(j * p, L - p)
-        b = a + p
-        if a - half < 0:
-            nb = a
-            na = min(2 * half - nb, L - b)
-        else:
-            na = min(half, L - b)
-            nb = min(2 * half - na, a)
-        out.append((a, b, a - nb, b + na))
-    return out
-
-
-def _naive_elastic(sampler, latents, neg, pos, T, omega, lam0, kappa, stop_t, patch):
-    """The method on its deterministic path (ratio 1/2, R = 0, no padding), written from the spec alone:
-    nearest interpolation, diffusers' DDIMScheduler.step and autograd for RRG."""
-    from diffusers import DDIMScheduler
-
-    unet, D = sampler.unet, sampler.native_latent
-    sched = DDIMScheduler.from_config(sampler.scheduler.config)
-    sched.set_timesteps(T)
-    (e_all, p_all) = sampler.encode_prompt([neg, pos])
-    H, W = latents.shape[-2:]
-    h, w = H // 2, W // 2
-    Hp, Wp = 8 * H, 8 * W
-
-    def unet_eps(x, t, idx):
-        kw = {}
-        if sampler.is_sdxl:
-            ids = torch.tensor([[4 * Hp, 4 * Wp, 0, 0, 4 * Hp, 4 * Wp]], dtype=torch.float32).repeat(len(idx), 1)
-            kw["added_cond_kwargs"] = {"text_embeds": p_all[idx], "time_ids": ids}
-        return unet(x, t, encoder_hidden_states=e_all[idx], **kw).sample
-
-    S = T - math.floor(T * stop_t)
-    x = latents.clone()
-    for i, t in enumerate(sched.timesteps):
-        xr = x[:, :, ::2, ::2]
-        e = unet_eps(torch.cat([xr, xr]), t, [0, 1])
-        direction = F.interpolate(e[1:] - e[:1], size=(H, W), mode="nearest")
-        local = torch.zeros_like(x)
-        written = torch.zeros(H, W, dtype=torch.bool)
-        for (ra, rb, rc0, rc1) in _naive_views(H, D, patch):
-            for (ca, cb, cc0, cc1) in _naive_views(W, D, patch):
-                out = unet_eps(x[:, :, rc0:rc1, cc0:cc1], t, [0])
-                win = torch.zeros(H, W, dtype=torch.bool)
-                win[ra:rb, ca:cb] = True
-                todo = win & ~written
-                full = torch.zeros_like(x)
-                full[:, :, rc0:rc1, cc0:cc1] = out
-                local[:, :, todo] = full[:, :, todo]
-                written |= todo
-        assert written.all()
-        step = sched.step(local + omega * direction, t, x)
-        x0, x_prev = step.pred_original_sample, step.prev_sample
-        lam = lam0 * ((1 + math.cos(math.pi * i / S)) / 2) ** kappa if i < S else 0.0
-        if lam > 10:
-            a = sched.alphas_cumprod[t]
-            eps_ref = e[:1] + omega * F.interpolate(direction, size=(h, w), mode="nearest")
-            x0_ref = (xr - (1 - a).sqrt() * eps_ref) / a.sqrt()
-            target = F.interpolate(x0_ref, size=(H, W), mode="nearest")
-            leaf = x0.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(lam * ((target - leaf) ** 2).mean(), leaf)
-            x_prev = x_prev - grad
-        x = x_prev
-    return x
-
-
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_deterministic_path_matches_independent_implementation(kind, request):
-    path = request.getfixturevalue(f"tiny_{kind}_path")
-    sampler = ed.ElasticDiffusion(device="cpu", sd_version=path, view_batch_size=5)
-    P, D = sampler.native_px, sampler.native_latent
-    T, omega, lam0, kappa, stop_t, patch = 3, 9.0, 1500.0, 1.0, 0.2, D // 2
-    latents = torch.randn(1, 4, 2 * D, 2 * D, generator=torch.Generator().manual_seed(4))
-    ours, info = sampler("a castle", "ugly", height=2 * P, width=2 * P, num_inference_steps=T, guidance_scale=omega,
-                         resampling_steps=0, rrg_init_weight=lam0, cosine_scale=kappa, rrg_stop_t=stop_t,
-                         patch_size=patch, latents=latents, **QUIET)
-    with torch.no_grad():
-        naive = _naive_elastic(sampler, latents, "ugly", "a castle", T, omega, lam0, kappa, stop_t, patch)
-    assert info["vae_encodes"] == 0  # no padding on this path
-    assert relative_error(ours, naive) < 1e-5
 
 
 # ------------------------------------------------------------------------------ counts
