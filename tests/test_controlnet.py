@@ -216,6 +216,47 @@ def test_low_vram_and_from_pipe(sd1, tiny_depth_model):
     assert pipe._controlnet_hook is None and not hasattr(sd1.controlnet, "_hf_hook")
 
 
+def test_low_vram_sets_the_memory_mode_once_without_moving_the_pipeline(tiny_sd1_path, sd1_controlnet, monkeypatch):
+    """low_vram=True: the ControlNet is loaded first, then offloading is set up once for all models; the
+    pipeline is never moved whole to the device (on a GPU that would need the memory low-VRAM mode saves)."""
+    from diffusers import DiffusionPipeline
+
+    calls, inside = [], []
+    to, offload = DiffusionPipeline.to, DiffusionPipeline.enable_model_cpu_offload
+
+    def spy_to(self, *args, **kwargs):
+        if not inside:  # enable_model_cpu_offload's own moves to the CPU are part of setting it up
+            calls.append("to")
+        return to(self, *args, **kwargs)
+
+    def spy_offload(self, *args, **kwargs):
+        calls.append("offload")
+        inside.append(True)
+        try:
+            return offload(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(DiffusionPipeline, "to", spy_to)
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload", spy_offload)
+    pipe = ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sd1_path, controlnet_model=sd1_controlnet,
+                                      low_vram=True)
+    assert calls == ["offload"] and pipe._controlnet_hook is not None
+    assert type(getattr(pipe.unet, "_hf_hook", None)).__name__ == "CpuOffload"
+    calls.clear()
+    pipe.set_low_vram(False)
+    assert calls == ["to"] and pipe._controlnet_hook is None and not hasattr(pipe.controlnet, "_hf_hook")
+
+
+def test_a_callers_controlnet_is_not_converted(sd1):
+    from diffusers import ControlNetModel
+
+    other = ControlNetModel.from_config(sd1.controlnet.config).to(torch.float16)
+    with pytest.raises(ValueError, match="controlnet_model is torch.float16.*convert it first"):
+        sd1.load_controlnet(other)
+    assert other.dtype == torch.float16
+
+
 def test_official_entry_point_and_condition_preview(sd1):
     images, info = sd1.generate_image("a cat", "", 256, 512, condition_image=load_image(PHOTO).convert("L"),
                                       repaint_sampling=False, **FAST)

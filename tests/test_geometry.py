@@ -162,6 +162,32 @@ def test_ratio_half_is_polyphase_pick():
         assert torch.equal(ref, expected.gather(0, k[None, None, None].expand(1, 1, 4, 32, 32)).squeeze(0))
 
 
+def test_candidates_are_equally_likely_within_every_group_at_2048x1032():
+    """2048x1032 on SDXL: 129 latent rows go into 64 groups, one of them of 3 rows. That row of cells gets
+    3 x 2 = 6 candidates, every other cell the official 4; over many passes every source pixel of a group is
+    picked equally often, whatever the group's size (a global 3x3 choice gave 2-row groups' second row 2/3)."""
+    H, W = 1032 // 8, 2048 // 8
+    h, w = ed.reference_size(1032, 2048, 1024)
+    assert (H, W, h, w) == (129, 256, 64, 128)
+    row_start, row_size = ed.axis_groups(H, h)
+    col_start, col_size = ed.axis_groups(W, w)
+    (triple,) = (row_size == 3).nonzero().flatten().tolist()
+    assert set(row_size.tolist()) == {2, 3} and set(col_size.tolist()) == {2}
+    counts = ed.candidate_counts(H, W, h, w)
+    assert counts[triple].unique().tolist() == [6] and (counts[row_size == 2] == 4).all()
+    cells = ed.choose_cells(401, counts, 1.0, torch.Generator().manual_seed(0))  # a fresh pick every pass
+    rows, cols = ed.source_indices(cells[1:], H, W)
+    row_offset, col_offset = rows - row_start[:, None], cols - col_start
+    pairs = row_offset[:, row_size == 2]
+    assert abs((pairs == 1).float().mean().item() - 1 / 2) < 0.005
+    for r in range(3):
+        assert abs((row_offset[:, triple] == r).float().mean().item() - 1 / 3) < 0.01
+    assert abs((col_offset == 1).float().mean().item() - 1 / 2) < 0.005
+    # every candidate of a 6-candidate cell comes up in its first 6 passes (the exclusion rule, sized per cell)
+    first = cells[:6, triple]
+    assert all(sorted(first[:, n].tolist()) == list(range(6)) for n in range(w))
+
+
 def test_fresh_fraction_is_exactly_new_p():
     cells = ed.choose_cells(2, torch.full((400, 400), 4), 0.3, torch.Generator().manual_seed(0))
     changed = (cells[1] != cells[0]).float().mean().item()  # pass 1 always draws an unused k != 0

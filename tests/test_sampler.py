@@ -5,6 +5,8 @@ test_method.py), UNet evaluation counts for every demo preset, seeding, batching
 threads, conditioning details and the fixes of the reference implementation's defects (§20) that
 need a model.
 """
+import threading
+
 import pytest
 import torch
 
@@ -204,6 +206,82 @@ def test_num_images_per_prompt(xl):
     assert images[0].tobytes() != images[1].tobytes()
 
 
+# ------------------------------------------------------------------------------ threads
+
+
+def test_two_threads_do_not_mix_their_runs(xl):
+    """Two threads generate at once (they meet at every step, so their UNet calls interleave) with different
+    prompts, seeds, sizes and batch sizes: each gets exactly its single-threaded result."""
+    requests = [dict(prompt="a fox", height=512, width=1024, seed=1, view_batch_size=3),
+                dict(prompt="a lighthouse", height=1024, width=768, seed=2, view_batch_size=16)]
+    common = dict(num_inference_steps=3, resampling_steps=2, **QUIET)
+    alone = [xl(**request, **common)[0] for request in requests]
+    barrier = threading.Barrier(2, timeout=20)
+    results, errors = [None, None], []
+
+    def meet(pipe, step, t, tensors):
+        barrier.wait()
+        return {}
+
+    def worker(n):
+        try:
+            results[n] = xl(**requests[n], callback_on_step_end=meet, **common)[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    for result, expected in zip(results, alone):
+        assert torch.equal(result, expected)
+
+
+def test_low_vram_switch_and_low_vram_runs_take_the_sampler_alone(tiny_sd1_path):
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd1_path)
+    args = dict(height=256, width=512, num_inference_steps=2, seed=0, **QUIET)
+    inside, release, events = threading.Event(), threading.Event(), []
+
+    def hold(pipe, step, t, tensors):
+        events.append(("run", step))
+        inside.set()
+        assert release.wait(30)
+        return {}
+
+    def run(name, **kwargs):
+        sampler("x", **args, **kwargs)
+        events.append((name, "done"))
+
+    first = threading.Thread(target=run, args=("first",), kwargs=dict(callback_on_step_end=hold))
+    first.start()
+    assert inside.wait(30)
+    switch = threading.Thread(target=lambda: (sampler.set_low_vram(True), events.append(("switch", "done"))))
+    switch.start()
+    switch.join(0.5)
+    assert switch.is_alive() and sampler.low_vram is False  # waits for the running generation
+    release.set()
+    first.join(30)
+    switch.join(30)
+    assert events[-2:] == [("first", "done"), ("switch", "done")] and sampler.low_vram is True
+    # Low-VRAM runs move modules between devices: a second one waits for the first.
+    inside.clear(), release.clear(), events.clear()
+    first = threading.Thread(target=run, args=("first",), kwargs=dict(callback_on_step_end=hold))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert events == [("run", 0), ("run", 1), ("first", "done"), ("second", "done")]
+    sampler.set_low_vram(False)
+    assert not sampler.busy
+
+
 # ------------------------------------------------------------------------------ conditioning and padding
 
 
@@ -354,6 +432,49 @@ def test_from_pipe_reuses_components(xl):
     other = ed.ElasticDiffusion.from_pipe(xl.pipe, device="cpu")
     assert other.unet is xl.unet and other.vae is xl.vae and other.text_encoder_2 is xl.text_encoder_2
     assert other.is_sdxl and other.native_latent == 128 and other.native_px == 1024
+
+
+def _module_state(pipe):
+    return {name: (m.dtype, m.device, hasattr(m, "_hf_hook")) for name, m in pipe.components.items()
+            if isinstance(m, torch.nn.Module)}
+
+
+def test_from_pipe_leaves_the_callers_pipeline_as_it_was(tiny_sdxl_path):
+    """An fp16 SDXL pipeline (whose VAE must be upcast to decode): the sampler shares every module but the
+    VAE, which it upcasts in a copy; the caller's pipeline keeps its dtypes, devices and has no hooks."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    caller = DiffusionPipeline.from_pretrained(tiny_sdxl_path, dtype=torch.float16)
+    before = _module_state(caller)
+    sampler = ed.ElasticDiffusion.from_pipe(caller, device="cpu")
+    assert _module_state(caller) == before and caller.vae.dtype == torch.float16
+    assert sampler.unet is caller.unet and sampler.text_encoder_2 is caller.text_encoder_2
+    assert sampler.vae is not caller.vae and sampler.vae.dtype == torch.float32  # bf16 on GPUs that have it
+    assert sampler.pipe is not caller and sampler.pipe.vae is sampler.vae
+    ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(caller.scheduler.config))
+    assert _module_state(caller) == before  # diffusers' from_pipe would have cast everything to fp32
+    with pytest.raises(ValueError, match="torch_dtype.*does not convert"):
+        ed.ElasticDiffusion.from_pipe(caller, device="cpu", torch_dtype=torch.float32)
+    assert _module_state(caller) == before
+
+
+def test_half_precision_loads_the_fp16_variant(tmp_path):
+    """A folder with both weight sets: fp16/bf16 loads read the fp16 variant files, fp32 loads the full
+    ones; with one set only, that one is used. (The two sets hold different weights here, to tell them apart.)"""
+    from tiny_models import build_tiny_pipeline
+
+    full, half = build_tiny_pipeline("sd1", seed=0), build_tiny_pipeline("sd1", seed=1).to(torch.float16)
+    full.save_pretrained(tmp_path / "both")
+    half.save_pretrained(tmp_path / "both", variant="fp16")
+    full.save_pretrained(tmp_path / "full")
+    half.save_pretrained(tmp_path / "half", variant="fp16")
+    weight = lambda pipe: pipe.unet.conv_in.weight  # noqa: E731
+    for folder, dtype, source in (("both", torch.float16, half), ("both", torch.bfloat16, half),
+                                  ("both", torch.float32, full), ("full", torch.float16, full),
+                                  ("half", torch.float32, half)):
+        loaded = ed.load_pipeline(str(tmp_path / folder), dtype)
+        assert weight(loaded).dtype == dtype
+        assert torch.equal(weight(loaded), weight(source).to(dtype)), (folder, dtype)
 
 
 def test_sd2_model_runs_and_reads_geometry_from_config(tiny_sd2_path):
