@@ -514,7 +514,7 @@ class Region:
 
 
 class ScoreEstimate(NamedTuple):
-    """The two halves of the score for one latent at one timestep, plus what RRG reuses."""
+    """The two halves of the score for one latent at one timestep, plus what RRG reuses (§6, §8)."""
     local_uncond: torch.Tensor  # U (B, C, H, W)
     direction: torch.Tensor  # Delta (B, C, H, W)
     reference_latent: torch.Tensor  # x_ref of the last pass (B, C, h, w)
@@ -648,7 +648,7 @@ class ElasticDiffusion:
             pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16. bf16 has fp32's range at half the memory of an
+            # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory of an
             # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
             # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -661,7 +661,7 @@ class ElasticDiffusion:
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.dtype = self.unet.dtype
-        # Everything below is read from the loaded configs, never from the name.
+        # Everything below is read from the loaded configs, never from the name (D12).
         self.is_sdxl = self.unet.config.get("addition_embed_type") == "text_time"
         self.native_latent = int(self.unet.config.sample_size)  # D
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -670,7 +670,7 @@ class ElasticDiffusion:
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         from diffusers import DDIMScheduler
 
-        # The method's own DDIM, from the model's scheduler config: noise levels and timesteps.
+        # The method's own DDIM (§3.2), from the model's scheduler config: noise levels and timesteps.
         self._ddim = DDIMScheduler.from_config(self.scheduler.config)
         self.alphas_cumprod = self._ddim.alphas_cumprod.double()
         self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
@@ -761,7 +761,7 @@ class ElasticDiffusion:
         return [int(t) for t in scheduler.timesteps]
 
     def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
-        """Reference latent size (h, w) for a full-resolution latent of (H, W)."""
+        """Reference latent size (h, w) for a full-resolution latent of (H, W) (§4.2)."""
         f = self.vae_scale_factor
         return reference_size(H * f, W * f, self.native_px, f)
 
@@ -1049,8 +1049,8 @@ class ElasticDiffusion:
         same unless a repaint pass ran)}; it may return {"latents": ...} to replace the latent, or
         raise `GenerationCancelled` (or return {"cancel": True}) to stop.
         `cells(step, num_passes)` and `repaint_noise(step, shape)` replace the two random draws of
-        the loop (the sub-sampler's choices and the re-noising noise, see `Run`); `extras` are extensions' per-run data (`run.extras`).
-        Safe to call from several threads at once.
+        the loop (the sub-sampler's choices and the re-noising noise, see `Run`); `extras` are
+        extensions' per-run data (`run.extras`). Safe to call from several threads at once.
         """
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
@@ -1078,7 +1078,7 @@ class ElasticDiffusion:
         if latents is None:
             latents = self.initial_latents(height, width, len(prompts), generator)
         x = latents.to(self.device, torch.float32)
-        # One derived seed drives the sub-sampler, the re-noising and the backgrounds.
+        # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
         aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         H, W = height // self.vae_scale_factor, width // self.vae_scale_factor
         h, w = self.reference_latent_size(H, W)
@@ -1183,7 +1183,8 @@ class ElasticDiffusion:
             # 1. Global direction over R + 1 resampling passes and local unconditional score.
             cells = run.choose_cells(i, R + 1)
             if tuple(cells.shape) != (R + 1, h, w):
-                raise ValueError(f"cells(step, num_passes) gave shape {tuple(cells.shape)} at step {i}; expected {(R + 1, h, w)}")
+                raise ValueError(f"cells(step, num_passes) gave shape {tuple(cells.shape)} at step {i}; "
+                                 f"expected {(R + 1, h, w)}")
             scores = resampled = self.estimate_scores(run, x, t, cells)
             # 2. Combine and take a DDIM step.
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)

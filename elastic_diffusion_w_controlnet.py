@@ -130,8 +130,9 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         if isinstance(model, str):
             source = os.path.expanduser(CONTROLNET_IDS.get(model, {}).get("sdxl" if self.is_sdxl else "sd", model))
             try:
+                safetensors_only = None if allow_pickle else True
                 model = ed.from_pretrained_variant(ControlNetModel.from_pretrained, source, self.dtype,
-                                                   torch_dtype=self.dtype, use_safetensors=None if allow_pickle else True)
+                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only)
             except (OSError, ValueError) as error:
                 raise ValueError(f"controlnet_model {model!r} ({source}) could not be loaded: {error}") from error
         elif model.dtype != self.dtype:  # a caller's model is used as it is, never converted
