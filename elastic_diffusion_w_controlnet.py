@@ -260,7 +260,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
     def finish_run(self, run: Run) -> None:
         super().finish_run(run)
-        run.extras["control"].pop("cache", None)
+        for key in ("cache", "full", "reference"):  # device tensors; the PIL map stays for `info`
+            run.extras["control"].pop(key, None)
         self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 
     def decode(self, *args, **kwargs):

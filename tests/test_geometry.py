@@ -80,6 +80,7 @@ def test_padding_is_centred():
     assert ed.centered_padding(128, 48, D) == (0, 0, 40, 40)
     assert ed.centered_padding(96, 96, D) == (16, 16, 16, 16)
     assert ed.centered_padding(76, 128, D) == (26, 26, 0, 0)
+    assert ed.centered_padding(43, 99, D) == (42, 43, 14, 15)  # odd: the extra pixel goes after (bottom, right)
     assert ed.padding_strips(96, 96, D) == {"left": (96, 16), "right": (96, 16), "top": (16, 128), "bottom": (16, 128)}
     assert ed.padding_strips(128, 128, D) == {}
 

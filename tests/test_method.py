@@ -193,21 +193,23 @@ def injected(T, R, h, w, shape, seed=0):
     return cells, noise
 
 
-CASES = {  # model, width x height: what the size exercises (sd1: native 512 px, latent 64; SDXL 1024, 128)
-    "2x_width": ("sd1", 1024, 512),  # ratio 1/2, padded reference (32 x 64 in 64 x 64), four windows
-    "2x_both": ("sd1", 1024, 1024),  # ratio 1/2 on both axes, 16 overlapping windows, no padding
-    "1.5x": ("sd1", 768, 512),  # ratios 42/64 and 2/3: groups of one and two, padded reference
-    "below_native": ("sd1", 384, 256),  # ratio 1: the whole image padded, passes and the view one input
-    "sdxl_2x_width": ("sdxl", 2048, 1024),  # pooled embeddings and 4x time ids
+CASES = {  # model, width x height, repaint: what it exercises (sd1: native 512 px, latent 64; SDXL 1024, 128)
+    "2x_width": ("sd1", 1024, 512, True),  # ratio 1/2, padded reference (32 x 64 in 64 x 64), four windows
+    "2x_both": ("sd1", 1024, 1024, True),  # ratio 1/2 on both axes, 16 overlapping windows, no padding
+    "1.5x": ("sd1", 768, 520, True),  # ratios 43/65 and 2/3, reference padded 10 + 11, three windows down
+    "below_native": ("sd1", 384, 256, True),  # ratio 1: the whole image padded, passes and the view one input
+    "no_repaint": ("sd1", 1024, 512, False),  # every step keeps the resampled direction at full guidance
+    "sdxl_2x_width": ("sdxl", 2048, 1024, True),  # pooled embeddings and 4x time ids
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_loop_matches_independent_implementation(case, request):
-    kind, width, height = CASES[case]
+    kind, width, height, repaint = CASES[case]
     sampler = request.getfixturevalue("xl" if kind == "sdxl" else "sd1")
     D, P = sampler.native_latent, sampler.native_px
-    T, R, omega, lam0, kappa, stop_t, patch = 3, 2, 7.0, 1500.0, 1.0, 0.34, D // 2  # RRG at steps 0 and 1
+    # RRG at every step (1500, 1125, 375): after repaint passes (w/3, one pass) and after the last, resampled one.
+    T, R, omega, lam0, kappa, stop_t, patch = 3, 2, 7.0, 1500.0, 1.0, 0.0, D // 2
     H, W = height // 8, width // 8
     h, w = naive_reference_size(height, width, P)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(4))
@@ -216,14 +218,14 @@ def test_full_loop_matches_independent_implementation(case, request):
     try:
         ours, info = sampler("a castle", "ugly", height=height, width=width, num_inference_steps=T,
                              guidance_scale=omega, resampling_steps=R, rrg_init_weight=lam0, cosine_scale=kappa,
-                             rrg_stop_t=stop_t, patch_size=patch, latents=latents, cells=lambda i, n: cells[i],
-                             repaint_noise=lambda i, shape: noise[i], **QUIET)
+                             rrg_stop_t=stop_t, patch_size=patch, repaint=repaint, latents=latents,
+                             cells=lambda i, n: cells[i], repaint_noise=lambda i, shape: noise[i], **QUIET)
     finally:
         spy.close()
     assert info["reference_size"] == (h, w)
     with torch.no_grad():
         naive = naive_elastic(sampler, latents, "ugly", "a castle", T, omega, R, lam0, kappa, stop_t, patch,
-                              cells, noise, spy.strips)
+                              cells, noise, spy.strips, repaint)
     assert relative_error(ours, naive) < 1e-5
 
 
