@@ -124,7 +124,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         self.controlnet = self.load_controlnet(self._controlnet_source, self.allow_pickle)
 
     def load_controlnet(self, model, allow_pickle: bool = False):
-        """ControlNetModel from a condition name, hub id, folder or instance, in the UNet's dtype."""
+        """ControlNetModel from a condition name, hub id or folder (in the UNet's dtype), or a loaded one of it."""
         from diffusers import ControlNetModel
 
         if isinstance(model, str):
