@@ -48,6 +48,7 @@ from elastic_diffusion import (
     png_metadata,
     recommended_settings,
     save_png,
+    share_pipeline,
 )
 
 logger = logging.getLogger("app_gradio")
@@ -438,10 +439,11 @@ class GenerationResult:
 
 
 def make_plain_pipeline(sampler):
-    """The loaded diffusers pipeline with a DDIM scheduler (the sampler's), sharing every module."""
+    """The loaded diffusers pipeline with a DDIM scheduler (the sampler's), sharing every module as it is
+    (diffusers' `from_pipe` would cast the shared modules to fp32)."""
     from diffusers import DDIMScheduler
 
-    plain = type(sampler.pipe).from_pipe(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
+    plain = share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
     plain.set_progress_bar_config(disable=True)
     return plain
 

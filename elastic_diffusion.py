@@ -28,6 +28,8 @@ Command line: ``python elastic_diffusion.py --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -41,7 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -160,27 +162,46 @@ def _index_table(kind: str, length: int, ref_length: int, device: torch.device) 
     return table.to(device)
 
 
-def candidates_per_axis(H: int, W: int, h: int, w: int) -> int:
-    """g: candidates per axis and cell; at least 2, the official 2x2 choice (§6.3)."""
-    return max(2, -(-H // h), -(-W // w))
+def axis_offsets(length: int, ref_length: int) -> torch.Tensor:
+    """(ref_length,) long: the equally likely offsets a cell has along one axis, max(2, group size).
 
-
-def choose_cells(num_passes: int, h: int, w: int, num_choices: int, new_p: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-cell candidate index k for each resampling pass (§6.3), shape (num_passes, h, w).
-
-    Pass 0 picks k = 0 (top-left). Each later pass draws a fresh k uniformly among the k not yet
-    used in that cell (any k once all are used) and takes it with probability exactly `new_p`
-    (D10), else keeps the previous pass's k. One k per cell serves all channels and batch items.
+    A group of n source indices offers each of them once, so every index of the group is picked
+    with the same probability whatever n is. A group of one index offers it twice: at ratios in
+    [1/2, 1] every cell then keeps the official four-way choice, and with it the coverage numbers
+    of the paper's sub-sampler.
     """
+    return axis_groups(length, ref_length)[1].clamp(min=2)
+
+
+def candidate_counts(H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """(h, w) long: candidates of each reference cell, its row offsets times its column offsets.
+
+    4 everywhere at ratios in [1/2, 1] (the official 2x2 choice); 6 in a row of cells whose group
+    holds 3 source rows (e.g. 2048x1032 on SDXL); g*g beyond 2x (groups of g, experimental).
+    """
+    return axis_offsets(H, h)[:, None] * axis_offsets(W, w)[None, :]
+
+
+def choose_cells(num_passes: int, counts: torch.Tensor, new_p: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-cell candidate index k for each resampling pass, shape (num_passes, h, w).
+
+    `counts` (h, w) is the number of candidates of each cell (`candidate_counts`). Pass 0 picks
+    k = 0 (top-left). Each later pass draws a fresh k uniformly among the cell's k not yet used
+    (any of its k once all are used) and takes it with probability exactly `new_p`, else keeps
+    the previous pass's k. One k per cell serves all channels and batch items.
+    """
+    h, w = counts.shape
+    num_choices = int(counts.max())
+    invalid = torch.arange(num_choices) >= counts[..., None]  # k beyond the cell's own candidates
     k = torch.zeros(h, w, dtype=torch.long)
-    used = torch.zeros(h, w, num_choices, dtype=torch.bool)
+    used = invalid.clone()
     used[..., 0] = True
     passes = [k]
     for _ in range(1, num_passes):
         scores = torch.rand(h, w, num_choices, generator=generator)
         exhausted = used.all(-1, keepdim=True)
-        fresh = scores.masked_fill(used & ~exhausted, -1.0).argmax(-1)
+        fresh = scores.masked_fill((used & ~exhausted) | invalid, -1.0).argmax(-1)
         take_fresh = torch.rand(h, w, generator=generator) < new_p
         k = torch.where(take_fresh, fresh, k)
         used.scatter_(-1, k[..., None], True)
@@ -188,17 +209,20 @@ def choose_cells(num_passes: int, h: int, w: int, num_choices: int, new_p: float
     return torch.stack(passes)
 
 
-def source_indices(k: torch.Tensor, H: int, W: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-resolution (row, col) gathered for each reference cell, each (..., h, w) long (§6.3).
+def source_indices(k: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-resolution (row, col) gathered for each reference cell, each (..., h, w) long.
 
-    Candidate k of cell (m, n) is row offset k // g and column offset k % g inside the cell's
-    groups, clamped to the group (so a group of one source index offers it for every offset).
+    Candidate k of cell (m, n) is row offset k // c_n and column offset k % c_n inside the cell's
+    groups, c_n being the column's offset count (`axis_offsets`); an offset past a group of one
+    source index is clamped to it. With two offsets per axis: 0 top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right.
     """
     h, w = k.shape[-2:]
     row_start, row_size = axis_groups(H, h)
     col_start, col_size = axis_groups(W, w)
-    rows = row_start[:, None] + torch.minimum(k // g, row_size[:, None] - 1)
-    cols = col_start[None, :] + torch.minimum(k % g, col_size[None, :] - 1)
+    col_offsets = col_size.clamp(min=2)
+    rows = row_start[:, None] + torch.minimum(k // col_offsets, row_size[:, None] - 1)
+    cols = col_start + torch.minimum(k % col_offsets, col_size - 1)
     return rows, cols
 
 
@@ -370,6 +394,24 @@ def _is_sdxl_checkpoint(path: str) -> bool:
         return any(key.startswith("conditioner.embedders.1") for key in f.keys())
 
 
+def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype, **kwargs):
+    """`load(source, **kwargs)` (a diffusers `from_pretrained`), reading the fp16 weight files when the
+    weights will be in half `precision`.
+
+    Hub repositories such as SDXL base ship every model twice: full fp32 files and an fp16
+    variant of half the size. A half-precision load reads the fp16 variant (half the download);
+    an fp32 load reads the full files. Where the preferred files do not exist (no fp16 variant, or
+    a folder saved only as fp16) the other set is used.
+    """
+    half = precision in (torch.float16, torch.bfloat16)
+    try:
+        return load(source, variant="fp16" if half else None, **kwargs)
+    except (OSError, ValueError) as error:  # diffusers' errors for missing weight files
+        logger.info("%s: no %s weight files (%s); loading the %s", source, "fp16" if half else "full",
+                    error, "full files" if half else "fp16 variant")
+        return load(source, variant=None if half else "fp16", **kwargs)
+
+
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                   **kwargs):
     """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
@@ -410,7 +452,7 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         config = DiffusionPipeline.load_config(source)
         if "safety_checker" in config:  # not used by this sampler: do not download or load it
             load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = DiffusionPipeline.from_pretrained(source, **load_kwargs)
+        pipe = from_pretrained_variant(DiffusionPipeline.from_pretrained, source, torch_dtype, **load_kwargs)
     except (OSError, EnvironmentError) as error:
         if source in HUB_MIRRORS:
             logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
@@ -435,6 +477,24 @@ def _checked_view_batch_size(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"view_batch_size must be an integer >= 1; got {value!r}")
     return value
+
+
+def share_pipeline(pipe, **replace):
+    """A new pipeline object of `pipe`'s class over the same modules: nothing copied, moved or converted.
+
+    `replace` swaps components (e.g. `scheduler=`). diffusers' own `from_pipe` casts every module of
+    the new pipeline to one dtype (float32 unless told otherwise), which changes the caller's modules
+    too; this does not.
+    """
+    import inspect
+
+    accepted = inspect.signature(type(pipe).__init__).parameters
+    settings = {k: v for k, v in pipe.config.items()
+                if k in accepted and k not in pipe.components and not k.startswith("_")}
+    shared = type(pipe)(**{**settings, **pipe.components, **replace})
+    if getattr(pipe, "name_or_path", None):
+        shared.register_to_config(_name_or_path=pipe.name_or_path)
+    return shared
 
 
 @dataclass
@@ -465,6 +525,91 @@ class GenerationCancelled(RuntimeError):
     """Raised from `callback_on_step_end` (or when it returns {"cancel": True}) to stop a run."""
 
 
+@dataclass(eq=False)
+class Run:
+    """One generation's own data, passed down the sampling loop; the sampler keeps only models and settings.
+
+    Made by `generate` from its arguments; `prepare` fills in the rest. Extensions keep their own
+    per-run data in `extras` (the ControlNet its condition maps).
+
+    The two sources of randomness inside the loop are functions of the step, so they can be replaced
+    (tests pin the method with them): `choose_cells(step, num_passes)` gives the sub-sampler's
+    candidate indices (num_passes, h, w) and `repaint_noise(step, shape)` the Gaussian noise of the
+    step's re-noising. By default both draw from one generator seeded with `aux_seed`, in that order.
+    """
+    prompts: list[str]
+    negative_prompts: list[str]
+    height: int  # pixels
+    width: int
+    settings: dict  # the resolved method knobs (`resolve_settings`)
+    view_batch_size: int
+    seed: int | None
+    aux_seed: int  # derived from the seed: sub-sampler, re-noising and background strips
+    latent_size: tuple[int, int]  # (H, W)
+    reference_size: tuple[int, int]  # (h, w)
+    choose_cells: Callable[[int, int], torch.Tensor]
+    repaint_noise: Callable[[int, tuple], torch.Tensor]
+    extras: dict = field(default_factory=dict)
+    # Filled by `prepare`:
+    embeds: torch.Tensor | None = None  # [neg; pos] text embeddings (2B, 77, d)
+    pooled: torch.Tensor | None = None  # SDXL pooled embeddings (2B, d') or None
+    time_ids: torch.Tensor | None = None  # SDXL size conditioning (1, 6) or None
+    views: list = field(default_factory=list)  # local views: (row window, column window) pairs
+    timesteps: list = field(default_factory=list)  # DDIM timesteps, noisiest first
+    timestep_tensors: dict = field(default_factory=dict)  # t -> 0-d tensor on the device
+    backgrounds: dict = field(default_factory=dict)  # (strip, size, t) -> noised strip latent (1, C, sh, sw)
+    counters: dict = field(default_factory=lambda: {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0,
+                                                    "unet_batch_sizes": {}})
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+
+    def release(self) -> None:
+        """Drop the run's device tensors (also when an error keeps the run referenced)."""
+        self.backgrounds = {}
+        self.timestep_tensors = {}
+
+
+class _ModuleLock:
+    """Who may use the sampler's modules at once.
+
+    Runs that leave the modules where they are only read them: any number share the lock. The
+    memory-mode switch, and low-VRAM runs (whose offload hooks move models between devices on
+    every call), hold it alone. A waiting exclusive holder goes before new shared ones.
+    """
+
+    def __init__(self):
+        self._state = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @property
+    def held(self) -> bool:
+        return self._exclusive or self._shared > 0
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool | Callable[[], bool]):
+        """Hold the lock; alone if `exclusive` is true (a callable is asked once no switch is pending)."""
+        with self._state:
+            self._state.wait_for(lambda: not self._exclusive and not self._waiting)
+            alone = exclusive() if callable(exclusive) else exclusive
+            if alone:
+                self._waiting += 1
+                self._state.wait_for(lambda: not self._exclusive and not self._shared)
+                self._waiting -= 1
+                self._exclusive = True
+            else:
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                if alone:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._state.notify_all()
+
+
 class ElasticDiffusion:
     """ElasticDiffusion sampler over a diffusers Stable Diffusion 1.x / 2.x / XL pipeline.
 
@@ -479,19 +624,37 @@ class ElasticDiffusion:
         allow_pickle: allow non-safetensors weights (they can run code when loaded).
         compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
             dimension marked dynamic one compilation serves every image size.
+
+    The instance holds the models and the configuration only; each call keeps its data in its own
+    `Run`. Several threads may generate with one sampler at once (each gets exactly its
+    single-threaded result); low-VRAM runs and `set_low_vram` take the sampler alone.
     """
 
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
                  view_batch_size: int = 16, low_vram: bool = False, torch_dtype: torch.dtype | None = None,
                  pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
-        self.view_batch_size = self._batch_size = _checked_view_batch_size(view_batch_size)
-        self.sd_version = sd_version if pipe is None else getattr(pipe, "name_or_path", None) or "pipeline"
-        if pipe is None:
-            dtype = torch_dtype or default_dtype(self.device)
-            pipe = load_pipeline(sd_version, dtype, allow_pickle, **load_kwargs)
-        elif torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
+        self.view_batch_size = _checked_view_batch_size(view_batch_size)
+        self.allow_pickle = allow_pickle
+        shared = pipe is not None  # the caller's pipeline: its modules are used, never changed
+        if shared:
+            self.sd_version = getattr(pipe, "name_or_path", None) or "pipeline"
+            if torch_dtype is not None and torch_dtype != pipe.unet.dtype:
+                raise ValueError(f"torch_dtype={torch_dtype} differs from the pipeline's {pipe.unet.dtype}: from_pipe "
+                                 "shares the pipeline's modules and does not convert them; convert the pipeline "
+                                 "first (pipe.to(dtype=...)) or leave torch_dtype out")
+        else:
+            self.sd_version = sd_version
+            pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
+        vae = pipe.vae
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory of an
+            # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
+            # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            vae = (copy.deepcopy(vae) if shared else vae).to(torch.bfloat16 if bf16 else torch.float32)
+        if shared:
+            pipe = share_pipeline(pipe, vae=vae)
         self.pipe = pipe
         self.vae, self.unet, self.scheduler = pipe.vae, pipe.unet, pipe.scheduler
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
@@ -511,24 +674,31 @@ class ElasticDiffusion:
         self._ddim = DDIMScheduler.from_config(self.scheduler.config)
         self.alphas_cumprod = self._ddim.alphas_cumprod.double()
         self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
-        if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory
-            # of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB).
-            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            self.vae.to(torch.bfloat16 if bf16 else torch.float32)
-        # Per-call state (embeddings, views, backgrounds) lives on the instance: one run at a time.
-        self._lock = threading.Lock()
+        self._modules = _ModuleLock()
+        self._vae_lock = threading.Lock()  # one decode at a time: tiling is a switch on the shared VAE
+        self.attach_models()
         self.low_vram = None
-        self.set_low_vram(low_vram)
+        self.set_low_vram(low_vram)  # the one place modules are first put on the device
         self.compiled = bool(compile_unet)
         if self.compiled:  # all UNet inputs are D x D: only the batch size varies (marked dynamic)
             self.unet = torch.compile(self.unet)
         self.max_scale = MAX_SCALE
-        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0}
 
-    def exclusive(self) -> threading.Lock:
-        """The lock a generation holds: `with pipe.exclusive():` to use the components undisturbed."""
-        return self._lock
+    def attach_models(self) -> None:
+        """Extension point: load the models a subclass adds (the ControlNet's).
+
+        Called once by the constructor, after the pipeline is loaded and before anything is placed on
+        the device, so the memory mode (`place_modules`) is set once, for every model.
+        """
+
+    @property
+    def busy(self) -> bool:
+        """True while a generation runs (or someone holds `exclusive()`)."""
+        return self._modules.held
+
+    def exclusive(self):
+        """`with pipe.exclusive():` use the components alone: waits for running generations, holds off new ones."""
+        return self._modules.hold(True)
 
     def initial_latents(self, height: int, width: int, batch: int = 1,
                         generator: torch.Generator | int | None = None) -> torch.Tensor:
@@ -543,30 +713,52 @@ class ElasticDiffusion:
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def set_low_vram(self, low_vram: bool) -> None:
-        """Switch diffusers' model CPU offload on or off in place (no reload; the official demo rebuilt)."""
+        """Switch diffusers' model CPU offload on or off in place (no reload; the official demo rebuilt).
+
+        Waits for running generations. The offload hooks sit on the modules: a sampler made with
+        `from_pipe` switches the shared modules, so the caller's pipeline is offloaded with it.
+        """
         low_vram = bool(low_vram)
-        with self._lock:  # never while a generation is running
-            if low_vram == self.low_vram:
-                return
-            if low_vram:
-                self.pipe.enable_model_cpu_offload(device=self.device)
-            else:
-                if self.low_vram:
-                    self.pipe.remove_all_hooks()
-                self.pipe.to(self.device)
-            self.low_vram = low_vram
+        with self._modules.hold(True):
+            if low_vram != self.low_vram:
+                self.place_modules(low_vram)
+                self.low_vram = low_vram
+
+    def place_modules(self, low_vram: bool) -> None:
+        """Put the models where the memory mode wants them; `set_low_vram` calls it holding the sampler alone.
+
+        low_vram: diffusers' model CPU offload hooks (models stay on the CPU until used); otherwise
+        every model on the device. Subclasses with models of their own extend it.
+        """
+        if low_vram:
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            if self.low_vram:
+                self.pipe.remove_all_hooks()
+            self.pipe.to(self.device)
 
     @classmethod
     def from_pipe(cls, pipe, device=None, **kwargs) -> "ElasticDiffusion":
-        """Reuse an already loaded diffusers Stable Diffusion pipeline's components (no reload)."""
+        """Reuse an already loaded diffusers Stable Diffusion pipeline's components (no reload, no copy).
+
+        The caller's pipeline is not changed: no dtype conversion (a different `torch_dtype` is
+        refused), its VAE keeps its precision (an fp16 SDXL VAE is upcast in a private copy), no
+        hooks, and the modules stay on their device when `device` is left out. The modules are
+        shared, though: `low_vram=True` (or `set_low_vram(True)`) puts diffusers' offload hooks on
+        them, which the caller's pipeline then runs with too, until `set_low_vram(False)`; an
+        explicit `device` moves them.
+        """
         if device is None:
             device = getattr(pipe, "_execution_device", None) or pipe.device
         return cls(device=device, pipe=pipe, **kwargs)
 
     def timesteps(self, num_inference_steps: int) -> list[int]:
-        """DDIM timesteps of the model's scheduler config: 981, 961, ..., 1 for T = 50 (§3.2)."""
-        self._ddim.set_timesteps(num_inference_steps)
-        return [int(t) for t in self._ddim.timesteps]
+        """DDIM timesteps of the model's scheduler config: 981, 961, ..., 1 for T = 50 and 'leading' spacing."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self._ddim.config)  # a fresh one: set_timesteps is a mutation
+        scheduler.set_timesteps(num_inference_steps)
+        return [int(t) for t in scheduler.timesteps]
 
     def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
         """Reference latent size (h, w) for a full-resolution latent of (H, W) (§4.2)."""
@@ -574,6 +766,7 @@ class ElasticDiffusion:
         return reference_size(H * f, W * f, self.native_px, f)
 
     def alpha(self, t: int) -> float:
+        """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
 
     # ---------------------------------------------------------------------------- text (§3.3)
@@ -604,24 +797,24 @@ class ElasticDiffusion:
 
     # ---------------------------------------------------------------------------- UNet calls (§7)
 
-    def unet_extra_kwargs(self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
+    def unet_extra_kwargs(self, run: Run, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
                           added_cond_kwargs: dict | None, regions: list[Region]) -> dict:
-        """Extension point: extra keyword arguments for the UNet call on `latents` (N, C, D, D).
+        """Extension point: extra keyword arguments for the UNet call on `latents` (N, C, D, D) of `run`.
 
         `regions[n]` says where sample n comes from. The base sampler adds nothing; the ControlNet
         sampler returns `down_block_additional_residuals` / `mid_block_additional_residual`.
         """
         return {}
 
-    def predict_noise(self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
+    def predict_noise(self, run: Run, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
                       pooled_embeds: torch.Tensor | None, regions: list[Region]) -> torch.Tensor:
         """Noise prediction (epsilon) for a batch of native-size latents: every UNet call goes here."""
         n = latents.shape[0]
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": pooled_embeds, "time_ids": self._time_ids.expand(n, -1).contiguous()}
-        timestep = self._timestep_tensors[t]  # a tensor: a Python int would recompile a compiled UNet
-        extra = self.unet_extra_kwargs(latents, timestep, prompt_embeds, added, regions)
+            added = {"text_embeds": pooled_embeds, "time_ids": run.time_ids.expand(n, -1).contiguous()}
+        timestep = run.timestep_tensors[t]  # a tensor: a Python int would recompile a compiled UNet
+        extra = self.unet_extra_kwargs(run, latents, timestep, prompt_embeds, added, regions)
         if self.compiled and n > 1:  # sizes 0 and 1 are always specialised by torch.compile
             extras = [v for value in extra.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
             for tensor in (latents, prompt_embeds, *(added or {}).values(), *extras):
@@ -636,42 +829,44 @@ class ElasticDiffusion:
             return math.sqrt(alpha) * out + math.sqrt(1 - alpha) * x
         return (x - math.sqrt(alpha) * out) / math.sqrt(1 - alpha)  # "sample" prediction
 
-    def _evaluate(self, latents: torch.Tensor, t: int, cond_index: torch.Tensor,
+    def _evaluate(self, run: Run, latents: torch.Tensor, t: int, cond_index: torch.Tensor,
                   regions: list[Region]) -> torch.Tensor:
-        """Run all N samples of one denoising pass in calls of at most `view_batch_size` samples.
+        """Run all N samples of one denoising pass in calls of at most `run.view_batch_size` samples.
 
         The calls are balanced (38 samples at v = 16 go as 13 + 13 + 12): as few calls as the limit
         allows, each as large as possible, none padded.
         """
         n = latents.shape[0]
-        calls = -(-n // self._batch_size)
+        calls = -(-n // run.view_batch_size)
         size = -(-n // calls)
         outputs = []
+        counters = run.counters
         for start in range(0, n, size):
             chunk = slice(start, min(start + size, n))
             x, index = latents[chunk].to(self.dtype), cond_index[chunk]
-            pooled = self._pooled[index] if self._pooled is not None else None
-            outputs.append(self.predict_noise(x, t, self._embeds[index], pooled, regions[chunk]))
-            self.counters["unet_samples"] += x.shape[0]
-            self.counters["unet_calls"] += 1
-            batches = self.counters["unet_batch_sizes"]
+            pooled = run.pooled[index] if run.pooled is not None else None
+            outputs.append(self.predict_noise(run, x, t, run.embeds[index], pooled, regions[chunk]))
+            counters["unet_samples"] += x.shape[0]
+            counters["unet_calls"] += 1
+            batches = counters["unet_batch_sizes"]
             batches[x.shape[0]] = batches.get(x.shape[0], 0) + 1
         return torch.cat(outputs)
 
     # ---------------------------------------------------------------------------- backgrounds (§7)
 
-    def _strip_seed(self, name: str, size: tuple[int, int], t: int) -> int:
-        key = f"{self._aux_seed}:{name}:{size[0]}x{size[1]}:{t}".encode()
+    @staticmethod
+    def _strip_seed(aux_seed: int, name: str, size: tuple[int, int], t: int) -> int:
+        key = f"{aux_seed}:{name}:{size[0]}x{size[1]}:{t}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2 ** 63 - 1)
 
     @torch.no_grad()
     def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
-                            chunk: int = 8) -> dict:
+                            aux_seed: int, counters: dict | None = None, chunk: int = 8) -> dict:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
 
-        `strips` holds (name, (height, width)) pairs. Encoded once, up front: identical across
-        passes, view batches and batch items within a timestep, different across timesteps.
-        Returns {(name, size, t): (1, C, sh, sw)}.
+        `strips` holds (name, (height, width)) pairs; `aux_seed` seeds each strip's colour, VAE
+        sample and noise. Encoded once, up front: identical across passes, view batches and batch
+        items within a timestep, different across timesteps. Returns {(name, size, t): (1, C, sh, sw)}.
         """
         keys = [(name, size, t) for t in timesteps for name, size in sorted(strips)]
         backgrounds = {}
@@ -680,11 +875,12 @@ class ElasticDiffusion:
             same = [k for k in keys if k[1] == size]
             for i in range(0, len(same), chunk):
                 group = same[i:i + chunk]
-                gens = [torch.Generator().manual_seed(self._strip_seed(*k)) for k in group]
+                gens = [torch.Generator().manual_seed(self._strip_seed(aux_seed, *k)) for k in group]
                 colours = torch.stack([torch.rand(3, generator=g) for g in gens])  # RGB in [0, 1]
                 images = colours[:, :, None, None].expand(-1, -1, size[0] * f, size[1] * f)
                 dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-                self.counters["vae_encodes"] += len(group)
+                if counters is not None:
+                    counters["vae_encodes"] += len(group)
                 for k, g, mean, std in zip(group, gens, dist.mean.float(), dist.std.float()):
                     z0 = (mean + std * torch.randn(mean.shape, generator=g).to(self.device))
                     z0 = z0 * self.vae.config.scaling_factor
@@ -693,49 +889,61 @@ class ElasticDiffusion:
                     backgrounds[k] = (math.sqrt(alpha) * z0 + math.sqrt(1 - alpha) * noise)[None]
         return backgrounds
 
-    def _pad(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _pad(self, run: Run, x: torch.Tensor, t: int) -> torch.Tensor:
         h, w = x.shape[-2:]
         if (h, w) == (self.native_latent, self.native_latent):
             return x
         strips = padding_strips(h, w, self.native_latent)
-        return pad_with_strips(x, {n: self._backgrounds[(n, s, t)] for n, s in strips.items()})
+        return pad_with_strips(x, {n: run.backgrounds[(n, s, t)] for n, s in strips.items()})
 
     # ---------------------------------------------------------------------------- the two scores
 
-    def estimate_scores(self, x: torch.Tensor, t: int, cells: torch.Tensor) -> ScoreEstimate:
+    def estimate_scores(self, run: Run, x: torch.Tensor, t: int, cells: torch.Tensor) -> ScoreEstimate:
         """Global class direction and local unconditional score of x (B, C, H, W) at t (§6, §8).
 
         `cells` (S, h, w) are the sub-sampler's choices for the S reference passes. Every UNet
         sample of this pass (2B per reference pass, B per local view) depends only on x, so all
-        go through `_evaluate` together.
+        go through `_evaluate` together. Identical inputs are evaluated once: when the reference
+        has the latent's own size (images up to the native size), every pass gathers x itself and
+        the one local view is x, padded alike, so the reference pass's [neg; pos] pair serves all of
+        them (2B samples, the cost of plain CFG). That is the only case where a local window's
+        input can equal a reference sample's: below it the reference is a strict sub-sample.
         """
         B, C, H, W = x.shape
         h, w = cells.shape[-2:]
-        S, D = cells.shape[0], self.native_latent
-        rows, cols = source_indices(cells, H, W, self._candidates_per_axis)
-        rows, cols = self._to_device(rows), self._to_device(cols)
+        D = self.native_latent
+        rows, cols = source_indices(cells, H, W)
+        same_input = (h, w) == (H, W)
+        S = 1 if same_input else cells.shape[0]
+        rows, cols = self._to_device(rows[:S]), self._to_device(cols[:S])
         references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
-        views = self._views
-        crops = torch.stack([x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views])
-        ch, cw = crops.shape[-2:]
+        views = [] if same_input else run.views
+        crops = [x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views]
 
         # Samples: per pass [neg x B, prompt x B], then per view [neg x B]; cond index into [neg; pos].
         ref_batch = references.unsqueeze(1).expand(S, 2, B, C, h, w).reshape(S * 2 * B, C, h, w)
-        local_batch = crops.reshape(len(views) * B, C, ch, cw)
-        latents = torch.cat([self._pad(ref_batch, t), self._pad(local_batch, t)])
+        batches = [self._pad(run, ref_batch, t)]
         item = torch.arange(B)
-        cond_index = self._to_device(torch.cat([torch.cat([item, item + B]).repeat(S), item.repeat(len(views))]))
-        ref_pad, crop_pad = centered_padding(h, w, D), centered_padding(ch, cw, D)
+        index = [torch.cat([item, item + B]).repeat(S)]
+        ref_pad = centered_padding(h, w, D)
         regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
                    for b in range(B)]
-        regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
-                    for r, c in views for b in range(B)]
-        eps = self._evaluate(latents, t, cond_index, regions)
+        if crops:
+            ch, cw = crops[0].shape[-2:]
+            crop_pad = centered_padding(ch, cw, D)
+            batches.append(self._pad(run, torch.cat(crops), t))
+            index.append(item.repeat(len(views)))
+            regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
+                        for r, c in views for b in range(B)]
+        eps = self._evaluate(run, torch.cat(batches), t, self._to_device(torch.cat(index)), regions)
 
         top, _, left, _ = ref_pad
         ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w].reshape(S, 2, B, C, h, w)
-        top, _, left, _ = crop_pad
-        local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw].reshape(len(views), B, C, ch, cw)
+        if same_input:
+            views, local_eps = run.views, ref_eps[:, 0]  # the one view is the whole latent
+        else:
+            top, _, left, _ = crop_pad
+            local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw].reshape(len(views), B, C, ch, cw)
         direction = write_back_direction(ref_eps[:, 1] - ref_eps[:, 0], rows, cols, H, W)
         local = assemble_local_score(local_eps, views, H, W)
         return ScoreEstimate(local, direction, references[-1], ref_eps[-1, 0])
@@ -806,17 +1014,16 @@ class ElasticDiffusion:
 
     def __call__(self, *args, **kwargs):
         """Generate images; returns (images, info). See `generate` for the arguments."""
-        with self._lock:
-            try:
-                return self.generate(*args, **kwargs)
-            except torch.OutOfMemoryError as error:
-                self._backgrounds = {}
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise torch.OutOfMemoryError(
-                    f"out of GPU memory: {error}. Try a smaller view_batch_size (now {self._batch_size}; "
-                    "4 still works and gives the same image), low_vram=True, tiled_decoder=True, or a smaller "
-                    "width/height.") from error
+        try:
+            return self.generate(*args, **kwargs)
+        except torch.OutOfMemoryError as error:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch = kwargs.get("view_batch_size") or self.view_batch_size
+            raise torch.OutOfMemoryError(
+                f"out of GPU memory: {error}. Try a smaller view_batch_size (now {batch}; "
+                "4 still works and gives the same image), low_vram=True, tiled_decoder=True, or a smaller "
+                "width/height.") from error
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
@@ -830,14 +1037,20 @@ class ElasticDiffusion:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
                  progress: bool | Callable = True, drop_p: float | None = None,
-                 view_batch_size: int | None = None):
+                 view_batch_size: int | None = None, cells: Callable | None = None,
+                 repaint_noise: Callable | None = None, extras: dict | None = None):
         """Generate images; returns (images, info).
 
         Method knobs left at None come from `recommended_settings(width, height)`. `drop_p` is the
         complement of `new_p` (the official README's spelling). `generator` / `seed` seed the initial
         latents and, through one derived seed, the sub-sampler, re-noising and backgrounds.
-        `callback_on_step_end(pipe, step, t, {"latents": x, "x0": x0})` may return {"latents": ...}
-        to replace the latent, or raise `GenerationCancelled` to stop.
+        `callback_on_step_end(pipe, step, t, tensors)` gets {"latents": x, "x0": x0, "scores": the
+        step's kept ScoreEstimate, "resampled_scores": the one of its R + 1 resampling passes (the
+        same unless a repaint pass ran)}; it may return {"latents": ...} to replace the latent, or
+        raise `GenerationCancelled` (or return {"cancel": True}) to stop.
+        `cells(step, num_passes)` and `repaint_noise(step, shape)` replace the two random draws of
+        the loop (the sub-sampler's choices and the re-noising noise, see `Run`); `extras` are
+        extensions' per-run data (`run.extras`). Safe to call from several threads at once.
         """
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
@@ -854,15 +1067,11 @@ class ElasticDiffusion:
                                   tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
         self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
         view_batch_size = _checked_view_batch_size(self.view_batch_size if view_batch_size is None else view_batch_size)
-        self._batch_size = view_batch_size
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}")
 
-        self.counters = {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0, "unet_batch_sizes": {}}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         if generator is None:
             seed = random.randrange(2 ** 32) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
@@ -870,29 +1079,38 @@ class ElasticDiffusion:
             latents = self.initial_latents(height, width, len(prompts), generator)
         x = latents.to(self.device, torch.float32)
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
-        self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        try:
-            timings = self.prepare(negatives + prompts, height, width, s)
-            tic = time.perf_counter()
-            x = self.sample(x, self._timesteps, s, torch.Generator().manual_seed(self._aux_seed),
-                            callback_on_step_end, progress)
-            timings["denoise"] = self._sync_time(tic)
-            tic = time.perf_counter()
-            # Low-VRAM mode decodes large images in tiles: a plain 2048^2 SDXL decode needs ~10 GiB.
-            tiled = s["tiled_decoder"] or (self.low_vram and max(x.shape[-2:]) > self.native_latent)
-            images = x if output_type == "latent" else self.decode(x, tiled, output_type)
-            timings["decode"] = self._sync_time(tic)
-        finally:
-            self._backgrounds = {}  # per-call state: do not hold GPU memory between calls
-        timings["total"] = time.perf_counter() - t_start
+        aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        H, W = height // self.vae_scale_factor, width // self.vae_scale_factor
+        h, w = self.reference_latent_size(H, W)
+        if cells is None or repaint_noise is None:  # both draw from one generator, in loop order
+            aux = torch.Generator().manual_seed(aux_seed)
+            counts = candidate_counts(H, W, h, w)
+            cells = cells or (lambda step, passes: choose_cells(passes, counts, s["new_p"], aux))
+            repaint_noise = repaint_noise or (lambda step, shape: torch.randn(shape, generator=aux))
+        run = Run(prompts=prompts, negative_prompts=negatives, height=height, width=width, settings=s,
+                  view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, latent_size=(H, W),
+                  reference_size=(h, w), choose_cells=cells, repaint_noise=repaint_noise,
+                  extras=dict(extras or {}))
+        with self._modules.hold(lambda: self.low_vram):  # low-VRAM runs move modules: one at a time
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                self.prepare(run)
+                tic = time.perf_counter()
+                x = self.sample(run, x, callback_on_step_end, progress)
+                run.timings["denoise"] = self._sync_time(tic)
+                tic = time.perf_counter()
+                # Low-VRAM mode decodes large images in tiles: a plain 2048^2 SDXL decode needs ~10 GiB.
+                tiled = s["tiled_decoder"] or (self.low_vram and max(x.shape[-2:]) > self.native_latent)
+                images = x if output_type == "latent" else self.decode(x, tiled, output_type)
+                run.timings["decode"] = self._sync_time(tic)
+            finally:
+                self.finish_run(run)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
+        run.timings["total"] = time.perf_counter() - t_start
         info = dict(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
-                    seed=seed, model=str(self.sd_version),
-                    reference_size=self.reference_latent_size(height // self.vae_scale_factor,
-                                                       width // self.vae_scale_factor),
-                    num_views=len(self._views),
-                    **self.counters, timings=timings,
-                    peak_memory_gib=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-                                     if self.device.type == "cuda" else None))
+                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(run.views),
+                    **run.counters, timings=run.timings, peak_memory_gib=peak)
         return images, info
 
     @staticmethod
@@ -911,44 +1129,48 @@ class ElasticDiffusion:
         repeat = num_images_per_prompt
         return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
 
-    def prepare(self, texts: list[str], height: int, width: int, s: dict) -> dict:
-        """Per-image state computed once: embeddings, time ids, views, timesteps, backgrounds.
+    def prepare(self, run: Run) -> None:
+        """A run's per-image data, computed once: embeddings, time ids, views, timesteps, backgrounds.
 
-        texts = negatives + prompts; s = the resolved settings. Extensions that need per-image
-        state of their own (the ControlNet's condition maps) override this and call super().
-        Returns {stage: seconds}.
+        Extensions that need per-run data of their own (the ControlNet's condition maps) override
+        this, call super() and keep theirs in `run.extras`. Stage times go to `run.timings`.
         """
-        tic, timings = time.perf_counter(), {}
-        embeds, pooled = self.encode_prompt(texts)  # [neg; pos] (§3.3)
-        self._embeds, self._pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
+        tic, s = time.perf_counter(), run.settings
+        embeds, pooled = self.encode_prompt(run.negative_prompts + run.prompts)  # [neg; pos] (§3.3)
+        run.embeds, run.pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
         if self.is_sdxl:
-            k = s["time_ids_scale"]
-            self._time_ids = torch.tensor([k * height, k * width, 0, 0, k * height, k * width],
-                                          device=self.device, dtype=self.dtype)[None]
-        timings["encode_prompt"] = self._sync_time(tic)
+            k, height, width = s["time_ids_scale"], run.height, run.width
+            run.time_ids = torch.tensor([k * height, k * width, 0, 0, k * height, k * width],
+                                        device=self.device, dtype=self.dtype)[None]
+        run.timings["encode_prompt"] = self._sync_time(tic)
 
         tic = time.perf_counter()
-        D, H, W = self.native_latent, height // self.vae_scale_factor, width // self.vae_scale_factor
-        h, w = self.reference_latent_size(H, W)
-        self._views = local_views(H, W, D, s["patch_size"])
-        self._candidates_per_axis = candidates_per_axis(H, W, h, w)  # g: g * g candidates per cell
-        self._timesteps = self.timesteps(s["num_inference_steps"])
-        self._timestep_tensors = {t: torch.tensor(t, device=self.device) for t in self._timesteps}
-        rows, cols = self._views[0]
+        D, (H, W), (h, w) = self.native_latent, run.latent_size, run.reference_size
+        run.views = local_views(H, W, D, s["patch_size"])
+        run.timesteps = self.timesteps(s["num_inference_steps"])
+        run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in run.timesteps}
+        rows, cols = run.views[0]
         crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
         strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
-        self._backgrounds = self.prepare_backgrounds(strips, self._timesteps) if strips else {}
-        timings["backgrounds"] = self._sync_time(tic)
-        return timings
+        run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters)
+                           if strips else {})
+        run.timings["backgrounds"] = self._sync_time(tic)
 
-    def sample(self, x: torch.Tensor, timesteps: list[int], s: dict, aux: torch.Generator,
-               callback_on_step_end: Callable | None = None, progress: bool | Callable = True) -> torch.Tensor:
+    def finish_run(self, run: Run) -> None:
+        """Extension point: runs after every generation (a failed or cancelled one too), still inside it.
+
+        The base frees the run's device tensors; the ControlNet also offloads its model in low-VRAM mode.
+        """
+        run.release()
+
+    def sample(self, run: Run, x: torch.Tensor, callback_on_step_end: Callable | None = None,
+               progress: bool | Callable = True) -> torch.Tensor:
         """The sampling loop of §5, one iteration per DDIM timestep."""
         from tqdm.auto import tqdm
 
+        s, timesteps = run.settings, run.timesteps
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
-        h, w = self.reference_latent_size(*x.shape[-2:])
-        step_size = self.scheduler.config.num_train_timesteps // T
+        h, w = run.reference_size
         top_left = torch.zeros(1, h, w, dtype=torch.long)
         steps = enumerate(timesteps)
         if callable(progress):
@@ -956,18 +1178,22 @@ class ElasticDiffusion:
         elif progress:
             steps = tqdm(steps, total=T, desc="ElasticDiffusion")
         for i, t in steps:
-            alpha, alpha_prev = self.alpha(t), self.alpha(t - step_size)
+            # The schedule's own next level (the final one after the last step), whatever its spacing.
+            alpha, alpha_prev = self.alpha(t), self.alpha(timesteps[i + 1] if i + 1 < T else -1)
             # 1. Global direction over R + 1 resampling passes and local unconditional score.
-            cells = choose_cells(R + 1, h, w, self._candidates_per_axis ** 2, s["new_p"], aux)
-            scores = self.estimate_scores(x, t, cells)
+            cells = run.choose_cells(i, R + 1)
+            if tuple(cells.shape) != (R + 1, h, w):
+                raise ValueError(f"cells(step, num_passes) gave shape {tuple(cells.shape)} at step {i}; "
+                                 f"expected {(R + 1, h, w)}")
+            scores = resampled = self.estimate_scores(run, x, t, cells)
             # 2. Combine and take a DDIM step.
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
             omega_step = omega
             # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (§10).
             if s["repaint"] and R > 0 and i < T - 1:
-                noise = self._to_device(torch.randn(x.shape, generator=aux))
+                noise = self._to_device(run.repaint_noise(i, tuple(x.shape)))
                 x = renoise(x_prev, alpha_prev, alpha, noise)
-                scores = self.estimate_scores(x, t, top_left)
+                scores = self.estimate_scores(run, x, t, top_left)
                 omega_step = omega / 3
                 x0, x_prev = ddim_step(scores.local_uncond + omega_step * scores.direction, x, alpha, alpha_prev)
             # 4. Reduced-resolution guidance, from this step's own UNet outputs (§11).
@@ -976,7 +1202,8 @@ class ElasticDiffusion:
                 x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, t, omega_step, weight)
             x = x_prev
             if callback_on_step_end is not None:
-                result = callback_on_step_end(self, i, t, {"latents": x, "x0": x0}) or {}
+                tensors = {"latents": x, "x0": x0, "scores": scores, "resampled_scores": resampled}
+                result = callback_on_step_end(self, i, t, tensors) or {}
                 if result.get("cancel"):
                     raise GenerationCancelled(f"cancelled after step {i + 1} of {T}")
                 x = result.get("latents", x)
@@ -1014,19 +1241,20 @@ class ElasticDiffusion:
         return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
     def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
-        was_tiling = getattr(self.vae, "use_tiling", False)
-        if tiled:
-            self.vae.enable_tiling()
-        try:
-            image = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
-        finally:
-            if tiled and not was_tiling:
-                self.vae.disable_tiling()
+        with self._vae_lock:  # tiling is a switch on the shared VAE: no other decode may see it flipped
+            was_tiling = getattr(self.vae, "use_tiling", False)
+            if tiled:
+                self.vae.enable_tiling()
+            try:
+                image = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
+            finally:
+                if tiled and not was_tiling:
+                    self.vae.disable_tiling()
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host-to-device copy that does not make the CPU wait for the GPU (pinned, non-blocking)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or tensor.device.type != "cpu":
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 

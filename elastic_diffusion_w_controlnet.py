@@ -2,7 +2,8 @@
 
 A subclass of `ElasticDiffusion` that feeds a ControlNet's residuals to every UNet call through the base class's
 extension point `unet_extra_kwargs` (§18 of the method reference, D3 and D6 fixed). Reference samples get the
-condition map at the reference size, local windows full-resolution crops of it (see `control_batch`).
+condition map extracted at the reference size, local windows crops of the one extracted at full resolution (see
+`prepare_condition` and `control_batch`). A run's condition lives in its `Run` (`run.extras["control"]`).
 
     pipe = ElasticDiffusionControlNet(sd_version="XL1.0", controlnet_model="canny")
     images, info = pipe("an astronaut", condition_image="imgs/input/astronaut.jpg", width=1536, height=1536)
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 
 import cv2
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import elastic_diffusion as ed
-from elastic_diffusion import ElasticDiffusion, Region
+from elastic_diffusion import ElasticDiffusion, Region, Run
 
 # Default ControlNets per condition and base-model family (§18); any other hub id or folder is accepted.
 CONTROLNET_IDS = {
@@ -85,6 +87,11 @@ def canny_condition(image: Image.Image, low: int = 100, high: int = 200) -> Imag
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, height, width) float in [0, 1]."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+
 def depth_condition(image: Image.Image, estimator) -> Image.Image:
     """Depth map of an RGB PIL image from a transformers depth-estimation pipeline, as RGB at the same size."""
     depth = estimator(image)["depth"]
@@ -103,47 +110,52 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
     def __init__(self, device=None, sd_version: str = "XL1.0", controlnet_model="canny",
                  depth_model=DEFAULT_DEPTH_MODEL, low_vram: bool = False, allow_pickle: bool = False, **kwargs):
-        self.controlnet, self._controlnet_hook, self._control = None, None, None
-        super().__init__(device=device, sd_version=sd_version, low_vram=False, allow_pickle=allow_pickle, **kwargs)
-        self.controlnet = self.load_controlnet(controlnet_model, allow_pickle)
+        self.controlnet, self._controlnet_hook, self._controlnet_source = None, None, controlnet_model
+        self.depth_model, self._depth_estimator, self._depth_lock = depth_model, None, threading.Lock()
+        # The base constructor loads the pipeline, then `attach_models` loads the ControlNet, then the
+        # memory mode is set once for both: in low-VRAM mode nothing is ever moved to the GPU whole.
+        super().__init__(device=device, sd_version=sd_version, low_vram=low_vram, allow_pickle=allow_pickle, **kwargs)
         self.controlnet_model = (controlnet_model if isinstance(controlnet_model, str)
                                  else self.controlnet.config.get("_name_or_path") or type(controlnet_model).__name__)
         known = {i: kind for kind, family in CONTROLNET_IDS.items() for i in family.values()}
         self.default_condition = {"canny": "canny", "depth": "depth", **known}.get(self.controlnet_model, "image")
-        self.depth_model, self._depth_estimator = depth_model, None
-        self.set_low_vram(low_vram)
+
+    def attach_models(self) -> None:
+        self.controlnet = self.load_controlnet(self._controlnet_source, self.allow_pickle)
 
     def load_controlnet(self, model, allow_pickle: bool = False):
-        """ControlNetModel from a condition name, hub id, folder or instance, in the UNet's dtype."""
+        """ControlNetModel from a condition name, hub id or folder (in the UNet's dtype), or a loaded one of it."""
         from diffusers import ControlNetModel
 
         if isinstance(model, str):
             source = os.path.expanduser(CONTROLNET_IDS.get(model, {}).get("sdxl" if self.is_sdxl else "sd", model))
             try:
-                model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype,
-                                                        use_safetensors=None if allow_pickle else True)
+                safetensors_only = None if allow_pickle else True
+                model = ed.from_pretrained_variant(ControlNetModel.from_pretrained, source, self.dtype,
+                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only)
             except (OSError, ValueError) as error:
                 raise ValueError(f"controlnet_model {model!r} ({source}) could not be loaded: {error}") from error
+        elif model.dtype != self.dtype:  # a caller's model is used as it is, never converted
+            raise ValueError(f"controlnet_model is {model.dtype} but the base model {self.dtype}: convert it first "
+                             "(controlnet.to(dtype=...)) or pass a hub id or folder")
         as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists vs tuples)
         for key in ("block_out_channels", "cross_attention_dim", "addition_embed_type"):
             if as_list(model.config.get(key)) != as_list(self.unet.config.get(key)):
                 raise ValueError(f"controlnet_model does not fit this base model: its {key} is "
                                  f"{model.config.get(key)}, the UNet's {self.unet.config.get(key)}")
-        return (model if model.dtype == self.dtype else model.to(dtype=self.dtype)).eval()
+        return model.eval()
 
-    def set_low_vram(self, low_vram: bool) -> None:
-        """The base class's offload switch; the ControlNet is offloaded with the UNet (D6)."""
-        super().set_low_vram(low_vram)
-        if self.controlnet is None:  # the base constructor calls this before the ControlNet exists
-            return
+    def place_modules(self, low_vram: bool) -> None:
+        """The base memory mode, plus the ControlNet: offloaded with the UNet in low-VRAM mode (D6)."""
         import accelerate
-        with self._lock:  # never while a generation is running
-            accelerate.hooks.remove_hook_from_module(self.controlnet, recurse=True)
-            self._controlnet_hook = None
-            if self.low_vram:  # on the GPU from its first call to the VAE decode (see `decode`)
-                _, self._controlnet_hook = accelerate.cpu_offload_with_hook(self.controlnet.to("cpu"), self.device)
-            else:
-                self.controlnet.to(self.device)
+
+        super().place_modules(low_vram)
+        accelerate.hooks.remove_hook_from_module(self.controlnet, recurse=True)
+        self._controlnet_hook = None
+        if low_vram:  # on the GPU from its first call to the end of the run's denoising (see `decode`)
+            _, self._controlnet_hook = accelerate.cpu_offload_with_hook(self.controlnet.to("cpu"), self.device)
+        else:
+            self.controlnet.to(self.device)
 
     def offload_controlnet(self) -> None:
         """Low-VRAM mode: move the ControlNet back to the CPU."""
@@ -151,20 +163,21 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             self._controlnet_hook.offload()
 
     def depth_estimator(self):
-        """The depth-estimation pipeline of `depth_model`, created on first use."""
-        if self._depth_estimator is None:
-            from transformers import pipeline
-            try:
-                self._depth_estimator = self.depth_model if callable(self.depth_model) else pipeline(
-                    "depth-estimation", model=self.depth_model, device="cpu" if self.low_vram else self.device)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
-        return self._depth_estimator
+        """The depth-estimation pipeline of `depth_model`, created on first use (once, whatever the threads)."""
+        with self._depth_lock:
+            if self._depth_estimator is None:
+                from transformers import pipeline
+                try:
+                    self._depth_estimator = self.depth_model if callable(self.depth_model) else pipeline(
+                        "depth-estimation", model=self.depth_model, device="cpu" if self.low_vram else self.device)
+                except (OSError, ValueError) as error:
+                    raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
+            return self._depth_estimator
 
     def check_control(self, c: dict) -> None:
         """Validate the ControlNet arguments of one call and read its input image into c["image"].
 
-        Runs inside the generation (under the sampler's lock), on the call's own dict, so the
+        Works on the call's own dict, which the run then carries (`run.extras["control"]`), so the
         base `check_inputs` stays free of per-call state and callable from anywhere.
         """
         if c["condition"] not in CONDITIONS:
@@ -180,23 +193,39 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         if c["condition"] == "depth":
             self.depth_estimator()  # a bad depth_model fails here, before any sampling
 
-    def prepare_condition(self, H: int, W: int) -> None:
-        """Condition map at the full output size (8H x 8W px) and its area downscale to the reference size."""
-        c, f, tic = self._control, self.vae_scale_factor, time.perf_counter()
-        image = fit_image(c["image"], W * f, H * f)
+    def condition_map(self, c: dict, width: int, height: int) -> Image.Image:
+        """The condition map of the call's input at width x height pixels: fitted, then extracted at that size."""
+        image = fit_image(c["image"], width, height)
         if c["condition"] == "canny":
-            image = canny_condition(image, c["low"], c["high"])
+            return canny_condition(image, c["low"], c["high"])
+        if c["condition"] == "depth":
+            return depth_condition(image, self.depth_estimator())
+        return image
+
+    def prepare_condition(self, run: Run) -> None:
+        """The run's condition maps: at the full output size (8H x 8W px) and at the reference size (8h x 8w px).
+
+        Each is extracted at its own size, so a Canny map stays crisp 0/255 edges at both (an area
+        downscale of the full map would be grey and soft, unlike what the ControlNet was trained on).
+        A depth map is estimated once, at full size, and area-downscaled: depth is smooth, and that
+        saves a second estimate. At ratio 1 both are the same map.
+        """
+        c, f, tic = run.extras["control"], self.vae_scale_factor, time.perf_counter()
+        (H, W), (h, w) = run.latent_size, run.reference_size
+        image = self.condition_map(c, W * f, H * f)
+        full = to_tensor(image)  # (1, 3, 8H, 8W)
+        if (h, w) == (H, W):
+            reference = full
         elif c["condition"] == "depth":
-            image = depth_condition(image, self.depth_estimator())
-        full = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255  # (1, 3, 8H, 8W)
-        h, w = self.reference_latent_size(H, W)
-        reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
+            reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
+        else:
+            reference = to_tensor(self.condition_map(c, w * f, h * f))
         c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
                  cache={}, seconds=time.perf_counter() - tic)
 
-    def control_batch(self, regions: list[Region]) -> torch.Tensor:
+    def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
         """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1] (§18)."""
-        c, f = self._control, self.vae_scale_factor
+        c, f = run.extras["control"], self.vae_scale_factor
         for region in regions:
             key = (region.kind, region.rows, region.cols, region.padding)
             if key in c["cache"]:
@@ -212,23 +241,28 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             c["cache"][key] = F.pad(source, (left, right, top, bottom))
         return torch.cat([c["cache"][(r.kind, r.rows, r.cols, r.padding)] for r in regions])
 
-    def unet_extra_kwargs(self, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
+    def unet_extra_kwargs(self, run, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
         down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
-                                    controlnet_cond=self.control_batch(regions),
-                                    conditioning_scale=float(self._control["scale"]), guess_mode=False,
+                                    controlnet_cond=self.control_batch(run, regions),
+                                    conditioning_scale=float(run.extras["control"]["scale"]), guess_mode=False,
                                     added_cond_kwargs=added_cond_kwargs, return_dict=False)
-        count = self.counters
+        count = run.counters
         count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
         for key in [f"controlnet_{r.kind}_samples" for r in regions] + ["controlnet_samples"] * len(regions):
             count[key] = count.get(key, 0) + 1
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    def prepare(self, texts, height: int, width: int, settings: dict) -> dict:
-        """The base per-image preparation, plus the condition maps for this size."""
-        timings = super().prepare(texts, height, width, settings)
-        self.prepare_condition(height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return timings
+    def prepare(self, run: Run) -> None:
+        """The base per-run preparation, plus the condition maps for this size."""
+        super().prepare(run)
+        self.prepare_condition(run)
+
+    def finish_run(self, run: Run) -> None:
+        super().finish_run(run)
+        for key in ("cache", "full", "reference"):  # device tensors; the PIL map stays for `info`
+            run.extras["control"].pop(key, None)
+        self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 
     def decode(self, *args, **kwargs):
         self.offload_controlnet()  # low-VRAM: free the GPU for the VAE
@@ -249,12 +283,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         control = dict(source=condition_image, condition=condition, scale=controlnet_conditioning_scale,
                        low=canny_low, high=canny_high)
         self.check_control(control)
-        self._control = control
-        try:
-            images, info = super().generate(prompt, negative_prompt, height, width, *args, **kwargs)
-        finally:
-            control, self._control = self._control, None
-            self.offload_controlnet()
+        images, info = super().generate(prompt, negative_prompt, height, width, *args, extras={"control": control},
+                                        **kwargs)
         source = os.fspath(condition_image) if isinstance(condition_image, (str, os.PathLike)) else "PIL image"
         info["settings"].update(controlnet_model=self.controlnet_model, condition=condition,
                                 controlnet_conditioning_scale=controlnet_conditioning_scale, condition_image=source,

@@ -226,12 +226,14 @@ def expected_cost(height: int, width: int, native: int, patch: int, R: int, T: i
     """UNet samples and calls of one generation (§16) and of the batched design.
 
     Every UNet sample of a pass (2B per reference pass, B per view) goes through the UNet together,
-    in ceil(samples / v) balanced calls (none padded, compiled or not).
+    in ceil(samples / v) balanced calls (none padded, compiled or not). At or below the native size
+    the reference is the latent itself: all passes and the one view are one input, 2B samples a pass.
     """
     H, W = height // 8, width // 8
     V = windows_along(H, native, patch) * windows_along(W, native, patch)
-    main = 2 * B * (R + 1) + B * V
-    repaint_pass = 2 * B + B * V if (repaint and R > 0) else 0
+    at_native = max(H, W) <= native
+    main = 2 * B if at_native else 2 * B * (R + 1) + B * V
+    repaint_pass = (2 * B if at_native else 2 * B + B * V) if (repaint and R > 0) else 0
     main_calls = -(-main // v)
     repaint_calls = -(-repaint_pass // v)
     return dict(

@@ -218,7 +218,7 @@ def test_cancel_stops_between_steps_and_frees_the_sampler(client, sampler):
         time.sleep(0.05)
     started = time.monotonic()
     job.cancel()
-    while sampler._lock.locked():
+    while sampler.busy:
         assert time.monotonic() - started < 15, "the sampler kept running after the cancel"
         time.sleep(0.05)
     gallery, seed, _ = generate(client, seed=9)
@@ -362,3 +362,14 @@ def test_request_values_reach_the_sampler_validated(sampler):
     assert request.knobs["guidance_scale"] == 7.5 and request.knobs["time_ids_scale"] == 4
     assert set(request.knobs) == set(app.SAMPLER_KNOBS)
     assert not math.isnan(request.knobs["new_p"])
+
+
+def test_plain_pipeline_shares_the_modules_without_casting_them(tiny_sdxl_path):
+    """The comparison pipeline runs on the sampler's own modules; building it leaves their dtypes alone
+    (diffusers' from_pipe would cast an fp16 sampler's UNet to fp32: twice the memory on a GPU)."""
+    half = ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, torch_dtype=torch.float16)
+    dtypes = {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)}
+    plain = app.make_plain_pipeline(half)
+    assert plain.unet is half.unet and plain.vae is half.vae and type(plain.scheduler).__name__ == "DDIMScheduler"
+    assert {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)} == dtypes
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # the VAE upcast for decoding

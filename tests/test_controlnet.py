@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 import elastic_diffusion_w_controlnet as edc
 from elastic_diffusion import ElasticDiffusion, reference_size
 from elastic_diffusion_w_controlnet import (ElasticDiffusionControlNet, canny_condition, depth_condition, fit_image,
-                                            load_image)
+                                            load_image, to_tensor)
 from tiny_models import save_tiny_controlnet, save_tiny_depth_model
 
 PHOTO = edc.DEFAULT_INPUT  # the shipped public-domain photograph
@@ -45,6 +45,11 @@ def sd1(tiny_sd1_path, sd1_controlnet):
 
 
 @pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_path, sdxl_controlnet):
+    return ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sdxl_path, controlnet_model=sdxl_controlnet)
+
+
+@pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory):
     return save_tiny_depth_model(tmp_path_factory.mktemp("tiny_dpt"))
 
@@ -56,8 +61,8 @@ class Recorder:
         self.calls, self.unet_residuals, self.controlnet_batches = [], [], []
         control_batch = pipe.control_batch
 
-        def record(regions):
-            cond = control_batch(regions)
+        def record(run, regions):
+            cond = control_batch(run, regions)
             self.calls.append((list(regions), cond.clone()))
             return cond
 
@@ -82,9 +87,15 @@ class Recorder:
         return sum(r.kind == kind for regions, _ in self.calls for r in regions)
 
 
-def expected_samples(B, R, T, V, repaint=True):
-    """(reference, local) UNet samples of a run: per step (R + 1) passes of 2B and V*B, plus repaint (§10)."""
+def expected_samples(B, R, T, V, repaint=True, native=False):
+    """(reference, local) UNet samples of a run: per step (R + 1) passes of 2B and V*B, plus repaint (§10).
+
+    At or below the native size (`native`) all passes and the one local view are the same input: one pass
+    of 2B samples, no local sample.
+    """
     repaints = T - 1 if repaint and R > 0 else 0
+    if native:
+        return 2 * B * (T + repaints), 0
     return 2 * B * ((R + 1) * T + repaints), V * B * (T + repaints)
 
 
@@ -125,10 +136,12 @@ def test_local_conditions_are_full_resolution_crops(sd1):
                       resampling_steps=0, num_inference_steps=1, seed=0, progress=False)
     finally:
         rec.close()
-    full = torch.from_numpy(np.array(info["condition_image"])).permute(2, 0, 1)[None].float() / 255
+    full = to_tensor(info["condition_image"])
     assert set(full.unique().tolist()) == {0.0, 1.0}
     h, w = reference_size(512, 1024, 512)
-    reference = F.interpolate(full, size=(8 * h, 8 * w), mode="area")
+    # The reference map is extracted at the reference size: crisp edges, not an area downscale of the full map.
+    reference = to_tensor(canny_condition(fit_image(load_image(PHOTO), 8 * w, 8 * h)))
+    assert set(reference.unique().tolist()) == {0.0, 1.0}
     nearest_up = F.interpolate(reference, size=full.shape[-2:], mode="nearest")  # the official local condition
     seen = {"reference": 0, "local": 0}
     for regions, cond in rec.calls:
@@ -142,9 +155,29 @@ def test_local_conditions_are_full_resolution_crops(sd1):
                 assert not torch.equal(inner, nearest_up[0, :, 8 * r0:8 * r1, 8 * c0:8 * c1])
             else:
                 assert (region.rows, region.cols) == ((0, h), (0, w))
-                torch.testing.assert_close(inner, reference[0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(inner, reference[0], rtol=0, atol=0)
             seen[region.kind] += 1
     assert seen == {"reference": 2, "local": 4}
+
+
+def test_canny_maps_are_binary_at_both_sizes_on_the_photo_at_2048(sdxl):
+    """The shipped photo at 2048² on SDXL: an area downscale of the full-resolution Canny map to the 1024²
+    reference is grey (soft edges the ControlNet never saw in training); both maps the sampler uses are 0/1."""
+    rec = Recorder(sdxl)
+    try:
+        _, info = sdxl("a cat", condition_image=PHOTO, condition="canny", width=2048, height=2048,
+                       resampling_steps=0, num_inference_steps=1, seed=0, progress=False, output_type="latent")
+    finally:
+        rec.close()
+    full = to_tensor(info["condition_image"])
+    edges_area = F.interpolate(full, size=(1024, 1024), mode="area")
+    assert float(edges_area[edges_area > 0].median()) <= 0.5  # what the global branch got before
+    seen = {"reference": 0, "local": 0}
+    for regions, cond in rec.calls:
+        for region, c in zip(regions, cond):
+            assert set(c.unique().tolist()) == {0.0, 1.0}, region.kind
+            seen[region.kind] += 1
+    assert seen == {"reference": 2, "local": 16}
 
 
 def test_scale_zero_equals_the_base_sampler(sd1):
@@ -158,14 +191,14 @@ def test_scale_zero_equals_the_base_sampler(sd1):
     assert (on - base).abs().max() > 0.1 and (on - photo).abs().max() > 0.1  # the condition map matters
 
 
-def test_sdxl_two_prompts(tiny_sdxl_path, sdxl_controlnet):
-    pipe = ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sdxl_path, controlnet_model=sdxl_controlnet)
+def test_sdxl_two_prompts(sdxl, sdxl_controlnet):
+    pipe = sdxl
     assert pipe.is_sdxl and pipe.default_condition == "image"  # a custom folder: no preprocessing by default
     images, info = pipe(["a cat", "a dog"], condition_image=PHOTO, condition="canny", width=1024, height=512,
                         output_type="np", **FAST)
     assert images.shape == (2, 512, 1024, 3) and np.isfinite(images).all()
-    ref, local = expected_samples(B=2, R=info["settings"]["resampling_steps"], T=2, V=info["num_views"])
-    assert (info["controlnet_reference_samples"], info["controlnet_local_samples"]) == (ref, local)
+    ref, local = expected_samples(B=2, R=info["settings"]["resampling_steps"], T=2, V=info["num_views"], native=True)
+    assert (info["controlnet_reference_samples"], info.get("controlnet_local_samples", 0)) == (ref, local) == (8, 0)
     assert info["settings"]["condition"] == "canny" and info["settings"]["controlnet_model"] == sdxl_controlnet
 
 
@@ -181,6 +214,47 @@ def test_low_vram_and_from_pipe(sd1, tiny_depth_model):
     finally:
         pipe.set_low_vram(False)
     assert pipe._controlnet_hook is None and not hasattr(sd1.controlnet, "_hf_hook")
+
+
+def test_low_vram_sets_the_memory_mode_once_without_moving_the_pipeline(tiny_sd1_path, sd1_controlnet, monkeypatch):
+    """low_vram=True: the ControlNet is loaded first, then offloading is set up once for all models; the
+    pipeline is never moved whole to the device (on a GPU that would need the memory low-VRAM mode saves)."""
+    from diffusers import DiffusionPipeline
+
+    calls, inside = [], []
+    to, offload = DiffusionPipeline.to, DiffusionPipeline.enable_model_cpu_offload
+
+    def spy_to(self, *args, **kwargs):
+        if not inside:  # enable_model_cpu_offload's own moves to the CPU are part of setting it up
+            calls.append("to")
+        return to(self, *args, **kwargs)
+
+    def spy_offload(self, *args, **kwargs):
+        calls.append("offload")
+        inside.append(True)
+        try:
+            return offload(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(DiffusionPipeline, "to", spy_to)
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload", spy_offload)
+    pipe = ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sd1_path, controlnet_model=sd1_controlnet,
+                                      low_vram=True)
+    assert calls == ["offload"] and pipe._controlnet_hook is not None
+    assert type(getattr(pipe.unet, "_hf_hook", None)).__name__ == "CpuOffload"
+    calls.clear()
+    pipe.set_low_vram(False)
+    assert calls == ["to"] and pipe._controlnet_hook is None and not hasattr(pipe.controlnet, "_hf_hook")
+
+
+def test_a_callers_controlnet_is_not_converted(sd1):
+    from diffusers import ControlNetModel
+
+    other = ControlNetModel.from_config(sd1.controlnet.config).to(torch.float16)
+    with pytest.raises(ValueError, match="controlnet_model is torch.float16.*convert it first"):
+        sd1.load_controlnet(other)
+    assert other.dtype == torch.float16
 
 
 def test_official_entry_point_and_condition_preview(sd1):
@@ -307,6 +381,7 @@ def test_bad_files_give_clear_errors(tmp_path, content, message):
 
 
 def test_bad_inputs_fail_before_sampling(sd1):
+    attributes = set(vars(sd1))
     for bad, message in [(Image.new("RGB", (0, 0)), "no pixels"), ("/no/such/image.png", "not a readable"),
                          (42, "file path or a PIL image"), (None, "required")]:
         with pytest.raises(ValueError, match=f"condition_image.*{message}"):
@@ -316,7 +391,7 @@ def test_bad_inputs_fail_before_sampling(sd1):
                             (dict(canny_low=200, canny_high=100), "canny_low and canny_high")]:
         with pytest.raises(ValueError, match=message):
             sd1("a cat", condition_image=PHOTO, width=512, height=256, **FAST, **kwargs)
-    assert sd1._control is None  # no per-call state left behind
+    assert set(vars(sd1)) == attributes  # no per-call state on the sampler
     no_depth = ElasticDiffusionControlNet.from_pipe(sd1.pipe, controlnet_model=sd1.controlnet, depth_model="/no/dpt")
     with pytest.raises(ValueError, match="depth_model '/no/dpt' could not be loaded"):
         no_depth("a cat", condition_image=PHOTO, condition="depth", width=512, height=256, **FAST)

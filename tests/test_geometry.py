@@ -80,6 +80,7 @@ def test_padding_is_centred():
     assert ed.centered_padding(128, 48, D) == (0, 0, 40, 40)
     assert ed.centered_padding(96, 96, D) == (16, 16, 16, 16)
     assert ed.centered_padding(76, 128, D) == (26, 26, 0, 0)
+    assert ed.centered_padding(43, 99, D) == (42, 43, 14, 15)  # odd: the extra pixel goes after (bottom, right)
     assert ed.padding_strips(96, 96, D) == {"left": (96, 16), "right": (96, 16), "top": (16, 128), "bottom": (16, 128)}
     assert ed.padding_strips(128, 128, D) == {}
 
@@ -114,10 +115,10 @@ def test_subsampler_exact_on_the_whole_8px_grid():
     for height, width in _all_sizes_8px(512):
         H, W = height // 8, width // 8
         h, w = ed.reference_size(height, width, 512)
-        g = ed.candidates_per_axis(H, W, h, w)
-        assert g in (2, 3)  # rounding can leave a group of 3 (e.g. 136 px -> 17 latent rows -> 8)
-        cells = ed.choose_cells(3, h, w, g * g, 0.5, gen)
-        rows, cols = ed.source_indices(cells, H, W, g)
+        counts = ed.candidate_counts(H, W, h, w)
+        assert set(counts.unique().tolist()) <= {4, 6, 9}  # rounding can leave a group of 3 (136 px -> 17 -> 8)
+        cells = ed.choose_cells(3, counts, 0.5, gen)
+        rows, cols = ed.source_indices(cells, H, W)
         assert rows.shape == (3, h, w) and cols.shape == (3, h, w)
         assert int(rows.max()) < H and int(cols.max()) < W
         flat = rows * W + cols
@@ -138,21 +139,21 @@ def test_group_rule_covers_every_source_index():
 
 def test_pass0_is_top_left_and_ratio_one_is_identity():
     x = torch.randn(2, 4, 256, 192)
-    cells = ed.choose_cells(1, 128, 96, 4, 0.3)
-    rows, cols = ed.source_indices(cells, 256, 192, 2)
+    cells = ed.choose_cells(1, ed.candidate_counts(256, 192, 128, 96), 0.3)
+    rows, cols = ed.source_indices(cells, 256, 192)
     ref = ed.gather_reference(x, rows, cols)[0]
     assert torch.equal(ref, x[:, :, ::2, ::2])
     y = torch.randn(1, 4, 96, 96)
-    cells = ed.choose_cells(5, 96, 96, 4, 0.9, torch.Generator().manual_seed(1))
-    rows, cols = ed.source_indices(cells, 96, 96, 2)
+    cells = ed.choose_cells(5, ed.candidate_counts(96, 96, 96, 96), 0.9, torch.Generator().manual_seed(1))
+    rows, cols = ed.source_indices(cells, 96, 96)
     for ref in ed.gather_reference(y, rows, cols):
         assert torch.equal(ref, y)
 
 
 def test_ratio_half_is_polyphase_pick():
     x = torch.randn(1, 4, 64, 64)
-    cells = ed.choose_cells(4, 32, 32, 4, 0.5, torch.Generator().manual_seed(3))
-    rows, cols = ed.source_indices(cells, 64, 64, 2)
+    cells = ed.choose_cells(4, ed.candidate_counts(64, 64, 32, 32), 0.5, torch.Generator().manual_seed(3))
+    rows, cols = ed.source_indices(cells, 64, 64)
     m = torch.arange(32)
     assert torch.equal(rows - 2 * m[:, None], cells // 2)
     assert torch.equal(cols - 2 * m[None, :], cells % 2)
@@ -162,16 +163,42 @@ def test_ratio_half_is_polyphase_pick():
         assert torch.equal(ref, expected.gather(0, k[None, None, None].expand(1, 1, 4, 32, 32)).squeeze(0))
 
 
+def test_candidates_are_equally_likely_within_every_group_at_2048x1032():
+    """2048x1032 on SDXL: 129 latent rows go into 64 groups, one of them of 3 rows. That row of cells gets
+    3 x 2 = 6 candidates, every other cell the official 4; over many passes every source pixel of a group is
+    picked equally often, whatever the group's size (a global 3x3 choice gave 2-row groups' second row 2/3)."""
+    H, W = 1032 // 8, 2048 // 8
+    h, w = ed.reference_size(1032, 2048, 1024)
+    assert (H, W, h, w) == (129, 256, 64, 128)
+    row_start, row_size = ed.axis_groups(H, h)
+    col_start, col_size = ed.axis_groups(W, w)
+    (triple,) = (row_size == 3).nonzero().flatten().tolist()
+    assert set(row_size.tolist()) == {2, 3} and set(col_size.tolist()) == {2}
+    counts = ed.candidate_counts(H, W, h, w)
+    assert counts[triple].unique().tolist() == [6] and (counts[row_size == 2] == 4).all()
+    cells = ed.choose_cells(401, counts, 1.0, torch.Generator().manual_seed(0))  # a fresh pick every pass
+    rows, cols = ed.source_indices(cells[1:], H, W)
+    row_offset, col_offset = rows - row_start[:, None], cols - col_start
+    pairs = row_offset[:, row_size == 2]
+    assert abs((pairs == 1).float().mean().item() - 1 / 2) < 0.005
+    for r in range(3):
+        assert abs((row_offset[:, triple] == r).float().mean().item() - 1 / 3) < 0.01
+    assert abs((col_offset == 1).float().mean().item() - 1 / 2) < 0.005
+    # every candidate of a 6-candidate cell comes up in its first 6 passes (the exclusion rule, sized per cell)
+    first = cells[:6, triple]
+    assert all(sorted(first[:, n].tolist()) == list(range(6)) for n in range(w))
+
+
 def test_fresh_fraction_is_exactly_new_p():
-    cells = ed.choose_cells(2, 400, 400, 4, 0.3, torch.Generator().manual_seed(0))
+    cells = ed.choose_cells(2, torch.full((400, 400), 4), 0.3, torch.Generator().manual_seed(0))
     changed = (cells[1] != cells[0]).float().mean().item()  # pass 1 always draws an unused k != 0
     assert abs(changed - 0.3) < 0.005
 
 
 def _direct_fraction(H, W, R, seed=0):
     h, w = ed.reference_size(H * 8, W * 8, 1024)
-    cells = ed.choose_cells(R + 1, h, w, 4, 0.3, torch.Generator().manual_seed(seed))
-    rows, cols = ed.source_indices(cells, H, W, 2)
+    cells = ed.choose_cells(R + 1, ed.candidate_counts(H, W, h, w), 0.3, torch.Generator().manual_seed(seed))
+    rows, cols = ed.source_indices(cells, H, W)
     hit = torch.zeros(H * W, dtype=torch.bool)
     hit[(rows * W + cols).flatten()] = True
     return hit.float().mean().item()
@@ -194,8 +221,8 @@ def test_coverage_formula_at_ratio_half():
 
 def test_write_back_goes_to_the_gathered_positions_and_fills_by_group():
     H, W, h, w = 192, 135, 128, 72  # ratios 2/3 and 8/15, where nearest upsampling misaligns (D9)
-    cells = ed.choose_cells(3, h, w, 4, 0.3, torch.Generator().manual_seed(0))
-    rows, cols = ed.source_indices(cells, H, W, 2)
+    cells = ed.choose_cells(3, ed.candidate_counts(H, W, h, w), 0.3, torch.Generator().manual_seed(0))
+    rows, cols = ed.source_indices(cells, H, W)
     deltas = torch.randn(3, 2, 4, h, w)
     direction = ed.write_back_direction(deltas, rows, cols, H, W)
     # the last pass is exact where it sampled

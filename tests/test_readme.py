@@ -33,3 +33,61 @@ def test_readme_documents_every_knob():
     text = open(README, encoding="utf-8").read()
     for name in ed.SETTING_NAMES + ("view_batch_size", "low_vram"):
         assert f"`{name}`" in text, name
+
+
+def _front_matter() -> str:
+    text = open(README, encoding="utf-8").read()
+    match = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    assert match, "README lost its Spaces front matter"
+    return match.group(1)
+
+
+def test_download_size_is_the_fp16_parameter_count(tmp_path):
+    """The set-up section's numbers come from the real SDXL architectures (built empty, benchmarks/benchmark.py):
+    parameters in billions, and 2 (fp16 files) or 4 (full fp32 files) bytes each, in GB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(os.path.dirname(README),
+                                                                                  "benchmarks", "benchmark.py"))
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    parameters = sum(bm.count_params(m) for m in bm.build_empty_components("sdxl").values())
+    text = " ".join(open(README, encoding="utf-8").read().split())
+    assert f"{parameters / 1e9:.2f} billion parameters at 2 bytes, about {round(2 * parameters / 1e9)} GB" in text
+    assert f"full files, about {round(4 * parameters / 1e9)} GB" in text
+
+
+def test_space_preloads_only_what_a_half_precision_load_reads(tmp_path):
+    """preload_from_hub names, for the demo's default model, model_index.json and per component its config and
+    its fp16 weight file (the files `load_pipeline` reads for fp16, see test_sampler), plus the CLIP tokenizer
+    files: no full-precision weights, nothing of the repository's other folders."""
+    from tiny_models import build_tiny_pipeline
+
+    import app_gradio
+
+    (entry,) = re.findall(r"preload_from_hub:\n((?:  - .*\n?)+)", _front_matter() + "\n")
+    (line,) = entry.strip().splitlines()
+    repo, files = line.strip().removeprefix("- ").split()
+    assert repo == ed.MODEL_IDS.get(app_gradio.DEFAULT_MODEL, app_gradio.DEFAULT_MODEL)
+    listed = set(files.split(","))
+    build_tiny_pipeline("sdxl").save_pretrained(tmp_path, variant="fp16")  # the same layout and file names
+    weights = {os.path.relpath(os.path.join(folder, name), tmp_path) for folder, _, names in os.walk(tmp_path)
+               for name in names if name.endswith(".safetensors")}
+    assert weights and all(".fp16." in name for name in weights)
+    assert {name for name in listed if name.endswith(".safetensors")} == weights
+    components = {name for name in os.listdir(tmp_path) if os.path.isdir(tmp_path / name)}
+    configs = {f"{c}/scheduler_config.json" if c == "scheduler" else f"{c}/config.json"
+               for c in components if not c.startswith("tokenizer")}
+    tokenizer_files = {f"{c}/{f}" for c in components if c.startswith("tokenizer")
+                       for f in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")}
+    assert listed == {"model_index.json"} | weights | configs | tokenizer_files
+
+
+def test_torch_floor_is_the_tested_version():
+    root = os.path.dirname(README)
+    runtime = open(os.path.join(root, "requirements.txt"), encoding="utf-8").read()
+    dev = open(os.path.join(root, "requirements-dev.txt"), encoding="utf-8").read()
+    (floor,) = re.findall(r"^torch>=([\d.]+)", runtime, re.M)
+    (pinned,) = re.findall(r"^torch==([\d.]+)", dev, re.M)
+    assert pinned.startswith(floor + ".") or pinned == floor
+    assert f"`torch>={floor}`" in open(README, encoding="utf-8").read()

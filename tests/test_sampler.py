@@ -1,14 +1,14 @@
 """End-to-end checks of the sampler on tiny random models loaded through `from_pretrained`.
 
-Exactness (plain CFG at native size, an independent implementation on the deterministic path),
-UNet evaluation counts for every demo preset, seeding, batching invariance, conditioning details
-and the fixes of the reference implementation's defects (§20) that need a model.
+Exactness (plain CFG at native size; the independent implementation of the whole loop is in
+test_method.py), UNet evaluation counts for every demo preset, seeding, batching invariance,
+threads, conditioning details and the fixes of the reference implementation's defects (§20) that
+need a model.
 """
-import math
+import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import elastic_diffusion as ed
 
@@ -51,8 +51,14 @@ def relative_error(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def expected_samples(T, B, R, V, repaint=True):
-    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV)."""
+def expected_samples(T, B, R, V, repaint=True, native=False):
+    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV).
+
+    At or below the native size (`native`: the reference is the latent itself) every pass and the one
+    local view are the same input, evaluated once: 2B per pass, as plain CFG.
+    """
+    if native:
+        return T * 2 * B + (T - 1) * (R > 0 and repaint) * 2 * B
     return T * (2 * B * (R + 1) + B * V) + (T - 1) * (R > 0 and repaint) * (2 * B + B * V)
 
 
@@ -78,98 +84,8 @@ def test_native_size_without_resampling_equals_plain_cfg_ddim(kind, request):
     if kind == "sdxl":
         kwargs.update(pooled_prompt_embeds=pooled[1:], negative_pooled_prompt_embeds=pooled[:1])
     reference = _diffusers_latents(sampler, kwargs, T, omega, latents)
-    assert info["unet_samples"] == 3 * T  # one local view + [neg; pos] reference pass per step
+    assert info["unet_samples"] == 2 * T  # the local view is the reference's neg sample: plain CFG's cost
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5), (ours - reference).abs().max()
-
-
-def _naive_views(L, D, p):
-    """Independent re-statement of §8 for one axis: list of (window_start, window_end, crop_start, crop_end)."""
-    if L <= D:
-        return [(0, L, 0, L)]
-    n = math.ceil((L - p) / p) + 1
-    out, half = [], (D - p) // 2
-    for j in range(n):
-        a = min(j * p, L - p)
-        b = a + p
-        if a - half < 0:
-            nb = a
-            na = min(2 * half - nb, L - b)
-        else:
-            na = min(half, L - b)
-            nb = min(2 * half - na, a)
-        out.append((a, b, a - nb, b + na))
-    return out
-
-
-def _naive_elastic(sampler, latents, neg, pos, T, omega, lam0, kappa, stop_t, patch):
-    """The method on its deterministic path (ratio 1/2, R = 0, no padding), written from the spec alone:
-    nearest interpolation, diffusers' DDIMScheduler.step and autograd for RRG."""
-    from diffusers import DDIMScheduler
-
-    unet, D = sampler.unet, sampler.native_latent
-    sched = DDIMScheduler.from_config(sampler.scheduler.config)
-    sched.set_timesteps(T)
-    (e_all, p_all) = sampler.encode_prompt([neg, pos])
-    H, W = latents.shape[-2:]
-    h, w = H // 2, W // 2
-    Hp, Wp = 8 * H, 8 * W
-
-    def unet_eps(x, t, idx):
-        kw = {}
-        if sampler.is_sdxl:
-            ids = torch.tensor([[4 * Hp, 4 * Wp, 0, 0, 4 * Hp, 4 * Wp]], dtype=torch.float32).repeat(len(idx), 1)
-            kw["added_cond_kwargs"] = {"text_embeds": p_all[idx], "time_ids": ids}
-        return unet(x, t, encoder_hidden_states=e_all[idx], **kw).sample
-
-    S = T - math.floor(T * stop_t)
-    x = latents.clone()
-    for i, t in enumerate(sched.timesteps):
-        xr = x[:, :, ::2, ::2]
-        e = unet_eps(torch.cat([xr, xr]), t, [0, 1])
-        direction = F.interpolate(e[1:] - e[:1], size=(H, W), mode="nearest")
-        local = torch.zeros_like(x)
-        written = torch.zeros(H, W, dtype=torch.bool)
-        for (ra, rb, rc0, rc1) in _naive_views(H, D, patch):
-            for (ca, cb, cc0, cc1) in _naive_views(W, D, patch):
-                out = unet_eps(x[:, :, rc0:rc1, cc0:cc1], t, [0])
-                win = torch.zeros(H, W, dtype=torch.bool)
-                win[ra:rb, ca:cb] = True
-                todo = win & ~written
-                full = torch.zeros_like(x)
-                full[:, :, rc0:rc1, cc0:cc1] = out
-                local[:, :, todo] = full[:, :, todo]
-                written |= todo
-        assert written.all()
-        step = sched.step(local + omega * direction, t, x)
-        x0, x_prev = step.pred_original_sample, step.prev_sample
-        lam = lam0 * ((1 + math.cos(math.pi * i / S)) / 2) ** kappa if i < S else 0.0
-        if lam > 10:
-            a = sched.alphas_cumprod[t]
-            eps_ref = e[:1] + omega * F.interpolate(direction, size=(h, w), mode="nearest")
-            x0_ref = (xr - (1 - a).sqrt() * eps_ref) / a.sqrt()
-            target = F.interpolate(x0_ref, size=(H, W), mode="nearest")
-            leaf = x0.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(lam * ((target - leaf) ** 2).mean(), leaf)
-            x_prev = x_prev - grad
-        x = x_prev
-    return x
-
-
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_deterministic_path_matches_independent_implementation(kind, request):
-    path = request.getfixturevalue(f"tiny_{kind}_path")
-    sampler = ed.ElasticDiffusion(device="cpu", sd_version=path, view_batch_size=5)
-    P, D = sampler.native_px, sampler.native_latent
-    T, omega, lam0, kappa, stop_t, patch = 3, 9.0, 1500.0, 1.0, 0.2, D // 2
-    latents = torch.randn(1, 4, 2 * D, 2 * D, generator=torch.Generator().manual_seed(4))
-    ours, info = sampler("a castle", "ugly", height=2 * P, width=2 * P, num_inference_steps=T, guidance_scale=omega,
-                         resampling_steps=0, rrg_init_weight=lam0, cosine_scale=kappa, rrg_stop_t=stop_t,
-                         patch_size=patch, latents=latents, **QUIET)
-    with torch.no_grad():
-        naive = _naive_elastic(sampler, latents, "ugly", "a castle", T, omega, lam0, kappa, stop_t, patch)
-    assert info["vae_encodes"] == 0  # no padding on this path
-    assert relative_error(ours, naive) < 1e-5
 
 
 # ------------------------------------------------------------------------------ counts
@@ -187,7 +103,8 @@ def test_unet_sample_count_matches_cost_formula(xl, preset):
                      rrg_init_weight=preset["rrg_init_weight"], seed=0, **QUIET)
     finally:
         spy.remove()
-    expected = expected_samples(T, 1, preset["resampling_steps"], V)
+    native = max(preset["width"], preset["height"]) <= 1024
+    expected = expected_samples(T, 1, preset["resampling_steps"], V, native=native)
     assert spy.samples == info["unet_samples"] == expected
     assert {c["shape"][1:] for c in spy.calls} == {(4, 128, 128)}  # every UNet input is D x D
     assert all(c["shape"][0] <= 16 for c in spy.calls)
@@ -289,6 +206,82 @@ def test_num_images_per_prompt(xl):
     assert images[0].tobytes() != images[1].tobytes()
 
 
+# ------------------------------------------------------------------------------ threads
+
+
+def test_two_threads_do_not_mix_their_runs(xl):
+    """Two threads generate at once (they meet at every step, so their UNet calls interleave) with different
+    prompts, seeds, sizes and batch sizes: each gets exactly its single-threaded result."""
+    requests = [dict(prompt="a fox", height=512, width=1024, seed=1, view_batch_size=3),
+                dict(prompt="a lighthouse", height=1024, width=768, seed=2, view_batch_size=16)]
+    common = dict(num_inference_steps=3, resampling_steps=2, **QUIET)
+    alone = [xl(**request, **common)[0] for request in requests]
+    barrier = threading.Barrier(2, timeout=20)
+    results, errors = [None, None], []
+
+    def meet(pipe, step, t, tensors):
+        barrier.wait()
+        return {}
+
+    def worker(n):
+        try:
+            results[n] = xl(**requests[n], callback_on_step_end=meet, **common)[0]
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    for result, expected in zip(results, alone):
+        assert torch.equal(result, expected)
+
+
+def test_low_vram_switch_and_low_vram_runs_take_the_sampler_alone(tiny_sd1_path):
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd1_path)
+    args = dict(height=256, width=512, num_inference_steps=2, seed=0, **QUIET)
+    inside, release, events = threading.Event(), threading.Event(), []
+
+    def hold(pipe, step, t, tensors):
+        events.append(("run", step))
+        inside.set()
+        assert release.wait(30)
+        return {}
+
+    def run(name, **kwargs):
+        sampler("x", **args, **kwargs)
+        events.append((name, "done"))
+
+    first = threading.Thread(target=run, args=("first",), kwargs=dict(callback_on_step_end=hold))
+    first.start()
+    assert inside.wait(30)
+    switch = threading.Thread(target=lambda: (sampler.set_low_vram(True), events.append(("switch", "done"))))
+    switch.start()
+    switch.join(0.5)
+    assert switch.is_alive() and sampler.low_vram is False  # waits for the running generation
+    release.set()
+    first.join(30)
+    switch.join(30)
+    assert events[-2:] == [("first", "done"), ("switch", "done")] and sampler.low_vram is True
+    # Low-VRAM runs move modules between devices: a second one waits for the first.
+    inside.clear(), release.clear(), events.clear()
+    first = threading.Thread(target=run, args=("first",), kwargs=dict(callback_on_step_end=hold))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert events == [("run", 0), ("run", 1), ("first", "done"), ("second", "done")]
+    sampler.set_low_vram(False)
+    assert not sampler.busy
+
+
 # ------------------------------------------------------------------------------ conditioning and padding
 
 
@@ -324,9 +317,10 @@ def test_long_prompt_warns_with_the_cut_text(sd1):
 
 
 def test_background_strips_identical_within_a_step_different_across_steps(xl):
+    # 2048x768: H = 96. Reference (48, 128) between 40-row strips; local crops 96 x 128 between 16-row strips.
     spy = UNetSpy(xl.unet)
     try:
-        xl("x", height=768, width=768, num_inference_steps=2, seed=0, **QUIET)  # 96x96 in a 128 canvas
+        xl("x", height=768, width=2048, num_inference_steps=2, resampling_steps=2, repaint=False, seed=0, **QUIET)
     finally:
         spy.remove()
     by_step = {}
@@ -335,16 +329,28 @@ def test_background_strips_identical_within_a_step_different_across_steps(xl):
     assert len(by_step) == 2
     strips = []
     for t, samples in by_step.items():
-        stacked = torch.cat(samples)  # global [neg, pos] and local samples of this step
-        assert stacked.shape[0] == 3
-        top = stacked[:, :, :16]
-        left = stacked[:, :, 16:112, :16]
-        assert torch.equal(top[0], top[1]) and torch.equal(top[0], top[2])
-        assert torch.equal(left[0], left[2])
-        strips.append(top[0])
+        stacked = torch.cat(samples)
+        assert stacked.shape[0] == 2 * 3 + 4  # 3 reference passes of [neg, pos], then 4 local views
+        reference, local = stacked[:6], stacked[6:]
+        for group, pad in ((reference, 40), (local, 16)):
+            for part in (group[:, :, :pad], group[:, :, 128 - pad:]):  # top and bottom strips
+                assert all(torch.equal(part[0], other) for other in part[1:])
+        assert not torch.equal(reference[0, :, :16], local[0, :, :16])  # strips of other sizes are drawn apart
+        strips.append(reference[0, :, :40])
     assert not torch.allclose(strips[0], strips[1])
-    # the image region of the global and local inputs is the same latent at ratio 1
-    assert torch.equal(stacked[0, :, 16:112, 16:112], stacked[2, :, 16:112, 16:112])
+
+
+def test_native_size_padding_is_one_input(xl):
+    """768x768 on SDXL: the latent (96 x 96) is the reference and the one local view, in a 128 canvas."""
+    spy = UNetSpy(xl.unet)
+    try:
+        _, info = xl("x", height=768, width=768, num_inference_steps=2, seed=0, **QUIET)
+    finally:
+        spy.remove()
+    assert info["num_views"] == 1 and info["unet_samples"] == 4 and info["vae_encodes"] == 2 * 4
+    for call in spy.calls:  # [neg, pos] of one reference pass: same latent, same strips
+        sample = call["sample"]
+        assert sample.shape == (2, 4, 128, 128) and torch.equal(sample[0], sample[1])
 
 
 def test_fp32_direction_on_cpu(xl):
@@ -426,6 +432,49 @@ def test_from_pipe_reuses_components(xl):
     other = ed.ElasticDiffusion.from_pipe(xl.pipe, device="cpu")
     assert other.unet is xl.unet and other.vae is xl.vae and other.text_encoder_2 is xl.text_encoder_2
     assert other.is_sdxl and other.native_latent == 128 and other.native_px == 1024
+
+
+def _module_state(pipe):
+    return {name: (m.dtype, m.device, hasattr(m, "_hf_hook")) for name, m in pipe.components.items()
+            if isinstance(m, torch.nn.Module)}
+
+
+def test_from_pipe_leaves_the_callers_pipeline_as_it_was(tiny_sdxl_path):
+    """An fp16 SDXL pipeline (whose VAE must be upcast to decode): the sampler shares every module but the
+    VAE, which it upcasts in a copy; the caller's pipeline keeps its dtypes, devices and has no hooks."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    caller = DiffusionPipeline.from_pretrained(tiny_sdxl_path, dtype=torch.float16)
+    before = _module_state(caller)
+    sampler = ed.ElasticDiffusion.from_pipe(caller, device="cpu")
+    assert _module_state(caller) == before and caller.vae.dtype == torch.float16
+    assert sampler.unet is caller.unet and sampler.text_encoder_2 is caller.text_encoder_2
+    assert sampler.vae is not caller.vae and sampler.vae.dtype == torch.float32  # bf16 on GPUs that have it
+    assert sampler.pipe is not caller and sampler.pipe.vae is sampler.vae
+    ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(caller.scheduler.config))
+    assert _module_state(caller) == before  # diffusers' from_pipe would have cast everything to fp32
+    with pytest.raises(ValueError, match="torch_dtype.*does not convert"):
+        ed.ElasticDiffusion.from_pipe(caller, device="cpu", torch_dtype=torch.float32)
+    assert _module_state(caller) == before
+
+
+def test_half_precision_loads_the_fp16_variant(tmp_path):
+    """A folder with both weight sets: fp16/bf16 loads read the fp16 variant files, fp32 loads the full
+    ones; with one set only, that one is used. (The two sets hold different weights here, to tell them apart.)"""
+    from tiny_models import build_tiny_pipeline
+
+    full, half = build_tiny_pipeline("sd1", seed=0), build_tiny_pipeline("sd1", seed=1).to(torch.float16)
+    full.save_pretrained(tmp_path / "both")
+    half.save_pretrained(tmp_path / "both", variant="fp16")
+    full.save_pretrained(tmp_path / "full")
+    half.save_pretrained(tmp_path / "half", variant="fp16")
+    weight = lambda pipe: pipe.unet.conv_in.weight  # noqa: E731
+    for folder, dtype, source in (("both", torch.float16, half), ("both", torch.bfloat16, half),
+                                  ("both", torch.float32, full), ("full", torch.float16, full),
+                                  ("half", torch.float32, half)):
+        loaded = ed.load_pipeline(str(tmp_path / folder), dtype)
+        assert weight(loaded).dtype == dtype
+        assert torch.equal(weight(loaded), weight(source).to(dtype)), (folder, dtype)
 
 
 def test_sd2_model_runs_and_reads_geometry_from_config(tiny_sd2_path):
@@ -540,10 +589,10 @@ def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
 
 def test_general_subsampler_at_three_times():
     H, W, h, w = 192, 192, 64, 64
-    g = ed.candidates_per_axis(H, W, h, w)
-    assert g == 3
-    cells = ed.choose_cells(30, h, w, g * g, 0.3, torch.Generator().manual_seed(0))
-    rows, cols = ed.source_indices(cells, H, W, g)
+    counts = ed.candidate_counts(H, W, h, w)
+    assert counts.unique().tolist() == [9]
+    cells = ed.choose_cells(30, counts, 0.3, torch.Generator().manual_seed(0))
+    rows, cols = ed.source_indices(cells, H, W)
     hit = torch.zeros(H * W, dtype=torch.bool)
     for r, c in zip(rows, cols):
         flat = (r * W + c).flatten()
