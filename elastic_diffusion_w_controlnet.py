@@ -12,6 +12,7 @@ Command line: ``python elastic_diffusion_w_controlnet.py --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -89,6 +90,28 @@ def depth_condition(image: Image.Image, estimator) -> Image.Image:
     """Depth map of an RGB PIL image from a transformers depth-estimation pipeline, as RGB at the same size."""
     depth = estimator(image)["depth"]
     return to_rgb(depth if depth.size == image.size else depth.resize(image.size, Image.Resampling.BICUBIC))
+
+
+class _Encoded(torch.nn.Module):
+    """Stands in for a ControlNet's condition encoder: returns the encoding it was given."""
+
+    def __init__(self, encoded: torch.Tensor):
+        super().__init__()
+        self.encoded = encoded
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        return self.encoded
+
+
+@contextlib.contextmanager
+def _encoded_condition(controlnet, encoded: torch.Tensor):
+    """Run `controlnet` with its condition encoder's output fixed to `encoded` (N, C', D, D)."""
+    encoder = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = _Encoded(encoded)
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = encoder
 
 
 class ElasticDiffusionControlNet(ElasticDiffusion):
@@ -192,7 +215,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         h, w = self.reference_latent_size(H, W)
         reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
         c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
-                 cache={}, seconds=time.perf_counter() - tic)
+                 cache={}, embedded={}, seconds=time.perf_counter() - tic)
 
     def control_batch(self, regions: list[Region]) -> torch.Tensor:
         """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1] (§18)."""
@@ -212,12 +235,34 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             c["cache"][key] = F.pad(source, (left, right, top, bottom))
         return torch.cat([c["cache"][(r.kind, r.rows, r.cols, r.padding)] for r in regions])
 
+    def embedded_conditions(self, regions: list[Region]) -> torch.Tensor:
+        """The ControlNet's encoding of each sample's condition, (N, C', D, D), once per region and run.
+
+        The condition encoder (a few convolutions over the 8D x 8D pixel map) sees only the condition,
+        neither the latent nor the timestep, so a region's encoding serves every step and pass; encoding
+        it in every call cost more than the rest of a small ControlNet.
+        """
+        c, count = self._control, self.counters
+        keys = [(r.kind, r.rows, r.cols, r.padding) for r in regions]
+        new = {key: region for key, region in zip(keys, regions) if key not in c["embedded"]}
+        if new:
+            conditions = self.control_batch(list(new.values()))
+            if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
+                conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
+            if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
+                self.controlnet.to(self.device)
+            for key, encoded in zip(new, self.controlnet.controlnet_cond_embedding(conditions).split(1)):
+                c["embedded"][key] = encoded
+            count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
+        return torch.cat([c["embedded"][key] for key in keys])
+
     def unet_extra_kwargs(self, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
-        down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
-                                    controlnet_cond=self.control_batch(regions),
-                                    conditioning_scale=float(self._control["scale"]), guess_mode=False,
-                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        embedded = self.embedded_conditions(regions)
+        with _encoded_condition(self.controlnet, embedded):
+            down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds, controlnet_cond=embedded,
+                                        conditioning_scale=float(self._control["scale"]), guess_mode=False,
+                                        added_cond_kwargs=added_cond_kwargs, return_dict=False)
         count = self.counters
         count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
         for key in [f"controlnet_{r.kind}_samples" for r in regions] + ["controlnet_samples"] * len(regions):
