@@ -666,11 +666,12 @@ class ElasticDiffusion:
 
     @torch.no_grad()
     def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
-                            chunk: int = 8) -> dict:
+                            chunk: int = 8, report: Callable | None = None) -> dict:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
 
         `strips` holds (name, (height, width)) pairs. Encoded once, up front: identical across
         passes, view batches and batch items within a timestep, different across timesteps.
+        `report("backgrounds", done, total)` is called before each chunk and at the end.
         Returns {(name, size, t): (1, C, sh, sw)}.
         """
         keys = [(name, size, t) for t in timesteps for name, size in sorted(strips)]
@@ -679,6 +680,8 @@ class ElasticDiffusion:
         for size in sorted({k[1] for k in keys}):
             same = [k for k in keys if k[1] == size]
             for i in range(0, len(same), chunk):
+                if report is not None:
+                    report("backgrounds", len(backgrounds), len(keys))
                 group = same[i:i + chunk]
                 gens = [torch.Generator().manual_seed(self._strip_seed(*k)) for k in group]
                 colours = torch.stack([torch.rand(3, generator=g) for g in gens])  # RGB in [0, 1]
@@ -691,6 +694,8 @@ class ElasticDiffusion:
                     alpha = self.alpha(k[2])
                     noise = torch.randn(z0.shape, generator=g).to(self.device)
                     backgrounds[k] = (math.sqrt(alpha) * z0 + math.sqrt(1 - alpha) * noise)[None]
+        if report is not None:
+            report("backgrounds", len(backgrounds), len(keys))
         return backgrounds
 
     def _pad(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -829,7 +834,8 @@ class ElasticDiffusion:
                  num_images_per_prompt: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
-                 progress: bool | Callable = True, drop_p: float | None = None,
+                 progress: bool | Callable = True, callback_on_stage: Callable | None = None,
+                 drop_p: float | None = None,
                  view_batch_size: int | None = None):
         """Generate images; returns (images, info).
 
@@ -837,7 +843,9 @@ class ElasticDiffusion:
         complement of `new_p` (the official README's spelling). `generator` / `seed` seed the initial
         latents and, through one derived seed, the sub-sampler, re-noising and backgrounds.
         `callback_on_step_end(pipe, step, t, {"latents": x, "x0": x0})` may return {"latents": ...}
-        to replace the latent, or raise `GenerationCancelled` to stop.
+        to replace the latent, or raise `GenerationCancelled` to stop. `callback_on_stage(stage, done,
+        total)` reports the preparation before step 1 ("encode_prompt", "backgrounds", ...) and may
+        raise `GenerationCancelled` too.
         """
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
@@ -872,7 +880,7 @@ class ElasticDiffusion:
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
         self._aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         try:
-            timings = self.prepare(negatives + prompts, height, width, s)
+            timings = self.prepare(negatives + prompts, height, width, s, callback_on_stage)
             tic = time.perf_counter()
             x = self.sample(x, self._timesteps, s, torch.Generator().manual_seed(self._aux_seed),
                             callback_on_step_end, progress)
@@ -911,14 +919,17 @@ class ElasticDiffusion:
         repeat = num_images_per_prompt
         return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
 
-    def prepare(self, texts: list[str], height: int, width: int, s: dict) -> dict:
+    def prepare(self, texts: list[str], height: int, width: int, s: dict, report: Callable | None = None) -> dict:
         """Per-image state computed once: embeddings, time ids, views, timesteps, backgrounds.
 
         texts = negatives + prompts; s = the resolved settings. Extensions that need per-image
         state of their own (the ControlNet's condition maps) override this and call super().
-        Returns {stage: seconds}.
+        `report(stage, done, total)`, if given, is called as each stage starts (and by
+        `prepare_backgrounds` per chunk). Returns {stage: seconds}.
         """
         tic, timings = time.perf_counter(), {}
+        if report is not None:
+            report("encode_prompt", 0, 1)
         embeds, pooled = self.encode_prompt(texts)  # [neg; pos] (§3.3)
         self._embeds, self._pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
         if self.is_sdxl:
@@ -937,7 +948,7 @@ class ElasticDiffusion:
         rows, cols = self._views[0]
         crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
         strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
-        self._backgrounds = self.prepare_backgrounds(strips, self._timesteps) if strips else {}
+        self._backgrounds = self.prepare_backgrounds(strips, self._timesteps, report=report) if strips else {}
         timings["backgrounds"] = self._sync_time(tic)
         return timings
 

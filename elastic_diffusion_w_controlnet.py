@@ -269,9 +269,11 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             count[key] = count.get(key, 0) + 1
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    def prepare(self, texts, height: int, width: int, settings: dict) -> dict:
+    def prepare(self, texts, height: int, width: int, settings: dict, report=None) -> dict:
         """The base per-image preparation, plus the condition maps for this size."""
-        timings = super().prepare(texts, height, width, settings)
+        timings = super().prepare(texts, height, width, settings, report)
+        if report is not None:
+            report("condition", 0, 1)
         self.prepare_condition(height // self.vae_scale_factor, width // self.vae_scale_factor)
         return timings
 

@@ -150,13 +150,15 @@ def test_local_conditions_are_full_resolution_crops(sd1):
 
 def test_condition_encodings_do_not_grow_with_the_steps(sd1):
     """One ControlNet forward per UNet sample, and each condition encoded once per run, however long."""
-    counts = []
+    counts, stages = [], []
     for steps in (2, 5):
         _, info = sd1("a cat", condition_image=PHOTO, condition="canny", width=1024, height=512, resampling_steps=1,
-                      num_inference_steps=steps, seed=0, progress=False, output_type="latent")
+                      num_inference_steps=steps, seed=0, progress=False, output_type="latent",
+                      callback_on_stage=lambda stage, done, total: stages.append(stage))
         assert info["controlnet_samples"] == info["unet_samples"] and info["controlnet_calls"] == info["unet_calls"]
         counts.append(info["controlnet_condition_encodings"])
     assert counts == [1 + info["num_views"]] * 2
+    assert stages.count("condition") == 2 and stages[-1] == "condition"  # the map is made before step 1, reported
 
 
 @pytest.mark.parametrize("channel_order", ["rgb", "bgr"])
