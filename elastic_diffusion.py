@@ -36,10 +36,12 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -370,6 +372,48 @@ def _is_sdxl_checkpoint(path: str) -> bool:
         return any(key.startswith("conditioner.embedders.1") for key in f.keys())
 
 
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
+
+
+def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why models cannot come from the Hugging Face hub now ("HF_HUB_OFFLINE is set", "no network: ..."), or None.
+
+    Respects HF_HUB_OFFLINE; otherwise makes one TCP connection to the hub's endpoint, bounded by
+    `timeout` (name resolution included). Without an answer the process works offline from then on:
+    the hub libraries read their local cache at once instead of retrying each file for half a minute.
+    """
+    from huggingface_hub import constants
+
+    global _HUB_OFFLINE_REASON
+    if constants.HF_HUB_OFFLINE:
+        return _HUB_OFFLINE_REASON or "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    outcome = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as error:
+            outcome["error"] = error
+
+    probe = threading.Thread(target=connect, daemon=True, name="hub-probe")
+    probe.start()
+    probe.join(timeout)  # getaddrinfo ignores socket timeouts: the thread bounds name resolution too
+    if outcome.get("ok"):
+        return None
+    error = outcome.get("error")
+    _HUB_OFFLINE_REASON = (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})"
+                           if error else f"no network: no answer from {host} within {timeout:g} s")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return _HUB_OFFLINE_REASON
+
+
+_HUB_OFFLINE_REASON: str | None = None
+
+
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                   **kwargs):
     """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
@@ -404,6 +448,7 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
                              "save a pipeline with save_pretrained() or pass a single .safetensors file")
     elif not re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         raise ValueError(f"sd_version {sd_version!r} is unknown: use {allowed}")
+    offline = None if is_path else hub_offline_reason()
 
     load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **kwargs)
     try:
@@ -413,8 +458,13 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         pipe = DiffusionPipeline.from_pretrained(source, **load_kwargs)
     except (OSError, EnvironmentError) as error:
         if source in HUB_MIRRORS:
-            logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
+            if not offline:
+                logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
             return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, **kwargs)
+        if offline:
+            raise ValueError(f"sd_version {sd_version!r} ({source}) is not in the local Hugging Face cache and the "
+                             f"hub cannot be used ({offline}). Pass a local diffusers folder or a .safetensors file, "
+                             f"or download the model once where there is network (`hf download {source}`)") from None
         hint = "" if allow_pickle else "; a model without .safetensors weights needs allow_pickle=True"
         raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
                          "(gated models need `hf auth login`), or pass a local diffusers folder or a "
@@ -1184,8 +1234,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
                             num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
                             **(call_kwargs or {}))
-    except (ValueError, GenerationCancelled) as error:
-        parser.error(str(error))
+    except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except torch.OutOfMemoryError as error:
         sys.exit(f"error: {error}")
     os.makedirs(args.outdir, exist_ok=True)
