@@ -1152,7 +1152,7 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except for preset-driven knobs (None) and off-by-default flags."""
 
     def _get_help_string(self, action):
@@ -1166,7 +1166,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ElasticDiffusion: training-free generation at any size and aspect ratio (up to 2x the "
                     "model's native size per side). Method knobs left out follow the resolution-aware "
                     "presets of the official demo (see README).",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=DEMO_PRESETS[0]["prompt"], help="text prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt ('' is encoded too)")
     p.add_argument("--width", type=int, default=2048, help="image width in pixels, a multiple of 8")
