@@ -989,11 +989,15 @@ class TextToImageApp:
         gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
                              object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
         with gr.Row(equal_height=True):
-            seed_used = gr.Number(label="Seed used", precision=0, interactive=False, scale=0, min_width=180,
-                                  placeholder="after a run", elem_id="seed-used")
+            # /generate's seed output; Gradio's page would show an empty Number as 0, so a text box shows it.
+            seed_used = gr.Number(label="Seed used", precision=0, visible="hidden")
+            seed_shown = gr.Textbox(label="Seed used", interactive=False, placeholder="after a run", max_lines=1,
+                                    scale=0, min_width=180, elem_id="seed-used")
             reuse_seed = gr.Button("Reuse this seed", size="sm", scale=0, min_width=140)
             summary = gr.Markdown(label="Summary", elem_id="summary", min_height=90)
-        reuse_seed.click(lambda seed: (gr.skip(), gr.skip()) if seed is None else (seed, False), inputs=seed_used,
+        seed_used.change(lambda seed: "" if seed is None else str(int(seed)), inputs=seed_used, outputs=seed_shown,
+                         queue=False, show_progress="hidden", api_visibility="private")
+        reuse_seed.click(lambda seed: (int(seed), False) if seed else (gr.skip(), gr.skip()), inputs=seed_shown,
                          outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
         return [gallery, seed_used, summary]
 
