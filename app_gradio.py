@@ -1024,11 +1024,12 @@ def private_storage(max_output_mb: int) -> OutputFolders:
 
 
 def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
-          max_file_size: int | str = 0, **launch_kwargs) -> None:
+          max_file_size: int = 0, **launch_kwargs) -> None:
     """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway), launch, and
     serve until SIGTERM or SIGINT (Ctrl+C); then close and remove what the app stored.
 
-    `max_file_size` is the upload limit: 0 (the default) refuses every upload, for apps that take no file.
+    `max_file_size` is the upload limit in bytes: 0 (the default) refuses every upload, for apps that take
+    no file.
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     stop = threading.Event()
@@ -1047,8 +1048,8 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
         logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
                     "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
                     outputs.keep_seconds // 60, free / 2 ** 30,
-                    f"at most {max_file_size} each, kept {KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size
-                    else "none accepted")
+                    f"at most {max_file_size / 2 ** 20:.0f} MB each, kept "
+                    f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
     try:
         while not stop.wait(0.5) and demo.is_running:
             pass
