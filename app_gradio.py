@@ -451,7 +451,10 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
 
 
 class RequestFolder:
-    """One request's folder, made only once the request has something to write (a refused one leaves none)."""
+    """One request's folder, made only once the request has something to write (a refused one leaves none).
+
+    While the request runs its folder is never pruned; `close()` when it is done.
+    """
 
     def __init__(self, outputs: "OutputFolders"):
         self.outputs, self.path = outputs, None
@@ -462,9 +465,10 @@ class RequestFolder:
             self.path = self.outputs.new()
         return os.path.join(self.path, name)
 
-    def written(self) -> None:
-        """Keep the outputs within their bounds now that this request added to them (its own files stay)."""
-        self.outputs.prune(keep=self.path)
+    def close(self) -> None:
+        """The request is done: keep the outputs within their bounds, its own files included in the count."""
+        if self.path is not None:
+            self.outputs.release(self.path)
 
 
 class OutputFolders:
@@ -483,18 +487,29 @@ class OutputFolders:
         self.root = tempfile.mkdtemp(prefix="elastic_diffusion_outputs_", dir=parent)
         self.keep_seconds, self.max_bytes = keep_seconds, max_bytes
         self._lock = threading.Lock()
+        self._active: set[str] = set()  # folders of requests still writing: never pruned
         atexit.register(self.remove)
 
     def request(self) -> RequestFolder:
         return RequestFolder(self)
 
     def new(self) -> str:
-        """A fresh request folder (after pruning)."""
+        """A fresh request folder (after pruning), kept until `release`d."""
         self.prune()
-        return tempfile.mkdtemp(prefix="request_", dir=self.root)
+        with self._lock:
+            path = tempfile.mkdtemp(prefix="request_", dir=self.root)
+            self._active.add(path)
+        return path
+
+    def release(self, path: str) -> None:
+        """The request writing into `path` is done: prune, keeping `path` itself (the newest result)."""
+        with self._lock:
+            self._active.discard(path)
+        self.prune(keep=path)
 
     def prune(self, keep: str | None = None) -> None:
-        """Remove folders past their age, then the oldest until the total fits `max_bytes` (never `keep`)."""
+        """Remove folders past their age, then the oldest until the total fits `max_bytes`; never `keep` or a
+        folder whose request is still running."""
         with self._lock:
             folders = []
             for entry in os.scandir(self.root):
@@ -504,7 +519,7 @@ class OutputFolders:
             folders.sort()
             total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
             for mtime, size, path in folders:
-                if path != keep and (mtime < cutoff or total > self.max_bytes):
+                if path != keep and path not in self._active and (mtime < cutoff or total > self.max_bytes):
                     shutil.rmtree(path, ignore_errors=True)
                     total -= size
 
@@ -674,7 +689,8 @@ def public_record(info: dict) -> dict:
 def run_generation(sampler, values: dict, folder: RequestFolder, cancel: threading.Event | None = None,
                    on_step: Callable | None = None, plain_pipe=None, finish: Callable | None = None,
                    **sampler_kwargs) -> GenerationResult:
-    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into the request's folder.
+    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into the request's folder
+    (the caller closes it).
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
     stages. `on_step(report, x0)` gets each StepReport (stages before step 1 with x0 None).
@@ -712,7 +728,6 @@ def run_generation(sampler, values: dict, folder: RequestFolder, cancel: threadi
     extra = list(finish(folder, request, info)) if finish is not None else []
     result = save_results(folder, request, images[0], info, plain_image, sampler.native_px)
     result.gallery.extend(extra)
-    folder.written()
     return result
 
 
@@ -782,6 +797,8 @@ def _generation_worker(sampler, values, folder, cancel, updates, preview_every, 
         updates.put(("cancelled", stop))
     except BaseException as error:  # handed to the handler, which raises it in Gradio's thread
         updates.put(("error", error))
+    finally:
+        folder.close()
 
 
 def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=None,

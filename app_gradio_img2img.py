@@ -294,9 +294,11 @@ class ImageToImageApp(base.TextToImageApp):
         if max_side is not None and max(result.size) > max_side:
             result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
         folder = self.outputs.request()
-        path = folder.file(f"condition_{control.condition}_{width}x{height}.png")
-        result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
-        folder.written()
+        try:
+            path = folder.file(f"condition_{control.condition}_{width}x{height}.png")
+            result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
+        finally:
+            folder.close()
         return path
 
     def _depth_estimator(self):

@@ -363,6 +363,24 @@ def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, e
     outputs.remove()
 
 
+def test_running_requests_keep_their_folders_and_old_ones_go(tmp_path):
+    outputs = app.OutputFolders(max_bytes=150, parent=str(tmp_path))
+    running, done = outputs.request(), outputs.request()
+    for folder in (running, done):
+        with open(folder.file("image.png"), "wb") as f:
+            f.write(b"x" * 100)
+    done.close()  # over the cap, but the newest result stays, and a running request's folder is never pruned
+    assert os.path.isdir(running.path) and os.path.isdir(done.path)
+    running.close()  # now the older one goes
+    assert os.path.isdir(running.path) and not os.path.isdir(done.path)
+    outputs.keep_seconds = -1  # everything is past its age: the next request's folder is all that is left
+    later = outputs.request()
+    later.file("image.png")
+    assert [entry.path for entry in os.scandir(outputs.root)] == [later.path]
+    outputs.remove()
+    assert not os.path.exists(outputs.root)
+
+
 def test_progress_shows_the_preparation_before_step_1(sampler):
     descriptions = []
     values = {**FAST, **app.preset(2048, 1024, 1024), "negative_prompt": "", "compare_plain": False,
