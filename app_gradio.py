@@ -613,7 +613,8 @@ class StepReport:
 
     def describe(self) -> str:
         if self.phase in STAGE_NAMES:
-            return f"{STAGE_NAMES[self.phase]} ({self.step}/{self.total})" if self.total > 1 else STAGE_NAMES[self.phase]
+            name = STAGE_NAMES[self.phase]
+            return f"{name} ({self.step}/{self.total})" if self.total > 1 else name
         left = f", about {self.eta_seconds:.0f} s left" if self.eta_seconds is not None else ""
         return f"{self.phase}: step {self.step}/{self.total}{left}"
 
@@ -1022,8 +1023,7 @@ class TextToImageApp:
 def configure_logging(verbose: bool) -> None:
     """The apps' own messages (start-up, disk use) always; every library's INFO lines with -v."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    for name in ("app_gradio", "app_gradio_img2img"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)
 
 
 def private_storage(max_output_mb: int) -> OutputFolders:
@@ -1053,7 +1053,7 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    # quiet: Gradio's own banner would advise `share=True` even when --share was given.
+    # quiet: Gradio's banner says to "set share=True in launch()"; here a link is asked for with --share.
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                                           show_error=True, max_file_size=max_file_size, css=PAGE_CSS, quiet=True,
                                           prevent_thread_lock=True, **launch_kwargs)

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import inspect
 import io
-import logging
 import math
 import os
 import threading
@@ -50,8 +49,6 @@ from elastic_diffusion_w_controlnet import (
     fit_image,
     load_image,
 )
-
-logger = logging.getLogger("app_gradio_img2img")
 
 APP_FILE = "app_gradio_img2img.py"
 DEFAULT_CONDITION = "canny"  # the condition of the default ControlNet
