@@ -1049,10 +1049,10 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
     no file.
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    stop = threading.Event()
+    signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+            signal.signal(signum, lambda signum, frame: signals.append(signum))
     # quiet: Gradio's banner says to "set share=True in launch()"; here a link is asked for with --share.
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                                           show_error=True, max_file_size=max_file_size, css=PAGE_CSS, quiet=True,
@@ -1068,8 +1068,8 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
                     f"at most {max_file_size / 2 ** 20:.0f} MB each, kept "
                     f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
     try:
-        while not stop.wait(0.5) and demo.is_running:
-            pass
+        while not signals and demo.is_running:
+            time.sleep(0.2)
     finally:
         logger.info("Stopping: closing the server and removing the app's files.")
         demo.close(verbose=False)
