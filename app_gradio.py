@@ -159,7 +159,8 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
                    help="most megabytes of results and previews kept on disk; the oldest go first")
     p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
                    help="show a preview of the image every N steps (0: no previews)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log every library at INFO level (the app's own start-up lines are always shown)")
     return p
 
 

@@ -373,6 +373,7 @@ def _is_sdxl_checkpoint(path: str) -> bool:
 
 
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
+_HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
 
 
 def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
@@ -409,9 +410,6 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     constants.HF_HUB_OFFLINE = True
     os.environ["HF_HUB_OFFLINE"] = "1"
     return _HUB_OFFLINE_REASON
-
-
-_HUB_OFFLINE_REASON: str | None = None
 
 
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
