@@ -7,9 +7,15 @@ The model is loaded once at start-up and serves every request; one GPU job runs 
 others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_settings`) work from
 `gradio_client` (see the README).
 
+Every request is treated as coming from a stranger: the text-to-image app takes no uploads, inputs
+are only files this app received (`read_upload`), slow steps are bounded in time (`within`), what the
+app writes is bounded on disk (`OutputFolders`) and removed on exit (`serve`), and nothing a visitor
+sees names a server path (`public_name`, `scrub_paths`).
+
 The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
 `build_parser`, `load_sampler`, `knob_widgets`, `wire_size_presets`, `run_generation`,
-`stream_generation`, `OutputFolders`, `on_gpu` and `serve`, and subclasses `TextToImageApp`.
+`stream_generation`, `OutputFolders`, `read_upload`, `within`, `on_gpu` and `serve`, and subclasses
+`TextToImageApp`.
 """
 from __future__ import annotations
 
@@ -26,8 +32,12 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import shutil
+import signal
+import stat
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +54,7 @@ from elastic_diffusion import (
     PRESET_NEGATIVE_PROMPT,
     ElasticDiffusion,
     GenerationCancelled,
+    HelpFormatter,
     local_views,
     png_metadata,
     recommended_settings,
@@ -63,7 +74,24 @@ PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the defau
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
 HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a cancel can close it promptly
 UNET_SAMPLE_SECONDS = 0.017  # one native-size SDXL UNet sample in fp16 on an H100 (§17), for ZeroGPU
-KEEP_OUTPUTS_SECONDS = 3600  # per-request folders older than this are removed (Gradio keeps its own copy)
+KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
+MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
+MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
+READ_SECONDS = 10  # reading one uploaded file
+DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
+UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
+                  "gradio_client.handle_file('photo.jpg')).")
+STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",
+               "condition": "Making the condition map"}  # the sampler's stages before step 1 (progress text)
+TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
+                 "denoise": "denoising", "decode": "decoding"}  # the summary's time split
+PAGE_CSS = """
+#gallery .fixed-height { max-height: none; min-height: 0; }
+#gallery .grid-wrap { overflow-y: visible; height: auto; }
+#gallery .grid-container { grid-template-rows: none; grid-auto-rows: auto; align-items: start; }
+#gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; justify-content: center; }
+#gallery .thumbnail-lg > img { width: auto; height: auto; max-width: 100%; max-height: 80vh; }
+"""  # Gradio's gallery draws square cells in a box of 55 % of the window: show each image whole instead
 
 OUT_OF_MEMORY_ADVICE = (
     "Out of GPU memory. Open Advanced options and try, in this order: a lower View batch size (e.g. 4), "
@@ -71,8 +99,8 @@ OUT_OF_MEMORY_ADVICE = (
 
 
 def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") -> str:
-    """Markdown for the banner (and, without the markup, for the Generate button's error)."""
-    return (f"**No model is loaded.** `{model}` could not be loaded: {reason}\n\n"
+    """Markdown for the banner (and, without the markup, for the Generate button's error); no server paths."""
+    return (f"**No model is loaded.** `{public_name(model)}` could not be loaded: {scrub_paths(reason)}\n\n"
             "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
             f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
             "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`.")
@@ -81,7 +109,21 @@ def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") ->
 def public_name(model) -> str:
     """A hub id as it is, a local model by its folder or file name: no server paths on the page."""
     name = str(model)
-    return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
+    is_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    return os.path.basename(os.path.normpath(name)) if is_path else name
+
+
+_SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?(?:/[^\s'\"`()<>/]+)+/?")  # not the path part of a URL
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with every file-system path shortened to its last part (a model's folder name, say)."""
+    return _SERVER_PATH.sub(lambda match: os.path.basename(match.group(0).rstrip("/")) or "/", text)
+
+
+def _format(value: float) -> str:
+    """A limit as people write it: 4294967295, 0.05, 2048 (never 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def refuse(message: str, **kwargs) -> gr.Error:
@@ -96,7 +138,7 @@ def refuse(message: str, **kwargs) -> gr.Error:
 
 def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio).") -> argparse.ArgumentParser:
     """The flags every ElasticDiffusion app shares; an app adds its own to the returned parser."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--model", "--sd_version", dest="model", default=os.environ.get("ELASTIC_MODEL", DEFAULT_MODEL),
                    help="'1.5', '2.1', 'XL1.0', any hub id, a local diffusers folder or a .safetensors file")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="HTTP port")
@@ -114,9 +156,12 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     p.add_argument("--max-scale", "--max_scale", dest="max_scale", type=int, default=MAX_SCALE,
                    help="largest size as a multiple of the model's native size per side; above 2 is experimental")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
+    p.add_argument("--max-output-mb", type=int, default=MAX_OUTPUT_MB,
+                   help="most megabytes of results and previews kept on disk; the oldest go first")
     p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
                    help="show a preview of the image every N steps (0: no previews)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log every library at INFO level (the app's own start-up lines are always shown)")
     return p
 
 
@@ -131,8 +176,8 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
         sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram,
                                 torch_dtype=dtype, allow_pickle=args.allow_pickle, **kwargs)
     except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
-        logger.debug("model loading failed", exc_info=True)
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
+        logger.warning("%s could not be loaded: %s", args.model, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
         return None, no_model_advice(args.model, reason, app_file)
     sampler.max_scale = getattr(args, "max_scale", MAX_SCALE)  # start-up only, as the CLI does
     logger.info("loaded %s on %s (native %d px)", args.model, sampler.device, sampler.native_px)
@@ -187,6 +232,14 @@ def numeric_knobs(native_latent: int) -> list[Knob]:
     ]
 
 
+def preset(width: int, height: int, native_px: int) -> dict:
+    """`recommended_settings` kept inside the ranges the app accepts, so /generate takes every value
+    (λ0 grows with the area and would pass its range above 4x the native size per side)."""
+    ranges = {k.name: k for k in numeric_knobs(native_px // 8)}
+    return {name: min(max(value, ranges[name].minimum), ranges[name].maximum) if name in ranges else value
+            for name, value in recommended_settings(width, height, native_px).items()}
+
+
 # The sampler's own knobs among the widgets (view_batch_size and low_vram are sampler state).
 SAMPLER_KNOBS = ("num_inference_steps", "guidance_scale", "resampling_steps", "new_p", "rrg_init_weight",
                  "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale")
@@ -212,7 +265,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
         w["height"] = gr.Number(label="Height", value=height, precision=0, step=8, minimum=MIN_SIDE_PX,
                                 maximum=limit, info=size_info, elem_id="height")
         w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
-    recommended = recommended_settings(width, height, native_px)
+    recommended = preset(width, height, native_px)
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
@@ -286,7 +339,7 @@ def preset_updates(width, height, edited: frozenset, names: Sequence[str], nativ
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit
                for v in (width, height)):  # a value being typed: leave the knobs alone
         return [gr.skip()] * len(names)
-    recommended = recommended_settings(int(width), int(height), native_px)
+    recommended = preset(int(width), int(height), native_px)
     return [gr.skip() if name in edited else recommended[name] for name in names]
 
 
@@ -326,17 +379,18 @@ def _text(label: str, value, required: bool) -> str:
 def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
     """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
     kind = "a whole number" if integer else "a number"
+    span = f"between {_format(minimum)} and {_format(maximum)}"
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise refuse(f"{label} must be {kind} between {minimum:g} and {maximum:g}; got {value!r}.") from None
+            raise refuse(f"{label} must be {kind} {span}; got {value!r}.") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise refuse(f"{label} must be {kind} between {minimum:g} and {maximum:g}; got {value!r}.")
+        raise refuse(f"{label} must be {kind} {span}; got {value!r}.")
     if integer and value != int(value):
         raise refuse(f"{label} must be {kind}; got {value!r}.")
     if not minimum <= value <= maximum:
-        raise refuse(f"{label} must be between {minimum:g} and {maximum:g}; got {value:g}.")
+        raise refuse(f"{label} must be {span}; got {_format(value)}.")
     return int(value) if integer else float(value)
 
 
@@ -398,36 +452,173 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
 # --------------------------------------------------------------------------------------------------
 
 
-class OutputFolders:
-    """A private folder per request under one root, so no two requests ever share a file.
+class RequestFolder:
+    """One request's folder, made only once the request has something to write (a refused one leaves none).
 
-    Gradio copies returned files into its own cache, so folders older than `keep_seconds` are pruned
-    when a new one is made, and the root goes when the process exits.
+    While the request runs its folder is never pruned; `close()` when it is done.
     """
 
-    def __init__(self, keep_seconds: float = KEEP_OUTPUTS_SECONDS):
-        self.root = tempfile.mkdtemp(prefix="elastic_diffusion_app_")
-        self.keep_seconds = keep_seconds
-        atexit.register(shutil.rmtree, self.root, True)
+    def __init__(self, outputs: "OutputFolders"):
+        self.outputs, self.path = outputs, None
+
+    def file(self, name: str) -> str:
+        """A path for `name` in this request's folder, which is made on first use."""
+        if self.path is None:
+            self.path = self.outputs.new()
+        return os.path.join(self.path, name)
+
+    def close(self) -> None:
+        """The request is done: keep the outputs within their bounds, its own files included in the count."""
+        if self.path is not None:
+            self.outputs.release(self.path)
+
+
+class OutputFolders:
+    """Everything the app writes: a private folder per request under one root, bounded on disk.
+
+    The root lies inside Gradio's cache folder, so Gradio serves the files from where they are
+    instead of copying them: each result is stored once. Request folders older than `keep_seconds`
+    are removed, then the oldest ones until the total is at most `max_bytes`; the root goes when the
+    process exits.
+    """
+
+    def __init__(self, keep_seconds: float = KEEP_OUTPUTS_SECONDS, max_bytes: int = MAX_OUTPUT_MB * 2 ** 20,
+                 parent: str | None = None):
+        parent = parent or gr.utils.get_upload_folder()
+        os.makedirs(parent, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix="elastic_diffusion_outputs_", dir=parent)
+        self.keep_seconds, self.max_bytes = keep_seconds, max_bytes
+        self._lock = threading.Lock()
+        self._active: set[str] = set()  # folders of requests still writing: never pruned
+        atexit.register(self.remove)
+
+    def request(self) -> RequestFolder:
+        return RequestFolder(self)
 
     def new(self) -> str:
-        cutoff = time.time() - self.keep_seconds
-        for entry in os.scandir(self.root):
-            if entry.is_dir() and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        return tempfile.mkdtemp(prefix="request_", dir=self.root)
+        """A fresh request folder (after pruning), kept until `release`d."""
+        self.prune()
+        with self._lock:
+            path = tempfile.mkdtemp(prefix="request_", dir=self.root)
+            self._active.add(path)
+        return path
+
+    def release(self, path: str) -> None:
+        """The request writing into `path` is done: prune, keeping `path` itself (the newest result)."""
+        with self._lock:
+            self._active.discard(path)
+        self.prune(keep=path)
+
+    def prune(self, keep: str | None = None) -> None:
+        """Remove folders past their age, then the oldest until the total fits `max_bytes`; never `keep` or a
+        folder whose request is still running."""
+        with self._lock:
+            folders = []
+            for entry in os.scandir(self.root):
+                if entry.is_dir(follow_symlinks=False):
+                    files = [f.stat(follow_symlinks=False) for f in os.scandir(entry.path) if f.is_file()]
+                    folders.append((entry.stat().st_mtime, sum(f.st_size for f in files), entry.path))
+            folders.sort()
+            total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
+            for mtime, size, path in folders:
+                if path != keep and path not in self._active and (mtime < cutoff or total > self.max_bytes):
+                    shutil.rmtree(path, ignore_errors=True)
+                    total -= size
+
+    def size(self) -> int:
+        """Bytes in the outputs now."""
+        return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(self.root)
+                   for name in names)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_bytes: int = MAX_UPLOAD_BYTES,
+                seconds: float = READ_SECONDS) -> tuple[bytes, str]:
+    """The bytes of an uploaded file from Gradio's file payload ({"path": ..., "orig_name": ...}), and its name.
+
+    A client can send any path, with or without Gradio's `meta` (without it Gradio checks nothing), so
+    only a regular file whose real path lies inside one of `roots` (this app's upload folder) and
+    outside `excluded` is read: no symlink out, no FIFO, device, /proc entry or folder. It is opened
+    without following a link and without blocking, and read up to `max_bytes` within `seconds`.
+    Anything else gets UPLOAD_REFUSED, the same message whether the path exists or not.
+    """
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise refuse(UPLOAD_REFUSED)
+    real = os.path.realpath(path)
+    if not any(_inside(real, root) for root in roots) or any(_inside(real, folder) for folder in excluded):
+        raise refuse(UPLOAD_REFUSED)
+    chunks, deadline = [], time.monotonic() + seconds
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise refuse(UPLOAD_REFUSED) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise refuse(UPLOAD_REFUSED)
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes or time.monotonic() > deadline:
+                raise refuse(UPLOAD_REFUSED)
+            chunks.append(chunk)
+    except OSError:
+        raise refuse(UPLOAD_REFUSED) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))
+
+
+def within(seconds: float, what: str, fn: Callable, *args):
+    """fn(*args) in a helper thread, waited for at most `seconds`; after that a gr.Error frees the request.
+
+    The helper finishes in the background (Python cannot stop a thread): use it for work that may
+    stall but ends, such as decoding an image or loading and running a depth model.
+    """
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as error:  # handed back to the caller's thread
+            outcome["error"] = error
+
+    helper = threading.Thread(target=run, daemon=True, name="elastic-diffusion-bounded")
+    helper.start()
+    helper.join(seconds)
+    if helper.is_alive():
+        raise refuse(f"{what} took longer than {_format(seconds)} s and was given up: try a smaller image, or "
+                     "try again in a minute if the server is busy.")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @dataclasses.dataclass
 class StepReport:
-    """Progress of the running request, sent from the sampler's callback to the handler."""
-    phase: str  # "ElasticDiffusion" or "Plain generation"
-    step: int  # steps done
+    """Progress of the running request, sent from the sampler's callbacks to the handler.
+
+    `phase` is "ElasticDiffusion" or "Plain generation" for denoising steps, or a stage before step 1
+    (a key of STAGE_NAMES); `eta_seconds` is None until a step time has been measured.
+    """
+    phase: str
+    step: int  # steps (or stage units) done
     total: int
-    eta_seconds: float
+    eta_seconds: float | None = None
 
     def describe(self) -> str:
-        return f"{self.phase}: step {self.step}/{self.total}, about {self.eta_seconds:.0f} s left"
+        if self.phase in STAGE_NAMES:
+            name = STAGE_NAMES[self.phase]
+            return f"{name} ({self.step}/{self.total})" if self.total > 1 else name
+        left = f", about {self.eta_seconds:.0f} s left" if self.eta_seconds is not None else ""
+        return f"{self.phase}: step {self.step}/{self.total}{left}"
 
 
 @dataclasses.dataclass
@@ -448,20 +639,41 @@ def make_plain_pipeline(sampler):
     return plain
 
 
-def _step_callback(cancel: threading.Event | None, on_step: Callable | None, phase: str, total: int):
-    """A `callback_on_step_end` for the sampler and diffusers alike: stops between steps once cancelled."""
-    start = time.perf_counter()
+class RunProgress:
+    """The sampler's stage and step callbacks for one phase of a request: cancel-aware, with a time-left
+    estimate from the measured step times.
 
-    def callback(pipe, step, timestep, tensors):
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled(f"cancelled after step {step + 1} of {total}")
-        if on_step is not None:
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (step + 1) * (total - step - 1)
-            on_step(StepReport(phase, step + 1, total, eta), tensors.get("x0"))
+    Steps are timed from the end of the preparation (the last stage report), so the estimate never
+    counts the padding strips or the condition map as denoising; once two steps are measured the first
+    one (which warms caches up) is left out.
+    """
+
+    def __init__(self, cancel: threading.Event | None, on_report: Callable | None, phase: str, total: int,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.cancel, self.on_report, self.phase, self.total, self.clock = cancel, on_report, phase, total, clock
+        self.mark, self.step_seconds = clock(), []
+
+    def _check(self, where: str) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise GenerationCancelled(f"cancelled {where}")
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        self._check(f"while {STAGE_NAMES.get(stage, stage).lower()}")
+        self.mark = self.clock()
+        if self.on_report is not None:
+            self.on_report(StepReport(stage, done, total), None)
+
+    def step(self, pipe, step, timestep, tensors) -> dict:
+        """A `callback_on_step_end` for the sampler and diffusers alike."""
+        self._check(f"after step {step + 1} of {self.total}")
+        now = self.clock()
+        self.step_seconds.append(now - self.mark)
+        self.mark = now
+        if self.on_report is not None:
+            measured = self.step_seconds[1:] or self.step_seconds
+            eta = sum(measured) / len(measured) * (self.total - step - 1)
+            self.on_report(StepReport(self.phase, step + 1, self.total, eta), tensors.get("x0"))
         return {}
-
-    return callback
 
 
 def _free_gpu() -> None:
@@ -470,13 +682,23 @@ def _free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event | None = None,
+def public_record(info: dict) -> dict:
+    """The run's info with the model and ControlNet by name, not by server path (for metadata and pages)."""
+    settings = dict(info["settings"])
+    if "controlnet_model" in settings:
+        settings["controlnet_model"] = public_name(settings["controlnet_model"])
+    return dict(info, model=public_name(info["model"]), settings=settings)
+
+
+def run_generation(sampler, values: dict, folder: RequestFolder, cancel: threading.Event | None = None,
                    on_step: Callable | None = None, plain_pipe=None, finish: Callable | None = None,
                    **sampler_kwargs) -> GenerationResult:
-    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into `out_dir`.
+    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into the request's folder
+    (the caller closes it).
 
-    Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps.
-    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(out_dir, request,
+    Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
+    stages. `on_step(report, x0)` gets each StepReport (stages before step 1 with x0 None).
+    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder, request,
     info)`, if given, runs before the PNGs are written: it may amend `info["settings"]` (the metadata)
     and returns more (path, caption) items for the gallery, shown after the image (e.g. a condition map).
     """
@@ -486,9 +708,10 @@ def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event 
     try:
         # Low VRAM moves modules in place (never a reload, D4) and waits for any running generation.
         sampler.set_low_vram(request.low_vram)
+        run = RunProgress(cancel, on_step, "ElasticDiffusion", steps)
         images, info = sampler(request.prompt, request.negative_prompt, height=request.height, width=request.width,
                                seed=request.seed, view_batch_size=request.view_batch_size, progress=False,
-                               callback_on_step_end=_step_callback(cancel, on_step, "ElasticDiffusion", steps),
+                               callback_on_step_end=run.step, callback_on_stage=run.stage,
                                **request.knobs, **sampler_kwargs)
         if request.compare_plain and plain_pipe is not None:
             tic = time.perf_counter()
@@ -497,43 +720,44 @@ def run_generation(sampler, values: dict, out_dir: str, cancel: threading.Event 
                     prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                     width=request.width, num_inference_steps=steps, guidance_scale=request.knobs["guidance_scale"],
                     latents=sampler.initial_latents(request.height, request.width, 1, request.seed).to(sampler.dtype),
-                    callback_on_step_end=_step_callback(cancel, on_step, "Plain generation", steps)).images[0]
+                    callback_on_step_end=RunProgress(cancel, on_step, "Plain generation", steps).step).images[0]
             info["plain_seconds"] = time.perf_counter() - tic
     except ValueError as error:
-        raise refuse(str(error)) from error
+        raise refuse(scrub_paths(str(error))) from error
     except torch.OutOfMemoryError as error:
         raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
     finally:
         _free_gpu()
-    extra = list(finish(out_dir, request, info)) if finish is not None else []
-    result = save_results(out_dir, request, images[0], info, plain_image, sampler.native_px)
+    info = public_record(info)
+    extra = list(finish(folder, request, info)) if finish is not None else []
+    result = save_results(folder, request, images[0], info, plain_image, sampler.native_px)
     result.gallery.extend(extra)
     return result
 
 
-def save_results(out_dir: str, request: GenerationRequest, image, info: dict, plain_image,
+def save_results(folder: RequestFolder, request: GenerationRequest, image, info: dict, plain_image,
                  native_px: int) -> GenerationResult:
     """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
     size = f"{request.width}x{request.height}"
-    path = os.path.join(out_dir, f"elastic_seed{request.seed}_{size}.png")
+    path = folder.file(f"elastic_seed{request.seed}_{size}.png")
     save_png(image, path, png_metadata(info, request.prompt, request.negative_prompt))
     gallery = [(path, f"ElasticDiffusion {size}, seed {request.seed}")]
     if plain_image is not None:
         plain_info = dict(info, settings=dict(method="plain DDIM", width=request.width, height=request.height,
                                               num_inference_steps=request.knobs["num_inference_steps"],
                                               guidance_scale=request.knobs["guidance_scale"]))
-        plain_path = os.path.join(out_dir, f"plain_seed{request.seed}_{size}.png")
+        plain_path = folder.file(f"plain_seed{request.seed}_{size}.png")
         save_png(plain_image, plain_path, png_metadata(plain_info, request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
     return GenerationResult(gallery, request.seed, summarize(info, request, native_px), info)
 
 
 def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
-    """Markdown: the time taken, the UNet evaluations and what they cost next to a plain image."""
+    """Markdown: the time taken (every stage), the UNet evaluations and what they cost next to a plain image."""
     s, timings = info["settings"], info["timings"]
     plain_cost = 2 * s["num_inference_steps"]  # one conditional and one unconditional sample per step
-    lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** "
-             f"(denoising {timings['denoise']:.1f} s, decoding {timings['decode']:.1f} s)",
+    split = ", ".join(f"{label} {timings[key]:.1f} s" for key, label in TIMING_LABELS.items() if key in timings)
+    lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** ({split})",
              f"**{info['unet_samples']:,} UNet evaluations** (native-size samples) in {info['unet_calls']:,} calls, "
              f"{info['unet_samples'] / plain_cost:.1f}× a plain {native_px}² image",
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
@@ -558,7 +782,7 @@ def preview_image(sampler, x0: torch.Tensor):
     return sampler.decode(small, tiled=False, output_type="pil")[0]
 
 
-def _generation_worker(sampler, values, out_dir, cancel, updates, preview_every, run_kwargs) -> None:
+def _generation_worker(sampler, values, folder, cancel, updates, preview_every, run_kwargs) -> None:
     """Runs in a thread: the sampler's callbacks push progress and previews; the outcome comes last."""
     low_vram = bool(values.get("low_vram"))
 
@@ -567,26 +791,31 @@ def _generation_worker(sampler, values, out_dir, cancel, updates, preview_every,
         # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
         if x0 is not None and preview_every and not low_vram and report.step % preview_every == 0 \
                 and report.step < report.total:
-            updates.put(("preview", (preview_image(sampler, x0), report)))
+            path = folder.file(f"preview_step{report.step}.png")  # in the request's folder: counted, pruned
+            preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
+            updates.put(("preview", (path, report)))
 
     try:
-        updates.put(("done", run_generation(sampler, values, out_dir, cancel, on_step, **run_kwargs)))
+        updates.put(("done", run_generation(sampler, values, folder, cancel, on_step, **run_kwargs)))
     except GenerationCancelled as stop:
         updates.put(("cancelled", stop))
     except BaseException as error:  # handed to the handler, which raises it in Gradio's thread
         updates.put(("error", error))
+    finally:
+        folder.close()
 
 
 def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=None,
                       preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
     """Run one request in a worker thread; yield (gallery, seed, summary): previews, then the result.
 
+    Progress shows the stages before step 1 (prompt, padding strips, condition map), then the steps.
     When Gradio closes this generator (Cancel button, `job.cancel()`, a client that went away), the
-    worker stops at the next step boundary and releases the GPU.
+    worker stops at the next step or stage boundary and releases the GPU.
     """
     updates, cancel = queue.Queue(), threading.Event()
     worker = threading.Thread(target=_generation_worker, daemon=True, name="elastic-diffusion-request",
-                              args=(sampler, values, outputs.new(), cancel, updates, preview_every, run_kwargs))
+                              args=(sampler, values, outputs.request(), cancel, updates, preview_every, run_kwargs))
     no_change = (gr.skip(), gr.skip(), gr.skip())
     worker.start()
     yield gr.skip(), gr.skip(), ""  # clear the last summary: the progress bar is drawn over it
@@ -608,8 +837,8 @@ def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=No
             if kind == "step" and progress is not None:
                 progress((payload.step, payload.total), desc=payload.describe())
             if kind == "preview":
-                image, report = payload
-                yield [(image, f"Preview, step {report.step}/{report.total}")], gr.skip(), gr.skip()
+                path, report = payload
+                yield [(path, f"Preview, step {report.step}/{report.total}")], gr.skip(), gr.skip()
                 last_yield = time.monotonic()
             elif time.monotonic() - last_yield >= HEARTBEAT_SECONDS:
                 yield no_change  # lets Gradio close this generator between two events
@@ -712,7 +941,7 @@ class TextToImageApp:
     def generate_example(self, prompt, negative_prompt, width, height, resampling_steps, new_p, rrg_init_weight,
                          seed, randomize_seed, progress=gr.Progress()):
         """One of the 14 presets (§15): its own R, ρ and λ0, every other control at the demo's default."""
-        values = dict(recommended_settings(int(width), int(height), self.native_px), prompt=prompt,
+        values = dict(preset(int(width), int(height), self.native_px), prompt=prompt,
                       negative_prompt=negative_prompt, width=width, height=height, seed=seed, randomize_seed=False,
                       resampling_steps=resampling_steps, new_p=new_p, rrg_init_weight=rrg_init_weight,
                       view_batch_size=16, low_vram=False, compare_plain=False)
@@ -724,8 +953,12 @@ class TextToImageApp:
             raise refuse(self.status.replace("**", "").replace("`", ""), title="No model loaded", duration=None)
 
     def recommended(self, width: int, height: int) -> dict:
-        """The resolution-aware hyper-parameters for a size, named as /generate's parameters."""
-        return recommended_settings(int(width), int(height), self.native_px)
+        """The resolution-aware hyper-parameters for a size, named as /generate's parameters.
+
+        The size is checked as /generate checks it, and every value returned is one /generate accepts.
+        """
+        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
+        return preset(_size("Width", width, limit), _size("Height", height, limit), self.native_px)
 
     def build(self) -> gr.Blocks:
         """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
@@ -777,29 +1010,83 @@ class TextToImageApp:
         gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
                              object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
         with gr.Row(equal_height=True):
-            seed_used = gr.Number(label="Seed used", precision=0, interactive=False, scale=0, min_width=180)
+            # /generate's seed output; Gradio's page would show an empty Number as 0, so a text box shows it.
+            seed_used = gr.Number(label="Seed used", precision=0, visible="hidden")
+            seed_shown = gr.Textbox(label="Seed used", interactive=False, placeholder="after a run", max_lines=1,
+                                    scale=0, min_width=180, elem_id="seed-used")
             reuse_seed = gr.Button("Reuse this seed", size="sm", scale=0, min_width=140)
             summary = gr.Markdown(label="Summary", elem_id="summary", min_height=90)
-        reuse_seed.click(lambda seed: (seed, False), inputs=seed_used,
+        seed_used.change(lambda seed: "" if seed is None else str(int(seed)), inputs=seed_used, outputs=seed_shown,
+                         queue=False, show_progress="hidden", api_visibility="private")
+        reuse_seed.click(lambda seed: (int(seed), False) if seed else (gr.skip(), gr.skip()), inputs=seed_shown,
                          outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
         return [gallery, seed_used, summary]
 
 
-def serve(demo: gr.Blocks, args: argparse.Namespace, **launch_kwargs):
-    """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway) and launch."""
+def configure_logging(verbose: bool) -> None:
+    """The apps' own messages (start-up, disk use) always; every library's INFO lines with -v."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+
+
+def private_storage(max_output_mb: int) -> OutputFolders:
+    """A folder of this process for Gradio's uploads and cache and the app's outputs, removed on exit.
+
+    Call before the page is built: Gradio reads GRADIO_TEMP_DIR when it makes its components. A
+    GRADIO_TEMP_DIR set by the operator is kept as the place for it.
+    """
+    folder = tempfile.mkdtemp(prefix="elastic_diffusion_app_", dir=os.environ.get("GRADIO_TEMP_DIR"))
+    atexit.register(shutil.rmtree, folder, True)
+    if threading.current_thread() is threading.main_thread():  # a SIGTERM while loading also cleans up
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    return OutputFolders(max_bytes=max_output_mb * 2 ** 20, parent=folder)
+
+
+def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
+          max_file_size: int = 0, **launch_kwargs) -> None:
+    """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway), launch, and
+    serve until SIGTERM or SIGINT (Ctrl+C); then close and remove what the app stored.
+
+    `max_file_size` is the upload limit in bytes: 0 (the default) refuses every upload, for apps that take
+    no file.
+    """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                       **launch_kwargs)
+    signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: signals.append(signum))
+    # quiet: Gradio's banner says to "set share=True in launch()"; here a link is asked for with --share.
+    _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                          show_error=True, max_file_size=max_file_size, css=PAGE_CSS, quiet=True,
+                                          prevent_thread_lock=True, **launch_kwargs)
+    logger.info("Running on %s%s", local_url, f" and on the public link {share_url}" if share_url else
+                " (no public link: it could not be made, see above)" if args.share else
+                " (pass --share for a temporary public link)")
+    if outputs is not None:
+        free = shutil.disk_usage(outputs.root).free
+        logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
+                    "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
+                    outputs.keep_seconds // 60, free / 2 ** 30,
+                    f"at most {max_file_size / 2 ** 20:.0f} MB each, kept "
+                    f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
+    try:
+        while not signals and demo.is_running:
+            time.sleep(0.2)
+    finally:
+        logger.info("Stopping: closing the server and removing the app's files.")
+        demo.close(verbose=False)
+        if outputs is not None:
+            outputs.remove()
 
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    configure_logging(args.verbose)
+    outputs = private_storage(args.max_output_mb)
     sampler, status = load_sampler(args)
-    if sampler is None:
-        logger.warning("%s", status)
-    app = TextToImageApp(sampler, status, preview_every=args.preview_every)
-    return serve(app.build(), args)
+    app = TextToImageApp(sampler, status, preview_every=args.preview_every, outputs=outputs)
+    serve(app.build(), args, outputs)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ that `/generate` would follow, at the output size); see the README.
 One ControlNet is loaded at start-up and serves every request. The condition type only chooses how the
 map is made from the input (Canny edges, depth estimation, or the image itself as a ready-made map): the
 type is switched first and the map made with it (D5), and nothing is rebuilt per request (D4).
+
+Input images are read only from this app's upload folder (`app_gradio.read_upload`), decoded and
+depth-estimated within time limits, and previews are written into the bounded outputs.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import argparse
 import collections
 import dataclasses
 import functools
+import hashlib
 import inspect
-import logging
+import io
 import math
 import os
 import threading
@@ -32,8 +36,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import app_gradio as base
-from app_gradio import Knob, refuse
-from elastic_diffusion import MAX_SCALE, MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, png_metadata, save_png
+from app_gradio import Knob, public_name, refuse, scrub_paths, within
+from elastic_diffusion import MAX_SCALE, MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
 from elastic_diffusion_w_controlnet import (
     CONDITIONS,
     DEFAULT_DEPTH_MODEL,
@@ -46,8 +50,6 @@ from elastic_diffusion_w_controlnet import (
     load_image,
 )
 
-logger = logging.getLogger("app_gradio_img2img")
-
 APP_FILE = "app_gradio_img2img.py"
 DEFAULT_CONDITION = "canny"  # the condition of the default ControlNet
 CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own edge or depth map", "image")]
@@ -55,8 +57,10 @@ CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "you
                    "none": "your own edge or depth map"}
 EXAMPLE_SCALE = 0.5  # the official demo's ControlNet scale (§15), also the slider's default
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
-MAX_UPLOAD = "50mb"  # larger uploads are refused by the server before any decoding
+MAX_UPLOAD = base.MAX_UPLOAD_BYTES  # larger uploads are refused by the server before any decoding
 IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
+DEPTH_SECONDS = 120  # loading the depth model from disk, or estimating one depth map
+PREVIEW_MAX_SIDE = 1024  # the page's live condition map (shown 360 px high); the API's is full size
 CONTROL_KNOBS = [
     Knob("controlnet_conditioning_scale", "ControlNet scale",
          "How strictly the image follows the condition map: 0.5 leaves room for detail, 1 and above follows it "
@@ -145,40 +149,44 @@ class ImageToImageApp(base.TextToImageApp):
         else:
             self.default_condition = self.condition_type(default_condition)
             self.controlnet_condition = self.default_condition if self.default_condition != "image" else None
-        self._images: collections.OrderedDict = collections.OrderedDict()  # (path, mtime, size) -> RGB image
+        self._images: collections.OrderedDict = collections.OrderedDict()  # file digest -> RGB image
         self._images_lock = threading.Lock()
-        self._depth_lock = threading.Lock()  # one depth estimate at a time outside generations
+        self._depth_lock = threading.Lock()  # one depth model load or estimate at a time outside generations
+        self._depth_failure = ""  # why the depth model could not be loaded: said at once from then on
         self._depth_map = base.on_gpu(self._estimate_depth, self.native_px)
+        # Inputs come only from Gradio's upload folder of this process, never from the app's own outputs.
+        self.upload_roots = [os.path.realpath(gr.utils.get_upload_folder())]
+        self.excluded = [os.path.realpath(self.outputs.root)]
 
     # ------------------------------------------------------------------------------------------ inputs
 
     def input_image(self, value) -> tuple[Image.Image, str]:
         """The uploaded image (gradio's file payload) decoded to RGB, with its own name; gr.Error if unusable.
 
-        Only files that Gradio received or holds itself are read: a client sends `handle_file(...)`.
+        Only files this app received are read (`app_gradio.read_upload`): a client sends `handle_file(...)`.
         """
-        if isinstance(value, dict) and value.get("path"):
-            path = str(value["path"])
-            name = os.path.basename(str(value.get("orig_name") or path))
-        elif value in (None, "") or (isinstance(value, dict) and not value.get("path")):
+        if value in (None, "") or (isinstance(value, dict) and not value.get("path")):
             raise refuse("Input image is missing: upload a photo (or your own edge or depth map) whose structure "
                          "the image should follow.")
-        else:
-            raise refuse("Input image must be an uploaded image file; from Python, pass "
-                         "gradio_client.handle_file('photo.jpg').")
-        try:
-            stat = os.stat(path)
-        except OSError:
-            raise refuse(f"Input image {name!r} is no longer on the server: upload it again.") from None
-        key = (path, stat.st_mtime_ns, stat.st_size)
+        data, name = base.read_upload(value, self.upload_roots, self.excluded)
+        key = hashlib.sha256(data).digest()
         with self._images_lock:
             if key in self._images:
                 self._images.move_to_end(key)
                 return self._images[key], name
+        image = within(base.DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
+        with self._images_lock:
+            self._images[key] = image
+            while len(self._images) > IMAGE_CACHE_SIZE:
+                self._images.popitem(last=False)
+        return image, name
+
+    @staticmethod
+    def _decode(data: bytes, name: str) -> Image.Image:
         label = f"Input image {name!r}"  # the user's file name: never a server path in a message
         try:
-            with Image.open(path) as opened:  # the header only: the size is checked before any decoding
-                image = load_image(opened, name=label)
+            with Image.open(io.BytesIO(data)) as opened:  # the header only: the size is checked before decoding
+                return load_image(opened, name=label)
         except Image.DecompressionBombError:
             raise refuse(f"{label} is far too large (at most {MAX_INPUT_PIXELS / 1e6:.0f} MP are accepted): "
                          "downscale it first.") from None
@@ -187,11 +195,6 @@ class ImageToImageApp(base.TextToImageApp):
                          "is empty, corrupt or has no pixels cannot be used).") from None
         except ValueError as error:  # no pixels, too many pixels, or corrupt data
             raise refuse(str(error)) from None
-        with self._images_lock:
-            self._images[key] = image
-            while len(self._images) > IMAGE_CACHE_SIZE:
-                self._images.popitem(last=False)
-        return image, name
 
     @staticmethod
     def condition_type(value) -> str:
@@ -231,7 +234,7 @@ class ImageToImageApp(base.TextToImageApp):
     def generate_example(self, image, prompt, negative_prompt, condition, width, height, resampling_steps, new_p,
                          rrg_init_weight, seed, randomize_seed, progress=gr.Progress()):
         """The demo's example (§15): its own size, R, ρ and λ0, every other control at the demo's default."""
-        values = dict(base.recommended_settings(int(width), int(height), self.native_px), image=image,
+        values = dict(base.preset(int(width), int(height), self.native_px), image=image,
                       prompt=prompt, negative_prompt=negative_prompt, condition=condition, width=width, height=height,
                       seed=seed, randomize_seed=False, resampling_steps=resampling_steps, new_p=new_p,
                       rrg_init_weight=rrg_init_weight, view_batch_size=16, low_vram=False, **KNOB_DEFAULTS)
@@ -240,6 +243,8 @@ class ImageToImageApp(base.TextToImageApp):
     def _run(self, values: dict, progress):
         self._require_model()
         control = self.parse_control(values)
+        if control.condition == "depth":  # load the depth model now, bounded, or fail at once with advice
+            within(DEPTH_SECONDS, "Loading the depth model", self._locked_depth, self._depth_estimator)
         self._warn_if_mismatched(control.condition)
         yield from base.stream_generation(self.sampler, values, self.outputs, progress, self.preview_every,
                                           finish=functools.partial(self._save_condition, control),
@@ -253,21 +258,25 @@ class ImageToImageApp(base.TextToImageApp):
                        f"with --controlnet {condition}.")
 
     @staticmethod
-    def _save_condition(control: ControlRequest, out_dir: str, request, info: dict) -> list[tuple[str, str]]:
+    def _save_condition(control: ControlRequest, folder: base.RequestFolder, request,
+                        info: dict) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
         info["settings"]["condition_image"] = control.name  # the sampler saw a decoded image, not a file
         condition_map = info["condition_image"]
         if control.condition in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
-        path = os.path.join(out_dir, f"condition_{control.condition}_seed{request.seed}_{size}.png")
+        path = folder.file(f"condition_{control.condition}_seed{request.seed}_{size}.png")
         record = dict(info, settings=dict(info["settings"], image="condition map"))
         save_png(condition_map, path, png_metadata(record, request.prompt, request.negative_prompt))
         thresholds = f" {control.canny_low}/{control.canny_high}" if control.condition == "canny" else ""
         return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]
 
-    def condition_map(self, image, condition, width, height, canny_low, canny_high) -> str:
-        """The condition map /generate would follow for these inputs, at the output size (a PNG)."""
+    def condition_map(self, image, condition, width, height, canny_low, canny_high, max_side: int | None = None) -> str:
+        """The condition map /generate would follow for these inputs, at the output size (a grey or RGB PNG).
+
+        `max_side` shrinks it to fit (the page's live preview); the file goes into the bounded outputs.
+        """
         values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
         control = self.parse_control(values)
         width, height = self._size(width, height)
@@ -279,28 +288,57 @@ class ImageToImageApp(base.TextToImageApp):
             result = self._depth_map(fitted).convert("L")
         else:
             result = fitted
-        path = os.path.join(self.outputs.new(), f"condition_{control.condition}_{width}x{height}.png")
-        result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
+        if max_side is not None and max(result.size) > max_side:
+            result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
+        folder = self.outputs.request()
+        try:
+            path = folder.file(f"condition_{control.condition}_{width}x{height}.png")
+            result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
+        finally:
+            folder.close()
         return path
+
+    def _depth_estimator(self):
+        """The sampler's depth model, loaded on first use; a failed load is remembered and said at once."""
+        if self._depth_failure:
+            raise refuse(self._depth_failure)
+        model = self.sampler.depth_model
+        if isinstance(model, str) and not os.path.isdir(os.path.expanduser(model)):
+            hub_offline_reason()  # without network, work offline: the load then fails in a second, not 25 s
+        try:
+            return self.sampler.depth_estimator()
+        except ValueError as error:
+            self._depth_failure = (
+                f"The depth model `{public_name(model)}` could not be loaded ({scrub_paths(str(error))[:300]}). "
+                "Start the app with `--depth-model /path/to/depth/model` (a transformers depth-estimation model "
+                "folder, e.g. Intel/dpt-large saved with save_pretrained), or choose Canny edges or your own map.")
+            raise refuse(self._depth_failure) from error
+
+    def _locked_depth(self, fn, *args):
+        with self._depth_lock:
+            return fn(*args)
 
     def _estimate_depth(self, image: Image.Image) -> Image.Image:
         try:
-            with self._depth_lock:
-                return depth_condition(image, self.sampler.depth_estimator())
-        except ValueError as error:  # the depth model could not be loaded
-            raise refuse(str(error)) from error
+            return within(DEPTH_SECONDS, "Estimating the depth map", self._locked_depth,
+                          lambda: depth_condition(image, self._depth_estimator()))
         except torch.OutOfMemoryError as error:
             raise gr.Error(base.OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
 
     def preview(self, image, condition, width, height, canny_low, canny_high):
-        """The page's live preview: cleared without an image, unchanged while a size is being typed."""
+        """The page's live preview: cleared without an image or when it cannot be made (with a warning
+        saying why), unchanged while a size is being typed."""
         if image in (None, "") or (isinstance(image, dict) and not image.get("path")):
             return None
         limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit and v % 8 == 0
                    for v in (width, height)):
             return gr.skip()
-        return self.condition_map(image, condition, width, height, canny_low, canny_high)
+        try:
+            return self.condition_map(image, condition, width, height, canny_low, canny_high, PREVIEW_MAX_SIDE)
+        except gr.Error as error:  # never leave an old map under a new condition's name
+            gr.Warning(error.message)
+            return None
 
     # ------------------------------------------------------------------------------------------ page
 
@@ -349,9 +387,10 @@ class ImageToImageApp(base.TextToImageApp):
                          cancels=[event], queue=False, api_visibility="private")
 
             # The condition map: follows the inputs on the page; /condition_preview is its API twin.
-            preview_names = list(inspect.signature(self.condition_map).parameters)
+            preview_names = [name for name in inspect.signature(self.condition_map).parameters if name in widgets]
             preview_inputs = [widgets[name] for name in preview_names]
-            preview_options = dict(outputs=preview, preprocess=False, concurrency_id="preview", concurrency_limit=2,
+            # One preview at a time (they run beside the GPU queue): bounded CPU, memory and disk.
+            preview_options = dict(outputs=preview, preprocess=False, concurrency_id="preview", concurrency_limit=1,
                                    show_progress="minimal")
             gr.on([widgets[name].change for name in preview_names], self.preview, inputs=preview_inputs,
                   trigger_mode="always_last", api_visibility="private", **preview_options)
@@ -389,15 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    base.configure_logging(args.verbose)
+    outputs = base.private_storage(args.max_output_mb)
     sampler, status = base.load_sampler(args, ElasticDiffusionControlNet, app_file=APP_FILE,
                                         controlnet_model=args.controlnet, depth_model=args.depth_model)
     if sampler is None:
         status += (f" A ControlNet on disk is given the same way: `--controlnet /path/to/controlnet/folder` "
-                   f"(now `{args.controlnet}`).")
-        logger.warning("%s", status)
-    app = ImageToImageApp(sampler, status, preview_every=args.preview_every, default_condition=args.condition)
-    return base.serve(app.build(), args, max_file_size=MAX_UPLOAD)
+                   f"(now `{public_name(args.controlnet)}`).")
+    app = ImageToImageApp(sampler, status, preview_every=args.preview_every, outputs=outputs,
+                          default_condition=args.condition)
+    base.serve(app.build(), args, outputs, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

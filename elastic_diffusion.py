@@ -38,10 +38,12 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
@@ -412,6 +414,46 @@ def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype,
         return load(source, variant=None if half else "fp16", **kwargs)
 
 
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
+_HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
+
+
+def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why models cannot come from the Hugging Face hub now ("HF_HUB_OFFLINE is set", "no network: ..."), or None.
+
+    Respects HF_HUB_OFFLINE; otherwise makes one TCP connection to the hub's endpoint, bounded by
+    `timeout` (name resolution included). Without an answer the process works offline from then on:
+    the hub libraries read their local cache at once instead of retrying each file for half a minute.
+    """
+    from huggingface_hub import constants
+
+    global _HUB_OFFLINE_REASON
+    if constants.HF_HUB_OFFLINE:
+        return _HUB_OFFLINE_REASON or "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    outcome = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as error:
+            outcome["error"] = error
+
+    probe = threading.Thread(target=connect, daemon=True, name="hub-probe")
+    probe.start()
+    probe.join(timeout)  # getaddrinfo ignores socket timeouts: the thread bounds name resolution too
+    if outcome.get("ok"):
+        return None
+    error = outcome.get("error")
+    _HUB_OFFLINE_REASON = (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})"
+                           if error else f"no network: no answer from {host} within {timeout:g} s")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return _HUB_OFFLINE_REASON
+
+
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                   **kwargs):
     """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
@@ -446,6 +488,7 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
                              "save a pipeline with save_pretrained() or pass a single .safetensors file")
     elif not re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         raise ValueError(f"sd_version {sd_version!r} is unknown: use {allowed}")
+    offline = None if is_path else hub_offline_reason()
 
     load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **kwargs)
     try:
@@ -455,8 +498,13 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         pipe = from_pretrained_variant(DiffusionPipeline.from_pretrained, source, torch_dtype, **load_kwargs)
     except (OSError, EnvironmentError) as error:
         if source in HUB_MIRRORS:
-            logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
+            if not offline:
+                logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
             return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, **kwargs)
+        if offline:
+            raise ValueError(f"sd_version {sd_version!r} ({source}) is not in the local Hugging Face cache and the "
+                             f"hub cannot be used ({offline}). Pass a local diffusers folder or a .safetensors file, "
+                             f"or download the model once where there is network (`hf download {source}`)") from None
         hint = "" if allow_pickle else "; a model without .safetensors weights needs allow_pickle=True"
         raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
                          "(gated models need `hf auth login`), or pass a local diffusers folder or a "
@@ -561,6 +609,12 @@ class Run:
     counters: dict = field(default_factory=lambda: {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0,
                                                     "unet_batch_sizes": {}})
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    report: Callable[[str, int, int], None] | None = None  # progress of the stages before step 1
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        """Report the preparation's progress (`callback_on_stage` of `generate`), if anyone listens."""
+        if self.report is not None:
+            self.report(name, done, total)
 
     def release(self) -> None:
         """Drop the run's device tensors (also when an error keeps the run referenced)."""
@@ -861,12 +915,14 @@ class ElasticDiffusion:
 
     @torch.no_grad()
     def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
-                            aux_seed: int, counters: dict | None = None, chunk: int = 8) -> dict:
+                            aux_seed: int, counters: dict | None = None, chunk: int = 8,
+                            report: Callable | None = None) -> dict:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
 
         `strips` holds (name, (height, width)) pairs; `aux_seed` seeds each strip's colour, VAE
         sample and noise. Encoded once, up front: identical across passes, view batches and batch
-        items within a timestep, different across timesteps. Returns {(name, size, t): (1, C, sh, sw)}.
+        items within a timestep, different across timesteps. `report("backgrounds", done, total)` is
+        called before each chunk and at the end. Returns {(name, size, t): (1, C, sh, sw)}.
         """
         keys = [(name, size, t) for t in timesteps for name, size in sorted(strips)]
         backgrounds = {}
@@ -874,6 +930,8 @@ class ElasticDiffusion:
         for size in sorted({k[1] for k in keys}):
             same = [k for k in keys if k[1] == size]
             for i in range(0, len(same), chunk):
+                if report is not None:
+                    report("backgrounds", len(backgrounds), len(keys))
                 group = same[i:i + chunk]
                 gens = [torch.Generator().manual_seed(self._strip_seed(aux_seed, *k)) for k in group]
                 colours = torch.stack([torch.rand(3, generator=g) for g in gens])  # RGB in [0, 1]
@@ -887,6 +945,8 @@ class ElasticDiffusion:
                     alpha = self.alpha(k[2])
                     noise = torch.randn(z0.shape, generator=g).to(self.device)
                     backgrounds[k] = (math.sqrt(alpha) * z0 + math.sqrt(1 - alpha) * noise)[None]
+        if report is not None:
+            report("backgrounds", len(backgrounds), len(keys))
         return backgrounds
 
     def _pad(self, run: Run, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -1036,7 +1096,8 @@ class ElasticDiffusion:
                  num_images_per_prompt: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
-                 progress: bool | Callable = True, drop_p: float | None = None,
+                 progress: bool | Callable = True, callback_on_stage: Callable | None = None,
+                 drop_p: float | None = None,
                  view_batch_size: int | None = None, cells: Callable | None = None,
                  repaint_noise: Callable | None = None, extras: dict | None = None):
         """Generate images; returns (images, info).
@@ -1050,7 +1111,9 @@ class ElasticDiffusion:
         raise `GenerationCancelled` (or return {"cancel": True}) to stop.
         `cells(step, num_passes)` and `repaint_noise(step, shape)` replace the two random draws of
         the loop (the sub-sampler's choices and the re-noising noise, see `Run`); `extras` are
-        extensions' per-run data (`run.extras`). Safe to call from several threads at once.
+        extensions' per-run data (`run.extras`). `callback_on_stage(stage, done, total)` reports the
+        preparation before step 1 ("encode_prompt", "backgrounds", ...) and may raise
+        `GenerationCancelled` too. Safe to call from several threads at once.
         """
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
@@ -1090,7 +1153,7 @@ class ElasticDiffusion:
         run = Run(prompts=prompts, negative_prompts=negatives, height=height, width=width, settings=s,
                   view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, latent_size=(H, W),
                   reference_size=(h, w), choose_cells=cells, repaint_noise=repaint_noise,
-                  extras=dict(extras or {}))
+                  extras=dict(extras or {}), report=callback_on_stage)
         with self._modules.hold(lambda: self.low_vram):  # low-VRAM runs move modules: one at a time
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -1136,6 +1199,7 @@ class ElasticDiffusion:
         this, call super() and keep theirs in `run.extras`. Stage times go to `run.timings`.
         """
         tic, s = time.perf_counter(), run.settings
+        run.stage("encode_prompt", 0, 1)
         embeds, pooled = self.encode_prompt(run.negative_prompts + run.prompts)  # [neg; pos] (§3.3)
         run.embeds, run.pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
         if self.is_sdxl:
@@ -1152,7 +1216,8 @@ class ElasticDiffusion:
         rows, cols = run.views[0]
         crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
         strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
-        run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters)
+        run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters,
+                                                   report=run.stage)
                            if strips else {})
         run.timings["backgrounds"] = self._sync_time(tic)
 
@@ -1319,7 +1384,7 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except for preset-driven knobs (None) and off-by-default flags."""
 
     def _get_help_string(self, action):
@@ -1333,7 +1398,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ElasticDiffusion: training-free generation at any size and aspect ratio (up to 2x the "
                     "model's native size per side). Method knobs left out follow the resolution-aware "
                     "presets of the official demo (see README).",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=DEMO_PRESETS[0]["prompt"], help="text prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt ('' is encoded too)")
     p.add_argument("--width", type=int, default=2048, help="image width in pixels, a multiple of 8")
@@ -1401,8 +1466,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
                             num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
                             **(call_kwargs or {}))
-    except (ValueError, GenerationCancelled) as error:
-        parser.error(str(error))
+    except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except torch.OutOfMemoryError as error:
         sys.exit(f"error: {error}")
     os.makedirs(args.outdir, exist_ok=True)

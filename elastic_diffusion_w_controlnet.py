@@ -13,6 +13,7 @@ Command line: ``python elastic_diffusion_w_controlnet.py --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
@@ -98,6 +99,28 @@ def depth_condition(image: Image.Image, estimator) -> Image.Image:
     return to_rgb(depth if depth.size == image.size else depth.resize(image.size, Image.Resampling.BICUBIC))
 
 
+class _Encoded(torch.nn.Module):
+    """Stands in for a ControlNet's condition encoder: returns the encoding it was given."""
+
+    def __init__(self, encoded: torch.Tensor):
+        super().__init__()
+        self.encoded = encoded
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        return self.encoded
+
+
+@contextlib.contextmanager
+def _encoded_condition(controlnet, encoded: torch.Tensor):
+    """Run `controlnet` with its condition encoder's output fixed to `encoded` (N, C', D, D)."""
+    encoder = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = _Encoded(encoded)
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = encoder
+
+
 class ElasticDiffusionControlNet(ElasticDiffusion):
     """ElasticDiffusion whose every UNet call gets a ControlNet's residuals for that sample's region.
 
@@ -112,6 +135,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                  depth_model=DEFAULT_DEPTH_MODEL, low_vram: bool = False, allow_pickle: bool = False, **kwargs):
         self.controlnet, self._controlnet_hook, self._controlnet_source = None, None, controlnet_model
         self.depth_model, self._depth_estimator, self._depth_lock = depth_model, None, threading.Lock()
+        self._controlnet_call = threading.Lock()
         # The base constructor loads the pipeline, then `attach_models` loads the ControlNet, then the
         # memory mode is set once for both: in low-VRAM mode nothing is ever moved to the GPU whole.
         super().__init__(device=device, sd_version=sd_version, low_vram=low_vram, allow_pickle=allow_pickle, **kwargs)
@@ -221,7 +245,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         else:
             reference = to_tensor(self.condition_map(c, w * f, h * f))
         c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
-                 cache={}, seconds=time.perf_counter() - tic)
+                 cache={}, embedded={}, seconds=time.perf_counter() - tic)
 
     def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
         """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1] (§18)."""
@@ -241,12 +265,35 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             c["cache"][key] = F.pad(source, (left, right, top, bottom))
         return torch.cat([c["cache"][(r.kind, r.rows, r.cols, r.padding)] for r in regions])
 
+    def embedded_conditions(self, run: Run, regions: list[Region]) -> torch.Tensor:
+        """The ControlNet's encoding of each sample's condition, (N, C', D, D), once per region and run.
+
+        The condition encoder (a few convolutions over the 8D x 8D pixel map) sees only the condition,
+        neither the latent nor the timestep, so a region's encoding serves every step and pass; encoding
+        it in every call cost more than the rest of a small ControlNet.
+        """
+        c, count = run.extras["control"], run.counters
+        keys = [(r.kind, r.rows, r.cols, r.padding) for r in regions]
+        new = {key: region for key, region in zip(keys, regions) if key not in c["embedded"]}
+        if new:
+            conditions = self.control_batch(run, list(new.values()))
+            if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
+                conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
+            if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
+                self.controlnet.to(self.device)
+            for key, encoded in zip(new, self.controlnet.controlnet_cond_embedding(conditions).split(1)):
+                c["embedded"][key] = encoded
+            count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
+        return torch.cat([c["embedded"][key] for key in keys])
+
     def unet_extra_kwargs(self, run, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
-        down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
-                                    controlnet_cond=self.control_batch(run, regions),
-                                    conditioning_scale=float(run.extras["control"]["scale"]), guess_mode=False,
-                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        embedded = self.embedded_conditions(run, regions)
+        # The encoder swap is visible to every thread that uses this ControlNet: one call at a time.
+        with self._controlnet_call, _encoded_condition(self.controlnet, embedded):
+            down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds, controlnet_cond=embedded,
+                                        conditioning_scale=float(run.extras["control"]["scale"]), guess_mode=False,
+                                        added_cond_kwargs=added_cond_kwargs, return_dict=False)
         count = run.counters
         count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
         for key in [f"controlnet_{r.kind}_samples" for r in regions] + ["controlnet_samples"] * len(regions):
@@ -256,11 +303,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
     def prepare(self, run: Run) -> None:
         """The base per-run preparation, plus the condition maps for this size."""
         super().prepare(run)
+        run.stage("condition", 0, 1)
         self.prepare_condition(run)
 
     def finish_run(self, run: Run) -> None:
         super().finish_run(run)
-        for key in ("cache", "full", "reference"):  # device tensors; the PIL map stays for `info`
+        for key in ("cache", "embedded", "full", "reference"):  # device tensors; the PIL map stays for `info`
             run.extras["control"].pop(key, None)
         self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 

@@ -12,10 +12,12 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -45,7 +47,8 @@ def free_port() -> int:
 def served(text_to_image: app.TextToImageApp):
     demo = text_to_image.build()
     demo.queue(max_size=8)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            css=app.PAGE_CSS)
     try:
         yield demo, url
     finally:
@@ -91,6 +94,16 @@ def test_generate_returns_full_size_png_with_settings(client):
     assert (meta["seed"], meta["width"], meta["height"], meta["num_inference_steps"]) == (7, 1024, 512, 3)
     assert meta["prompt"] == FAST["prompt"] and "Negative prompt:" in image.text["parameters"]
     assert "UNet evaluations" in summary and "s**" in summary
+    assert "padding strips" in summary and "denoising" in summary  # every stage's time, the preparation too
+
+
+def test_metadata_and_summary_name_no_server_paths(client, tiny_sdxl_path):
+    gallery, _, summary = generate(client)
+    image = png(gallery[0])
+    meta = record(image)
+    assert meta["model"] == os.path.basename(tiny_sdxl_path)  # the model's folder name, not its path
+    texts = [str(value) for value in meta.values()] + [image.text["parameters"], summary]
+    assert not [text for text in texts if os.path.dirname(tiny_sdxl_path) in text or text.startswith("/")]
 
 
 def test_randomized_seed_is_echoed_and_reproducible(client):
@@ -105,6 +118,33 @@ def test_recommended_settings_endpoint_feeds_generate(client):
     assert (settings["resampling_steps"], settings["rrg_init_weight"]) == (7, 1000)
     gallery, _, _ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
     assert png(gallery[0]).size == (1024, 512)  # FAST's size; the knobs came from the endpoint
+
+
+@pytest.mark.parametrize("width,height,message", [
+    (1001, 1024, "Width must be a multiple of 8"), (1024, 4096, "Height must be between 128 and 2048"),
+    (64, 1024, "between 128 and 2048"), ("abc", 1024, "Width must be a whole number"),
+    (1024, 512.5, "Height must be a whole number"), (None, 1024, "Width must be a whole number"),
+])
+def test_recommended_settings_validates_sizes_like_generate(client, width, height, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(width, height, api_name="/recommended_settings")
+
+
+def test_recommended_settings_refuses_non_finite_json(server):
+    stream = call_raw(server[1], '{"data": [NaN, 1024]}', "recommended_settings")
+    assert "event: error" in stream and "Width must be a whole number" in stream
+
+
+def test_recommended_settings_are_always_accepted_by_generate(sampler, monkeypatch):
+    monkeypatch.setattr(sampler, "max_scale", 8)  # λ0 grows with the area: 32000 at 8x, above /generate's 10000
+    text_to_image = app.TextToImageApp(sampler, preview_every=0)
+    sizes = range(128, 8 * 1024 + 1, 8 * 61)
+    for width in sizes:
+        for height in sizes:
+            settings = text_to_image.recommended(width, height)
+            request = app.parse_request(dict(settings, prompt="p", width=width, height=height, seed=0,
+                                             view_batch_size=16), sampler)
+            assert request.knobs["rrg_init_weight"] == settings["rrg_init_weight"] <= 10000
 
 
 def test_plain_comparison_uses_same_size_and_seed(client):
@@ -142,6 +182,7 @@ BAD_INPUTS = [
     (dict(height="tall"), "Height must be a whole number"),
     (dict(seed="abc", randomize_seed=False), "Seed must be a whole number"),
     (dict(seed=-1), "Seed must be between 0"),
+    (dict(seed=app.MAX_SEED + 1), "between 0 and 4294967295; got 4294967296"),  # limits as written, not 4.29e+09
     (dict(prompt=""), "Prompt is empty"),
     (dict(prompt="   "), "Prompt is empty"),
     (dict(prompt="x" * 5000), "at most 1000"),
@@ -165,12 +206,17 @@ def test_bad_input_gives_actionable_error(client, overrides, message):
         generate(client, **overrides)
 
 
-def call_raw(url: str, payload: str) -> str:
-    """POST a hand-written JSON body to /generate's REST route and return the event stream's text."""
-    request = urllib.request.Request(url + "gradio_api/call/generate", data=payload.encode(),
+def call_raw(url: str, payload: str, endpoint: str = "generate", timeout: float = 60) -> str:
+    """POST a hand-written JSON body to an endpoint's REST route and return the event stream's text."""
+    request = urllib.request.Request(f"{url}gradio_api/call/{endpoint}", data=payload.encode(),
                                      headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(request))["event_id"]
-    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event_id}", timeout=60).read().decode()
+    return urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=timeout).read().decode()
+
+
+def final_data(stream: str):
+    """The outputs of the event stream's `complete` event."""
+    return json.loads(stream.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
@@ -289,6 +335,89 @@ def test_size_change_follows_presets_except_edited_knobs():
     assert app.preset_updates(3072, 1024, frozenset(), names, 1024, max_scale=3)[0] == 10
 
 
+def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, examples_cache):
+    outputs = app.OutputFolders()
+    with served(app.TextToImageApp(sampler, preview_every=1, outputs=outputs)) as (_, url):
+        client = Client(url, verbose=False)
+        generate(client, seed=1, num_inference_steps=2)
+        one_request = outputs.size()  # the result and its preview
+        outputs.max_bytes = int(one_request * 2.5)
+        for seed in (2, 3, 4):
+            generate(client, seed=seed, num_inference_steps=2)
+        folders = list(os.scandir(outputs.root))
+        assert outputs.size() <= outputs.max_bytes and len(folders) == 2  # the oldest requests went first
+        names = sorted(name for folder in folders for name in os.listdir(folder.path))
+        assert names == ["elastic_seed3_1024x512.png", "elastic_seed4_1024x512.png", "preview_step1.png",
+                         "preview_step1.png"]
+        for overrides, _ in BAD_INPUTS[:4]:  # refused requests leave no folder behind
+            with pytest.raises(AppError):
+                generate(client, **overrides)
+        assert len(list(os.scandir(outputs.root))) == 2
+        # Stored once: Gradio serves the result from the outputs folder instead of copying it to its cache.
+        values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
+                  "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2}
+        names = list(app.inspect.signature(app.TextToImageApp.generate).parameters)[1:-1]
+        gallery, _, _ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
+        served_path = gallery[0]["image"]["path"]
+        assert os.path.dirname(os.path.dirname(served_path)) == outputs.root and os.path.isfile(served_path)
+    outputs.remove()
+
+
+def test_running_requests_keep_their_folders_and_old_ones_go(tmp_path):
+    outputs = app.OutputFolders(max_bytes=150, parent=str(tmp_path))
+    running, done = outputs.request(), outputs.request()
+    for folder in (running, done):
+        with open(folder.file("image.png"), "wb") as f:
+            f.write(b"x" * 100)
+    done.close()  # over the cap, but the newest result stays, and a running request's folder is never pruned
+    assert os.path.isdir(running.path) and os.path.isdir(done.path)
+    running.close()  # now the older one goes
+    assert os.path.isdir(running.path) and not os.path.isdir(done.path)
+    outputs.keep_seconds = -1  # everything is past its age: the next request's folder is all that is left
+    later = outputs.request()
+    later.file("image.png")
+    assert [entry.path for entry in os.scandir(outputs.root)] == [later.path]
+    outputs.remove()
+    assert not os.path.exists(outputs.root)
+
+
+def test_progress_shows_the_preparation_before_step_1(sampler):
+    descriptions = []
+    values = {**FAST, **app.preset(2048, 1024, 1024), "negative_prompt": "", "compare_plain": False,
+              "view_batch_size": 16, "low_vram": False, "width": 2048, "height": 1024, "num_inference_steps": 2}
+    outputs = app.OutputFolders()
+    *_, (gallery, seed, summary) = app.stream_generation(
+        sampler, values, outputs, progress=lambda done_total, desc: descriptions.append(desc), preview_every=0)
+    first_step = descriptions.index(next(d for d in descriptions if "step 1/2" in d))
+    before = descriptions[:first_step]
+    assert before[0] == "Encoding the prompt" and "Encoding the padding strips (0/" in before[1]
+    assert before[-1].startswith("Encoding the padding strips (") and not [d for d in before if "step" in d]
+    assert "padding strips" in summary
+    outputs.remove()
+
+
+def test_time_left_comes_from_measured_steps():
+    times = iter([0.0, 30.0, 35.0, 37.0, 39.0])  # start, 30 s of padding strips, steps of 5 s then 2 s and 2 s
+    reports = []
+    run = app.RunProgress(None, lambda report, x0: reports.append(report), "ElasticDiffusion", 10,
+                          clock=lambda: next(times))
+    run.stage("backgrounds", 40, 40)
+    for step in range(3):
+        run.step(None, step, 0, {})
+    assert [r.eta_seconds for r in reports[1:]] == [5.0 * 9, 2.0 * 8, 2.0 * 7]  # the first step only until two
+    assert reports[0].describe() == "Encoding the padding strips (40/40)"
+    assert reports[2].describe() == "ElasticDiffusion: step 2/10, about 16 s left"
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        app.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = [" ".join(chunk.split()) for chunk in text.split("\n  -")[1:]]
+    assert options and all(option.count("(default") <= 1 for option in options)
+    assert "(default: None)" not in " ".join(options) and "--max-output-mb" in text
+
+
 def test_gpu_duration_grows_with_the_work():
     base = dict(width=1024, height=1024, num_inference_steps=50, resampling_steps=0, patch_size=64, repaint=True)
     big = dict(base, width=2048, height=2048, resampling_steps=10)
@@ -321,34 +450,69 @@ def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
 def test_without_a_model_the_app_starts_and_explains():
     args = app.build_parser().parse_args(["--model", "/nonexistent/model/folder"])
     sampler, message = app.load_sampler(args)
-    assert sampler is None and "--model /path/to/diffusers/folder" in message and "nonexistent" in message
+    assert sampler is None and "--model /path/to/diffusers/folder" in message and "`folder`" in message
+    assert "/nonexistent" not in message  # the advice names the folder, not the server's path to it
     with served(app.TextToImageApp(None, message)) as (demo, url):
         page = urllib.request.urlopen(url + "config").read().decode()
-        assert "--model /path/to/diffusers/folder" in page
+        assert "--model /path/to/diffusers/folder" in page and "/nonexistent" not in page
         with pytest.raises(AppError, match="--model /path/to/diffusers/folder"):
             Client(url, verbose=False).predict(**FAST, api_name="/generate")
 
 
-def test_command_line_launches_with_a_local_model(tiny_sdxl_path):
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+def wait_for_config(process, port: int, seconds: float = 90) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2))
+        except OSError:
+            assert time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.5)
+
+
+def upload_status(url: str, content: bytes) -> int:
+    """The HTTP status of a multipart upload of one small file to Gradio's upload route."""
+    boundary = "elastic-diffusion-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_command_line_app_refuses_uploads_and_leaves_nothing_after_sigterm(tiny_sdxl_path, tmp_path):
+    port, temp = free_port(), tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(temp),
+               GRADIO_EXAMPLES_CACHE=str(tmp_path / "examples"))
+    env.pop("GRADIO_TEMP_DIR", None)
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "app_gradio.py"), "--model", tiny_sdxl_path,
                                 "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                config = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2))
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.5)
+        config = wait_for_config(process, port)
+        url = f"http://127.0.0.1:{port}/"
         assert any(d.get("api_name") == "generate" for d in config["dependencies"])
+        assert os.path.dirname(tiny_sdxl_path) not in json.dumps(config)  # the model by its folder name only
+        assert upload_status(url, b"\x89PNG not really" * 100) == 413  # this app takes no file
+        gallery, _, _ = Client(url, verbose=False).predict(**dict(FAST, num_inference_steps=2), api_name="/generate")
+        assert png(gallery[0]).size == (1024, 512)
+        stored = [name for _, _, names in os.walk(temp) for name in names]
+        assert "elastic_seed7_1024x512.png" in stored
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    # Only the empty folders that torch and Gradio make when they are imported remain: no file, no app folder.
+    assert [name for _, _, names in os.walk(temp) for name in names] == []
+    assert not [name for name in os.listdir(temp) if name.startswith("elastic_diffusion")]
+    assert "Storing results and previews in" in output and "GiB free on that disk. Uploads: none accepted" in output
+    assert "share=True" not in output and "pass --share for a temporary public link" in output  # our flag's name
 
 
 def test_request_values_reach_the_sampler_validated(sampler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 
 import pytest
 
@@ -40,12 +41,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_sdxl_path, tmp_path_factory):
-    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
-    demo = app.TextToImageApp(ElasticDiffusion(sd_version=tiny_sdxl_path), preview_every=10).build()
+def sampler(tiny_sdxl_path):
+    return ElasticDiffusion(sd_version=tiny_sdxl_path)
+
+
+def launched(demo):
+    """The page as `app_gradio.serve` launches it (with its CSS), on a free port; returns its URL."""
     demo.queue(max_size=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            css=app.PAGE_CSS)
+    return url
+
+
+@pytest.fixture(scope="module")
+def app_url(sampler, tmp_path_factory):
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
+    demo = app.TextToImageApp(sampler, preview_every=10).build()
+    yield launched(demo)
     demo.close()
 
 
@@ -76,6 +88,68 @@ def finished_images(driver):
     images = driver.find_elements(By.CSS_SELECTOR, "#gallery img")
     loaded = [img for img in images if driver.execute_script("return arguments[0].naturalWidth", img) > 0]
     return loaded if "UNet evaluations" in summary and len(loaded) == len(images) > 0 else False
+
+
+SHOWN = """
+const img = arguments[0], box = img.getBoundingClientRect();
+const clippedBy = [];
+for (let node = img.parentElement; node; node = node.parentElement) {
+    const style = getComputedStyle(node), r = node.getBoundingClientRect();
+    if (style.overflowX !== "visible" || style.overflowY !== "visible") {
+        if (box.left < r.left - 1 || box.top < r.top - 1 || box.right > r.right + 1 || box.bottom > r.bottom + 1)
+            clippedBy.push(node.className || node.tagName);
+    }
+}
+return [box.width, box.height, img.naturalWidth, img.naturalHeight, getComputedStyle(img).objectFit, clippedBy];
+"""
+
+
+def shown_whole(driver, img) -> bool:
+    """The image element's box has the image's own aspect ratio and no ancestor clips any of it."""
+    width, height, natural_width, natural_height, fit, clipped_by = driver.execute_script(SHOWN, img)
+    assert natural_width and height > 50, (width, height)
+    assert abs(width / height - natural_width / natural_height) < 0.02, (width, height, natural_width, natural_height)
+    assert fit in ("contain", "fill") and clipped_by == [], clipped_by
+    return True
+
+
+def test_a_tall_result_is_shown_whole_and_progress_starts_before_step_1(app_url, browser, sampler, monkeypatch):
+    real = sampler.prepare_backgrounds
+
+    def slowed(*args, report=None, **kwargs):  # long enough to be seen, as on a CPU at 2048 px
+        def report_and_wait(*progress):
+            report(*progress)
+            time.sleep(0.4)
+        return real(*args, report=report_and_wait, **kwargs)
+
+    monkeypatch.setattr(sampler, "prepare_backgrounds", slowed)
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 90, poll_frequency=0.2)
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    assert browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == ""  # no run yet
+    prompt.send_keys("A realistic bird-eye view of a lake")
+    set_number(browser, "#width input", 512)
+    set_number(browser, "#height input", 2048)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")
+    set_number(browser, "#knob-num_inference_steps input[type=number]", 2)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    texts, deadline = [], time.monotonic() + 90
+    while not finished_images(browser):
+        text = browser.find_element(By.CSS_SELECTOR, "#summary").text
+        if text and (not texts or texts[-1] != text):
+            texts.append(text)
+        assert time.monotonic() < deadline, texts
+        time.sleep(0.1)
+    stages = [i for i, text in enumerate(texts) if "Encoding the padding strips" in text]
+    steps = [i for i, text in enumerate(texts) if "step 1/2" in text]
+    assert stages and (not steps or stages[0] < steps[0]), texts  # progress text before step 1
+    (image,) = finished_images(browser)
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [512, 2048]
+    assert shown_whole(browser, image)
+    seed = browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value")
+    summary = " ".join(browser.find_element(By.CSS_SELECTOR, "#summary").text.split())
+    assert seed.isdigit() and f"seed {seed}" in summary
 
 
 def save_compact_screenshot(driver, path: str) -> None:
@@ -109,6 +183,8 @@ def test_type_prompt_click_generate_see_image(app_url, browser, tmp_path):
     assert len(images) == 2 and "elastic_seed" in sources[0] and "plain_seed" in sources[1]
     assert all(source.endswith("2048x1024.png") for source in sources)
     assert [browser.execute_script("return arguments[0].naturalWidth", img) for img in images] == [2048, 2048]
+    for img in images:  # wide images fill their box: no blank band above or below
+        assert shown_whole(browser, img)
     summary = browser.find_element(By.CSS_SELECTOR, "#summary").text
     assert "2048×1024" in summary and "R 7" in summary and "T 8" in summary
     browser.save_screenshot(str(tmp_path / "app.png"))
@@ -126,17 +202,15 @@ def img2img_url(tiny_sdxl_path, tmp_path_factory):
     controlnet = save_tiny_controlnet(tiny_sdxl_path, tmp_path_factory.mktemp("controlnet-canny"))
     sampler = ElasticDiffusionControlNet(sd_version=tiny_sdxl_path, controlnet_model=controlnet)
     demo = img2img.ImageToImageApp(sampler, preview_every=10).build()
-    demo.queue(max_size=4)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
+    yield launched(demo)
     demo.close()
 
 
-def preview_width(driver):
-    """The natural width of the condition-map preview once it has loaded, else False."""
+def preview_size(driver):
+    """The natural (width, height) of the condition-map preview once it has loaded, else False."""
     images = driver.find_elements(By.CSS_SELECTOR, "#condition-preview img")
-    width = images and driver.execute_script("return arguments[0].naturalWidth", images[0])
-    return width or False
+    size = images and driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
+    return tuple(size) if size and size[0] else False
 
 
 def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url, browser):
@@ -146,9 +220,9 @@ def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url
     wait = WebDriverWait(browser, 60, poll_frequency=0.2)
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
     upload.send_keys(DEFAULT_INPUT)
-    assert wait.until(preview_width) == 1024  # the default 1024x1024, made as soon as the image is there
+    assert wait.until(preview_size) == (1024, 1024)  # the default 1024x1024, made as soon as the image is there
     set_number(browser, "#width input", 2048)
-    assert wait.until(lambda d: preview_width(d) == 2048 or False)
+    assert wait.until(lambda d: preview_size(d) == (1024, 512) or False)  # 2:1, shrunk to the page's 1024 px
     browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
     wait.until(lambda d: slider_value(d, "resampling_steps") == "7")  # the size presets work here too
     assert slider_value(browser, "canny_low") == "100" and slider_value(browser, "canny_high") == "200"

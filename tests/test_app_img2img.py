@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import struct
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -26,7 +29,7 @@ import app_gradio as text_app  # noqa: E402
 import app_gradio_img2img as app  # noqa: E402
 from elastic_diffusion_w_controlnet import (DEFAULT_INPUT, ElasticDiffusionControlNet, canny_condition,  # noqa: E402
                                             fit_image, load_image)
-from test_app import free_port, served  # noqa: E402
+from test_app import call_raw, final_data, free_port, served  # noqa: E402
 from tiny_models import save_tiny_controlnet, save_tiny_depth_model  # noqa: E402
 
 PHOTO = DEFAULT_INPUT  # the shipped photograph (512x512)
@@ -99,7 +102,8 @@ def test_generate_follows_the_input_image(client):
     assert meta["condition"] == "canny" and meta["controlnet_conditioning_scale"] == 0.5
     assert (meta["canny_low"], meta["canny_high"]) == (100, 200)
     assert meta["condition_image"] == "astronaut.jpg"  # the upload's own name, no server path
-    assert "controlnet-canny" in meta["controlnet_model"]
+    assert "controlnet-canny" in meta["controlnet_model"] and not meta["controlnet_model"].startswith("/")
+    assert not [value for value in meta.values() if str(value).startswith("/")]  # no server path at all
     assert "condition_image:" in image.text["parameters"]
     assert np.array_equal(np.asarray(condition_map), expected_canny(1024, 512))  # the map it followed
     assert record(condition_map)["image"] == "condition map"
@@ -201,6 +205,142 @@ def test_bad_images_are_refused_by_name_then_the_app_keeps_serving(client, tmp_p
         assert opened(generate(client)[0][0]["image"]).size == (1024, 512)
 
 
+# --------------------------------------------------------------------------------------------------
+# A stranger's requests: only uploaded files are read, nothing stalls the queue
+# --------------------------------------------------------------------------------------------------
+
+FILE_META = {"_type": "gradio.FileData"}
+PREVIEW_ARGS = ["canny", 512, 512, 100, 200]
+
+
+@pytest.fixture
+def hostile_paths(image_to_image):
+    """Paths a stranger may send: server files, planted links and pipes, folders, another request's output."""
+    upload_folder = image_to_image.upload_roots[0]
+    planted = tempfile.mkdtemp(prefix="planted_", dir=upload_folder)  # as if written there by someone else
+    os.mkfifo(os.path.join(planted, "fifo.png"))  # opening it for reading would wait for a writer forever
+    os.symlink(PHOTO, os.path.join(planted, "link.png"))  # a link out of the upload folder
+    read_end, write_end = os.pipe()  # a pipe the server process (this one) holds
+    paths = {
+        "a server image": PHOTO, "a missing file": "/no/such/image.png", "a server file": "/etc/hostname",
+        "a FIFO": os.path.join(planted, "fifo.png"), "a symlink out": os.path.join(planted, "link.png"),
+        "a pipe held by the server": f"/proc/self/fd/{read_end}", "a folder": planted,
+        "the upload folder": upload_folder, "a way out": os.path.join(upload_folder, "..", "..", PHOTO[1:]),
+    }
+    yield paths
+    os.close(read_end)
+    os.close(write_end)
+    shutil.rmtree(planted)
+
+
+def timed_raw(url, endpoint, data):
+    started = time.monotonic()
+    stream = call_raw(url, json.dumps({"data": data}), endpoint, timeout=20)
+    return stream, time.monotonic() - started
+
+
+def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, hostile_paths, image_to_image):
+    url, paths = server[1], hostile_paths
+    a_result = final_data(call_raw(url, json.dumps({"data": [{"path": uploaded(url), "orig_name": "a.jpg",
+                                                             "meta": FILE_META}, *PREVIEW_ARGS]}),
+                                   "condition_preview"))[0]["path"]
+    assert a_result.startswith(image_to_image.outputs.root)  # an output of this app is not an upload either
+    paths["another request's output"] = a_result
+    without_meta, with_meta = {}, {}
+    for name, path in paths.items():
+        stream, seconds = timed_raw(url, "condition_preview", [{"path": path}, *PREVIEW_ARGS])
+        assert seconds < 5, name
+        without_meta[name] = stream.split("data: ", 1)[-1].strip()
+        stream, seconds = timed_raw(url, "condition_preview", [{"path": path, "meta": FILE_META}, *PREVIEW_ARGS])
+        assert seconds < 5 and "event: error" in stream, name
+        with_meta[name] = stream.split("data: ", 1)[-1].strip()
+    # One message, whatever the path and whether it exists: nothing to learn about the server's files.
+    ours = json.dumps(dict(error=text_app.UPLOAD_REFUSED, duration=10, visible=True, title="Error"))
+    assert set(without_meta.values()) == {ours}, without_meta
+    # With `meta`, Gradio refuses paths outside its upload folder itself (no message); the rest reach the app.
+    assert set(with_meta.values()) <= {ours, json.dumps(dict(error=None))}, with_meta
+    assert with_meta["a missing file"] == with_meta["a server image"] == with_meta["a server file"]
+    names = list(app.inspect.signature(app.ImageToImageApp.generate).parameters)[1:-1]
+    values = {**FAST, **text_app.preset(1024, 512, 1024), "negative_prompt": "", "controlnet_conditioning_scale": 0.5,
+              "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200}
+    for name in ("a server image", "a FIFO", "a pipe held by the server", "a symlink out"):  # /generate alike
+        stream, seconds = timed_raw(url, "generate", [{"path": paths[name]}] + [values[n] for n in names[1:]])
+        assert seconds < 5 and text_app.UPLOAD_REFUSED in stream, name
+    client = Client(url, verbose=False)  # gradio_client sends a plain dict as it is: refused the same way
+    with pytest.raises(AppError, match="must be an image file uploaded to this app"):
+        client.predict(image={"path": PHOTO}, **dict(condition="canny", width=512, height=512, canny_low=100,
+                                                     canny_high=200), api_name="/condition_preview")
+    assert opened(preview(client)).size == (1024, 512)  # and the next, normal requests are served
+    assert opened(generate(client)[0][0]["image"]).size == (1024, 512)
+
+
+def uploaded(url: str, source: str = PHOTO) -> str:
+    """Upload a file through Gradio's route, as the page does; returns its path on the server."""
+    boundary = "elastic-diffusion-test"
+    content = open(source, "rb").read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return json.load(urllib.request.urlopen(request, timeout=10))[0]
+
+
+def test_a_stalled_decode_times_out_and_the_app_keeps_serving(client, monkeypatch, tmp_path):
+    real_load = app.load_image
+
+    def stalled(*args, **kwargs):
+        time.sleep(3)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(text_app, "DECODE_SECONDS", 0.5)
+    monkeypatch.setattr(app, "load_image", stalled)
+    slow = tmp_path / "slow.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(slow)  # new content: not in the decoded-image cache
+    started = time.monotonic()
+    with pytest.raises(AppError, match="Decoding input image 'slow.png' took longer than 0.5 s"):
+        preview(client, image=str(slow))
+    assert time.monotonic() - started < 2.5
+    monkeypatch.undo()
+    assert opened(preview(client)).size == (1024, 512)
+
+
+def test_depth_without_its_model_fails_fast_once_with_advice_and_clears_the_map(sampler, monkeypatch):
+    no_depth = ElasticDiffusionControlNet.from_pipe(sampler.pipe, controlnet_model=sampler.controlnet,
+                                                    depth_model="nobody/no-such-dpt")
+    loads = []
+    real = no_depth.depth_estimator
+    monkeypatch.setattr(no_depth, "depth_estimator", lambda: loads.append(1) or real())
+    warnings = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, *args, **kwargs: warnings.append(message))
+    page = app.ImageToImageApp(no_depth)
+    upload = tempfile.mkdtemp(dir=page.upload_roots[0])
+    photo = {"path": shutil.copy(PHOTO, upload), "orig_name": "astronaut.jpg"}
+    try:
+        assert page.preview(photo, "canny", 2048, 1024, 100, 200) is not None
+        for _ in range(2):
+            started = time.monotonic()
+            assert page.preview(photo, "depth", 2048, 1024, 100, 200) is None  # cleared, not the old map
+            assert time.monotonic() - started < 5
+        with pytest.raises(app.gr.Error, match="--depth-model"):
+            next(page.generate(photo, "p", "", "depth", 0.5, 1024, 512, 0, False, 2, 10, 0, 0.3, 0, 10, 0.4, 64,
+                               16, True, False, False, 4, 100, 200))
+    finally:
+        shutil.rmtree(upload)
+    assert len(loads) == 1  # tried once, then said at once
+    assert len(warnings) == 2 and warnings[0] == warnings[1]
+    assert "`nobody/no-such-dpt` could not be loaded" in warnings[0] and "--depth-model /path/to" in warnings[0]
+
+
+def test_the_pages_live_map_is_size_bounded_and_written_to_the_outputs(image_to_image):
+    upload = tempfile.mkdtemp(dir=image_to_image.upload_roots[0])
+    photo = {"path": shutil.copy(PHOTO, upload), "orig_name": "astronaut.jpg"}
+    try:
+        path = image_to_image.preview(photo, "canny", 2048, 1024, 100, 200)
+    finally:
+        shutil.rmtree(upload)
+    assert opened(path).size == (1024, 512) and path.startswith(image_to_image.outputs.root)
+
+
 BAD_CONTROLS = [
     (dict(condition="sketch"), "Condition must be one of 'canny'"),
     (dict(controlnet_conditioning_scale=5), "ControlNet scale must be between 0.1 and 2"),
@@ -285,18 +425,27 @@ def test_zero_gpu_durations_count_the_controlnet_and_the_examples_presets(sample
     assert text_app.estimate_gpu_seconds(dict(width=2048, height=2048), 1024) == unet_only
 
 
-def test_command_line_shares_the_text_apps_flags(monkeypatch, tiny_sdxl_path):
+def test_command_line_shares_the_text_apps_flags(monkeypatch, tiny_sdxl_path, tmp_path):
     args = app.build_parser().parse_args(["--model", tiny_sdxl_path, "--controlnet", "depth", "--depth-model", "dpt",
                                           "--port", "7861", "--share", "--low-vram", "--condition", "depth"])
     assert (args.model, args.controlnet, args.depth_model, args.port) == (tiny_sdxl_path, "depth", "dpt", 7861)
     assert args.share and args.low_vram and args.condition == "depth"
     base_flags = {a.dest for a in text_app.build_parser()._actions}
     assert base_flags <= {a.dest for a in app.build_parser()._actions}
+    options = [" ".join(chunk.split()) for chunk in app.build_parser().format_help().split("\n  -")[1:]]
+    assert all(option.count("(default") <= 1 for option in options)  # one default per --help entry
 
     launched = {}
-    monkeypatch.setattr(app.base, "serve", lambda demo, args, **kwargs: launched.update(kwargs, demo=demo))
-    app.main(["--model", "/nonexistent/model", "--controlnet", "canny", "--port", str(free_port())])
+    monkeypatch.setattr(app.base, "serve", lambda demo, args, outputs, **kwargs: launched.update(
+        kwargs, demo=demo, outputs=outputs))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # main() keeps its files in a private folder there
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        app.main(["--model", "/nonexistent/model", "--controlnet", "canny", "--port", str(free_port())])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     assert launched["max_file_size"] == app.MAX_UPLOAD and isinstance(launched["demo"], app.gr.Blocks)
+    assert os.path.dirname(os.path.dirname(launched["outputs"].root)) == str(tmp_path)
 
 
 def test_without_a_model_the_page_explains_and_canny_previews_still_work():

@@ -1,6 +1,7 @@
 """The command line: documented knobs, booleans that behave, PNG metadata that reproduces an image."""
 import json
 import os
+import time
 
 import pytest
 from PIL import Image
@@ -70,3 +71,29 @@ def test_cli_unknown_model_is_a_usage_error(capsys):
         ed.main(["--sd_version", "9.9"])
     assert exit_info.value.code == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_without_network_the_cli_says_so_once_and_quickly(monkeypatch, capsys, caplog):
+    """`make run` with no network: one clear error within seconds, not half a minute of retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(ed, "_HUB_OFFLINE_REASON", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        ed.main(["--sd_version", "nobody/no-such-model", "--steps", "1"])
+    assert exit_info.value.code == 2 and time.monotonic() - started < 15
+    err = capsys.readouterr().err + caplog.text
+    assert err.count("hub cannot be used (no network: 127.0.0.1 cannot be reached") == 1
+    assert "not in the local Hugging Face cache" in err and "Retrying" not in err and "model_index.json" not in err
+    assert constants.HF_HUB_OFFLINE  # the rest of the process reads the cache instead of retrying
+
+    with pytest.raises(SystemExit):  # already offline (HF_HUB_OFFLINE): said as such, without probing again
+        ed.main(["--sd_version", "nobody/no-such-model"])
+    assert "hub cannot be used (no network" in capsys.readouterr().err
+    monkeypatch.setattr(ed, "_HUB_OFFLINE_REASON", None)
+    with pytest.raises(SystemExit):
+        ed.main(["--sd_version", "nobody/no-such-model"])
+    assert "hub cannot be used (HF_HUB_OFFLINE is set)" in capsys.readouterr().err

@@ -115,11 +115,12 @@ def test_residuals_feed_every_reference_and_local_sample(sd1):
     V = info["num_views"]
     assert V == 4  # 1024x512 on a 512-px model: four 64x64 latent crops along the width
     ref, local = expected_samples(B=1, R=1, T=2, V=V)
-    assert (rec.count("reference"), rec.count("local")) == (ref, local) == (10, 12)
-    assert (info["controlnet_reference_samples"], info["controlnet_local_samples"]) == (ref, local)
+    assert (info["controlnet_reference_samples"], info["controlnet_local_samples"]) == (ref, local) == (10, 12)
     assert info["controlnet_samples"] == info["unet_samples"] == ref + local
-    assert [n for n, _ in rec.controlnet_batches] == [m for _, m in rec.controlnet_batches] == [
-        len(regions) for regions, _ in rec.calls]  # latents and conditions batch-matched in every call
+    # Each region's condition is made and encoded once per run (one reference, V windows), not per sample.
+    assert (rec.count("reference"), rec.count("local")) == (1, V)
+    assert info["controlnet_condition_encodings"] == 1 + V
+    assert [n for n, _ in rec.controlnet_batches] == [m for _, m in rec.controlnet_batches]  # batch-matched
     assert sum(n for n, _ in rec.controlnet_batches) == ref + local
     # Every UNet call got ControlNet residuals, one per down block plus the mid block.
     assert len(rec.unet_residuals) == info["unet_calls"] == info["controlnet_calls"]
@@ -157,7 +158,48 @@ def test_local_conditions_are_full_resolution_crops(sd1):
                 assert (region.rows, region.cols) == ((0, h), (0, w))
                 torch.testing.assert_close(inner, reference[0], rtol=0, atol=0)
             seen[region.kind] += 1
-    assert seen == {"reference": 2, "local": 4}
+    assert seen == {"reference": 1, "local": 4}
+
+
+def test_condition_encodings_do_not_grow_with_the_steps(sd1):
+    """One ControlNet forward per UNet sample, and each condition encoded once per run, however long."""
+    counts, stages = [], []
+    for steps in (2, 5):
+        _, info = sd1("a cat", condition_image=PHOTO, condition="canny", width=1024, height=512, resampling_steps=1,
+                      num_inference_steps=steps, seed=0, progress=False, output_type="latent",
+                      callback_on_stage=lambda stage, done, total: stages.append(stage))
+        assert info["controlnet_samples"] == info["unet_samples"] and info["controlnet_calls"] == info["unet_calls"]
+        counts.append(info["controlnet_condition_encodings"])
+    assert counts == [1 + info["num_views"]] * 2
+    assert stages.count("condition") == 2 and stages[-1] == "condition"  # the map is made before step 1, reported
+
+
+@pytest.mark.parametrize("channel_order", ["rgb", "bgr"])
+def test_cached_encodings_give_the_controlnets_own_residuals(sd1, monkeypatch, channel_order):
+    """Every call's residuals equal the ControlNet's own forward on the raw condition maps."""
+    checked = []
+    cached = sd1.unet_extra_kwargs
+
+    def compare(run, latents, t, prompt_embeds, added_cond_kwargs, regions):
+        out = cached(run, latents, t, prompt_embeds, added_cond_kwargs, regions)
+        down, mid = sd1.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
+                                   controlnet_cond=sd1.control_batch(run, regions),
+                                   conditioning_scale=float(run.extras["control"]["scale"]), return_dict=False)
+        torch.testing.assert_close(out["mid_block_additional_residual"], mid)
+        for ours, theirs in zip(out["down_block_additional_residuals"], down, strict=True):
+            torch.testing.assert_close(ours, theirs)
+        checked.append(len(regions))
+        return out
+
+    monkeypatch.setattr(sd1, "unet_extra_kwargs", compare)
+    sd1.controlnet.register_to_config(controlnet_conditioning_channel_order=channel_order)
+    try:
+        # The colour photograph as the map: channel order matters (a Canny map is the same in every channel).
+        _, info = sd1("a cat", condition_image=PHOTO, condition="image", width=1024, height=512, resampling_steps=1,
+                      output_type="latent", **FAST)
+    finally:
+        sd1.controlnet.register_to_config(controlnet_conditioning_channel_order="rgb")
+    assert sum(checked) == info["unet_samples"] and len(checked) == info["unet_calls"]
 
 
 def test_canny_maps_are_binary_at_both_sizes_on_the_photo_at_2048(sdxl):
@@ -177,7 +219,7 @@ def test_canny_maps_are_binary_at_both_sizes_on_the_photo_at_2048(sdxl):
         for region, c in zip(regions, cond):
             assert set(c.unique().tolist()) == {0.0, 1.0}, region.kind
             seen[region.kind] += 1
-    assert seen == {"reference": 2, "local": 16}
+    assert seen == {"reference": 1, "local": 16}  # each distinct region's map is made (and encoded) once
 
 
 def test_scale_zero_equals_the_base_sampler(sd1):

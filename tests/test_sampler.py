@@ -396,6 +396,38 @@ def test_callback_can_replace_latents_and_cancel(xl):
     assert images[0].size == (1024, 512)
 
 
+def test_stages_before_the_first_step_are_reported_and_can_cancel(xl):
+    events = []
+
+    def on_stage(stage, done, total):
+        events.append((stage, done, total))
+
+    def on_step(pipe, i, t, tensors):
+        events.append(("step", i + 1, 2))
+        return {}
+
+    _, info = xl("x", height=512, width=1024, num_inference_steps=2, seed=0, callback_on_stage=on_stage,
+                 callback_on_step_end=on_step, **QUIET)
+    assert events[0] == ("encode_prompt", 0, 1) and events[-2:] == [("step", 1, 2), ("step", 2, 2)]
+    strips = [e for e in events if e[0] == "backgrounds"]
+    assert events.index(strips[-1]) < events.index(("step", 1, 2))  # every strip is encoded before step 1
+    assert [done for _, done, _ in strips] == sorted(done for _, done, _ in strips)
+    assert strips[0][1] == 0 and strips[-1][1] == strips[-1][2] == info["vae_encodes"] > 0
+
+    def cancel(stage, done, total):
+        if stage == "backgrounds":
+            raise ed.GenerationCancelled("cancelled while encoding padding strips")
+
+    unet_calls = []
+    hook = xl.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(1))
+    try:
+        with pytest.raises(ed.GenerationCancelled):
+            xl("x", height=512, width=1024, num_inference_steps=2, seed=0, callback_on_stage=cancel, **QUIET)
+    finally:
+        hook.remove()
+    assert unet_calls == [] and not xl.busy
+
+
 # ------------------------------------------------------------------------------ decode and memory modes
 
 
