@@ -1532,14 +1532,11 @@ ElasticDiffusion.generate.__doc__ += "\n        Method knobs:\n\n" + "".join(
 def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
     """Text chunks that reproduce an image: a JSON record and an A1111-style 'parameters' line.
 
-    The record holds the prompt, seed and model, every method knob of the run in KNOBS' order, then the
-    rest of `info["settings"]` (size, memory knobs, an extension's settings).
+    The record holds the prompt, seed and model, then `info["settings"]`: every method knob of the run in
+    KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs, an extension's settings.
     """
-    settings = info["settings"]
-    knobs = {k.name: settings[k.name] for k in method_knobs() if k.name in settings}
     record = dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
-                  model=info["model"])
-    record.update({**knobs, **settings})
+                  model=info["model"], **info["settings"])
     line = f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(
         f"{k}: {v}" for k, v in record.items() if k not in ("prompt", "negative_prompt"))
     return {"elastic_diffusion": json.dumps(record), "parameters": line}
