@@ -107,6 +107,19 @@ def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def describe_range(minimum: float | str | None, maximum: float | str | None, open_minimum: bool = False,
+                   open_maximum: bool = False) -> str:
+    """The range in words: "between 1 and 1000", "in (0, 1]", ">= 0", or "" when unbounded."""
+    low, high = (None if v is None else v if isinstance(v, str) else format_number(v) for v in (minimum, maximum))
+    if low is not None and high is not None:
+        if not (open_minimum or open_maximum):
+            return f"between {low} and {high}"
+        return f"in {'(' if open_minimum else '['}{low}, {high}{')' if open_maximum else ']'}"
+    if low is not None:
+        return f"{'>' if open_minimum else '>='} {low}"
+    return "" if high is None else f"{'<' if open_maximum else '<='} {high}"
+
+
 def check_number(subject: str, value, minimum: float | None = None, maximum: float | None = None,
                  integer: bool = False, open_minimum: bool = False, open_maximum: bool = False):
     """`value` if it is a finite number (a whole one if `integer`) within the bounds; else ValueError.
@@ -114,18 +127,8 @@ def check_number(subject: str, value, minimum: float | None = None, maximum: flo
     The message names `subject` and the rule: "num_inference_steps must be a whole number between 1 and
     1000; got 0". None leaves a side unbounded; an open side excludes the bound itself.
     """
-    bounded = minimum is not None or maximum is not None
-    kind = "a whole number" if integer else "a number" if bounded else "a finite number"
-    low = None if minimum is None else ("(" if open_minimum else "[") + format_number(minimum)
-    high = None if maximum is None else format_number(maximum) + (")" if open_maximum else "]")
-    if low and high and not (open_minimum or open_maximum):
-        span = f"between {format_number(minimum)} and {format_number(maximum)}"
-    elif low and high:
-        span = f"in {low}, {high}"
-    elif low:
-        span = f"{'>' if open_minimum else '>='} {format_number(minimum)}"
-    else:
-        span = f"{'<' if open_maximum else '<='} {format_number(maximum)}" if high else ""
+    span = describe_range(minimum, maximum, open_minimum, open_maximum)
+    kind = "a whole number" if integer else "a number" if span else "a finite number"
     fits_type = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
     if not fits_type or not math.isfinite(value):
         raise ValueError(f"{subject} must be {kind} {span}".rstrip() + f"; got {value!r}")
