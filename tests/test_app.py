@@ -427,6 +427,9 @@ def test_gpu_duration_grows_with_the_work():
     # 2048x2048, R = 10: 2,782 UNet samples (docs/method.md#cost-model) at 17 ms, plus margins
     assert app.estimate_gpu_seconds(big, 1024) == int(20 + 1.2 * 2782 * app.UNET_SAMPLE_SECONDS)
     assert app.estimate_gpu_seconds(dict(base, width="x"), 1024) == 30
+    # The durations docs/app.md quotes: 1024² at the defaults, 2048x1024 and 2048² with their presets.
+    assert [app.estimate_gpu_seconds(dict(width=w, height=h), 1024) for w, h in ((1024, 1024), (2048, 1024),
+                                                                                (2048, 2048))] == [22, 46, 76]
     if app.spaces is None:  # without the `spaces` package the handler is used as it is
         assert app.on_gpu(free_port, 1024) is free_port
 
