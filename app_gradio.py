@@ -859,6 +859,9 @@ class TextToImageApp:
     # /generate's parameters around the knobs table's, in the order positional clients send them.
     api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
     api_after_knobs: tuple[str, ...] = ()
+    example_inputs = EXAMPLE_INPUTS  # the fields an example sets, in its rows' order
+    example_rows, example_labels = EXAMPLE_ROWS, EXAMPLE_LABELS
+    examples_title = "Presets of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = PREVIEW_EVERY,
                  outputs: OutputFolders | None = None):
@@ -881,14 +884,10 @@ class TextToImageApp:
         """
         yield from self.stream(values, progress)
 
-    def generate_example(self, prompt, negative_prompt, width, height, resampling_steps, new_p, rrg_init_weight,
-                         seed, randomize_seed, progress=gr.Progress()):
-        """One of the 14 presets (docs/method.md#demo-presets): its own R, ρ and λ0, every other control at
-        the preset for its size."""
-        values = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, seed=seed,
-                      randomize_seed=False, resampling_steps=resampling_steps, new_p=new_p,
-                      rrg_init_weight=rrg_init_weight)
-        yield from self.stream(values, progress)
+    def generate_example(self, *row, progress=gr.Progress()):
+        """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
+        R, ρ and λ0, its seed, every other control at the preset for its size."""
+        yield from self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress)
 
     def stream(self, values: dict, progress, **run_kwargs):
         """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
@@ -950,12 +949,13 @@ class TextToImageApp:
         return {}
 
     def _more_events(self, widgets: dict, outputs: list) -> None:
-        """The presets, as lazily cached examples that fill only the fields they set."""
-        gr.Examples(EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs,
-                    fn=on_gpu(self.generate_example, self.native_px, names=EXAMPLE_INPUTS) if self.sampler else None,
-                    cache_examples=self.sampler is not None, cache_mode="lazy", example_labels=EXAMPLE_LABELS,
-                    label="Presets of the paper's demo (generated on first click, then cached)",
-                    examples_per_page=len(EXAMPLE_ROWS))
+        """The examples, lazily cached, each filling only the fields it sets."""
+        fn = on_gpu(self.generate_example, self.native_px, self.cost_factor, names=self.example_inputs)
+        self.examples = gr.Examples(
+            self.example_rows, inputs=[widgets[name] for name in self.example_inputs], outputs=outputs,
+            fn=fn if self.sampler else None, cache_examples=self.sampler is not None, cache_mode="lazy",
+            example_labels=self.example_labels, label=self.examples_title, examples_per_page=len(self.example_rows),
+            preprocess=False)  # raw values, as /generate gets them
 
     def model_note(self) -> str:
         """The header's sentence about the loaded model(s)."""

@@ -134,6 +134,8 @@ class ImageToImageApp(base.TextToImageApp):
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
     api_after_knobs = ("canny_low", "canny_high")
+    example_inputs, example_rows, example_labels = EXAMPLE_INPUTS, EXAMPLE_ROWS, EXAMPLE_LABELS
+    examples_title = "Example of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = base.PREVIEW_EVERY,
                  outputs: base.OutputFolders | None = None, default_condition: str | None = None):
@@ -217,15 +219,6 @@ class ImageToImageApp(base.TextToImageApp):
         return base._size("Width", width, limit), base._size("Height", height, limit)
 
     # ------------------------------------------------------------------------------------------ handlers
-
-    def generate_example(self, image, prompt, negative_prompt, condition, width, height, resampling_steps, new_p,
-                         rrg_init_weight, seed, randomize_seed, progress=gr.Progress()):
-        """The demo's example (docs/method.md#demo-presets): its own size, R, ρ and λ0, every other control at
-        the demo's default."""
-        values = dict(image=image, prompt=prompt, negative_prompt=negative_prompt, condition=condition, width=width,
-                      height=height, seed=seed, randomize_seed=False, resampling_steps=resampling_steps, new_p=new_p,
-                      rrg_init_weight=rrg_init_weight)
-        yield from self.stream(values, progress)
 
     def stream(self, values: dict, progress, **run_kwargs):
         """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
@@ -357,7 +350,7 @@ class ImageToImageApp(base.TextToImageApp):
         return canny_widgets()
 
     def _more_events(self, widgets: dict, outputs: list) -> None:
-        """The live condition map (/condition_preview is its API twin) and the lazily cached example."""
+        """The live condition map (/condition_preview is its API twin), then the example."""
         preview_inputs = [widgets[name] for name in PREVIEW_INPUTS]
         # One preview at a time (they run beside the GPU queue): bounded CPU, memory and disk.
         preview_options = dict(outputs=widgets["condition_map"], preprocess=False, concurrency_id="preview",
@@ -366,12 +359,7 @@ class ImageToImageApp(base.TextToImageApp):
               trigger_mode="always_last", api_visibility="private", **preview_options)
         gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
                                                         api_name="condition_preview", **preview_options)
-        example_fn = base.on_gpu(self.generate_example, self.native_px, self.cost_factor, names=EXAMPLE_INPUTS)
-        self.examples = gr.Examples(
-            EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs,
-            fn=example_fn if self.sampler else None, cache_examples=self.sampler is not None, cache_mode="lazy",
-            example_labels=EXAMPLE_LABELS, preprocess=False,  # raw values, as /generate gets them
-            label="Example of the paper's demo (generated on first click, then cached)")
+        super()._more_events(widgets, outputs)
 
 
 # --------------------------------------------------------------------------------------------------
