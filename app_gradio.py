@@ -196,13 +196,8 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
 def preset(width: int, height: int, native_px: int) -> dict:
     """`recommended_settings` kept inside the ranges the demos accept, so /generate takes every value
     (λ0 grows with the area and would pass its range above 4x the native size per side)."""
-    def clamped(row: ed.Knob, value):
-        if row.type is bool or row.choices:
-            return value
-        low, high = row.limits(native_px // 8, demo=True)
-        return min(max(value, low if low is not None else value), high if high is not None else value)
-
-    return {name: clamped(ed.knob(name), value) for name, value in recommended_settings(width, height, native_px).items()}
+    settings = recommended_settings(width, height, native_px)
+    return {name: ed.knob(name).clamp(value, native_px // 8, demo=True) for name, value in settings.items()}
 
 
 def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -> gr.components.Component:

@@ -172,6 +172,14 @@ class Knob:
         low, high = self.demo_range if demo and self.demo_range else (self.minimum, self.maximum)
         return low, native_latent if high == NATIVE_LATENT else high
 
+    def clamp(self, value, native_latent: int, demo: bool = False):
+        """The allowed value nearest to `value`: a number moved into the range; other kinds unchanged."""
+        if self.type is bool or self.choices:
+            return value
+        low, high = self.limits(native_latent, demo)
+        value = value if low is None else max(value, low)
+        return value if high is None else min(value, high)
+
     def check(self, value, native_latent: int, demo: bool = False, subject: str | None = None):
         """`value` if it obeys this knob's rule (type, then range or choices); else ValueError naming
         `subject` (default: the knob's name) and the rule."""
