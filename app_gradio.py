@@ -923,7 +923,8 @@ class TextToImageApp:
                           "comparison", value=False, elem_id="compare-plain")
             wire_size_presets(widgets, self.native_px, max_scale)
             outputs = self._result_widgets(widgets)
-            event = gr.on([run.click, widgets["prompt"].submit], on_gpu(self.generate, self.native_px, self.cost_factor),
+            handler = on_gpu(self.generate, self.native_px, self.cost_factor)
+            event = gr.on([run.click, widgets["prompt"].submit], handler,
                           inputs_kwargs={name: widgets[name] for name in self.api_inputs()}, outputs=outputs,
                           api_name="generate", show_progress_on=outputs[2], concurrency_id="gpu",
                           preprocess=False)  # raw values: parse_request checks them

@@ -881,7 +881,8 @@ class ElasticDiffusion:
     """
 
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
-                 view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False, torch_dtype: torch.dtype | None = None,
+                 view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
+                 torch_dtype: torch.dtype | None = None,
                  pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
         self.view_batch_size = knob("view_batch_size").check(view_batch_size, 0)
@@ -898,7 +899,8 @@ class ElasticDiffusion:
             pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the memory of an
+            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the memory
+            # of an
             # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
             # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -1448,7 +1450,8 @@ class ElasticDiffusion:
                 scores = self.estimate_scores(run, x, t, top_left)
                 omega_step = omega / 3
                 x0, x_prev = ddim_step(scores.local_uncond + omega_step * scores.direction, x, alpha, alpha_prev)
-            # 4. Reduced-resolution guidance, from this step's own UNet outputs (docs/method.md#reduced-resolution-guidance).
+            # 4. Reduced-resolution guidance, from this step's own UNet outputs
+            #    (docs/method.md#reduced-resolution-guidance).
             weight = rrg_weight(i, T, s["rrg_init_weight"], s["cosine_scale"], s["rrg_stop_t"])
             if weight > 10:
                 x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, t, omega_step, weight)

@@ -117,7 +117,8 @@ def test_both_apps_widgets_and_api_follow_the_table(app_class, examples_cache):
     if app_class is img2img.ImageToImageApp:
         for row in edc.CONTROLNET_KNOBS:
             props = widgets[f"knob-{row.name}"]["props"]
-            assert (props["minimum"], props["maximum"], props["value"]) == (*row.demo_range, img2img.KNOB_DEFAULTS[row.name])
+            expected = (*row.demo_range, img2img.KNOB_DEFAULTS[row.name])
+            assert (props["minimum"], props["maximum"], props["value"]) == expected
 
 
 def test_parse_request_follows_the_table(xl):
@@ -154,14 +155,16 @@ def test_a_new_row_reaches_the_cli_the_checks_the_sampler_the_demos_and_the_meta
     with pytest.raises(ValueError, match="test_knob must be between 0 and 1; got 2"):
         xl("p", height=512, width=1024, test_knob=2.0, **QUIET)
     _, info = xl("p", height=512, width=1024, num_inference_steps=1, test_knob=0.7, **QUIET)
-    assert info["settings"]["test_knob"] == 0.7 and '"test_knob": 0.7' in ed.png_metadata(info, "p", "")["elastic_diffusion"]
+    assert info["settings"]["test_knob"] == 0.7
+    assert '"test_knob": 0.7' in ed.png_metadata(info, "p", "")["elastic_diffusion"]
     with pytest.raises(TypeError, match="unexpected keyword argument 'tset_knob'"):  # a typo is not a knob
         xl("p", height=512, width=1024, tset_knob=0.7, **QUIET)
     assert app.TextToImageApp.api_inputs()[-1] == "test_knob"
     demo = app.TextToImageApp(None, "no model").build()
     (widget,) = [c for c in demo.config["components"] if c["props"].get("elem_id") == "knob-test_knob"]
     assert (widget["props"]["minimum"], widget["props"]["maximum"], widget["props"]["value"]) == (0, 0.9, 0.5)
-    assert "test_knob" in [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
+    parameters = demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert "test_knob" in [p["parameter_name"] for p in parameters]
     base = dict(prompt="p", width=1024, height=512, seed=0)
     assert app.parse_request(dict(base, test_knob="0.25"), xl).knobs["test_knob"] == 0.25
     with pytest.raises(app.gr.Error, match="Test knob must be between 0 and 0.9; got 0.95"):

@@ -130,7 +130,8 @@ def test_torch_floor_is_the_tested_version():
 
 def test_test_time_is_the_measured_one():
     """The README's and docs/testing.md's suite time is the one docs/testing.md records as measured."""
-    testing = " ".join(open(os.path.join(os.path.dirname(README), "docs", "testing.md"), encoding="utf-8").read().split())
+    testing = open(os.path.join(os.path.dirname(README), "docs", "testing.md"), encoding="utf-8").read()
+    testing = " ".join(testing.split())
     (minutes,) = re.findall(r"took (\d+) minutes", testing)
     assert f"about {minutes} minutes on 2 cores" in " ".join(open(README, encoding="utf-8").read().split())
 

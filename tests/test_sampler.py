@@ -607,7 +607,7 @@ def test_model_keys_map_to_hub_ids():
     assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0"}
 
 
-# ------------------------------------------------------------------------------ beyond 2x (docs/method.md#fix-general-sub-sampler)
+# ---------------------------------------------------------- beyond 2x (docs/method.md#fix-general-sub-sampler)
 
 
 def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
