@@ -541,3 +541,24 @@ def test_plain_pipeline_shares_the_modules_without_casting_them(tiny_sdxl_path):
     assert plain.unet is half.unet and plain.vae is half.vae and type(plain.scheduler).__name__ == "DDIMScheduler"
     assert {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)} == dtypes
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # the VAE upcast for decoding
+
+
+def test_the_low_vram_box_switches_the_loaded_sampler_in_place(sampler, monkeypatch):
+    """The demo's Low VRAM checkbox moves the loaded modules per request and back; nothing is rebuilt
+    (docs/method.md#fix-low-vram-toggle)."""
+    built = []
+    monkeypatch.setattr(ElasticDiffusion, "__init__", lambda *args, **kwargs: built.append(args))
+    unet, outputs = sampler.unet, app.OutputFolders()
+    try:
+        for low_vram in (True, False):
+            request = app.parse_request(dict(FAST, num_inference_steps=1, low_vram=low_vram), sampler)
+            switched = []
+            monkeypatch.setattr(sampler, "sample", lambda *args, **kwargs: switched.append(sampler.low_vram) or args[1])
+            app.run_generation(sampler, request, outputs.request())
+            assert switched == [low_vram] and sampler.low_vram is low_vram
+            assert (type(getattr(sampler.unet, "_hf_hook", None)).__name__ == "CpuOffload") is low_vram
+    finally:
+        monkeypatch.undo()
+        sampler.set_low_vram(False)
+        outputs.remove()
+    assert built == [] and sampler.unet is unet

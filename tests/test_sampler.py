@@ -319,6 +319,32 @@ def test_sdxl_embeddings_and_empty_negative_prompt_is_encoded(xl):
     assert not torch.allclose(embeds[0], embeds[1])
 
 
+def test_each_text_encoder_runs_once_per_generation(xl):
+    """SDXL's two encoders each run once, on the batch [negatives; prompts] (docs/method.md#fix-text-encoder-runs)."""
+    calls = {"text_encoder": [], "text_encoder_2": []}
+    hooks = [getattr(xl, name).register_forward_pre_hook(lambda module, args, name=name: calls[name].append(args[0]))
+             for name in calls]
+    try:
+        xl(["a cat", "a dog"], "blurry", height=512, width=1024, num_inference_steps=1, **QUIET)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [len(ids) for ids in calls["text_encoder"]] == [len(ids) for ids in calls["text_encoder_2"]] == [4]
+
+
+def test_the_global_random_state_is_left_untouched(xl):
+    """Every draw uses its own generator: the initial noise, the sub-sampler, the re-noising and the padding
+    strips (docs/method.md#fix-local-generators)."""
+    import random
+
+    import numpy as np
+
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    xl("x", height=1024, width=2048, num_inference_steps=2, resampling_steps=2, seed=0, **QUIET)
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
 def test_long_prompt_warns_with_the_cut_text(sd1):
     prompt = " ".join(["word"] * 80) + " tailend"
     with pytest.warns(UserWarning, match="tailend"):
