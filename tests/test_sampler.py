@@ -110,13 +110,14 @@ def test_unet_sample_count_matches_cost_formula(xl, preset):
     assert info["vae_encodes"] == T * len(strips)  # each strip once per timestep
 
 
-@pytest.mark.parametrize("width,height", [(2048, 2048), (1024, 2048), (768, 768), (768, 2048), (1080, 1920)])
-def test_cost_model_with_a_batch_and_small_calls(xl, width, height):
+@pytest.mark.parametrize("width,height,R", [(2048, 2048, None), (1024, 2048, None), (768, 768, None),
+                                            (768, 2048, None), (1080, 1920, None), (1024, 1024, 2)])
+def test_cost_model_with_a_batch_and_small_calls(xl, width, height, R):
     """Two images per prompt in calls of at most 5 samples: presets 1, 3 and 11, one with padded crops, one
-    whose windows are moved back; with and without repaint."""
+    whose windows are moved back, and the native size with resampling; with and without repaint."""
     for repaint in (True, False):
         _, info = xl(["a corgi", "a cat"], height=height, width=width, num_inference_steps=2, view_batch_size=5,
-                     repaint=repaint, seed=0, **QUIET)
+                     resampling_steps=R, repaint=repaint, seed=0, **QUIET)
         cost = expected_cost(xl, info, batch=2)
         assert (info["unet_samples"], info["unet_calls"], info["vae_encodes"], info["num_views"]) == (
             cost.samples, cost.calls, cost.vae_encodes, cost.views)
