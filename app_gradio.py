@@ -5,7 +5,12 @@
 
 The model is loaded once at start-up and serves every request; one GPU job runs at a time and the
 others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_settings`) work from
-`gradio_client` (see the README).
+`gradio_client` (docs/app.md). The knobs' widgets, their validation and /generate's parameters come
+from the sampler's knobs table (`elastic_diffusion.KNOBS`).
+
+A request's path: `TextToImageApp.generate` (Gradio's generator handler) -> `parse_request` (every
+field checked) -> `stream_generation` (the sampler in a thread; previews and progress while it runs;
+cancel between steps) -> `run_generation` (the sampler, the plain comparison, the PNGs).
 
 Every request is treated as coming from a stranger: the text-to-image app takes no uploads, inputs
 are only files this app received (`read_upload`), slow steps are bounded in time (`within`), what the
@@ -13,9 +18,8 @@ app writes is bounded on disk (`OutputFolders`) and removed on exit (`serve`), a
 sees names a server path (`public_name`, `scrub_paths`).
 
 The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
-`build_parser`, `load_sampler`, `knob_widgets`, `wire_size_presets`, `run_generation`,
-`stream_generation`, `OutputFolders`, `read_upload`, `within`, `on_gpu` and `serve`, and subclasses
-`TextToImageApp`.
+`build_parser`, `load_sampler`, `knob_widgets`, `knob_value`, `wire_size_presets`, `stream_generation`,
+`OutputFolders`, `read_upload`, `within`, `on_gpu` and `serve`, and subclasses `TextToImageApp`.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ except ImportError:
 
 import argparse
 import atexit
+import concurrent.futures
+import contextvars
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -46,6 +51,7 @@ from typing import Any, Callable, Iterator, Sequence
 import gradio as gr
 import torch
 
+import elastic_diffusion as ed
 from elastic_diffusion import (
     DEFAULT_NEGATIVE_PROMPT,
     DEMO_PRESETS,
@@ -55,7 +61,7 @@ from elastic_diffusion import (
     ElasticDiffusion,
     GenerationCancelled,
     HelpFormatter,
-    local_views,
+    format_number,
     png_metadata,
     recommended_settings,
     save_png,
@@ -73,7 +79,9 @@ QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused wit
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
 HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a cancel can close it promptly
-UNET_SAMPLE_SECONDS = 0.017  # one native-size SDXL UNet sample in fp16 on an H100 (§17), for ZeroGPU
+# ZeroGPU's reservation per native-size SDXL UNet sample: the eager per-sample time that the authors of this
+# project's method reference measured on an H200 (not yet measured by this project: benchmarks/benchmark.py).
+UNET_SAMPLE_SECONDS = 0.017
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
@@ -94,8 +102,9 @@ PAGE_CSS = """
 """  # Gradio's gallery draws square cells in a box of 55 % of the window: show each image whole instead
 
 OUT_OF_MEMORY_ADVICE = (
-    "Out of GPU memory. Open Advanced options and try, in this order: a lower View batch size (e.g. 4), "
-    "Tiled decoder, Low VRAM, or a smaller width/height. The next request starts with a clean GPU.")
+    f"Out of GPU memory. Open Advanced options and try, in this order: a lower {ed.knob('view_batch_size').label} "
+    f"(e.g. 4), {ed.knob('tiled_decoder').label}, {ed.knob('low_vram').label}, or a smaller width/height. The next "
+    "request starts with a clean GPU.")
 
 
 def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") -> str:
@@ -119,11 +128,6 @@ _SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?(?:/[^\s'\"`()<>/]+)+/?")
 def scrub_paths(text: str) -> str:
     """`text` with every file-system path shortened to its last part (a model's folder name, say)."""
     return _SERVER_PATH.sub(lambda match: os.path.basename(match.group(0).rstrip("/")) or "/", text)
-
-
-def _format(value: float) -> str:
-    """A limit as people write it: 4294967295, 0.05, 2048 (never 4.29497e+09)."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def refuse(message: str, **kwargs) -> gr.Error:
@@ -189,72 +193,35 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Knob:
-    """A numeric hyper-parameter: its widget and the range the app accepts (UI and API alike)."""
-    name: str
-    label: str
-    info: str
-    minimum: float
-    maximum: float
-    step: float
-    integer: bool = False
-
-
-def numeric_knobs(native_latent: int) -> list[Knob]:
-    """The method's numeric knobs with their meaning (§14, README guidance); ranges bound the GPU time."""
-    return [
-        Knob("num_inference_steps", "Number of inference steps (T)",
-             "DDIM steps. Time grows linearly with it; 50 is the paper's setting.", 1, 150, 1, True),
-        Knob("guidance_scale", "Classifier-free guidance scale (ω)",
-             "How closely the image follows the prompt; scales the global content direction.", 1, 30, 0.5),
-        Knob("resampling_steps", "Resampling steps (R)",
-             "Extra passes over the reduced-resolution reference per step: higher is sharper and more coherent "
-             "but slower. 0 at or below the model's native size.", 0, 40, 1, True),
-        Knob("new_p", "Percentage of newly sampled pixels (ρ)",
-             "Fraction of reference pixels drawn from new positions in each resampling pass; 0.3 is "
-             "recommended.", 0.05, 1, 0.05),
-        Knob("rrg_init_weight", "Reduced-resolution guidance scale (λ0)",
-             "Pull towards the reduced-resolution image at the first step: higher removes artifacts such as "
-             "repeated objects but blurs, too high lets the background bleed through. 1000-4000 above the "
-             "native size, 0 at or below it.", 0, 10000, 50),
-        Knob("cosine_scale", "Cosine scale (κ)",
-             "How fast the reduced-resolution guidance fades over the steps: higher releases it sooner.",
-             0, 50, 0.5),
-        Knob("rrg_stop_t", "RRG stop",
-             "Fraction of the final steps that run without reduced-resolution guidance.", 0, 0.95, 0.05),
-        Knob("patch_size", "Patch size (latent pixels)",
-             "Width of each local window of the detail score: larger means fewer UNet evaluations (faster) "
-             "but may hurt coherence.", 8, native_latent, 8, True),
-        Knob("view_batch_size", "View batch size",
-             "Most native-size samples per UNet call. Memory only: lower it if the GPU runs out of memory.",
-             1, 64, 1, True),
-    ]
-
-
 def preset(width: int, height: int, native_px: int) -> dict:
-    """`recommended_settings` kept inside the ranges the app accepts, so /generate takes every value
+    """`recommended_settings` kept inside the ranges the demos accept, so /generate takes every value
     (λ0 grows with the area and would pass its range above 4x the native size per side)."""
-    ranges = {k.name: k for k in numeric_knobs(native_px // 8)}
-    return {name: min(max(value, ranges[name].minimum), ranges[name].maximum) if name in ranges else value
-            for name, value in recommended_settings(width, height, native_px).items()}
+    settings = recommended_settings(width, height, native_px)
+    return {name: ed.knob(name).clamp(value, native_px // 8, demo=True) for name, value in settings.items()}
 
 
-# The sampler's own knobs among the widgets (view_batch_size and low_vram are sampler state).
-SAMPLER_KNOBS = ("num_inference_steps", "guidance_scale", "resampling_steps", "new_p", "rrg_init_weight",
-                 "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale")
+def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -> gr.components.Component:
+    """The demo's widget for one row of the knobs table: a slider in the demo's range, a checkbox or a radio."""
+    common = dict(label=row.label, value=value, info=row.help[:1].upper() + row.help[1:], elem_id=f"knob-{row.name}")
+    if row.type is bool:
+        return gr.Checkbox(**common)
+    if row.choices:
+        return gr.Radio(list(row.choices), visible=is_sdxl or not row.sdxl_only, **common)
+    low, high = row.limits(native_latent, demo=True)
+    return gr.Slider(low, high, step=row.step, precision=0 if row.type is int else None, **common)
 
 
 def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width: int = DEFAULT_SIZE,
                  height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE,
                  extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
-    """Size row (visible) and an "Advanced options" accordion with every hyper-parameter.
+    """Size row (visible) and an "Advanced options" accordion with every knob of the table.
 
-    Returns the widgets by name: width, height, swap_size, negative_prompt, seed, randomize_seed, the
-    numeric knobs of `numeric_knobs`, repaint, tiled_decoder, low_vram, time_ids_scale and
-    reset_knobs. Call inside a `gr.Blocks`; an app can add its own widgets before or after, and its own
-    advanced options inside the accordion: `extra_advanced()` is called there (after the seed) and the
-    widgets it returns by name are added to the result.
+    Returns the widgets by name: width, height, swap_size, negative_prompt, seed, randomize_seed, one
+    per row of `elastic_diffusion.KNOBS` (sliders two to a row, then the checkboxes, then the choices;
+    each starts at the preset for this size, or at its constant default) and reset_knobs. Call inside
+    a `gr.Blocks`; an app can add its own widgets before or after, and its own advanced options inside
+    the accordion: `extra_advanced()` is called there (after the seed) and the widgets it returns by
+    name are added to the result.
     """
     limit = max_scale * native_px
     size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
@@ -265,7 +232,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
         w["height"] = gr.Number(label="Height", value=height, precision=0, step=8, minimum=MIN_SIDE_PX,
                                 maximum=limit, info=size_info, elem_id="height")
         w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
-    recommended = preset(width, height, native_px)
+    values = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, native_px)}
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
@@ -278,25 +245,13 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
             w.update(extra_advanced())
         gr.Markdown("Hyper-parameters follow the resolution-aware presets when you change the size, "
                     "except those you set yourself.")
-        knobs = numeric_knobs(native_px // 8)
-        for row in range(0, len(knobs), 2):
+        sliders = [k for k in ed.KNOBS if k.type is not bool and not k.choices]
+        rows = [sliders[i:i + 2] for i in range(0, len(sliders), 2)]
+        rows += [[k for k in ed.KNOBS if k.type is bool], [k for k in ed.KNOBS if k.choices]]
+        for row in rows:
             with gr.Row():
-                for knob in knobs[row:row + 2]:
-                    value = recommended.get(knob.name, 16 if knob.name == "view_batch_size" else knob.minimum)
-                    w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=value, step=knob.step,
-                                             precision=0 if knob.integer else None, label=knob.label,
-                                             info=knob.info, elem_id=f"knob-{knob.name}")
-        with gr.Row():
-            w["repaint"] = gr.Checkbox(label="Repaint pass", value=True,
-                                       info="Re-noise and re-denoise each step with one reference pass (part of "
-                                            "the method; off only for ablations).")
-            w["tiled_decoder"] = gr.Checkbox(label="Tiled decoder", value=False,
-                                             info="Decode in blended overlapping tiles: less memory, same image.")
-            w["low_vram"] = gr.Checkbox(label="Low VRAM", value=False,
-                                        info="Keep models on the CPU, one at a time on the GPU: slower, for "
-                                             "small GPUs.")
-        w["time_ids_scale"] = gr.Radio([4, 1], value=4, label="SDXL size conditioning", visible=is_sdxl,
-                                       info="Condition SDXL on 4x the image size (the official code) or 1x.")
+                for k in row:
+                    w[k.name] = knob_widget(k, values[k.name], native_px // 8, is_sdxl)
         w["reset_knobs"] = gr.Button("Reset hyper-parameters to the preset for this size", size="sm")
     return w
 
@@ -307,7 +262,7 @@ def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_sca
     `.input` fires only on the user's own edits (not on example loads or our updates), so it marks a
     knob as the user's; the reset button forgets the marks. Returns the per-session set of marks.
     """
-    names = [name for name in recommended_settings(DEFAULT_SIZE, DEFAULT_SIZE, native_px) if name in widgets]
+    names = [k.name for k in ed.method_knobs() if k.name in widgets]
     edited = gr.State(frozenset())
     for name in names:
         widgets[name].input(lambda marks, name=name: marks | {name}, inputs=edited, outputs=edited,
@@ -356,7 +311,7 @@ class GenerationRequest:
     width: int
     height: int
     seed: int
-    knobs: dict  # the sampler's keyword arguments (SAMPLER_KNOBS)
+    knobs: dict  # the sampler's keyword arguments: every method knob of the table
     view_batch_size: int
     low_vram: bool
     compare_plain: bool
@@ -376,22 +331,29 @@ def _text(label: str, value, required: bool) -> str:
     return value
 
 
-def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
-    """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
-    kind = "a whole number" if integer else "a number"
-    span = f"between {_format(minimum)} and {_format(maximum)}"
+def _as_number(value, integer: bool):
+    """A widget's or API payload's number as Python sees it: numeric text read, 3.0 as 3 for whole numbers."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise refuse(f"{label} must be {kind} {span}; got {value!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise refuse(f"{label} must be {kind} {span}; got {value!r}.")
-    if integer and value != int(value):
-        raise refuse(f"{label} must be {kind}; got {value!r}.")
-    if not minimum <= value <= maximum:
-        raise refuse(f"{label} must be {span}; got {_format(value)}.")
-    return int(value) if integer else float(value)
+            return value  # refused, with the rule, by the check
+    if integer and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _checked(check: Callable, *args, **kwargs):
+    """check(*args, **kwargs), its ValueError as an actionable gr.Error."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as error:
+        raise refuse(f"{error}.") from None
+
+
+def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
+    """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
+    return _checked(ed.check_number, label, _as_number(value, integer), minimum, maximum, integer)
 
 
 def _flag(label: str, value) -> bool:
@@ -404,6 +366,12 @@ def _flag(label: str, value) -> bool:
     raise refuse(f"{label} must be true or false; got {value!r}.")
 
 
+def knob_value(row: ed.Knob, value, native_latent: int):
+    """One knob's raw widget or API value, read and checked against the demo's range (gr.Error naming its label)."""
+    value = _flag(row.label, value) if row.type is bool else _as_number(value, row.type is int)
+    return _checked(row.check, value, native_latent, demo=True, subject=row.label)
+
+
 def _size(label: str, value, limit: int) -> int:
     pixels = _number(label, value, MIN_SIDE_PX, limit, integer=True)
     if pixels % 8:
@@ -414,36 +382,31 @@ def _size(label: str, value, limit: int) -> int:
 
 
 def parse_request(values: dict, sampler) -> GenerationRequest:
-    """Validate raw widget or API values, every field with an actionable gr.Error, and pick the seed."""
+    """Validate raw widget or API values, every field with an actionable gr.Error, and pick the seed.
+
+    A knob missing from `values` takes the preset for the size (or its constant default), as the page
+    would; a knob sent as null is refused like any other bad value.
+    """
     max_side = getattr(sampler, "max_scale", MAX_SCALE) * sampler.native_px
+    width, height = _size("Width", values.get("width"), max_side), _size("Height", values.get("height"), max_side)
     if _flag("Randomize seed", values.get("randomize_seed", False)):
         seed = secrets.randbelow(MAX_SEED + 1)
     elif values.get("seed") in (None, ""):
         raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
     else:
         seed = _number("Seed", values["seed"], 0, MAX_SEED, integer=True)
-    knobs = {k.name: _number(k.label, values.get(k.name), k.minimum, k.maximum, k.integer)
-             for k in numeric_knobs(sampler.native_latent)}
-    time_ids_scale = _number("SDXL size conditioning", values.get("time_ids_scale", 4), 1, 4, integer=True)
-    if time_ids_scale not in (1, 4):
-        raise refuse(f"SDXL size conditioning must be 1 or 4; got {time_ids_scale}.")
-    knobs.update(repaint=_flag("Repaint pass", values.get("repaint", True)),
-                 tiled_decoder=_flag("Tiled decoder", values.get("tiled_decoder", False)),
-                 time_ids_scale=time_ids_scale)
+    defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
+    knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
     request = GenerationRequest(
         prompt=_text("Prompt", values.get("prompt"), required=True),
         negative_prompt=_text("Negative prompt", values.get("negative_prompt"), required=False),
-        width=_size("Width", values.get("width"), max_side), height=_size("Height", values.get("height"), max_side),
-        seed=seed, view_batch_size=knobs.pop("view_batch_size"),
-        low_vram=_flag("Low VRAM", values.get("low_vram", False)),
+        width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
-        knobs={name: knobs[name] for name in SAMPLER_KNOBS})
-    try:  # the sampler's own cross-field rules, before the request waits for the GPU
-        settings = sampler.resolve_settings(request.width, request.height, **request.knobs)
-        sampler.check_inputs([request.prompt], [request.negative_prompt], request.height, request.width,
-                             settings, None, 1)
-    except ValueError as error:
-        raise refuse(str(error)) from error
+        knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
+    # The sampler's own rules (its ranges, the size for this model), before the request waits for the GPU.
+    settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
+    _checked(sampler.check_inputs, [request.prompt], [request.negative_prompt], request.height, request.width,
+             settings, None, 1)
     return request
 
 
@@ -576,49 +539,31 @@ def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_b
     return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))
 
 
+def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
+    """fn(*args) in a daemon thread that sees the caller's context (Gradio's progress bar), as a Future."""
+    future, context = concurrent.futures.Future(), contextvars.copy_context()
+
+    def run():
+        try:
+            future.set_result(context.run(fn, *args))
+        except BaseException as error:  # handed to whoever asks the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, daemon=True, name=f"elastic-diffusion-{fn.__name__}").start()
+    return future
+
+
 def within(seconds: float, what: str, fn: Callable, *args):
     """fn(*args) in a helper thread, waited for at most `seconds`; after that a gr.Error frees the request.
 
     The helper finishes in the background (Python cannot stop a thread): use it for work that may
     stall but ends, such as decoding an image or loading and running a depth model.
     """
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as error:  # handed back to the caller's thread
-            outcome["error"] = error
-
-    helper = threading.Thread(target=run, daemon=True, name="elastic-diffusion-bounded")
-    helper.start()
-    helper.join(seconds)
-    if helper.is_alive():
-        raise refuse(f"{what} took longer than {_format(seconds)} s and was given up: try a smaller image, or "
-                     "try again in a minute if the server is busy.")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-@dataclasses.dataclass
-class StepReport:
-    """Progress of the running request, sent from the sampler's callbacks to the handler.
-
-    `phase` is "ElasticDiffusion" or "Plain generation" for denoising steps, or a stage before step 1
-    (a key of STAGE_NAMES); `eta_seconds` is None until a step time has been measured.
-    """
-    phase: str
-    step: int  # steps (or stage units) done
-    total: int
-    eta_seconds: float | None = None
-
-    def describe(self) -> str:
-        if self.phase in STAGE_NAMES:
-            name = STAGE_NAMES[self.phase]
-            return f"{name} ({self.step}/{self.total})" if self.total > 1 else name
-        left = f", about {self.eta_seconds:.0f} s left" if self.eta_seconds is not None else ""
-        return f"{self.phase}: step {self.step}/{self.total}{left}"
+    try:
+        return in_thread(fn, *args).result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise refuse(f"{what} took longer than {format_number(seconds)} s and was given up: try a smaller image, "
+                     "or try again in a minute if the server is busy.") from None
 
 
 @dataclasses.dataclass
@@ -640,40 +585,51 @@ def make_plain_pipeline(sampler):
 
 
 class RunProgress:
-    """The sampler's stage and step callbacks for one phase of a request: cancel-aware, with a time-left
-    estimate from the measured step times.
+    """The sampler's stage and step callbacks for one request: the page's progress bar (`progress`, a
+    gr.Progress), a cancel check between steps and stages, and `on_x0(step, total, x0)` after each step.
 
-    Steps are timed from the end of the preparation (the last stage report), so the estimate never
+    Steps are timed from the end of the preparation (the last stage report), so the time left never
     counts the padding strips or the condition map as denoising; once two steps are measured the first
     one (which warms caches up) is left out.
     """
 
-    def __init__(self, cancel: threading.Event | None, on_report: Callable | None, phase: str, total: int,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.cancel, self.on_report, self.phase, self.total, self.clock = cancel, on_report, phase, total, clock
-        self.mark, self.step_seconds = clock(), []
+    def __init__(self, progress: Callable | None = None, cancelled: threading.Event | None = None,
+                 on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.progress, self.cancelled, self.on_x0, self.clock = progress, cancelled, on_x0, clock
+        self.mark = clock()
 
     def _check(self, where: str) -> None:
-        if self.cancel is not None and self.cancel.is_set():
+        if self.cancelled is not None and self.cancelled.is_set():
             raise GenerationCancelled(f"cancelled {where}")
 
-    def stage(self, stage: str, done: int, total: int) -> None:
-        self._check(f"while {STAGE_NAMES.get(stage, stage).lower()}")
-        self.mark = self.clock()
-        if self.on_report is not None:
-            self.on_report(StepReport(stage, done, total), None)
+    def _show(self, done: int, total: int, text: str) -> None:
+        if self.progress is not None:
+            self.progress((done, total), desc=text)
 
-    def step(self, pipe, step, timestep, tensors) -> dict:
-        """A `callback_on_step_end` for the sampler and diffusers alike."""
-        self._check(f"after step {step + 1} of {self.total}")
-        now = self.clock()
-        self.step_seconds.append(now - self.mark)
-        self.mark = now
-        if self.on_report is not None:
-            measured = self.step_seconds[1:] or self.step_seconds
-            eta = sum(measured) / len(measured) * (self.total - step - 1)
-            self.on_report(StepReport(self.phase, step + 1, self.total, eta), tensors.get("x0"))
-        return {}
+    def stage(self, stage: str, done: int, total: int) -> None:
+        """The sampler's `callback_on_stage`: the preparation before step 1."""
+        name = STAGE_NAMES.get(stage, stage)
+        self._check(f"while {name.lower()}")
+        self.mark = self.clock()
+        self._show(done, total, f"{name} ({done}/{total})" if total > 1 else name)
+
+    def steps(self, phase: str, total: int) -> Callable:
+        """A `callback_on_step_end` (the sampler's and diffusers' alike) for the `total` steps of `phase`."""
+        seconds = []
+
+        def on_step(pipe, step, timestep, tensors) -> dict:
+            self._check(f"after step {step + 1} of {total}")
+            now = self.clock()
+            seconds.append(now - self.mark)
+            self.mark = now
+            measured = seconds[1:] or seconds
+            left = sum(measured) / len(measured) * (total - step - 1)
+            self._show(step + 1, total, f"{phase}: step {step + 1}/{total}, about {left:.0f} s left")
+            if self.on_x0 is not None and tensors.get("x0") is not None:
+                self.on_x0(step + 1, total, tensors["x0"])
+            return {}
+
+        return on_step
 
 
 def _free_gpu() -> None:
@@ -690,28 +646,66 @@ def public_record(info: dict) -> dict:
     return dict(info, model=public_name(info["model"]), settings=settings)
 
 
-def run_generation(sampler, values: dict, folder: RequestFolder, cancel: threading.Event | None = None,
-                   on_step: Callable | None = None, plain_pipe=None, finish: Callable | None = None,
-                   **sampler_kwargs) -> GenerationResult:
-    """Validate, seed, generate (cancel-aware), and write PNGs with their settings into the request's folder
-    (the caller closes it).
+def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
+                      preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
+    """Run one validated request; yield (gallery, seed, summary): a preview every `preview_every` steps,
+    then the result. `run_kwargs` go to `run_generation`.
+
+    The sampler runs in a thread, so that this generator can show previews and notice a cancel while it
+    runs: when Gradio closes the generator (Cancel button, `job.cancel()`, a client that went away),
+    `cancelled` is set and the sampler stops at its next step or stage, which frees the GPU. The thread
+    updates Gradio's progress bar itself (it runs in this request's context).
+    """
+    cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), outputs.request()
+
+    def preview(step: int, total: int, x0: torch.Tensor) -> None:
+        # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
+        if preview_every and not request.low_vram and step % preview_every == 0 and step < total:
+            path = folder.file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
+            preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
+            previews.put([(path, f"Preview, step {step}/{total}")])
+
+    def work() -> GenerationResult:
+        try:
+            return run_generation(sampler, request, folder, RunProgress(progress, cancelled, preview), **run_kwargs)
+        finally:
+            folder.close()
+
+    job = in_thread(work)
+    try:
+        yield gr.skip(), gr.skip(), ""  # clear the last summary: the progress bar is drawn over it
+        while not job.done():
+            try:
+                yield previews.get(timeout=HEARTBEAT_SECONDS), gr.skip(), gr.skip()
+            except queue.Empty:
+                yield gr.skip(), gr.skip(), gr.skip()  # lets Gradio close this generator between two events
+        result = job.result()
+    finally:
+        cancelled.set()  # no-op after a normal end; otherwise the sampler stops between two steps
+    yield result.gallery, result.seed, result.summary
+
+
+def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
+                   plain_pipe=None, finish: Callable | None = None, **sampler_kwargs) -> GenerationResult:
+    """Generate (cancel-aware through `run`'s callbacks) and write the PNGs with their settings into the
+    request's folder.
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
-    stages. `on_step(report, x0)` gets each StepReport (stages before step 1 with x0 None).
-    `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder, request,
-    info)`, if given, runs before the PNGs are written: it may amend `info["settings"]` (the metadata)
-    and returns more (path, caption) items for the gallery, shown after the image (e.g. a condition map).
+    stages. `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder,
+    request, info)`, if given, runs before the PNGs are written: it may amend `info["settings"]` (the
+    metadata) and returns more (path, caption) items for the gallery, shown after the image (e.g. a
+    condition map).
     """
-    request = parse_request(values, sampler)
+    run = run or RunProgress()
     steps = request.knobs["num_inference_steps"]
     plain_image = None
     try:
-        # Low VRAM moves modules in place (never a reload, D4) and waits for any running generation.
+        # Low VRAM moves modules in place (never a reload, docs/method.md#fix-low-vram-toggle) and waits
+        # for any running generation.
         sampler.set_low_vram(request.low_vram)
-        run = RunProgress(cancel, on_step, "ElasticDiffusion", steps)
         images, info = sampler(request.prompt, request.negative_prompt, height=request.height, width=request.width,
                                seed=request.seed, view_batch_size=request.view_batch_size, progress=False,
-                               callback_on_step_end=run.step, callback_on_stage=run.stage,
+                               callback_on_step_end=run.steps("ElasticDiffusion", steps), callback_on_stage=run.stage,
                                **request.knobs, **sampler_kwargs)
         if request.compare_plain and plain_pipe is not None:
             tic = time.perf_counter()
@@ -720,7 +714,7 @@ def run_generation(sampler, values: dict, folder: RequestFolder, cancel: threadi
                     prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                     width=request.width, num_inference_steps=steps, guidance_scale=request.knobs["guidance_scale"],
                     latents=sampler.initial_latents(request.height, request.width, 1, request.seed).to(sampler.dtype),
-                    callback_on_step_end=RunProgress(cancel, on_step, "Plain generation", steps).step).images[0]
+                    callback_on_step_end=run.steps("Plain generation", steps)).images[0]
             info["plain_seconds"] = time.perf_counter() - tic
     except ValueError as error:
         raise refuse(scrub_paths(str(error))) from error
@@ -782,108 +776,45 @@ def preview_image(sampler, x0: torch.Tensor):
     return sampler.decode(small, tiled=False, output_type="pil")[0]
 
 
-def _generation_worker(sampler, values, folder, cancel, updates, preview_every, run_kwargs) -> None:
-    """Runs in a thread: the sampler's callbacks push progress and previews; the outcome comes last."""
-    low_vram = bool(values.get("low_vram"))
-
-    def on_step(report: StepReport, x0):
-        updates.put(("step", report))
-        # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
-        if x0 is not None and preview_every and not low_vram and report.step % preview_every == 0 \
-                and report.step < report.total:
-            path = folder.file(f"preview_step{report.step}.png")  # in the request's folder: counted, pruned
-            preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
-            updates.put(("preview", (path, report)))
-
-    try:
-        updates.put(("done", run_generation(sampler, values, folder, cancel, on_step, **run_kwargs)))
-    except GenerationCancelled as stop:
-        updates.put(("cancelled", stop))
-    except BaseException as error:  # handed to the handler, which raises it in Gradio's thread
-        updates.put(("error", error))
-    finally:
-        folder.close()
-
-
-def stream_generation(sampler, values: dict, outputs: OutputFolders, progress=None,
-                      preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
-    """Run one request in a worker thread; yield (gallery, seed, summary): previews, then the result.
-
-    Progress shows the stages before step 1 (prompt, padding strips, condition map), then the steps.
-    When Gradio closes this generator (Cancel button, `job.cancel()`, a client that went away), the
-    worker stops at the next step or stage boundary and releases the GPU.
-    """
-    updates, cancel = queue.Queue(), threading.Event()
-    worker = threading.Thread(target=_generation_worker, daemon=True, name="elastic-diffusion-request",
-                              args=(sampler, values, outputs.request(), cancel, updates, preview_every, run_kwargs))
-    no_change = (gr.skip(), gr.skip(), gr.skip())
-    worker.start()
-    yield gr.skip(), gr.skip(), ""  # clear the last summary: the progress bar is drawn over it
-    last_yield = time.monotonic()
-    try:
-        while True:
-            try:
-                kind, payload = updates.get(timeout=HEARTBEAT_SECONDS)
-            except queue.Empty:
-                kind, payload = "idle", None
-            if kind == "done":
-                yield payload.gallery, payload.seed, payload.summary
-                return
-            if kind == "error":
-                raise payload
-            if kind == "cancelled":
-                yield gr.skip(), gr.skip(), f"Stopped: {payload}."
-                return
-            if kind == "step" and progress is not None:
-                progress((payload.step, payload.total), desc=payload.describe())
-            if kind == "preview":
-                path, report = payload
-                yield [(path, f"Preview, step {report.step}/{report.total}")], gr.skip(), gr.skip()
-                last_yield = time.monotonic()
-            elif time.monotonic() - last_yield >= HEARTBEAT_SECONDS:
-                yield no_change  # lets Gradio close this generator between two events
-                last_yield = time.monotonic()
-    finally:
-        cancel.set()  # no-op after a normal end; otherwise the worker stops between two steps
-
-
 # --------------------------------------------------------------------------------------------------
 # ZeroGPU
 # --------------------------------------------------------------------------------------------------
 
 
 def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
-    """GPU time to reserve on ZeroGPU: the UNet evaluations of the cost model (§16) at ~17 ms each.
+    """GPU time to reserve on ZeroGPU: the UNet samples of the cost model (`elastic_diffusion.unet_cost`)
+    at UNET_SAMPLE_SECONDS each, plus the plain comparison's.
 
     Knobs missing from `values` (an example's handler takes only some) are the size's preset;
     `cost_factor` is the cost of one sample relative to the UNet's alone (a ControlNet adds to it).
     """
+    native_latent = native_px // 8
     try:
         width, height = int(values["width"]), int(values["height"])
-        values = {**recommended_settings(width, height, native_px), **values}
-        steps, passes = int(values["num_inference_steps"]), int(values["resampling_steps"])
-        patch, repaint = int(values["patch_size"]), bool(values.get("repaint", True))
-        native = native_px // 8
-        views = len(local_views(height // 8, width // 8, native, patch))
-        samples = steps * (2 * (passes + 1) + views)
-        if passes > 0 and repaint:
-            samples += (steps - 1) * (2 + views)
+        settings = {**preset(width, height, native_px), **values}
+        settings = {name: ed.knob(name).check(_as_number(settings[name], True), native_latent, demo=True)
+                    for name in ("num_inference_steps", "resampling_steps", "patch_size")}
+        settings["repaint"] = bool(values.get("repaint", True))
+        samples = ed.unet_cost(width, height, settings, native_latent).samples
         if values.get("compare_plain"):
-            samples += 2 * steps * width * height / native_px ** 2
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # invalid input fails fast anyway
+            samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2
+    except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
         return 30
     seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
 
 
-def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0) -> Callable:
-    """`spaces.GPU` with a per-request duration on ZeroGPU Spaces; the handler itself anywhere else."""
+def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: Sequence[str] = ()) -> Callable:
+    """`spaces.GPU` with a per-request duration on ZeroGPU Spaces; the handler itself anywhere else.
+
+    The duration reads the request's values from the handler's keyword arguments, and from its positional
+    ones by `names` (an example handler's inputs).
+    """
     if spaces is None:
         return handler
-    signature = inspect.signature(handler)
 
     def duration(*args, **kwargs):
-        return estimate_gpu_seconds(signature.bind_partial(*args, **kwargs).arguments, native_px, cost_factor)
+        return estimate_gpu_seconds({**dict(zip(names, args)), **kwargs}, native_px, cost_factor)
 
     return spaces.GPU(handler, duration=duration)
 
@@ -910,7 +841,8 @@ class TextToImageApp:
     """The demo's handlers and layout; everything in it is fixed at start-up and shared read-only.
 
     Other demos subclass it (`app_gradio_img2img.ImageToImageApp`): `title` and `intro` make the header,
-    `plain_comparison` says whether a plain pipeline is set up for the comparison checkbox.
+    `plain_comparison` says whether a plain pipeline is set up for the comparison checkbox, `api_inputs()`
+    names /generate's parameters (the widgets' names) and `stream(values, progress)` runs a request.
     """
 
     title = "ElasticDiffusion"
@@ -918,6 +850,13 @@ class TextToImageApp:
              "model, up to twice its native resolution per side "
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
     plain_comparison = True
+    cost_factor = 1.0  # the GPU cost of one UNet sample, relative to the UNet alone (ZeroGPU's duration)
+    # /generate's parameters around the knobs table's, in the order positional clients send them.
+    api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
+    api_after_knobs: tuple[str, ...] = ()
+    example_inputs = EXAMPLE_INPUTS  # the fields an example sets, in its rows' order
+    example_rows, example_labels = EXAMPLE_ROWS, EXAMPLE_LABELS
+    examples_title = "Presets of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = PREVIEW_EVERY,
                  outputs: OutputFolders | None = None):
@@ -928,25 +867,29 @@ class TextToImageApp:
         self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
         self.plain_pipe = make_plain_pipeline(sampler) if sampler is not None and self.plain_comparison else None
 
-    def generate(self, prompt, negative_prompt, width, height, seed, randomize_seed, compare_plain,
-                 num_inference_steps, guidance_scale, resampling_steps, new_p, rrg_init_weight, cosine_scale,
-                 rrg_stop_t, patch_size, view_batch_size, repaint, tiled_decoder, low_vram, time_ids_scale,
-                 progress=gr.Progress()):
-        """Generate with ElasticDiffusion; yields previews, then [(PNG, caption)], the seed used and a summary."""
-        values = {name: value for name, value in locals().items() if name not in ("self", "progress")}
-        self._require_model()
-        yield from stream_generation(self.sampler, values, self.outputs, progress, self.preview_every,
-                                     plain_pipe=self.plain_pipe)
+    @classmethod
+    def api_inputs(cls) -> list[str]:
+        """/generate's parameter names: the page's fields and one per row of the knobs table."""
+        return [*cls.api_before_knobs, *(k.name for k in ed.KNOBS), *cls.api_after_knobs]
 
-    def generate_example(self, prompt, negative_prompt, width, height, resampling_steps, new_p, rrg_init_weight,
-                         seed, randomize_seed, progress=gr.Progress()):
-        """One of the 14 presets (§15): its own R, ρ and λ0, every other control at the demo's default."""
-        values = dict(preset(int(width), int(height), self.native_px), prompt=prompt,
-                      negative_prompt=negative_prompt, width=width, height=height, seed=seed, randomize_seed=False,
-                      resampling_steps=resampling_steps, new_p=new_p, rrg_init_weight=rrg_init_weight,
-                      view_batch_size=16, low_vram=False, compare_plain=False)
+    def generate(self, progress=gr.Progress(), **values):
+        """/generate: previews while the image is made, then [(PNG, caption)], the seed used and a summary.
+
+        `values` are the raw widget or API values by `api_inputs()` name; they are all checked here.
+        """
+        yield from self.stream(values, progress)
+
+    def generate_example(self, *row, progress=gr.Progress()):
+        """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
+        R, ρ and λ0, its seed, every other control at the preset for its size."""
+        yield from self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress)
+
+    def stream(self, values: dict, progress, **run_kwargs):
+        """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
         self._require_model()
-        yield from stream_generation(self.sampler, values, self.outputs, progress, self.preview_every)
+        request = parse_request(values, self.sampler)
+        yield from stream_generation(self.sampler, request, self.outputs, progress, self.preview_every,
+                                     plain_pipe=self.plain_pipe, **run_kwargs)
 
     def _require_model(self) -> None:
         if self.sampler is None:
@@ -962,36 +905,53 @@ class TextToImageApp:
 
     def build(self) -> gr.Blocks:
         """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
-        with gr.Blocks(title="ElasticDiffusion", delete_cache=(3600, KEEP_OUTPUTS_SECONDS)) as demo:
+        with gr.Blocks(title=self.title, delete_cache=(3600, KEEP_OUTPUTS_SECONDS)) as demo:
             self._header()
+            widgets = self._inputs()
             with gr.Row(equal_height=True):
-                prompt = gr.Textbox(label="Prompt", placeholder="a photo of the dolomites", lines=2, scale=5,
-                                    max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                widgets["prompt"] = gr.Textbox(label="Prompt", placeholder=self.placeholder, lines=2, scale=5,
+                                               max_length=MAX_PROMPT_CHARS, elem_id="prompt")
                 with gr.Column(scale=1, min_width=160):
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             max_scale = getattr(self.sampler, "max_scale", MAX_SCALE)
-            widgets = knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True), max_scale=max_scale)
-            widgets["prompt"] = prompt
-            widgets["compare_plain"] = gr.Checkbox(
-                label="Also generate the plain image (the model run directly at this size, same seed) for comparison",
-                value=False, elem_id="compare-plain")
+            widgets.update(knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True), max_scale=max_scale,
+                                        extra_advanced=self._advanced))
+            if self.plain_comparison:
+                widgets["compare_plain"] = gr.Checkbox(
+                    label="Also generate the plain image (the model run directly at this size, same seed) for "
+                          "comparison", value=False, elem_id="compare-plain")
             wire_size_presets(widgets, self.native_px, max_scale)
             outputs = self._result_widgets(widgets)
-            names = list(inspect.signature(self.generate).parameters)[:-1]  # the API's parameter names
-            event = gr.on([run.click, prompt.submit], on_gpu(self.generate, self.native_px),
-                          inputs=[widgets[name] for name in names], outputs=outputs, api_name="generate",
-                          show_progress_on=outputs[2], preprocess=False,  # raw values: parse_request checks
-                          concurrency_id="gpu")
+            handler = on_gpu(self.generate, self.native_px, self.cost_factor)
+            event = gr.on([run.click, widgets["prompt"].submit], handler,
+                          inputs_kwargs={name: widgets[name] for name in self.api_inputs()}, outputs=outputs,
+                          api_name="generate", show_progress_on=outputs[2], concurrency_id="gpu",
+                          preprocess=False)  # raw values: parse_request checks them
             cancel.click(lambda: "Cancelled: the GPU is freed after the current step.", outputs=outputs[2],
                          cancels=[event], queue=False, api_visibility="private")
-            gr.Examples(EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs,
-                        fn=on_gpu(self.generate_example, self.native_px) if self.sampler else None,
-                        cache_examples=self.sampler is not None, cache_mode="lazy", example_labels=EXAMPLE_LABELS,
-                        label="Presets of the paper's demo (generated on first click, then cached)",
-                        examples_per_page=len(EXAMPLE_ROWS))
+            self._more_events(widgets, outputs)
             gr.api(self.recommended, api_name="recommended_settings")
         return demo
+
+    placeholder = "a photo of the dolomites"
+
+    def _inputs(self) -> dict:
+        """Widgets above the prompt (the image-to-image demo's input image); none here."""
+        return {}
+
+    def _advanced(self) -> dict:
+        """More widgets inside Advanced options, after the seed; none here."""
+        return {}
+
+    def _more_events(self, widgets: dict, outputs: list) -> None:
+        """The examples, lazily cached, each filling only the fields it sets."""
+        fn = on_gpu(self.generate_example, self.native_px, self.cost_factor, names=self.example_inputs)
+        self.examples = gr.Examples(
+            self.example_rows, inputs=[widgets[name] for name in self.example_inputs], outputs=outputs,
+            fn=fn if self.sampler else None, cache_examples=self.sampler is not None, cache_mode="lazy",
+            example_labels=self.example_labels, label=self.examples_title, examples_per_page=len(self.example_rows),
+            preprocess=False)  # raw values, as /generate gets them
 
     def model_note(self) -> str:
         """The header's sentence about the loaded model(s)."""

@@ -6,13 +6,14 @@
 
 The page, the queue, the validation, previews, cancel, ZeroGPU and the saved PNGs are the text-to-image
 demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
-ControlNet scale, the Canny thresholds and a preview of the condition map. Named API endpoints:
-`/generate` (the page's inputs, the input image first) and `/condition_preview` (the edge or depth map
-that `/generate` would follow, at the output size); see the README.
+ControlNet scale, the Canny thresholds (rows of `CONTROLNET_KNOBS`) and a preview of the condition map.
+Named API endpoints: `/generate` (the page's inputs, the input image first) and `/condition_preview` (the
+edge or depth map that `/generate` would follow, at the output size); see docs/app.md.
 
 One ControlNet is loaded at start-up and serves every request. The condition type only chooses how the
 map is made from the input (Canny edges, depth estimation, or the image itself as a ready-made map): the
-type is switched first and the map made with it (D5), and nothing is rebuilt per request (D4).
+type is switched first and the map made with it (docs/method.md#fix-condition-type-switch), and nothing
+is rebuilt per request (docs/method.md#fix-low-vram-toggle).
 
 Input images are read only from this app's upload folder (`app_gradio.read_upload`), decoded and
 depth-estimated within time limits, and previews are written into the bounded outputs.
@@ -24,7 +25,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import inspect
 import io
 import math
 import os
@@ -36,11 +36,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import app_gradio as base
-from app_gradio import Knob, public_name, refuse, scrub_paths, within
+from app_gradio import public_name, refuse, scrub_paths, within
 from elastic_diffusion import MAX_SCALE, MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
 from elastic_diffusion_w_controlnet import (
     CONDITIONS,
+    CONTROLNET_KNOBS,
     DEFAULT_DEPTH_MODEL,
+    DEMO_SCALE,
     DEFAULT_INPUT,
     MAX_INPUT_PIXELS,
     ElasticDiffusionControlNet,
@@ -55,25 +57,16 @@ DEFAULT_CONDITION = "canny"  # the condition of the default ControlNet
 CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own edge or depth map", "image")]
 CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "your own edge or depth map",
                    "none": "your own edge or depth map"}
-EXAMPLE_SCALE = 0.5  # the official demo's ControlNet scale (§15), also the slider's default
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
 MAX_UPLOAD = base.MAX_UPLOAD_BYTES  # larger uploads are refused by the server before any decoding
 IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
 DEPTH_SECONDS = 120  # loading the depth model from disk, or estimating one depth map
 PREVIEW_MAX_SIDE = 1024  # the page's live condition map (shown 360 px high); the API's is full size
-CONTROL_KNOBS = [
-    Knob("controlnet_conditioning_scale", "ControlNet scale",
-         "How strictly the image follows the condition map: 0.5 leaves room for detail, 1 and above follows it "
-         "closely.", 0.1, 2.0, 0.1),
-    Knob("canny_low", "Canny low threshold",
-         "Edges weaker than this are dropped: lower it to keep fainter edges (Canny edges only).", 0, 255, 1, True),
-    Knob("canny_high", "Canny high threshold",
-         "Edges stronger than this are always kept; raise it to keep only strong edges (Canny edges only).",
-         0, 255, 1, True),
-]
-KNOB_DEFAULTS = {"controlnet_conditioning_scale": EXAMPLE_SCALE, "canny_low": 100, "canny_high": 200}
+KNOB_DEFAULTS = {**{row.name: row.default for row in CONTROLNET_KNOBS}, "controlnet_conditioning_scale": DEMO_SCALE}
+PREVIEW_INPUTS = ("image", "condition", "width", "height", "canny_low", "canny_high")  # /condition_preview's
 
-# The single example (§15): the official prompt and settings, with the shipped input photograph.
+# The single example (docs/method.md#demo-presets): the official prompt and settings, with the shipped input
+# photograph.
 EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high quality."
 EXAMPLE_INPUTS = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps", "new_p",
                   "rrg_init_weight", "seed", "randomize_seed")
@@ -102,9 +95,8 @@ def control_widgets(default_condition: str, expects: str) -> dict:
                            elem_id="input-image")}
     w["condition"] = gr.Dropdown(CONDITION_CHOICES, value=default_condition, label="Condition",
                                  info=f"What the image follows. {expects}", elem_id="condition")
-    knob = CONTROL_KNOBS[0]
-    w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=KNOB_DEFAULTS[knob.name], step=knob.step,
-                             label=knob.label, info=knob.info, elem_id=f"knob-{knob.name}")
+    scale = CONTROLNET_KNOBS[0]
+    w[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
     return w
 
 
@@ -112,9 +104,8 @@ def canny_widgets() -> dict:
     """The Canny thresholds, for the Advanced options accordion."""
     w = {}
     with gr.Row():
-        for knob in CONTROL_KNOBS[1:]:
-            w[knob.name] = gr.Slider(knob.minimum, knob.maximum, value=KNOB_DEFAULTS[knob.name], step=knob.step,
-                                     precision=0, label=knob.label, info=knob.info, elem_id=f"knob-{knob.name}")
+        for row in CONTROLNET_KNOBS[1:]:
+            w[row.name] = base.knob_widget(row, KNOB_DEFAULTS[row.name], 0)
     return w
 
 
@@ -138,6 +129,13 @@ class ImageToImageApp(base.TextToImageApp):
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024). The input is scaled to cover the output "
              "size and centre-cropped.")
     plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
+    cost_factor = CONTROLNET_COST
+    placeholder = EXAMPLE_PROMPT
+    api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
+                        "height", "seed", "randomize_seed")
+    api_after_knobs = ("canny_low", "canny_high")
+    example_inputs, example_rows, example_labels = EXAMPLE_INPUTS, EXAMPLE_ROWS, EXAMPLE_LABELS
+    examples_title = "Example of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = base.PREVIEW_EVERY,
                  outputs: base.OutputFolders | None = None, default_condition: str | None = None):
@@ -207,8 +205,8 @@ class ImageToImageApp(base.TextToImageApp):
     def parse_control(self, values: dict) -> ControlRequest:
         """Validate the ControlNet inputs (UI and API alike), each with an actionable gr.Error."""
         condition = self.condition_type(values.get("condition"))
-        knobs = {k.name: base._number(k.label, values.get(k.name, KNOB_DEFAULTS[k.name]), k.minimum, k.maximum,
-                                      k.integer) for k in CONTROL_KNOBS}
+        knobs = {row.name: base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), self.native_px // 8)
+                 for row in CONTROLNET_KNOBS}
         if knobs["canny_low"] > knobs["canny_high"]:
             raise refuse(f"Canny low threshold ({knobs['canny_low']}) must not be above the Canny high threshold "
                          f"({knobs['canny_high']}).")
@@ -222,33 +220,15 @@ class ImageToImageApp(base.TextToImageApp):
 
     # ------------------------------------------------------------------------------------------ handlers
 
-    def generate(self, image, prompt, negative_prompt, condition, controlnet_conditioning_scale, width, height, seed,
-                 randomize_seed, num_inference_steps, guidance_scale, resampling_steps, new_p, rrg_init_weight,
-                 cosine_scale, rrg_stop_t, patch_size, view_batch_size, repaint, tiled_decoder, low_vram,
-                 time_ids_scale, canny_low, canny_high, progress=gr.Progress()):
-        """Generate following the input image; yields previews, then [(PNG, caption), (condition map, caption)],
-        the seed used and a summary."""
-        values = {name: value for name, value in locals().items() if name not in ("self", "progress")}
-        yield from self._run(values, progress)
-
-    def generate_example(self, image, prompt, negative_prompt, condition, width, height, resampling_steps, new_p,
-                         rrg_init_weight, seed, randomize_seed, progress=gr.Progress()):
-        """The demo's example (§15): its own size, R, ρ and λ0, every other control at the demo's default."""
-        values = dict(base.preset(int(width), int(height), self.native_px), image=image,
-                      prompt=prompt, negative_prompt=negative_prompt, condition=condition, width=width, height=height,
-                      seed=seed, randomize_seed=False, resampling_steps=resampling_steps, new_p=new_p,
-                      rrg_init_weight=rrg_init_weight, view_batch_size=16, low_vram=False, **KNOB_DEFAULTS)
-        yield from self._run(values, progress)
-
-    def _run(self, values: dict, progress):
+    def stream(self, values: dict, progress, **run_kwargs):
+        """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
         self._require_model()
         control = self.parse_control(values)
         if control.condition == "depth":  # load the depth model now, bounded, or fail at once with advice
             within(DEPTH_SECONDS, "Loading the depth model", self._locked_depth, self._depth_estimator)
         self._warn_if_mismatched(control.condition)
-        yield from base.stream_generation(self.sampler, values, self.outputs, progress, self.preview_every,
-                                          finish=functools.partial(self._save_condition, control),
-                                          **control.sampler_kwargs())
+        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, control),
+                                  **control.sampler_kwargs())
 
     def _warn_if_mismatched(self, condition: str) -> None:
         expected = self.controlnet_condition
@@ -354,57 +334,32 @@ class ImageToImageApp(base.TextToImageApp):
         return ("The loaded ControlNet is a custom one: choose the map it was trained on, or give your own map "
                 "('My own edge or depth map').")
 
-    def build(self) -> gr.Blocks:
-        """The page: input image and condition map, prompt, size, Advanced options, results, the example."""
-        with gr.Blocks(title=self.title, delete_cache=(3600, base.KEEP_OUTPUTS_SECONDS)) as demo:
-            self._header()
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=1):
-                    widgets = control_widgets(self.default_condition, self._expects())
-                with gr.Column(scale=1):
-                    preview = gr.Image(label="Condition map (what the ControlNet follows, at the output size)",
-                                       type="filepath", format="png", interactive=False, height=360,
-                                       elem_id="condition-preview", buttons=["download", "fullscreen"])
-            with gr.Row(equal_height=True):
-                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPT, lines=2, scale=5,
-                                    max_length=base.MAX_PROMPT_CHARS, elem_id="prompt")
-                with gr.Column(scale=1, min_width=160):
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-            max_scale = getattr(self.sampler, "max_scale", MAX_SCALE)
-            widgets.update(base.knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True),
-                                             max_scale=max_scale, extra_advanced=canny_widgets))
-            widgets["prompt"] = prompt
-            base.wire_size_presets(widgets, self.native_px, max_scale)
-            outputs = self._result_widgets(widgets)
+    def _inputs(self) -> dict:
+        """Input image, condition type and ControlNet scale, beside the live condition map."""
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                widgets = control_widgets(self.default_condition, self._expects())
+            with gr.Column(scale=1):
+                widgets["condition_map"] = gr.Image(
+                    label="Condition map (what the ControlNet follows, at the output size)", type="filepath",
+                    format="png", interactive=False, height=360, elem_id="condition-preview",
+                    buttons=["download", "fullscreen"])
+        return widgets
 
-            names = list(inspect.signature(self.generate).parameters)[:-1]  # the API's parameter names
-            event = gr.on([run.click, prompt.submit], base.on_gpu(self.generate, self.native_px, CONTROLNET_COST),
-                          inputs=[widgets[name] for name in names], outputs=outputs, api_name="generate",
-                          show_progress_on=outputs[2], preprocess=False,  # raw values: validated here
-                          concurrency_id="gpu")
-            cancel.click(lambda: "Cancelled: the GPU is freed after the current step.", outputs=outputs[2],
-                         cancels=[event], queue=False, api_visibility="private")
+    def _advanced(self) -> dict:
+        return canny_widgets()
 
-            # The condition map: follows the inputs on the page; /condition_preview is its API twin.
-            preview_names = [name for name in inspect.signature(self.condition_map).parameters if name in widgets]
-            preview_inputs = [widgets[name] for name in preview_names]
-            # One preview at a time (they run beside the GPU queue): bounded CPU, memory and disk.
-            preview_options = dict(outputs=preview, preprocess=False, concurrency_id="preview", concurrency_limit=1,
-                                   show_progress="minimal")
-            gr.on([widgets[name].change for name in preview_names], self.preview, inputs=preview_inputs,
-                  trigger_mode="always_last", api_visibility="private", **preview_options)
-            gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
-                                                            api_name="condition_preview", **preview_options)
-
-            example_fn = base.on_gpu(self.generate_example, self.native_px, CONTROLNET_COST) if self.sampler else None
-            self.examples = gr.Examples(
-                EXAMPLE_ROWS, inputs=[widgets[name] for name in EXAMPLE_INPUTS], outputs=outputs, fn=example_fn,
-                cache_examples=self.sampler is not None, cache_mode="lazy", example_labels=EXAMPLE_LABELS,
-                preprocess=False,  # raw values, as /generate gets them
-                label="Example of the paper's demo (generated on first click, then cached)")
-            gr.api(self.recommended, api_name="recommended_settings")
-        return demo
+    def _more_events(self, widgets: dict, outputs: list) -> None:
+        """The live condition map (/condition_preview is its API twin), then the example."""
+        preview_inputs = [widgets[name] for name in PREVIEW_INPUTS]
+        # One preview at a time (they run beside the GPU queue): bounded CPU, memory and disk.
+        preview_options = dict(outputs=widgets["condition_map"], preprocess=False, concurrency_id="preview",
+                               concurrency_limit=1, show_progress="minimal")
+        gr.on([widgets[name].change for name in PREVIEW_INPUTS], self.preview, inputs=preview_inputs,
+              trigger_mode="always_last", api_visibility="private", **preview_options)
+        gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
+                                                        api_name="condition_preview", **preview_options)
+        super()._more_events(widgets, outputs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ ElasticDiffusion estimates the two parts differently:
 Then a DDIM step, a repaint pass and reduced-resolution guidance (RRG). Every UNet input is at most
 native size; smaller ones are padded with noised, VAE-encoded solid colours.
 
-Section numbers (§) refer to the method reference (`elasticdiffusion-method.md`).
+The stages are described in `docs/method.md`; comments link to its sections.
 
 Python:
 
@@ -53,7 +53,7 @@ import torch
 logger = logging.getLogger("elastic_diffusion")
 
 # --------------------------------------------------------------------------------------------------
-# Models, defaults and presets (§3.1, §14, §15)
+# Models and presets (docs/method.md#models-and-scheduler, docs/method.md#demo-presets)
 # --------------------------------------------------------------------------------------------------
 
 MODEL_IDS = {
@@ -69,7 +69,7 @@ HUB_MIRRORS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-d
 DEFAULT_NEGATIVE_PROMPT = "blurry, ugly, duplicate, no details, deformed"
 PRESET_NEGATIVE_PROMPT = "blurry, ugly, poorly drawn, deformed"
 
-# The 14 examples of the official demo (§15), prompts verbatim (typos included), seed 0.
+# The 14 examples of the official demo (docs/method.md#demo-presets), prompts verbatim (typos included), seed 0.
 DEMO_PRESETS = [
     dict(prompt="A realistic portrait of a young black woman. she has a Christmas red hat and a red scarf. Her eyes are light brown like they're almost caramel color. Her attire, simple yet dignified.", width=2048, height=2048, resampling_steps=10, new_p=0.3, rrg_init_weight=2000),
     dict(prompt="Envision a portrait of a horse, framed by a blue headscarf with muted tones of rust and cream. she has brown-colored eyes. Her attire, simple yet dignified", width=1536, height=1536, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
@@ -87,62 +87,203 @@ DEMO_PRESETS = [
     dict(prompt="A realistic bird-eye view of a lake with palm tree on the side, simply, high details.", width=512, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
 ]
 
-# The knobs of the method, in the order the CLI, the apps and the PNG metadata list them.
-SETTING_NAMES = (
-    "num_inference_steps", "guidance_scale", "resampling_steps", "new_p", "rrg_init_weight",
-    "cosine_scale", "rrg_stop_t", "patch_size", "repaint", "tiled_decoder", "time_ids_scale",
-)
-
-# The paper's validated range: up to 2x the native size per side (§6.6). The sub-sampler here is
-# general (groups of up to g = ceil(L / l) source pixels, g*g candidates per cell, D13), so larger
-# sizes run when a user raises `max_scale`; their quality is not validated.
+# The paper's validated range: up to 2x the native size per side (docs/method.md#the-2x-limit). The
+# sub-sampler here is general (groups of up to g = ceil(L / l) source pixels, g*g candidates per cell,
+# docs/method.md#fix-general-sub-sampler), so larger sizes run when a user raises `max_scale`; their
+# quality is not validated.
 MAX_SCALE = 2
 MIN_SIDE_PX = 128  # the demo's smallest size; below it the image is mostly padding
+
+# --------------------------------------------------------------------------------------------------
+# The knobs table: every knob's rule, default, CLI flag and demo widget, in one place
+# --------------------------------------------------------------------------------------------------
+
+PRESET = "preset"  # a default that `recommended_settings` works out from the image size and the model
+NATIVE_LATENT = "native latent size"  # a bound equal to the loaded model's native latent size D
+
+
+def format_number(value: float) -> str:
+    """A number as people write it: 4294967295, 0.05, 2048 (never 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def describe_range(minimum: float | str | None, maximum: float | str | None, open_minimum: bool = False,
+                   open_maximum: bool = False) -> str:
+    """The range in words: "between 1 and 1000", "in (0, 1]", ">= 0", or "" when unbounded."""
+    low, high = (None if v is None else v if isinstance(v, str) else format_number(v) for v in (minimum, maximum))
+    if low is not None and high is not None:
+        if not (open_minimum or open_maximum):
+            return f"between {low} and {high}"
+        return f"in {'(' if open_minimum else '['}{low}, {high}{')' if open_maximum else ']'}"
+    if low is not None:
+        return f"{'>' if open_minimum else '>='} {low}"
+    return "" if high is None else f"{'<' if open_maximum else '<='} {high}"
+
+
+def check_number(subject: str, value, minimum: float | None = None, maximum: float | None = None,
+                 integer: bool = False, open_minimum: bool = False, open_maximum: bool = False):
+    """`value` if it is a finite number (a whole one if `integer`) within the bounds; else ValueError.
+
+    The message names `subject` and the rule: "num_inference_steps must be a whole number between 1 and
+    1000; got 0". None leaves a side unbounded; an open side excludes the bound itself.
+    """
+    span = describe_range(minimum, maximum, open_minimum, open_maximum)
+    kind = "a whole number" if integer else "a number" if span else "a finite number"
+    fits_type = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if not fits_type or not math.isfinite(value):
+        raise ValueError(f"{subject} must be {kind} {span}".rstrip() + f"; got {value!r}")
+    too_low = minimum is not None and (value <= minimum if open_minimum else value < minimum)
+    too_high = maximum is not None and (value >= maximum if open_maximum else value > maximum)
+    if too_low or too_high:
+        raise ValueError(f"{subject} must be {span}; got {format_number(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob of the sampler: what the CLI, `check_inputs`, the demos, the PNG metadata and the README use.
+
+    `minimum`/`maximum` bound what the sampler accepts (None: unbounded; `NATIVE_LATENT`: the loaded
+    model's native latent size); `demo_range` is the narrower (minimum, maximum) that the shared demos
+    accept, which bounds a stranger's GPU time. `default` is a constant, or `PRESET` for a value that
+    `recommended_settings` works out from the size (`preset` says how). Memory knobs change memory and
+    speed, never the image: they are the sampler's (constructor or call) arguments, not settings.
+    """
+    name: str
+    type: type  # int, float or bool
+    default: object  # a constant, or PRESET
+    help: str  # one line: the CLI's --help, the demos' widget info, the README
+    label: str  # the demos' widget label
+    symbol: str = ""  # the paper's symbol (docs/method.md#notation)
+    minimum: float | None = None
+    maximum: float | str | None = None
+    open_minimum: bool = False  # the minimum itself is not allowed
+    open_maximum: bool = False
+    choices: tuple = ()  # the only values allowed (instead of a range)
+    demo_range: tuple | None = None  # (minimum, maximum) in the demos; None: the sampler's own range
+    step: float = 1  # the demos' slider grid
+    aliases: tuple[str, ...] = ()  # more CLI flags, e.g. the official CLI's names
+    preset: str = ""  # how `recommended_settings` sets a PRESET default
+    memory: bool = False
+    sdxl_only: bool = False  # means something for SDXL models only
+
+    def limits(self, native_latent: int, demo: bool = False) -> tuple:
+        """(minimum, maximum) with `NATIVE_LATENT` resolved; `demo`: the demos' range."""
+        low, high = self.demo_range if demo and self.demo_range else (self.minimum, self.maximum)
+        return low, native_latent if high == NATIVE_LATENT else high
+
+    def clamp(self, value, native_latent: int, demo: bool = False):
+        """The allowed value nearest to `value`: a number moved into the range; other kinds unchanged."""
+        if self.type is bool or self.choices:
+            return value
+        low, high = self.limits(native_latent, demo)
+        value = value if low is None else max(value, low)
+        return value if high is None else min(value, high)
+
+    def check(self, value, native_latent: int, demo: bool = False, subject: str | None = None):
+        """`value` if it obeys this knob's rule (type, then range or choices); else ValueError naming
+        `subject` (default: the knob's name) and the rule."""
+        subject = subject or self.name
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{subject} must be true or false; got {value!r}")
+            return value
+        if self.choices:
+            if isinstance(value, bool) or value not in self.choices:
+                allowed = " or ".join(format_number(c) for c in self.choices)
+                raise ValueError(f"{subject} must be {allowed}; got {value!r}")
+            return value
+        low, high = self.limits(native_latent, demo)
+        open_low, open_high = (False, False) if demo and self.demo_range else (self.open_minimum, self.open_maximum)
+        return check_number(subject, value, low, high, self.type is int, open_low, open_high)
+
+
+KNOBS = (
+    Knob("num_inference_steps", int, 50, "DDIM steps; time grows linearly with them (50 is the paper's setting)",
+         "Number of inference steps (T)", "T", minimum=1, maximum=1000, demo_range=(1, 150), aliases=("steps",)),
+    Knob("guidance_scale", float, 10.0, "classifier-free guidance: how closely the image follows the prompt "
+         "(it scales the global content direction)", "Classifier-free guidance scale (ω)", "ω",
+         demo_range=(1, 30), step=0.5),
+    Knob("resampling_steps", int, PRESET, "extra passes over the reduced-resolution reference per step: sharper "
+         "and more coherent, but slower (2 UNet samples per image each)", "Resampling steps (R)", "R",
+         minimum=0, demo_range=(0, 40), preset="0 at or below the native size, 7 above it, 10 from 2.5x the "
+         "native area"),
+    Knob("new_p", float, 0.3, "fraction of reference pixels drawn from new positions in each resampling pass "
+         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Percentage of newly sampled pixels (ρ)", "ρ",
+         minimum=0, maximum=1, open_minimum=True, demo_range=(0.05, 1), step=0.05),
+    Knob("rrg_init_weight", float, PRESET, "reduced-resolution guidance weight at the first step: higher removes "
+         "artefacts such as repeated objects but blurs, too high lets the padding colours bleed in",
+         "Reduced-resolution guidance scale (λ0)", "λ0", minimum=0, demo_range=(0, 10000), step=50,
+         aliases=("rrg_scale",), preset="0 at or below the native size, else 500 x the area in native areas "
+         "(rounded), at least 1000: the pull at step 0 stays near 0.015"),
+    Knob("cosine_scale", float, 10.0, "how fast the reduced-resolution guidance fades over the steps, "
+         "λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner", "Cosine scale (κ)", "κ", minimum=0,
+         demo_range=(0, 50), step=0.5),
+    Knob("rrg_stop_t", float, 0.4, "fraction of the final steps that run without reduced-resolution guidance "
+         "(0.4: the official demo's value)", "RRG stop", minimum=0, maximum=1, open_maximum=True,
+         demo_range=(0, 0.95), step=0.05),
+    Knob("patch_size", int, PRESET, "width of each local window in latent pixels (its context is the rest of "
+         "the native size): larger is faster but may hurt coherence", "Patch size (latent pixels)", "p",
+         minimum=1, maximum=NATIVE_LATENT, demo_range=(8, NATIVE_LATENT), step=8,
+         preset="half the native latent size: 64 on SDXL, 32 on SD 1.x/2.x"),
+    Knob("view_batch_size", int, 16, "most native-size samples per UNet call: lower it if the GPU runs out of "
+         "memory", "View batch size", minimum=1, demo_range=(1, 64), memory=True),
+    Knob("repaint", bool, True, "re-noise and redo each step with one reference pass and guidance ω/3 (part of "
+         "the method; off only for ablations)", "Repaint pass", aliases=("repaint_sampling",)),
+    Knob("tiled_decoder", bool, False, "decode in blended overlapping tiles (diffusers' VAE tiling): less memory",
+         "Tiled decoder"),
+    Knob("low_vram", bool, False, "keep the models on the CPU and only the running one on the GPU (diffusers' "
+         "model CPU offload): slower, for small GPUs", "Low VRAM", memory=True),
+    Knob("time_ids_scale", int, 4, "SDXL size conditioning: 4x the image size as the official code, or 1x as "
+         "diffusers", "SDXL size conditioning", choices=(1, 4), sdxl_only=True),
+)
+
+
+def knob(name: str) -> Knob:
+    """The row of KNOBS called `name`."""
+    for row in KNOBS:
+        if row.name == name:
+            return row
+    raise KeyError(f"no knob {name!r}; the knobs are {[k.name for k in KNOBS]}")
+
+
+def method_knobs() -> list[Knob]:
+    """The knobs that make the image (the settings of a run), in the table's order."""
+    return [k for k in KNOBS if not k.memory]
 
 
 def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict:
     """Resolution-aware defaults: reproduce the 14 demo presets at their sizes, interpolate elsewhere.
 
-    Rules read off the presets (§15): nothing to resample at or below the native size (R = 0, no
-    RRG); otherwise R = 10 for the largest pixel counts (>= 2.5x the native area) and 7 below, and
-    the RRG weight grows with the area so the pull at step 0, 2*lambda0/(4*H*W), stays near 0.015:
-    lambda0 = 500 * round(area / native area), at least 1000.
+    Rules read off the presets (docs/method.md#resolution-aware-settings): nothing to resample at or
+    below the native size (R = 0, no RRG); otherwise R = 10 for the largest pixel counts (>= 2.5x the
+    native area) and 7 below, and the RRG weight grows with the area so the pull at step 0,
+    2*lambda0/(4*H*W), stays near 0.015: lambda0 = 500 * round(area / native area), at least 1000.
+    Every other method knob takes its constant default from KNOBS.
     """
     area = (width * height) / float(native_px * native_px)
-    downsampled = max(width, height) > native_px
-    if downsampled:
+    if max(width, height) > native_px:
         resampling_steps = 10 if area >= 2.5 else 7
         rrg_init_weight = 500.0 * max(2, math.floor(area + 0.5))
     else:
         resampling_steps, rrg_init_weight = 0, 0.0
-    return dict(
-        num_inference_steps=50,
-        guidance_scale=10.0,
-        resampling_steps=resampling_steps,
-        new_p=0.3,  # fraction of cells re-drawn per resampling pass; the paper's recommendation
-        rrg_init_weight=rrg_init_weight,
-        cosine_scale=10.0,  # RRG weight decays as cos^(2*kappa): higher = guidance released sooner
-        rrg_stop_t=0.4,  # RRG runs over the first 60 % of the steps (the demo's value)
-        patch_size=native_px // 16,  # half the native latent size: window 64 + context 64 on SDXL
-        repaint=True,
-        tiled_decoder=False,
-        time_ids_scale=4,  # the official code conditions SDXL on 4x the image size (§3.4)
-    )
+    preset = dict(resampling_steps=resampling_steps, rrg_init_weight=rrg_init_weight, patch_size=native_px // 16)
+    return {k.name: preset[k.name] if k.default == PRESET else k.default for k in method_knobs()}
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometry: reference size, sub-sampler tables, local views, padding (§4, §6.2, §8, §7)
+# Geometry: reference size, sub-sampler tables, local views, padding (docs/method.md#reference-size ff.)
 # --------------------------------------------------------------------------------------------------
 
 
 def reference_size(height: int, width: int, native_px: int, vae_scale_factor: int = 8) -> tuple[int, int]:
-    """Latent size (h, w) of the reference: longer side = native, aspect kept (§4.2)."""
+    """Latent size (h, w) of the reference: longer side = native, aspect kept (docs/method.md#reference-size)."""
     f = max(max(height, width) / native_px, 1.0)
     return int((height // f) // vae_scale_factor), int((width // f) // vae_scale_factor)
 
 
 def axis_groups(length: int, ref_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a source axis into `ref_length` contiguous groups (the group rule of §6.2).
+    """Split a source axis into `ref_length` contiguous groups (docs/method.md#group-rule).
 
     Returns (start, size), both (ref_length,) long: group m is [start[m], start[m] + size[m]).
     """
@@ -242,7 +383,10 @@ class AxisWindow(NamedTuple):
 
 
 def axis_windows(length: int, native: int, patch: int) -> list[AxisWindow]:
-    """Windows of size `patch` (stride `patch`) with context native - patch along one axis (§8)."""
+    """Windows of size `patch` (stride `patch`) with context native - patch along one axis.
+
+    See docs/method.md#local-views.
+    """
     context = native - patch
     window = length if patch + context >= length else patch
     count = 1 if window == length else -(-(length - window) // patch) + 1
@@ -266,25 +410,28 @@ def axis_windows(length: int, native: int, patch: int) -> list[AxisWindow]:
 
 
 def local_views(H: int, W: int, native: int, patch: int) -> list[tuple[AxisWindow, AxisWindow]]:
-    """Row-major product of row and column windows: the V local views (§8)."""
+    """Row-major product of row and column windows: the V local views (docs/method.md#local-views)."""
     return [(r, c) for r in axis_windows(H, native, patch) for c in axis_windows(W, native, patch)]
 
 
 def centered_padding(h: int, w: int, native: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) that centre an (h, w) latent on a native x native canvas (§7)."""
+    """(top, bottom, left, right) that centre an (h, w) latent on a native x native canvas.
+
+    See docs/method.md#background-padding.
+    """
     ph, pw = native - h, native - w
     return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
 
 
 def padding_strips(h: int, w: int, native: int) -> dict[str, tuple[int, int]]:
-    """Latent (height, width) of each background strip; width is padded first, then height (§7)."""
+    """Latent (height, width) of each background strip; width is padded first, then height."""
     top, bottom, left, right = centered_padding(h, w, native)
     strips = {"left": (h, left), "right": (h, right), "top": (top, native), "bottom": (bottom, native)}
     return {name: size for name, size in strips.items() if size[0] > 0 and size[1] > 0}
 
 
 def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it (§7)."""
+    """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it."""
     n = x.shape[0]
     parts = [strips["left"].expand(n, -1, -1, -1)] if "left" in strips else []
     parts += [x] + ([strips["right"].expand(n, -1, -1, -1)] if "right" in strips else [])
@@ -295,13 +442,13 @@ def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# Score assembly, DDIM, repaint and reduced-resolution guidance (§6.1, §8, §9, §10, §11)
+# Score assembly, DDIM, repaint and reduced-resolution guidance (docs/method.md#write-back-and-fill ff.)
 # --------------------------------------------------------------------------------------------------
 
 
 def write_back_direction(deltas: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                          H: int, W: int) -> torch.Tensor:
-    """Full-resolution class direction from S reference passes (§6.1, with the D9 fix).
+    """Full-resolution class direction from S reference passes (docs/method.md#write-back-and-fill).
 
     deltas (S, B, C, h, w); rows/cols (S, h, w). Every value goes back to the exact position it
     was gathered from, later passes overwrite earlier ones, and positions no pass sampled take
@@ -318,7 +465,7 @@ def write_back_direction(deltas: torch.Tensor, rows: torch.Tensor, cols: torch.T
 
 def assemble_local_score(window_scores: torch.Tensor, views: Sequence[tuple[AxisWindow, AxisWindow]],
                          H: int, W: int) -> torch.Tensor:
-    """Tile the windows' scores into U (§8): window_scores (V, B, C, ch, cw) -> (B, C, H, W).
+    """Tile the windows' scores into U (docs/method.md#local-views): window_scores (V, B, C, ch, cw) -> (B, C, H, W).
 
     Each view writes only the part of its window that it owns, so the views partition the image
     and no position is written twice.
@@ -333,20 +480,26 @@ def assemble_local_score(window_scores: torch.Tensor, views: Sequence[tuple[Axis
 
 
 def ddim_step(eps: torch.Tensor, x: torch.Tensor, alpha: float, alpha_prev: float):
-    """Deterministic DDIM (eta = 0) as a pure function (§9): returns (x0, x_prev)."""
+    """Deterministic DDIM (eta = 0) as a pure function: returns (x0, x_prev).
+
+    See docs/method.md#combination-and-ddim-step.
+    """
     x0 = (x - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
     return x0, math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * eps
 
 
 def renoise(x: torch.Tensor, alpha_from: float, alpha_to: float, noise: torch.Tensor) -> torch.Tensor:
-    """Forward-diffuse x from level alpha_from to the noisier alpha_to in one draw (§10, D8 fixed)."""
+    """Forward-diffuse x from level alpha_from to the noisier alpha_to in one draw (docs/method.md#repaint)."""
     ratio = alpha_to / alpha_from
     return math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise
 
 
 def rrg_weight(step: int, num_inference_steps: int, init_weight: float, cosine_scale: float,
                stop_t: float) -> float:
-    """lambda(i) = lambda0 * (0.5 (1 + cos(pi i / S)))^kappa for i < S = T - floor(T stop_t) (§11)."""
+    """lambda(i) = lambda0 * (0.5 (1 + cos(pi i / S)))^kappa for i < S = T - floor(T stop_t).
+
+    See docs/method.md#reduced-resolution-guidance.
+    """
     S = num_inference_steps - math.floor(num_inference_steps * stop_t)
     if step >= S:
         return 0.0
@@ -354,25 +507,71 @@ def rrg_weight(step: int, num_inference_steps: int, init_weight: float, cosine_s
 
 
 def rrg_pull(x0_reference_up: torch.Tensor, x0: torch.Tensor, weight: float) -> torch.Tensor:
-    """-d/dx0 of weight * mean((x0_ref_up - x0)^2) per item, in closed form (§11 step 4)."""
+    """-d/dx0 of weight * mean((x0_ref_up - x0)^2) per item, in closed form (step 4 of RRG)."""
     C, H, W = x0.shape[1:]
     return (2.0 * weight / (C * H * W)) * (x0_reference_up - x0)
 
 
 def upsample_groups(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, H, W): each position takes its group's value (nearest, D9-aligned)."""
+    """(B, C, h, w) -> (B, C, H, W): each position takes its group's value (docs/method.md#fix-write-back-alignment)."""
     h, w = x.shape[-2:]
     return x[:, :, _index_table("map", H, h, x.device)][:, :, :, _index_table("map", W, w, x.device)]
 
 
 def downsample_groups(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, h, w): the first position of each group (PyTorch nearest, §11)."""
+    """(B, C, H, W) -> (B, C, h, w): the first position of each group (PyTorch's nearest rule)."""
     H, W = x.shape[-2:]
     return x[:, :, _index_table("start", H, h, x.device)][:, :, :, _index_table("start", W, w, x.device)]
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading (§3.1)
+# Cost (docs/method.md#cost-model)
+# --------------------------------------------------------------------------------------------------
+
+
+class Cost(NamedTuple):
+    """What one generation costs, counted as the sampler counts it (`info`)."""
+    samples: int  # native-size UNet samples: one D x D latent through the UNet (info["unet_samples"])
+    calls: int  # UNet calls (info["unet_calls"])
+    vae_encodes: int  # background strips encoded (info["vae_encodes"])
+    views: int  # V, the local views (info["num_views"])
+    reference_samples: int  # of `samples`: the reference passes' [neg; pos] pairs
+    local_samples: int  # of `samples`: the local views
+    samples_per_main_pass: int
+    samples_per_repaint_pass: int  # 0 without repaint
+
+
+def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch: int = 1,
+              view_batch_size: int = 16, vae_scale_factor: int = 8) -> Cost:
+    """The UNet samples, calls and VAE encodes of one generation (docs/method.md#cost-model).
+
+    `settings` holds the run's num_inference_steps (T), resampling_steps (R), patch_size and repaint
+    (e.g. `recommended_settings`' output). A main pass evaluates 2B(R + 1) reference samples and B·V
+    local ones, a repaint pass (R > 0, repaint on, every step but the last) 2B + B·V. When the
+    reference is the latent itself (images up to the native size) all of a pass's inputs are one
+    [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
+    """
+    T, R = settings["num_inference_steps"], settings["resampling_steps"]
+    f, D, B = vae_scale_factor, native_latent, batch
+    H, W = height // f, width // f
+    h, w = reference_size(height, width, D * f, f)
+    views = local_views(H, W, D, settings["patch_size"])
+    same_input = (h, w) == (H, W)
+    passes, local = (1, 0) if same_input else (R + 1, len(views))
+    repaints = T - 1 if settings["repaint"] and R > 0 else 0
+    main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
+    rows, cols = views[0]
+    crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
+    strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
+    return Cost(samples=T * main + repaints * repaint,
+                calls=T * -(-main // view_batch_size) + repaints * -(-repaint // view_batch_size),
+                vae_encodes=T * len(strips), views=len(views),
+                reference_samples=2 * B * (T * passes + repaints), local_samples=B * local * (T + repaints),
+                samples_per_main_pass=main, samples_per_repaint_pass=repaint)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading (docs/method.md#models-and-scheduler)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -521,12 +720,6 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
 # --------------------------------------------------------------------------------------------------
 
 
-def _checked_view_batch_size(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"view_batch_size must be an integer >= 1; got {value!r}")
-    return value
-
-
 def share_pipeline(pipe, **replace):
     """A new pipeline object of `pipe`'s class over the same modules: nothing copied, moved or converted.
 
@@ -562,7 +755,10 @@ class Region:
 
 
 class ScoreEstimate(NamedTuple):
-    """The two halves of the score for one latent at one timestep, plus what RRG reuses (§6, §8)."""
+    """The two halves of the score for one latent at one timestep, plus what RRG reuses.
+
+    See docs/method.md#sub-sampler and docs/method.md#local-views.
+    """
     local_uncond: torch.Tensor  # U (B, C, H, W)
     direction: torch.Tensor  # Delta (B, C, H, W)
     reference_latent: torch.Tensor  # x_ref of the last pass (B, C, h, w)
@@ -685,10 +881,11 @@ class ElasticDiffusion:
     """
 
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
-                 view_batch_size: int = 16, low_vram: bool = False, torch_dtype: torch.dtype | None = None,
+                 view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
+                 torch_dtype: torch.dtype | None = None,
                  pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
-        self.view_batch_size = _checked_view_batch_size(view_batch_size)
+        self.view_batch_size = knob("view_batch_size").check(view_batch_size, 0)
         self.allow_pickle = allow_pickle
         shared = pipe is not None  # the caller's pipeline: its modules are used, never changed
         if shared:
@@ -702,7 +899,8 @@ class ElasticDiffusion:
             pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16 (§12). bf16 has fp32's range at half the memory of an
+            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the memory
+            # of an
             # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
             # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -715,7 +913,7 @@ class ElasticDiffusion:
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.dtype = self.unet.dtype
-        # Everything below is read from the loaded configs, never from the name (D12).
+        # Read from the loaded configs, never from the name (docs/method.md#fix-model-geometry-from-config).
         self.is_sdxl = self.unet.config.get("addition_embed_type") == "text_time"
         self.native_latent = int(self.unet.config.sample_size)  # D
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -724,7 +922,8 @@ class ElasticDiffusion:
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         from diffusers import DDIMScheduler
 
-        # The method's own DDIM (§3.2), from the model's scheduler config: noise levels and timesteps.
+        # The method's own DDIM, from the model's scheduler config: noise levels and timesteps
+        # (docs/method.md#models-and-scheduler).
         self._ddim = DDIMScheduler.from_config(self.scheduler.config)
         self.alphas_cumprod = self._ddim.alphas_cumprod.double()
         self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
@@ -815,7 +1014,7 @@ class ElasticDiffusion:
         return [int(t) for t in scheduler.timesteps]
 
     def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
-        """Reference latent size (h, w) for a full-resolution latent of (H, W) (§4.2)."""
+        """Reference latent size (h, w) for a full-resolution latent of (H, W) (docs/method.md#reference-size)."""
         f = self.vae_scale_factor
         return reference_size(H * f, W * f, self.native_px, f)
 
@@ -823,7 +1022,7 @@ class ElasticDiffusion:
         """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
 
-    # ---------------------------------------------------------------------------- text (§3.3)
+    # ---------------------------------------------------------- text (docs/method.md#text-encoding)
 
     def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
@@ -849,7 +1048,7 @@ class ElasticDiffusion:
         second = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
         return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
 
-    # ---------------------------------------------------------------------------- UNet calls (§7)
+    # ----------------------------------------------- UNet calls (docs/method.md#background-padding)
 
     def unet_extra_kwargs(self, run: Run, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
                           added_cond_kwargs: dict | None, regions: list[Region]) -> dict:
@@ -906,7 +1105,7 @@ class ElasticDiffusion:
             batches[x.shape[0]] = batches.get(x.shape[0], 0) + 1
         return torch.cat(outputs)
 
-    # ---------------------------------------------------------------------------- backgrounds (§7)
+    # ---------------------------------------------- backgrounds (docs/method.md#background-padding)
 
     @staticmethod
     def _strip_seed(aux_seed: int, name: str, size: tuple[int, int], t: int) -> int:
@@ -917,7 +1116,7 @@ class ElasticDiffusion:
     def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
                             aux_seed: int, counters: dict | None = None, chunk: int = 8,
                             report: Callable | None = None) -> dict:
-        """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep) (§7, D15).
+        """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep), encoded once up front.
 
         `strips` holds (name, (height, width)) pairs; `aux_seed` seeds each strip's colour, VAE
         sample and noise. Encoded once, up front: identical across passes, view batches and batch
@@ -956,10 +1155,10 @@ class ElasticDiffusion:
         strips = padding_strips(h, w, self.native_latent)
         return pad_with_strips(x, {n: run.backgrounds[(n, s, t)] for n, s in strips.items()})
 
-    # ---------------------------------------------------------------------------- the two scores
+    # ------------------------------------------------------------------------------- the two scores
 
     def estimate_scores(self, run: Run, x: torch.Tensor, t: int, cells: torch.Tensor) -> ScoreEstimate:
-        """Global class direction and local unconditional score of x (B, C, H, W) at t (§6, §8).
+        """Global class direction and local unconditional score of x (B, C, H, W) at t.
 
         `cells` (S, h, w) are the sub-sampler's choices for the S reference passes. Every UNet
         sample of this pass (2B per reference pass, B per local view) depends only on x, so all
@@ -968,56 +1167,67 @@ class ElasticDiffusion:
         the one local view is x, padded alike, so the reference pass's [neg; pos] pair serves all of
         them (2B samples, the cost of plain CFG). That is the only case where a local window's
         input can equal a reference sample's: below it the reference is a strict sub-sample.
+        See docs/method.md#sub-sampler, docs/method.md#local-views and docs/method.md#cost-model.
         """
         B, C, H, W = x.shape
         h, w = cells.shape[-2:]
         D = self.native_latent
-        rows, cols = source_indices(cells, H, W)
+        rows, cols = source_indices(cells, H, W)  # (S, h, w) each: the source pixel of every cell
         same_input = (h, w) == (H, W)
         S = 1 if same_input else cells.shape[0]
         rows, cols = self._to_device(rows[:S]), self._to_device(cols[:S])
         references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
-        views = [] if same_input else run.views
-        crops = [x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views]
+        views = [] if same_input else run.views  # V windows; none when the reference pair covers them
+        crops = [x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views]  # V x (B, C, ch, cw)
 
-        # Samples: per pass [neg x B, prompt x B], then per view [neg x B]; cond index into [neg; pos].
-        ref_batch = references.unsqueeze(1).expand(S, 2, B, C, h, w).reshape(S * 2 * B, C, h, w)
-        batches = [self._pad(run, ref_batch, t)]
+        # The batch, in this order: per pass s, [x_ref_s for neg] x B then [x_ref_s for pos] x B; then
+        # per view v, [crop_v for neg] x B. `index` picks each sample's row of run.embeds ([neg; pos], 2B
+        # rows: neg of item b is row b, pos is row B + b); `regions` say where each sample comes from.
+        ref_batch = references.unsqueeze(1).expand(S, 2, B, C, h, w)  # (S, 2, B, C, h, w): [neg, pos] per pass
+        ref_batch = ref_batch.reshape(S * 2 * B, C, h, w)  # sample (s, branch, b) at s*2B + branch*B + b
+        batches = [self._pad(run, ref_batch, t)]  # (S*2B, C, D, D)
         item = torch.arange(B)
-        index = [torch.cat([item, item + B]).repeat(S)]
+        index = [torch.cat([item, item + B]).repeat(S)]  # (S*2B,): b for neg, B + b for pos
         ref_pad = centered_padding(h, w, D)
         regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
                    for b in range(B)]
         if crops:
-            ch, cw = crops[0].shape[-2:]
+            ch, cw = crops[0].shape[-2:]  # every crop has the same size
             crop_pad = centered_padding(ch, cw, D)
-            batches.append(self._pad(run, torch.cat(crops), t))
-            index.append(item.repeat(len(views)))
+            batches.append(self._pad(run, torch.cat(crops), t))  # (V*B, C, D, D): sample (v, b) at v*B + b
+            index.append(item.repeat(len(views)))  # (V*B,): neg of item b
             regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
                         for r, c in views for b in range(B)]
-        eps = self._evaluate(run, torch.cat(batches), t, self._to_device(torch.cat(index)), regions)
+        eps = self._evaluate(run, torch.cat(batches), t, self._to_device(torch.cat(index)), regions)  # (N, C, D, D)
 
+        # Undo the padding and the flattening, in the order the batch was built.
         top, _, left, _ = ref_pad
-        ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w].reshape(S, 2, B, C, h, w)
+        ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w]  # (S*2B, C, h, w)
+        ref_eps = ref_eps.reshape(S, 2, B, C, h, w)  # [:, 0] = eps(x_ref, neg), [:, 1] = eps(x_ref, pos)
         if same_input:
-            views, local_eps = run.views, ref_eps[:, 0]  # the one view is the whole latent
+            views, local_eps = run.views, ref_eps[:, 0]  # (1, B, C, H, W): the one view is the whole latent
         else:
             top, _, left, _ = crop_pad
-            local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw].reshape(len(views), B, C, ch, cw)
-        direction = write_back_direction(ref_eps[:, 1] - ref_eps[:, 0], rows, cols, H, W)
-        local = assemble_local_score(local_eps, views, H, W)
+            local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw]  # (V*B, C, ch, cw)
+            local_eps = local_eps.reshape(len(views), B, C, ch, cw)  # (V, B, C, ch, cw)
+        deltas = ref_eps[:, 1] - ref_eps[:, 0]  # (S, B, C, h, w): the class direction of every pass
+        direction = write_back_direction(deltas, rows, cols, H, W)  # (B, C, H, W)
+        local = assemble_local_score(local_eps, views, H, W)  # (B, C, H, W)
         return ScoreEstimate(local, direction, references[-1], ref_eps[-1, 0])
 
     def reduced_resolution_guidance(self, estimate: ScoreEstimate, x0: torch.Tensor, t: int,
                                     guidance_scale: float, weight: float) -> torch.Tensor:
-        """RRG (§11): pull x0 towards the reference's own x0, reusing this step's UNet outputs."""
+        """RRG: pull x0 towards the reference's own x0, reusing this step's UNet outputs.
+
+        See docs/method.md#reduced-resolution-guidance.
+        """
         h, w = estimate.reference_latent.shape[-2:]
         H, W = x0.shape[-2:]
         eps_reference = estimate.reference_uncond + guidance_scale * downsample_groups(estimate.direction, h, w)
         x0_reference, _ = ddim_step(eps_reference, estimate.reference_latent.float(), self.alpha(t), self.alpha(t))
         return rrg_pull(upsample_groups(x0_reference, H, W), x0, weight)
 
-    # ---------------------------------------------------------------------------- inputs
+    # --------------------------------------------------------------------------------------- inputs
 
     def check_inputs(self, prompts: list[str], negative_prompts: list[str], height, width, s: dict,
                      latents: torch.Tensor | None, batch: int) -> None:
@@ -1036,41 +1246,27 @@ class ElasticDiffusion:
                 raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
                                  f"(at most {self.max_scale}x its native {self.native_px} px per side){hint}; "
                                  f"got {value}")
-        for name in ("guidance_scale", "new_p", "rrg_init_weight", "cosine_scale", "rrg_stop_t"):
-            value = s[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-        for name, low in (("num_inference_steps", 1), ("resampling_steps", 0), ("patch_size", 1)):
-            value = s[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        if s["num_inference_steps"] > 1000:
-            raise ValueError(f"num_inference_steps must be at most 1000; got {s['num_inference_steps']}")
-        if not 0 < s["new_p"] <= 1:
-            raise ValueError(f"new_p (fraction of newly sampled cells per resampling pass) must be in (0, 1]; "
-                             f"got {s['new_p']}")
-        if s["patch_size"] > self.native_latent:
-            raise ValueError(f"patch_size must be at most the native latent size {self.native_latent} "
-                             f"(window plus context must fit one UNet input); got {s['patch_size']}")
-        if s["rrg_init_weight"] < 0 or s["cosine_scale"] < 0:
-            raise ValueError("rrg_init_weight and cosine_scale must be >= 0; got "
-                             f"{s['rrg_init_weight']} and {s['cosine_scale']}")
-        if not 0 <= s["rrg_stop_t"] < 1:
-            raise ValueError(f"rrg_stop_t must be in [0, 1); got {s['rrg_stop_t']}")
-        if s["time_ids_scale"] not in (1, 4):
-            raise ValueError(f"time_ids_scale must be 1 or 4; got {s['time_ids_scale']!r}")
+        for row in KNOBS:  # each knob's own rule (type, range or choices) from the table
+            if row.name in s:
+                row.check(s[row.name], self.native_latent)
         if latents is not None:
             shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this size and batch; got {tuple(latents.shape)}")
 
     def resolve_settings(self, width: int, height: int, **explicit) -> dict:
-        """Resolution-aware presets with the explicitly given (non-None) values on top."""
+        """The run's method knobs: the resolution-aware preset with the explicitly given (non-None) values on top.
+
+        TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword).
+        """
         settings = recommended_settings(width, height, self.native_px)
+        unknown = sorted(set(explicit) - set(settings))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the method's knobs are {sorted(settings)}")
         settings.update({k: v for k, v in explicit.items() if v is not None})
         return settings
 
-    # ---------------------------------------------------------------------------- generation (§5)
+    # ---------------------------------------------------- generation (docs/method.md#sampling-loop)
 
     def __call__(self, *args, **kwargs):
         """Generate images; returns (images, info). See `generate` for the arguments."""
@@ -1087,24 +1283,18 @@ class ElasticDiffusion:
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", height: int | None = None,
-                 width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, resampling_steps: int | None = None,
-                 new_p: float | None = None, rrg_init_weight: float | None = None,
-                 cosine_scale: float | None = None, rrg_stop_t: float | None = None,
-                 patch_size: int | None = None, repaint: bool | None = None,
-                 tiled_decoder: bool | None = None, time_ids_scale: int | None = None,
-                 num_images_per_prompt: int = 1, seed: int | None = None,
+                 width: int | None = None, *, num_images_per_prompt: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
                  progress: bool | Callable = True, callback_on_stage: Callable | None = None,
-                 drop_p: float | None = None,
-                 view_batch_size: int | None = None, cells: Callable | None = None,
-                 repaint_noise: Callable | None = None, extras: dict | None = None):
+                 drop_p: float | None = None, view_batch_size: int | None = None, cells: Callable | None = None,
+                 repaint_noise: Callable | None = None, extras: dict | None = None, **knobs):
         """Generate images; returns (images, info).
 
-        Method knobs left at None come from `recommended_settings(width, height)`. `drop_p` is the
-        complement of `new_p` (the official README's spelling). `generator` / `seed` seed the initial
-        latents and, through one derived seed, the sub-sampler, re-noising and backgrounds.
+        `knobs` are the method's knobs of KNOBS, by name (listed below); those left out or None come
+        from `recommended_settings(width, height)`. `drop_p` is the complement of `new_p` (the official
+        README's spelling). `generator` / `seed` seed the initial latents and, through one derived seed,
+        the sub-sampler, re-noising and backgrounds.
         `callback_on_step_end(pipe, step, t, tensors)` gets {"latents": x, "x0": x0, "scores": the
         step's kept ScoreEstimate, "resampled_scores": the one of its R + 1 resampling passes (the
         same unless a repaint pass ran)}; it may return {"latents": ...} to replace the latent, or
@@ -1120,16 +1310,14 @@ class ElasticDiffusion:
         width = 2 * self.native_px if width is None else width
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
         if drop_p is not None:
+            new_p = knobs.get("new_p")
             if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
                 raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
-            new_p = round(1 - drop_p, 12)  # 1 - 0.7 is 0.30000000000000004 in floats
-        s = self.resolve_settings(width, height, num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, resampling_steps=resampling_steps, new_p=new_p,
-                                  rrg_init_weight=rrg_init_weight, cosine_scale=cosine_scale,
-                                  rrg_stop_t=rrg_stop_t, patch_size=patch_size, repaint=repaint,
-                                  tiled_decoder=tiled_decoder, time_ids_scale=time_ids_scale)
+            knobs["new_p"] = round(1 - drop_p, 12)  # 1 - 0.7 is 0.30000000000000004 in floats
+        s = self.resolve_settings(width, height, **knobs)
         self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
-        view_batch_size = _checked_view_batch_size(self.view_batch_size if view_batch_size is None else view_batch_size)
+        view_batch_size = knob("view_batch_size").check(
+            self.view_batch_size if view_batch_size is None else view_batch_size, self.native_latent)
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -1141,7 +1329,8 @@ class ElasticDiffusion:
         if latents is None:
             latents = self.initial_latents(height, width, len(prompts), generator)
         x = latents.to(self.device, torch.float32)
-        # One derived seed drives the sub-sampler, the re-noising and the backgrounds (§13).
+        # One derived seed drives the sub-sampler, the re-noising and the backgrounds
+        # (docs/method.md#precision-randomness-and-memory).
         aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         H, W = height // self.vae_scale_factor, width // self.vae_scale_factor
         h, w = self.reference_latent_size(H, W)
@@ -1200,7 +1389,7 @@ class ElasticDiffusion:
         """
         tic, s = time.perf_counter(), run.settings
         run.stage("encode_prompt", 0, 1)
-        embeds, pooled = self.encode_prompt(run.negative_prompts + run.prompts)  # [neg; pos] (§3.3)
+        embeds, pooled = self.encode_prompt(run.negative_prompts + run.prompts)  # [neg; pos]
         run.embeds, run.pooled = embeds.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
         if self.is_sdxl:
             k, height, width = s["time_ids_scale"], run.height, run.width
@@ -1230,7 +1419,7 @@ class ElasticDiffusion:
 
     def sample(self, run: Run, x: torch.Tensor, callback_on_step_end: Callable | None = None,
                progress: bool | Callable = True) -> torch.Tensor:
-        """The sampling loop of §5, one iteration per DDIM timestep."""
+        """The sampling loop (docs/method.md#sampling-loop), one iteration per DDIM timestep."""
         from tqdm.auto import tqdm
 
         s, timesteps = run.settings, run.timesteps
@@ -1254,14 +1443,15 @@ class ElasticDiffusion:
             # 2. Combine and take a DDIM step.
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
             omega_step = omega
-            # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (§10).
+            # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (docs/method.md#repaint).
             if s["repaint"] and R > 0 and i < T - 1:
                 noise = self._to_device(run.repaint_noise(i, tuple(x.shape)))
                 x = renoise(x_prev, alpha_prev, alpha, noise)
                 scores = self.estimate_scores(run, x, t, top_left)
                 omega_step = omega / 3
                 x0, x_prev = ddim_step(scores.local_uncond + omega_step * scores.direction, x, alpha, alpha_prev)
-            # 4. Reduced-resolution guidance, from this step's own UNet outputs (§11).
+            # 4. Reduced-resolution guidance, from this step's own UNet outputs
+            #    (docs/method.md#reduced-resolution-guidance).
             weight = rrg_weight(i, T, s["rrg_init_weight"], s["cosine_scale"], s["rrg_stop_t"])
             if weight > 10:
                 x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, t, omega_step, weight)
@@ -1274,7 +1464,7 @@ class ElasticDiffusion:
                 x = result.get("latents", x)
         return x
 
-    # ---------------------------------------------------------------------------- decoding (§12)
+    # ----------------------------------------------------------- decoding (docs/method.md#decoding)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False, output_type: str = "pil"):
@@ -1328,7 +1518,7 @@ class ElasticDiffusion:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - tic
 
-    # ---------------------------------------------------------------------------- compatibility
+    # -------------------------------------------------------------------------------- compatibility
 
     def generate_image(self, prompts: str | list[str], negative_prompts: str | list[str] = "",
                        height: int | None = None, width: int | None = None, *, repaint_sampling: bool | None = None,
@@ -1343,13 +1533,22 @@ class ElasticDiffusion:
         return self(prompt=prompts, negative_prompt=negative_prompts, height=height, width=width, **kwargs)
 
 
+# `help(ElasticDiffusion.generate)` lists the knobs it takes, from the table.
+ElasticDiffusion.generate.__doc__ += "\n        Method knobs:\n\n" + "".join(
+    f"            {k.name}: {k.help}\n" for k in method_knobs())
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving images with their settings
 # --------------------------------------------------------------------------------------------------
 
 
 def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
-    """Text chunks that reproduce an image: a JSON record and an A1111-style 'parameters' line."""
+    """Text chunks that reproduce an image: a JSON record and an A1111-style 'parameters' line.
+
+    The record holds the prompt, seed and model, then `info["settings"]`: every method knob of the run in
+    KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs, an extension's settings.
+    """
     record = dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
                   model=info["model"], **info["settings"])
     line = f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(
@@ -1393,6 +1592,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per row of KNOBS, with its aliases: method knobs default to None (the resolution-aware
+    preset, applied by the sampler), memory knobs to their constant; booleans have --x / --no-x."""
+    method = parser.add_argument_group("method knobs (default: the resolution-aware preset)")
+    memory = parser.add_argument_group("memory (never changes the image)")
+    for row in KNOBS:
+        flags = [f"--{name}" for name in (row.name, *row.aliases)]
+        default = row.default if row.memory else None
+        if row.type is bool:
+            preset = "on" if row.default else "off"
+        else:
+            preset = row.preset or format_number(row.default)
+        help_text = row.help if row.memory else f"{row.help} (preset: {preset})"
+        kind = dict(action=argparse.BooleanOptionalAction) if row.type is bool else dict(type=row.type)
+        choices = dict(choices=list(row.choices)) if row.choices else {}
+        (memory if row.memory else method).add_argument(*flags, default=default, help=help_text, **kind, **choices)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="ElasticDiffusion: training-free generation at any size and aspect ratio (up to 2x the "
@@ -1412,30 +1629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="weight dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--allow_pickle", action="store_true", help="allow non-safetensors (pickle) weights")
-    p.add_argument("--view_batch_size", type=int, default=16, help="most UNet samples per UNet call (memory only)")
-    p.add_argument("--low_vram", action=argparse.BooleanOptionalAction, default=False,
-                   help="offload models to the CPU, one on the GPU at a time")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the UNet (pays off within one large image)")
-    g = p.add_argument_group("method knobs (default: resolution-aware preset)")
-    g.add_argument("--num_inference_steps", "--steps", type=int, help="DDIM steps T (preset 50)")
-    g.add_argument("--guidance_scale", type=float, help="classifier-free guidance w (preset 10)")
-    g.add_argument("--resampling_steps", type=int,
-                   help="extra reference passes R per step; more = sharper, slower (preset 0/7/10 by size)")
-    g.add_argument("--new_p", type=float, help="fraction of cells newly sampled per resampling pass (preset 0.3)")
-    g.add_argument("--drop_p", type=float, help="the official README's name: 1 - new_p")
-    g.add_argument("--rrg_init_weight", "--rrg_scale", type=float,
-                   help="reduced-resolution guidance weight at step 0; higher removes artefacts but blurs "
-                        "(preset 0/1000/1500/2000 by size)")
-    g.add_argument("--cosine_scale", type=float, help="RRG weight decay exponent; higher = faster decay (preset 10)")
-    g.add_argument("--rrg_stop_t", type=float, help="fraction of the final steps without RRG (preset 0.4)")
-    g.add_argument("--patch_size", type=int, help="local window size in latent pixels (preset native/2)")
-    g.add_argument("--repaint", "--repaint_sampling", action=argparse.BooleanOptionalAction, default=None,
-                   help="repaint pass after each step (preset on)")
-    g.add_argument("--tiled_decoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode in blended overlapping tiles to save memory (preset off)")
-    g.add_argument("--time_ids_scale", type=int, choices=[1, 4], default=None,
-                   help="SDXL size conditioning: 4x the image size as the official code (preset), or 1x")
+    p.add_argument("--drop_p", type=float, help="the official README's name for 1 - new_p")
+    add_knob_flags(p)
     p.add_argument("--max_scale", type=int, default=MAX_SCALE,
                    help="largest side as a multiple of the native size; above 2 is experimental")
     p.add_argument("-v", "--verbose", action="store_true", help="log timings and counts")
@@ -1458,7 +1655,7 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     Bad input ends as a usage error (exit 2) before anything is written.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    knobs = {name: getattr(args, name) for name in SETTING_NAMES}
+    knobs = {k.name: getattr(args, k.name) for k in method_knobs()}
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     try:
         pipe = make_sampler()

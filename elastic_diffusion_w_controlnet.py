@@ -1,9 +1,12 @@
 """ElasticDiffusion with a ControlNet: any supported size and aspect ratio, following an input image's structure.
 
 A subclass of `ElasticDiffusion` that feeds a ControlNet's residuals to every UNet call through the base class's
-extension point `unet_extra_kwargs` (§18 of the method reference, D3 and D6 fixed). Reference samples get the
-condition map extracted at the reference size, local windows crops of the one extracted at full resolution (see
-`prepare_condition` and `control_batch`). A run's condition lives in its `Run` (`run.extras["control"]`).
+extension point `unet_extra_kwargs` (docs/method.md#controlnet-variant; the official script's defects fixed:
+docs/method.md#fix-controlnet-cli-model-choice, docs/method.md#fix-controlnet-offload-and-batch). Reference
+samples get the condition map extracted at the reference size, local windows crops of the one extracted at full
+resolution (see `prepare_condition` and `control_batch`). A run's condition lives in its `Run`
+(`run.extras["control"]`). Its knobs (scale, Canny thresholds) are rows of the sampler's knobs table type
+(`CONTROLNET_KNOBS`), which its CLI and the image-to-image demo read. More in docs/controlnet.md.
 
     pipe = ElasticDiffusionControlNet(sd_version="XL1.0", controlnet_model="canny")
     images, info = pipe("an astronaut", condition_image="imgs/input/astronaut.jpg", width=1536, height=1536)
@@ -27,7 +30,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import elastic_diffusion as ed
 from elastic_diffusion import ElasticDiffusion, Region, Run
 
-# Default ControlNets per condition and base-model family (§18); any other hub id or folder is accepted.
+# Default ControlNets per condition and base-model family (docs/method.md#controlnet-variant); any other hub id or folder
+# is accepted.
 CONTROLNET_IDS = {
     "canny": {"sdxl": "diffusers/controlnet-canny-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-canny"},
     "depth": {"sdxl": "diffusers/controlnet-depth-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-depth"},
@@ -38,6 +42,16 @@ DEFAULT_DEPTH_MODEL = "Intel/dpt-large"  # transformers' default depth-estimatio
 MAX_INPUT_PIXELS = 8192 * 8192  # 64 MP: larger inputs are refused before they are decoded
 DEFAULT_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imgs", "input", "astronaut.jpg")
 DEFAULT_PROMPT = "A portrait photo of a smiling astronaut in an orange spacesuit, highly detailed, sharp"
+DEMO_SCALE = 0.5  # the official demo's ControlNet scale: the CLI's and the demo's default (Python's is 1.0)
+CONTROLNET_KNOBS = (
+    ed.Knob("controlnet_conditioning_scale", float, 1.0, "how strictly the image follows the condition map: 0.5 "
+            "leaves room for detail, 1 and above follow it closely, 0 ignores it", "ControlNet scale", minimum=0,
+            demo_range=(0.1, 2.0), step=0.1),
+    ed.Knob("canny_low", int, 100, "Canny low threshold: edges weaker than this are dropped; lower it to keep "
+            "fainter edges (Canny edges only)", "Canny low threshold", minimum=0, demo_range=(0, 255)),
+    ed.Knob("canny_high", int, 200, "Canny high threshold: edges stronger than this are always kept; raise it to "
+            "keep only strong edges (Canny edges only)", "Canny high threshold", minimum=0, demo_range=(0, 255)),
+)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -125,7 +139,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
     """ElasticDiffusion whose every UNet call gets a ControlNet's residuals for that sample's region.
 
     Args (on top of `ElasticDiffusion`'s; `from_pipe(pipe, controlnet_model=pipe.controlnet)` reuses a pipeline):
-        controlnet_model: 'canny' or 'depth' (the default ControlNet of the loaded model's family, §18), any
+        controlnet_model: 'canny' or 'depth' (the default ControlNet of the loaded model's family), any
             hub id or local diffusers folder, or a loaded `ControlNetModel`. It must fit the UNet.
         depth_model: transformers depth-estimation model id or folder for `condition='depth'` (loaded on first
             use, on the CPU in low-VRAM mode), or a ready callable such as a transformers pipeline.
@@ -170,7 +184,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         return model.eval()
 
     def place_modules(self, low_vram: bool) -> None:
-        """The base memory mode, plus the ControlNet: offloaded with the UNet in low-VRAM mode (D6)."""
+        """The base memory mode, plus the ControlNet: offloaded with the UNet in low-VRAM mode
+        (docs/method.md#fix-controlnet-offload-and-batch)."""
         import accelerate
 
         super().place_modules(low_vram)
@@ -206,11 +221,10 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         """
         if c["condition"] not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
-        if isinstance(c["scale"], bool) or not isinstance(c["scale"], (int, float)) or not 0 <= c["scale"] < 1e9:
-            raise ValueError(f"controlnet_conditioning_scale must be a finite number >= 0; got {c['scale']!r}")
-        low, high = c["low"], c["high"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or not 0 <= low <= high:
-            raise ValueError(f"canny_low and canny_high must be integers with 0 <= low <= high; got {low}, {high}")
+        for row, value in zip(CONTROLNET_KNOBS, (c["scale"], c["low"], c["high"])):
+            row.check(value, self.native_latent)
+        if c["low"] > c["high"]:
+            raise ValueError(f"canny_low and canny_high must satisfy low <= high; got {c['low']}, {c['high']}")
         if c["source"] is None:
             raise ValueError("condition_image is required: an image file path or a PIL image")
         c["image"] = load_image(c["source"])
@@ -248,7 +262,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                  cache={}, embedded={}, seconds=time.perf_counter() - tic)
 
     def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
-        """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1] (§18)."""
+        """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1]."""
         c, f = run.extras["control"], self.vae_scale_factor
         for region in regions:
             key = (region.kind, region.rows, region.cols, region.padding)
@@ -317,8 +331,9 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         return super().decode(*args, **kwargs)
 
     def generate(self, prompt, negative_prompt="", height=None, width=None, *args, condition_image=None,
-                 condition: str | None = None, controlnet_conditioning_scale: float = 1.0, canny_low: int = 100,
-                 canny_high: int = 200, **kwargs):
+                 condition: str | None = None, controlnet_conditioning_scale: float = CONTROLNET_KNOBS[0].default,
+                 canny_low: int = CONTROLNET_KNOBS[1].default, canny_high: int = CONTROLNET_KNOBS[2].default,
+                 **kwargs):
         """`ElasticDiffusion.generate` plus the ControlNet input; returns (images, info).
 
         condition_image: file path or PIL image (any mode, EXIF orientation applied, at most 64 MP); it is scaled
@@ -354,11 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the ControlNet's type; image for custom ids)")
     g.add_argument("--controlnet_model", default="canny",
                    help="canny or depth (the default ControlNet of the model's family), a hub id or a local folder")
-    g.add_argument("--controlnet_conditioning_scale", type=float, default=0.5,
-                   help="ControlNet strength: 0.5 (the official demo's) leaves room for detail, 1.0 (the Python "
-                        "default) follows the structure strictly, 0 ignores it")
-    g.add_argument("--canny_low", type=int, default=100, help="Canny lower hysteresis threshold")
-    g.add_argument("--canny_high", type=int, default=200, help="Canny upper hysteresis threshold")
+    for row in CONTROLNET_KNOBS:  # the scale defaults to the official demo's 0.5 here (Python's: 1.0)
+        default = DEMO_SCALE if row.name == "controlnet_conditioning_scale" else row.default
+        g.add_argument(f"--{row.name}", type=row.type, default=default, help=row.help)
     g.add_argument("--depth_model", default=DEFAULT_DEPTH_MODEL, help="transformers depth-estimation model id/folder")
     g.add_argument("--save_condition", action=argparse.BooleanOptionalAction, default=True,
                    help="also save the condition map next to the images")

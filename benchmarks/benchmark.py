@@ -1,20 +1,21 @@
 #!/usr/bin/env python
 """Speed and memory benchmark of the ElasticDiffusion sampler on the real model architectures.
 
-The models are the published SDXL and SD 1.5 architectures (method reference §22) with random
-weights: nothing is downloaded, and timing does not depend on weight values. Each preset run is
-compared with the *UNet floor* measured in the same process: the number of native-size UNet
-samples the run needs (§16) times the best per-sample time of the bare UNet at a saturated batch.
+The models are the published SDXL and SD 1.5 architectures (docs/method.md#benchmark-architectures)
+with random weights: nothing is downloaded, and timing does not depend on weight values. Each preset
+run is compared with the *UNet floor* measured in the same process: the number of native-size UNet
+samples the run needs (`elastic_diffusion.unet_cost`, docs/method.md#cost-model) times the best
+per-sample time of the bare UNet at a saturated batch.
 The ratio wall / floor says how much the sampler costs on top of the UNet work it cannot avoid.
 
 Modes:
 
 * ``gpu`` (default when CUDA is available): real architectures built directly on the GPU in the
-  target dtype, real sizes, T = 50. What §17 measured for the reference implementation.
+  target dtype, real sizes, T = 50.
 * ``tiny`` (CPU, used in CI): the tiny random pipelines of ``tests/tiny_models.py``, T = 2. A
   liveness check of this script and of the counts; its times mean nothing.
 * ``meta``: build the real architectures on the meta device (no memory), check their parameter
-  counts against §22 and exit.
+  counts against docs/method.md#benchmark-architectures and exit.
 
     python benchmarks/benchmark.py --mode gpu --model sdxl --presets 1,3 --json benchmarks/out/sdxl.json
 
@@ -44,12 +45,12 @@ import torch  # noqa: E402
 import elastic_diffusion as ed  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-DEFAULT_PRESETS = (1, 3)  # the two presets measured in §17: 2048x2048 and 1024x2048
+DEFAULT_PRESETS = (1, 3)  # 2048x2048 and 1024x2048: the largest preset and a padded one
 DEFAULT_FLOOR_BATCHES = (2, 8, 16, 24, 32)
 TINY_FLOOR_BATCHES = (2, 8, 16)
 
 # --------------------------------------------------------------------------------------------------
-# Real architectures (§22)
+# Real architectures (docs/method.md#benchmark-architectures)
 # --------------------------------------------------------------------------------------------------
 
 SDXL_UNET = dict(
@@ -105,7 +106,7 @@ def clip_config(kind: str):
                           hidden_act="gelu", projection_dim=1280, pad_token_id=0, **common)
 
 
-# Parameter counts of §22, in millions, to one decimal.
+# Parameter counts of docs/method.md#benchmark-architectures, in millions, to one decimal.
 EXPECTED_PARAMS_M = {
     "sdxl": {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7},
     "sd15": {"unet": 859.5, "vae": 83.7, "text_encoder": 123.1},
@@ -148,12 +149,12 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def check_param_counts(model: str, parts: dict) -> dict:
-    """Parameter counts in millions; AssertionError when one is off the §22 table (a config typo)."""
+    """Parameter counts in millions; AssertionError when one is off the published table (a config typo)."""
     counts = {name: count_params(module) / 1e6 for name, module in parts.items()}
     for name, expected in EXPECTED_PARAMS_M[model].items():
         got = counts[name]
         assert abs(got - expected) < 0.06, (
-            f"{model} {name}: {got:.3f} M parameters, §22 says {expected} M: check the config")
+            f"{model} {name}: {got:.3f} M parameters, the published architecture has {expected} M: check the config")
     return counts
 
 
@@ -212,38 +213,18 @@ def build_tiny(model: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# Expected cost (§16), computed from the geometry independently of the sampler
+# Expected cost: the sampler's own cost model (docs/method.md#cost-model)
 # --------------------------------------------------------------------------------------------------
-
-
-def windows_along(length: int, native: int, patch: int) -> int:
-    """n(L): one window when the axis fits a native crop, else ceil((L - p) / s) + 1 with s = p (§8)."""
-    return 1 if length <= native else -(-(length - patch) // patch) + 1
 
 
 def expected_cost(height: int, width: int, native: int, patch: int, R: int, T: int, B: int, v: int,
                   repaint: bool = True) -> dict:
-    """UNet samples and calls of one generation (§16) and of the batched design.
-
-    Every UNet sample of a pass (2B per reference pass, B per view) goes through the UNet together,
-    in ceil(samples / v) balanced calls (none padded, compiled or not). At or below the native size
-    the reference is the latent itself: all passes and the one view are one input, 2B samples a pass.
-    """
-    H, W = height // 8, width // 8
-    V = windows_along(H, native, patch) * windows_along(W, native, patch)
-    at_native = max(H, W) <= native
-    main = 2 * B if at_native else 2 * B * (R + 1) + B * V
-    repaint_pass = (2 * B if at_native else 2 * B + B * V) if (repaint and R > 0) else 0
-    main_calls = -(-main // v)
-    repaint_calls = -(-repaint_pass // v)
-    return dict(
-        V=V,
-        samples_per_main_pass=main,
-        samples_per_repaint_pass=repaint_pass,
-        samples=T * main + (T - 1) * repaint_pass,
-        calls=T * main_calls + (T - 1) * repaint_calls,
-        plain_cfg_samples=2 * B * T,
-    )
+    """UNet samples and calls of one generation by `elastic_diffusion.unet_cost`, for the JSON report."""
+    settings = dict(num_inference_steps=T, resampling_steps=R, patch_size=patch, repaint=repaint)
+    cost = ed.unet_cost(width, height, settings, native, batch=B, view_batch_size=v)
+    return dict(V=cost.views, samples_per_main_pass=cost.samples_per_main_pass,
+                samples_per_repaint_pass=cost.samples_per_repaint_pass, samples=cost.samples, calls=cost.calls,
+                vae_encodes=cost.vae_encodes, plain_cfg_samples=2 * B * T)
 
 
 def preset_request(index: int, native_px: int) -> dict:
@@ -258,11 +239,12 @@ def preset_request(index: int, native_px: int) -> dict:
         height=int(preset["height"] * scale) // 8 * 8,
         resampling_steps=preset["resampling_steps"],
         new_p=preset["new_p"],
-        rrg_init_weight=preset["rrg_init_weight"] * scale * scale,  # same pull per pixel (§11)
+        rrg_init_weight=preset["rrg_init_weight"] * scale * scale,  # same pull per pixel (RRG's pull at step 0)
     )
 
 
-# The reference implementation on an H200 (§17, SDXL, fp32 weights under fp16 autocast, v = 16).
+# The official implementation on an H200 (SDXL, fp32 weights under fp16 autocast, v = 16), as measured by the
+# authors of this project's method reference, not by this project: context for a GPU run, never a result.
 REFERENCE_SDXL = {
     (2048, 2048): dict(wall_s=95.9, unet_calls=698, vae_encodes=0, peak_gib=32.1),
     (1024, 2048): dict(wall_s=68.6, unet_calls=548, vae_encodes=898, peak_gib=22.6),
@@ -402,6 +384,7 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
         samples_match=info["unet_samples"] == expected["samples"],
         calls_match=info["unet_calls"] == expected["calls"],
         views_match=info.get("num_views") == expected["V"],
+        encodes_match=info["vae_encodes"] == expected["vae_encodes"],
         wall_s=wall, timings=info["timings"], decode_s=info["timings"].get("decode"),
         peak_memory_gib=info["peak_memory_gib"],
         floor_s=floor_s, ratio=wall / floor_s if floor_s else None,
@@ -500,7 +483,7 @@ def main(argv=None) -> dict:
         counts = check_param_counts(args.model, build_empty_components(args.model))
         report["params_m"] = counts
         for name, value in counts.items():
-            print(f"{args.model} {name}: {value:.2f} M parameters (§22: {EXPECTED_PARAMS_M[args.model][name]} M)")
+            print(f"{args.model} {name}: {value:.2f} M parameters (published: {EXPECTED_PARAMS_M[args.model][name]} M)")
         _write_json(args.json, report)
         return report
 
@@ -563,7 +546,8 @@ def main(argv=None) -> dict:
                 for r in results
                 for what, key, exp, ok in (("samples", "unet_samples", "samples", r["samples_match"]),
                                            ("calls", "unet_calls", "calls", r["calls_match"]),
-                                           ("views", "num_views", "V", r["views_match"]))
+                                           ("views", "num_views", "V", r["views_match"]),
+                                           ("VAE encodes", "vae_encodes", "vae_encodes", r["encodes_match"]))
                 if not ok]
     report["failures"] = failures
     report["all_checks_passed"] = not failures

@@ -224,7 +224,7 @@ def test_non_finite_json_numbers_are_refused(server, token):
     marker = 7.125  # stands for guidance_scale in the body, then becomes the non-finite token
     values = {**FAST, **app.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
               "view_batch_size": 16, "low_vram": False, "guidance_scale": marker}
-    names = list(app.inspect.signature(app.TextToImageApp.generate).parameters)[1:-1]
+    names = app.TextToImageApp.api_inputs()  # the order in which positional clients send them
     body = json.dumps({"data": [values[name] for name in names]}).replace(str(marker), token)
     stream = call_raw(server[1], body)
     assert "event: error" in stream and "guidance scale" in stream.lower(), stream
@@ -356,7 +356,7 @@ def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, e
         # Stored once: Gradio serves the result from the outputs folder instead of copying it to its cache.
         values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
                   "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2}
-        names = list(app.inspect.signature(app.TextToImageApp.generate).parameters)[1:-1]
+        names = app.TextToImageApp.api_inputs()
         gallery, _, _ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
         served_path = gallery[0]["image"]["path"]
         assert os.path.dirname(os.path.dirname(served_path)) == outputs.root and os.path.isfile(served_path)
@@ -387,7 +387,8 @@ def test_progress_shows_the_preparation_before_step_1(sampler):
               "view_batch_size": 16, "low_vram": False, "width": 2048, "height": 1024, "num_inference_steps": 2}
     outputs = app.OutputFolders()
     *_, (gallery, seed, summary) = app.stream_generation(
-        sampler, values, outputs, progress=lambda done_total, desc: descriptions.append(desc), preview_every=0)
+        sampler, app.parse_request(values, sampler), outputs, progress=lambda done_total, desc: descriptions.append(desc),
+        preview_every=0)
     first_step = descriptions.index(next(d for d in descriptions if "step 1/2" in d))
     before = descriptions[:first_step]
     assert before[0] == "Encoding the prompt" and "Encoding the padding strips (0/" in before[1]
@@ -398,15 +399,16 @@ def test_progress_shows_the_preparation_before_step_1(sampler):
 
 def test_time_left_comes_from_measured_steps():
     times = iter([0.0, 30.0, 35.0, 37.0, 39.0])  # start, 30 s of padding strips, steps of 5 s then 2 s and 2 s
-    reports = []
-    run = app.RunProgress(None, lambda report, x0: reports.append(report), "ElasticDiffusion", 10,
-                          clock=lambda: next(times))
+    shown = []
+    run = app.RunProgress(lambda done_total, desc: shown.append((done_total, desc)), clock=lambda: next(times))
     run.stage("backgrounds", 40, 40)
+    on_step = run.steps("ElasticDiffusion", 10)
     for step in range(3):
-        run.step(None, step, 0, {})
-    assert [r.eta_seconds for r in reports[1:]] == [5.0 * 9, 2.0 * 8, 2.0 * 7]  # the first step only until two
-    assert reports[0].describe() == "Encoding the padding strips (40/40)"
-    assert reports[2].describe() == "ElasticDiffusion: step 2/10, about 16 s left"
+        on_step(None, step, 0, {})
+    assert shown == [((40, 40), "Encoding the padding strips (40/40)"),
+                     ((1, 10), f"ElasticDiffusion: step 1/10, about {5 * 9} s left"),  # the first step only until two
+                     ((2, 10), f"ElasticDiffusion: step 2/10, about {2 * 8} s left"),
+                     ((3, 10), f"ElasticDiffusion: step 3/10, about {2 * 7} s left")]
 
 
 def test_help_shows_each_default_once(capsys):
@@ -422,9 +424,12 @@ def test_gpu_duration_grows_with_the_work():
     base = dict(width=1024, height=1024, num_inference_steps=50, resampling_steps=0, patch_size=64, repaint=True)
     big = dict(base, width=2048, height=2048, resampling_steps=10)
     assert 20 <= app.estimate_gpu_seconds(base, 1024) < app.estimate_gpu_seconds(big, 1024) <= 300
-    # 2048x2048, R = 10: 2,782 UNet samples (§16) at 17 ms, plus margins
+    # 2048x2048, R = 10: 2,782 UNet samples (docs/method.md#cost-model) at 17 ms, plus margins
     assert app.estimate_gpu_seconds(big, 1024) == int(20 + 1.2 * 2782 * app.UNET_SAMPLE_SECONDS)
     assert app.estimate_gpu_seconds(dict(base, width="x"), 1024) == 30
+    # The durations docs/app.md quotes: 1024² at the defaults, 2048x1024 and 2048² with their presets.
+    assert [app.estimate_gpu_seconds(dict(width=w, height=h), 1024) for w, h in ((1024, 1024), (2048, 1024),
+                                                                                (2048, 2048))] == [22, 46, 76]
     if app.spaces is None:  # without the `spaces` package the handler is used as it is
         assert app.on_gpu(free_port, 1024) is free_port
 
@@ -441,10 +446,9 @@ def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
     monkeypatch.setattr(app, "spaces", FakeSpaces)
     text_to_image = app.TextToImageApp(sampler)
     app.on_gpu(text_to_image.generate, 1024)
-    names = list(app.inspect.signature(text_to_image.generate).parameters)[:-1]
     values = {**app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
-    positional = [values.get(name) for name in names]  # Gradio passes the inputs by position
-    assert durations[0](*positional) == app.estimate_gpu_seconds(values, 1024) == 76
+    # Gradio passes the progress tracker by position and the inputs by name (inputs_kwargs).
+    assert durations[0](app.gr.Progress(), **values) == app.estimate_gpu_seconds(values, 1024) == 76
 
 
 def test_without_a_model_the_app_starts_and_explains():
@@ -524,7 +528,7 @@ def test_request_values_reach_the_sampler_validated(sampler):
     assert (request.seed, request.negative_prompt, request.compare_plain, request.view_batch_size) == (12, "", False, 4)
     assert request.knobs["num_inference_steps"] == 3 and isinstance(request.knobs["num_inference_steps"], int)
     assert request.knobs["guidance_scale"] == 7.5 and request.knobs["time_ids_scale"] == 4
-    assert set(request.knobs) == set(app.SAMPLER_KNOBS)
+    assert list(request.knobs) == [k.name for k in app.ed.method_knobs()]
     assert not math.isnan(request.knobs["new_p"])
 
 
@@ -537,3 +541,24 @@ def test_plain_pipeline_shares_the_modules_without_casting_them(tiny_sdxl_path):
     assert plain.unet is half.unet and plain.vae is half.vae and type(plain.scheduler).__name__ == "DDIMScheduler"
     assert {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)} == dtypes
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # the VAE upcast for decoding
+
+
+def test_the_low_vram_box_switches_the_loaded_sampler_in_place(sampler, monkeypatch):
+    """The demo's Low VRAM checkbox moves the loaded modules per request and back; nothing is rebuilt
+    (docs/method.md#fix-low-vram-toggle)."""
+    built = []
+    monkeypatch.setattr(ElasticDiffusion, "__init__", lambda *args, **kwargs: built.append(args))
+    unet, outputs = sampler.unet, app.OutputFolders()
+    try:
+        for low_vram in (True, False):
+            request = app.parse_request(dict(FAST, num_inference_steps=1, low_vram=low_vram), sampler)
+            switched = []
+            monkeypatch.setattr(sampler, "sample", lambda *args, **kwargs: switched.append(sampler.low_vram) or args[1])
+            app.run_generation(sampler, request, outputs.request())
+            assert switched == [low_vram] and sampler.low_vram is low_vram
+            assert (type(getattr(sampler.unet, "_hf_hook", None)).__name__ == "CpuOffload") is low_vram
+    finally:
+        monkeypatch.undo()
+        sampler.set_low_vram(False)
+        outputs.remove()
+    assert built == [] and sampler.unet is unet

@@ -260,7 +260,7 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
     # With `meta`, Gradio refuses paths outside its upload folder itself (no message); the rest reach the app.
     assert set(with_meta.values()) <= {ours, json.dumps(dict(error=None))}, with_meta
     assert with_meta["a missing file"] == with_meta["a server image"] == with_meta["a server file"]
-    names = list(app.inspect.signature(app.ImageToImageApp.generate).parameters)[1:-1]
+    names = app.ImageToImageApp.api_inputs()  # the order in which positional clients send them
     values = {**FAST, **text_app.preset(1024, 512, 1024), "negative_prompt": "", "controlnet_conditioning_scale": 0.5,
               "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200}
     for name in ("a server image", "a FIFO", "a pipe held by the server", "a symlink out"):  # /generate alike
@@ -322,8 +322,8 @@ def test_depth_without_its_model_fails_fast_once_with_advice_and_clears_the_map(
             assert page.preview(photo, "depth", 2048, 1024, 100, 200) is None  # cleared, not the old map
             assert time.monotonic() - started < 5
         with pytest.raises(app.gr.Error, match="--depth-model"):
-            next(page.generate(photo, "p", "", "depth", 0.5, 1024, 512, 0, False, 2, 10, 0, 0.3, 0, 10, 0.4, 64,
-                               16, True, False, False, 4, 100, 200))
+            next(page.generate(image=photo, prompt="p", negative_prompt="", condition="depth", width=1024, height=512,
+                               seed=0, randomize_seed=False, num_inference_steps=2, resampling_steps=0))
     finally:
         shutil.rmtree(upload)
     assert len(loads) == 1  # tried once, then said at once
@@ -414,9 +414,8 @@ def test_zero_gpu_durations_count_the_controlnet_and_the_examples_presets(sample
     monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
     app.ImageToImageApp(sampler).build()
     values = {**text_app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
-    names = list(app.inspect.signature(app.ImageToImageApp.generate).parameters)[1:-1]
     unet_only = text_app.estimate_gpu_seconds(values, 1024)  # 76 s for 2048x2048 (test_app.py)
-    assert durations["generate"](*[values.get(name) for name in names]) == int(
+    assert durations["generate"](app.gr.Progress(), **values) == int(
         20 + 1.2 * 2782 * text_app.UNET_SAMPLE_SECONDS * app.CONTROLNET_COST) > unet_only
     # The example's handler takes only some knobs: the others are the size's preset, not a 30 s guess.
     example = durations["generate_example"](*app.EXAMPLE_ROWS[0])

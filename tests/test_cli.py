@@ -14,7 +14,7 @@ def test_help_documents_every_knob(capsys):
         ed.build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ed.SETTING_NAMES + ("view_batch_size", "low_vram", "seed", "outdir", "sd_version", "drop_p"):
+    for name in [k.name for k in ed.KNOBS] + ["seed", "outdir", "sd_version", "drop_p"]:
         assert f"--{name}" in text, name
 
 
@@ -46,12 +46,12 @@ def test_cli_writes_pngs_that_reproduce(tiny_sdxl_path, tmp_path):
     record = json.loads(image.text["elastic_diffusion"])
     assert record["prompt"] == "a lighthouse" and record["seed"] == 3 and record["width"] == 1024
     assert record["num_inference_steps"] == 2 and record["repaint"] is False and record["model"] == tiny_sdxl_path
-    for name in ed.SETTING_NAMES:
+    for name in [k.name for k in ed.method_knobs()]:
         assert name in record
     assert "Negative prompt:" in image.text["parameters"]
     # the metadata alone regenerates the same pixels
     sampler = ed.ElasticDiffusion(device="cpu", sd_version=record["model"])
-    knobs = {k: record[k] for k in ed.SETTING_NAMES}
+    knobs = {k.name: record[k.name] for k in ed.method_knobs()}
     images, _ = sampler(record["prompt"], record["negative_prompt"], height=record["height"], width=record["width"],
                         seed=record["seed"], num_images_per_prompt=2, progress=False, **knobs)
     assert images[0].tobytes() == image.convert("RGB").tobytes()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import elastic_diffusion as ed
 import elastic_diffusion_w_controlnet as edc
 from elastic_diffusion import ElasticDiffusion, reference_size
 from elastic_diffusion_w_controlnet import (ElasticDiffusionControlNet, canny_condition, depth_condition, fit_image,
@@ -87,16 +88,11 @@ class Recorder:
         return sum(r.kind == kind for regions, _ in self.calls for r in regions)
 
 
-def expected_samples(B, R, T, V, repaint=True, native=False):
-    """(reference, local) UNet samples of a run: per step (R + 1) passes of 2B and V*B, plus repaint (§10).
-
-    At or below the native size (`native`) all passes and the one local view are the same input: one pass
-    of 2B samples, no local sample.
-    """
-    repaints = T - 1 if repaint and R > 0 else 0
-    if native:
-        return 2 * B * (T + repaints), 0
-    return 2 * B * ((R + 1) * T + repaints), V * B * (T + repaints)
+def expected_samples(pipe, info, batch):
+    """(reference, local) UNet samples of a finished run, by the cost model (docs/method.md#cost-model)."""
+    s = info["settings"]
+    cost = ed.unet_cost(s["width"], s["height"], s, pipe.native_latent, batch, s["view_batch_size"])
+    return cost.reference_samples, cost.local_samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +110,7 @@ def test_residuals_feed_every_reference_and_local_sample(sd1):
     assert images[0].size == (1024, 512) and info["condition_image"].size == (1024, 512)
     V = info["num_views"]
     assert V == 4  # 1024x512 on a 512-px model: four 64x64 latent crops along the width
-    ref, local = expected_samples(B=1, R=1, T=2, V=V)
+    ref, local = expected_samples(sd1, info, batch=1)
     assert (info["controlnet_reference_samples"], info["controlnet_local_samples"]) == (ref, local) == (10, 12)
     assert info["controlnet_samples"] == info["unet_samples"] == ref + local
     # Each region's condition is made and encoded once per run (one reference, V windows), not per sample.
@@ -239,7 +235,7 @@ def test_sdxl_two_prompts(sdxl, sdxl_controlnet):
     images, info = pipe(["a cat", "a dog"], condition_image=PHOTO, condition="canny", width=1024, height=512,
                         output_type="np", **FAST)
     assert images.shape == (2, 512, 1024, 3) and np.isfinite(images).all()
-    ref, local = expected_samples(B=2, R=info["settings"]["resampling_steps"], T=2, V=info["num_views"], native=True)
+    ref, local = expected_samples(pipe, info, batch=2)
     assert (info["controlnet_reference_samples"], info.get("controlnet_local_samples", 0)) == (ref, local) == (8, 0)
     assert info["settings"]["condition"] == "canny" and info["settings"]["controlnet_model"] == sdxl_controlnet
 
@@ -467,7 +463,7 @@ def test_cli_flags():
     assert args.controlnet_conditioning_scale == 0.5 and args.save_condition and os.path.isfile(args.condition_image)
     assert not parser.parse_args(["--no-save_condition"]).save_condition
     assert not parser.parse_args(["--no-low_vram"]).low_vram and parser.parse_args(["--low_vram"]).low_vram
-    assert parser.parse_args(["--controlnet_model", "someone/controlnet-scribble"]).controlnet_model  # D3
+    assert parser.parse_args(["--controlnet_model", "someone/controlnet-scribble"]).controlnet_model  # any id, not only the defaults
     assert "centre-cropped" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--condition", "sketch"])

@@ -1,4 +1,4 @@
-"""Pure index math against the method reference's checks (§21 items 1-5): no model needed."""
+"""Pure index math against docs/method.md (docs/method.md#checking-an-implementation): no model needed."""
 import math
 
 import pytest
@@ -109,7 +109,7 @@ def _all_sizes_8px(native_px):
 
 def test_subsampler_exact_on_the_whole_8px_grid():
     """Every size on the 8-px grid up to 2x (SD 1.5 native 512): x_ref is (h, w) and the mask is
-    exactly the gathered set, at every pass (the official tables fail at many of these, D14)."""
+    exactly the gathered set, at every pass (docs/method.md#fix-sub-sampler-tables)."""
     gen = torch.Generator().manual_seed(0)
     checked = 0
     for height, width in _all_sizes_8px(512):
@@ -220,7 +220,7 @@ def test_coverage_formula_at_ratio_half():
 
 
 def test_write_back_goes_to_the_gathered_positions_and_fills_by_group():
-    H, W, h, w = 192, 135, 128, 72  # ratios 2/3 and 8/15, where nearest upsampling misaligns (D9)
+    H, W, h, w = 192, 135, 128, 72  # ratios 2/3 and 8/15, where nearest upsampling misaligns
     cells = ed.choose_cells(3, ed.candidate_counts(H, W, h, w), 0.3, torch.Generator().manual_seed(0))
     rows, cols = ed.source_indices(cells, H, W)
     deltas = torch.randn(3, 2, 4, h, w)
@@ -354,3 +354,31 @@ def test_recommended_settings_between_presets_are_monotone():
     assert ed.recommended_settings(1280, 768, 1024)["resampling_steps"] == 7
     assert ed.recommended_settings(1024, 1024, 512)["patch_size"] == 32
     assert ed.recommended_settings(1024, 1024, 512)["rrg_init_weight"] == 2000
+
+
+# ---------------------------------------------------------------------------------- cost model
+
+
+def test_cost_model_reproduces_the_method_table():
+    """docs/method.md#cost-model: SDXL, T = 50, B = 1, v = 16, p = 64, the demo presets' R."""
+    table = {(2048, 2048): (16, 2782, 248, 0), (1536, 1536): (9, 1789, 149, 0), (1024, 2048): (4, 1294, 149, 100),
+             (1080, 1920): (12, 2086, 149, 100), (2048, 1536): (12, 2386, 199, 100), (768, 2048): (4, 1294, 149, 200),
+             (2048, 512): (4, 1294, 149, 200), (768, 768): (1, 100, 50, 200), (512, 512): (1, 100, 50, 200)}
+    for (width, height), (V, samples, calls, encodes) in table.items():
+        cost = ed.unet_cost(width, height, ed.recommended_settings(width, height), 128)
+        assert (cost.views, cost.samples, cost.calls, cost.vae_encodes) == (V, samples, calls, encodes), (width, height)
+        assert cost.samples == cost.reference_samples + cost.local_samples
+    # Worked examples and sensitivities of the same section.
+    settings = ed.recommended_settings(2048, 2048)
+    assert ed.unet_cost(2048, 2048, settings, 128).samples == 50 * (2 * 11 + 16) + 49 * (2 + 16)
+    assert ed.unet_cost(2048, 2048, dict(settings, patch_size=32), 128).samples == 7534
+    assert ed.unet_cost(2048, 2048, dict(settings, patch_size=96), 128).samples == 2089
+    assert ed.unet_cost(2048, 2048, dict(settings, patch_size=120), 128).samples == 2089
+    sd15 = dict(ed.recommended_settings(1024, 1024, 512), resampling_steps=7)
+    assert ed.unet_cost(1024, 1024, sd15, 64).samples == 2482  # SD 1.5 at 1024², R = 7: V = 16
+    # Without repaint no repaint pass; at the native size with R > 0 the repaint pass is one [neg; pos] pair.
+    assert ed.unet_cost(2048, 1024, dict(ed.recommended_settings(2048, 1024), repaint=False), 128).samples == 1000
+    at_native = ed.unet_cost(1024, 1024, dict(ed.recommended_settings(1024, 1024), resampling_steps=3), 128)
+    assert (at_native.samples, at_native.samples_per_main_pass, at_native.samples_per_repaint_pass) == (198, 2, 2)
+    two = ed.unet_cost(2048, 1024, ed.recommended_settings(2048, 1024), 128, batch=2, view_batch_size=5)
+    assert (two.samples, two.calls) == (2 * 1294, 50 * 8 + 49 * 3)  # 40 samples in 8 calls, 12 in 3

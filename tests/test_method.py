@@ -1,7 +1,7 @@
 """The method pinned end to end, stochastic core included, against an independent implementation.
 
 `naive_elastic` re-states the sampling loop from the method description alone (the paper's algorithm
-and the method reference's sampling loop, sub-sampler, padding, local score, repaint and RRG): the
+and docs/method.md's sampling loop, sub-sampler, padding, local score, repaint and RRG): the
 sub-sampler's group rule and four-way pick, NaN-marked write-back, first-writer-wins windows,
 explicit background padding, diffusers' `DDIMScheduler.step` and autograd for RRG. It shares no code
 with the sampler; the two get the same injected sub-sampler choices and repaint noise (and the

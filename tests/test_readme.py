@@ -1,10 +1,13 @@
-"""The README's Python quick start runs as written (D1), with a tiny model in place of SDXL."""
+"""The README's Python quick start runs as written (docs/method.md#fix-readme-keyword), with a tiny model in place
+of SDXL; its numbers and its knob table match what the project measured and the knobs table."""
 import os
 import re
-
-import elastic_diffusion as ed
+import sys
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+sys.path.insert(0, os.path.dirname(README))  # `python tests/test_readme.py` from anywhere
+
+import elastic_diffusion as ed  # noqa: E402
 
 
 def quickstart_code() -> str:
@@ -29,10 +32,42 @@ def test_readme_quickstart_runs(tiny_sdxl_path, tmp_path, monkeypatch):
     assert (tmp_path / "ostrich.png").is_file()
 
 
+KNOBS_BEGIN = "<!-- knobs table: checked against elastic_diffusion.KNOBS by tests/test_readme.py, which prints it -->"
+KNOBS_END = "<!-- end of the knobs table -->"
+
+
+def knob_table() -> str:
+    """The README's knob table, one line per row of `elastic_diffusion.KNOBS`."""
+    lines = ["| knob | meaning | default | sampler accepts (demos accept) |", "|---|---|---|---|"]
+    for k in ed.KNOBS:
+        name = f"`{k.name}`" + (f" ({k.symbol})" if k.symbol else "") + (", *memory*" if k.memory else "")
+        if k.type is bool:
+            default, allowed = ("on" if k.default else "off"), "on or off"
+        elif k.choices:
+            default, allowed = ed.format_number(k.default), " or ".join(ed.format_number(c) for c in k.choices)
+        else:
+            default = k.preset if k.default == ed.PRESET else ed.format_number(k.default)
+            low, high = ("D" if v == ed.NATIVE_LATENT else v for v in (k.minimum, k.maximum))
+            rule = ed.describe_range(low, high, k.open_minimum, k.open_maximum)
+            allowed = f"{'whole numbers' if k.type is int else 'numbers'} {rule}" if rule else "any finite number"
+            if k.demo_range:
+                allowed += f" ({ed.describe_range(*('D' if v == ed.NATIVE_LATENT else v for v in k.demo_range))})"
+        lines.append(f"| {name} | {k.help} | {default} | {allowed} |")
+    return "\n".join(lines)
+
+
+def test_readme_knob_table_is_the_knobs_table():
+    """Checked, not generated at run time: after a change to KNOBS, paste `python tests/test_readme.py`'s output."""
+    text = open(README, encoding="utf-8").read()
+    assert KNOBS_BEGIN in text and KNOBS_END in text, "README lost its knob-table markers"
+    table = text.split(KNOBS_BEGIN, 1)[1].split(KNOBS_END, 1)[0].strip()
+    assert table == knob_table(), "README's knob table differs from KNOBS: run `python tests/test_readme.py`"
+
+
 def test_readme_documents_every_knob():
     text = open(README, encoding="utf-8").read()
-    for name in ed.SETTING_NAMES + ("view_batch_size", "low_vram"):
-        assert f"`{name}`" in text, name
+    for row in ed.KNOBS:
+        assert f"`{row.name}`" in text, row.name
 
 
 def _front_matter() -> str:
@@ -91,3 +126,15 @@ def test_torch_floor_is_the_tested_version():
     (pinned,) = re.findall(r"^torch==([\d.]+)", dev, re.M)
     assert pinned.startswith(floor + ".") or pinned == floor
     assert f"`torch>={floor}`" in open(README, encoding="utf-8").read()
+
+
+def test_test_time_is_the_measured_one():
+    """The README's and docs/testing.md's suite time is the one docs/testing.md records as measured."""
+    testing = open(os.path.join(os.path.dirname(README), "docs", "testing.md"), encoding="utf-8").read()
+    testing = " ".join(testing.split())
+    (minutes,) = re.findall(r"took (\d+) minutes", testing)
+    assert f"about {minutes} minutes on 2 cores" in " ".join(open(README, encoding="utf-8").read().split())
+
+
+if __name__ == "__main__":
+    print(KNOBS_BEGIN, knob_table(), KNOBS_END, sep="\n\n")

@@ -2,8 +2,8 @@
 
 Exactness (plain CFG at native size; the independent implementation of the whole loop is in
 test_method.py), UNet evaluation counts for every demo preset, seeding, batching invariance,
-threads, conditioning details and the fixes of the reference implementation's defects (§20) that
-need a model.
+threads, conditioning details and the fixes of the reference implementation's defects that need a model
+(docs/method.md#what-this-project-fixes-in-the-official-implementation).
 """
 import threading
 
@@ -51,15 +51,10 @@ def relative_error(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def expected_samples(T, B, R, V, repaint=True, native=False):
-    """§16: N = T (2B(R+1) + BV) + (T-1) [R > 0 and repaint] (2B + BV).
-
-    At or below the native size (`native`: the reference is the latent itself) every pass and the one
-    local view are the same input, evaluated once: 2B per pass, as plain CFG.
-    """
-    if native:
-        return T * 2 * B + (T - 1) * (R > 0 and repaint) * 2 * B
-    return T * (2 * B * (R + 1) + B * V) + (T - 1) * (R > 0 and repaint) * (2 * B + B * V)
+def expected_cost(sampler, info, batch=1) -> ed.Cost:
+    """The cost model's counts for a finished run, from the settings it reports."""
+    s = info["settings"]
+    return ed.unet_cost(s["width"], s["height"], s, sampler.native_latent, batch, s["view_batch_size"])
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -93,9 +88,8 @@ def test_native_size_without_resampling_equals_plain_cfg_ddim(kind, request):
 
 @pytest.mark.parametrize("preset", ed.DEMO_PRESETS, ids=lambda p: f"{p['width']}x{p['height']}")
 def test_unet_sample_count_matches_cost_formula(xl, preset):
+    """The counters of a real run (and a forward pre-hook on the UNet) equal the cost model, at every preset."""
     T = 3
-    W, H = preset["width"] // 8, preset["height"] // 8
-    V = len(ed.local_views(H, W, 128, 64))
     spy = UNetSpy(xl.unet)
     try:
         _, info = xl(preset["prompt"], ed.PRESET_NEGATIVE_PROMPT, height=preset["height"], width=preset["width"],
@@ -103,15 +97,31 @@ def test_unet_sample_count_matches_cost_formula(xl, preset):
                      rrg_init_weight=preset["rrg_init_weight"], seed=0, **QUIET)
     finally:
         spy.remove()
-    native = max(preset["width"], preset["height"]) <= 1024
-    expected = expected_samples(T, 1, preset["resampling_steps"], V, native=native)
-    assert spy.samples == info["unet_samples"] == expected
+    cost = expected_cost(xl, info)
+    assert spy.samples == info["unet_samples"] == cost.samples
+    assert len(spy.calls) == info["unet_calls"] == cost.calls
+    assert (info["vae_encodes"], info["num_views"]) == (cost.vae_encodes, cost.views)
     assert {c["shape"][1:] for c in spy.calls} == {(4, 128, 128)}  # every UNet input is D x D
     assert all(c["shape"][0] <= 16 for c in spy.calls)
+    W, H = preset["width"] // 8, preset["height"] // 8
     h, w = ed.reference_size(preset["height"], preset["width"], 1024)
     crop = (min(H, 128), min(W, 128))
     strips = set(ed.padding_strips(h, w, 128).items()) | set(ed.padding_strips(*crop, 128).items())
-    assert info["vae_encodes"] == T * len(strips)  # each strip once per timestep (D15)
+    assert info["vae_encodes"] == T * len(strips)  # each strip once per timestep
+
+
+@pytest.mark.parametrize("width,height,R", [(2048, 2048, None), (1024, 2048, None), (768, 768, None),
+                                            (768, 2048, None), (1080, 1920, None), (1024, 1024, 2)])
+def test_cost_model_with_a_batch_and_small_calls(xl, width, height, R):
+    """Two images per prompt in calls of at most 5 samples: presets 1, 3 and 11, one with padded crops, one
+    whose windows are moved back, and the native size with resampling; with and without repaint."""
+    for repaint in (True, False):
+        _, info = xl(["a corgi", "a cat"], height=height, width=width, num_inference_steps=2, view_batch_size=5,
+                     resampling_steps=R, repaint=repaint, seed=0, **QUIET)
+        cost = expected_cost(xl, info, batch=2)
+        assert (info["unet_samples"], info["unet_calls"], info["vae_encodes"], info["num_views"]) == (
+            cost.samples, cost.calls, cost.vae_encodes, cost.views)
+        assert max(info["unet_batch_sizes"]) <= 5
 
 
 @pytest.mark.parametrize("width,height,samples,encodes", [(2048, 2048, 2782, 0), (1024, 2048, 1294, 100)])
@@ -310,6 +320,32 @@ def test_sdxl_embeddings_and_empty_negative_prompt_is_encoded(xl):
     assert not torch.allclose(embeds[0], embeds[1])
 
 
+def test_each_text_encoder_runs_once_per_generation(xl):
+    """SDXL's two encoders each run once, on the batch [negatives; prompts] (docs/method.md#fix-text-encoder-runs)."""
+    calls = {"text_encoder": [], "text_encoder_2": []}
+    hooks = [getattr(xl, name).register_forward_pre_hook(lambda module, args, name=name: calls[name].append(args[0]))
+             for name in calls]
+    try:
+        xl(["a cat", "a dog"], "blurry", height=512, width=1024, num_inference_steps=1, **QUIET)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [len(ids) for ids in calls["text_encoder"]] == [len(ids) for ids in calls["text_encoder_2"]] == [4]
+
+
+def test_the_global_random_state_is_left_untouched(xl):
+    """Every draw uses its own generator: the initial noise, the sub-sampler, the re-noising and the padding
+    strips (docs/method.md#fix-local-generators)."""
+    import random
+
+    import numpy as np
+
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    xl("x", height=1024, width=2048, num_inference_steps=2, resampling_steps=2, seed=0, **QUIET)
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
 def test_long_prompt_warns_with_the_cut_text(sd1):
     prompt = " ".join(["word"] * 80) + " tailend"
     with pytest.warns(UserWarning, match="tailend"):
@@ -354,7 +390,8 @@ def test_native_size_padding_is_one_input(xl):
 
 
 def test_fp32_direction_on_cpu(xl):
-    """D11: the assembled direction stays in the working precision (fp32 here), never fp16."""
+    """The assembled direction stays in the working precision (fp32 here), never fp16
+    (docs/method.md#fix-direction-precision)."""
     seen = {}
     original = ed.write_back_direction
 
@@ -524,7 +561,7 @@ def test_verbose_info_reports_what_was_used(xl):
     images, info = xl("a cat", height=1024, width=2048, num_inference_steps=2, seed=7, progress=False)
     s = info["settings"]
     assert (s["width"], s["height"], s["resampling_steps"], s["rrg_init_weight"], s["new_p"]) == (2048, 1024, 7, 1000.0, 0.3)
-    assert info["seed"] == 7 and info["unet_samples"] == expected_samples(2, 1, 7, 4)
+    assert info["seed"] == 7 and info["unet_samples"] == expected_cost(xl, info).samples == 2 * (2 * 8 + 4) + 6
     assert set(info["timings"]) >= {"encode_prompt", "backgrounds", "denoise", "decode", "total"}
     assert info["peak_memory_gib"] is None  # CPU
     assert images[0].size == (2048, 1024)
@@ -597,7 +634,7 @@ def test_model_keys_map_to_hub_ids():
     assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0"}
 
 
-# ------------------------------------------------------------------------------ beyond 2x (D13)
+# ---------------------------------------------------------- beyond 2x (docs/method.md#fix-general-sub-sampler)
 
 
 def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
@@ -616,7 +653,7 @@ def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
     assert info["reference_size"] == (21, 64) and images[0].size == (1536, 512)
     V = len(ed.local_views(64, 192, 64, 32))
     assert V == 6 and info["settings"]["resampling_steps"] == 10
-    assert spy.samples == expected_samples(2, 1, 10, V)
+    assert spy.samples == expected_cost(sd1, info).samples == 2 * (2 * 11 + V) + (2 + V)
 
 
 def test_general_subsampler_at_three_times():
