@@ -204,6 +204,21 @@ def build_real_pipeline(model: str, device: torch.device, dtype: torch.dtype, se
     return pipe, counts
 
 
+def build_controlnet(unet, device: torch.device, dtype: torch.dtype, seed: int = 1):
+    """A ControlNet of `unet`'s architecture (diffusers' `from_unet` config) with random weights on `device`.
+
+    Built on the meta device and filled like the other models (no random zero convolutions: the
+    residuals are not zero, as with trained weights).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return materialize(controlnet, device, dtype, torch.Generator(device).manual_seed(seed))
+
+
 def build_tiny(model: str):
     from tiny_models import build_tiny_pipeline
 
