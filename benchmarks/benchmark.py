@@ -261,6 +261,29 @@ def expected_cost(height: int, width: int, native: int, patch: int, R: int, T: i
     )
 
 
+def call_sizes(samples: int, v: int) -> list[int]:
+    """Sizes of the balanced UNet calls of one pass of `samples` samples at most `v` per call (38 at 16: 13, 13, 12)."""
+    if samples <= 0:
+        return []
+    calls = -(-samples // v)
+    size = -(-samples // calls)
+    return [min(size, samples - start) for start in range(0, samples, size)]
+
+
+def planned_batch_sizes(expected: dict, steps: int, v: int) -> dict[int, int]:
+    """Call size -> number of calls over a whole run, from `expected_cost`'s samples per pass.
+
+    What the sampler reports as `unet_batch_sizes`; known before the run, so the floor can time
+    these sizes up front (also for a view batch size that is not run).
+    """
+    sizes = {}
+    for samples, passes in ((expected["samples_per_main_pass"], steps),
+                            (expected["samples_per_repaint_pass"], steps - 1)):
+        for size in call_sizes(samples, v):
+            sizes[size] = sizes.get(size, 0) + passes
+    return {size: count for size, count in sorted(sizes.items()) if count}
+
+
 def preset_request(index: int, native_px: int) -> dict:
     """Demo preset `index` (1-based), sizes scaled to the model (SD 1.5: half the SDXL sizes)."""
     if not 1 <= index <= len(ed.DEMO_PRESETS):
@@ -626,7 +649,8 @@ def build(args: argparse.Namespace) -> dict:
     return built
 
 
-def parse_batches(text: str) -> list[int]:
+def parse_ints(text: str) -> list[int]:
+    """Comma-separated integers (batch sizes, preset numbers); empty items are ignored."""
     return [int(b) for b in text.split(",") if b.strip()]
 
 
@@ -676,7 +700,7 @@ def main(argv=None) -> dict:
         _write_json(args.json, report)
         return report
 
-    presets = [int(p) for p in args.presets.split(",") if p.strip()]
+    presets = parse_ints(args.presets)
     built = build(args)
     pipe, device, dtype, card = built["pipe"], built["device"], built["dtype"], built["card"]
     report.update(device=str(device), card=card, dtype=str(dtype).replace("torch.", ""), params_m=built["params_m"],
@@ -685,7 +709,7 @@ def main(argv=None) -> dict:
     # The floor, in the same process, on the bare (eager) UNet before the sampler touches it.
     print("UNet floor (eager):", flush=True)
     eager_costs = {}
-    floor = measure_floor(pipe.unet, parse_batches(args.floor_batches), device, dtype, args.floor_iters,
+    floor = measure_floor(pipe.unet, parse_ints(args.floor_batches), device, dtype, args.floor_iters,
                           warmup=1 if args.mode == "tiny" else 2, known=eager_costs)
     report["floor"] = floor
     if device.type == "cuda":
