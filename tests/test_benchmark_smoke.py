@@ -175,11 +175,16 @@ def test_gpu_check_targets():
 
 @pytest.mark.slow  # about 1.5 minutes of inductor compilation on 2 CPU cores
 def test_gpu_check_compile_stages_dry_run(tmp_path):
+    # v = 8: on a CPU, fp32 convolutions switch backend (oneDNN) at batch 16, so a graph traced at batch < 16
+    # holds only up to 15 and timing the compiled UNet at 16 would compile again (flagged as a failure)
     gpu_check = _load_gpu_check()
-    report = gpu_check.main(["--mode", "tiny", "--out", str(tmp_path), "--presets", "3", "--stages", "compile,tests_compile"])
+    report = gpu_check.main(["--mode", "tiny", "--out", str(tmp_path), "--presets", "3", "--view_batch_size", "8",
+                             "--stages", "compile,tests_compile"])
     assert [stage["status"] for stage in report["stages"].values()] == ["done", "done"] and not report["failures"]
     assert report["compile"]["graphs_compiled"] >= 1 and report["compile"]["first_call_s"] > 0
+    assert report["compile"]["graphs_compiled_timing_the_unet"] == 0  # time_unet calls it as the sampler does
     (run,) = report["results"]
     assert run["compiled"] and run["graphs_compiled_in_timed_run"] == 0 and run["ratio_compiled"] > 0
+    assert run["graphs_compiled_timing_the_unet"] == 0 and run["calls_floor_s"] > 0
     assert report["tests_compile"]["counts"] == {"skipped": 1}
     assert "test_compiled_unet_gives_the_eager_image" in report["tests_compile"]["tests"]
