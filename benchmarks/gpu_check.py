@@ -403,10 +403,17 @@ def summary_text(report: dict) -> str:
                        if k in ("torch", "cuda", "diffusers", "transformers"))]
     if report["results"]:
         lines.append(bm.markdown_table(report["results"], report.get("card", "-")))
+    floor = report.get("floor") or {}
+    if floor:
+        lines.append(f"eager UNet floor: {1000 * floor['best_per_sample_s']:.2f} ms/sample at batch {floor['best_batch']}")
     compiled = report.get("compile")
     if compiled:
+        per_sample = floor.get("compiled_per_sample_s")
         lines.append(f"compile: first call {compiled['first_call_s']:.1f} s (preset {compiled['preset']}, "
-                     f"T={compiled['steps']}, {compiled['graphs_compiled']} graph(s))")
+                     f"T={compiled['steps']}, {compiled['graphs_compiled']} graph(s)); compiled UNet "
+                     + ("-" if per_sample is None else f"{1000 * per_sample:.2f}") + " ms/sample at batch v; "
+                     + ", ".join(f"preset {r['preset']} wall / compiled floor {r['ratio_compiled']:.2f}"
+                                 for r in report["results"] if r.get("ratio_compiled") is not None))
     for row in report.get("view_batch_comparison", []):
         shown = ", ".join(f"{k}: {'-' if c is None else f'{1000 * c:.2f}'}" for k, c in row["per_sample_s"].items())
         floor = "-" if row["calls_floor_s"] is None else f"{row['calls_floor_s']:.2f} s"
