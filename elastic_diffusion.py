@@ -1413,9 +1413,15 @@ class ElasticDiffusion:
     def finish_run(self, run: Run) -> None:
         """Extension point: runs after every generation (a failed or cancelled one too), still inside it.
 
-        The base frees the run's device tensors; the ControlNet also offloads its model in low-VRAM mode.
+        The base frees the run's device tensors and, in low-VRAM mode, moves every model back to the CPU;
+        the ControlNet also offloads its own model.
         """
         run.release()
+        if self.low_vram:
+            # The offload hooks move a model off the GPU only when the next model of the chain runs: a run
+            # without a decode (latent output, an error) would leave the UNet there for the next run's
+            # text encoders. diffusers' pipelines end each call the same way.
+            self.pipe.maybe_free_model_hooks()
 
     def sample(self, run: Run, x: torch.Tensor, callback_on_step_end: Callable | None = None,
                progress: bool | Callable = True) -> torch.Tensor:

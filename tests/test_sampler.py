@@ -497,6 +497,33 @@ def test_low_vram_uses_model_offload_and_changes_nothing(xl):
     assert offloaded[0].size == (2048, 1024)
 
 
+def test_low_vram_runs_end_with_every_model_offloaded(xl, monkeypatch):
+    """The offload hooks move a model off the GPU only when the next model of the chain runs, so a run without
+    a decode would leave the UNet on the GPU for the next run's text encoders: every low-VRAM run, a latent-output
+    or cancelled one too, ends with diffusers' `maybe_free_model_hooks` (all models to the CPU, hooks set again).
+    On a CPU every device is the CPU; tests/test_gpu.py checks where the UNet really is on a GPU."""
+    freed = []
+    free = type(xl.pipe).maybe_free_model_hooks
+    monkeypatch.setattr(type(xl.pipe), "maybe_free_model_hooks", lambda pipe: (freed.append(pipe), free(pipe))[1])
+    args = dict(height=1024, width=1024, num_inference_steps=2, seed=0, **QUIET)
+    xl("x", **args)
+    assert freed == []  # normal mode: models stay where they are
+    xl.set_low_vram(True)
+    try:
+        xl("x", **args)
+        assert freed == [xl.pipe]
+
+        def cancel(pipe, step, t, tensors):
+            raise ed.GenerationCancelled("stop")
+
+        with pytest.raises(ed.GenerationCancelled):
+            xl("x", callback_on_step_end=cancel, **args)
+        assert freed == [xl.pipe, xl.pipe]
+        assert type(getattr(xl.unet, "_hf_hook", None)).__name__ == "CpuOffload"  # still in low-VRAM mode
+    finally:
+        xl.set_low_vram(False)
+
+
 def test_from_pipe_reuses_components(xl):
     other = ed.ElasticDiffusion.from_pipe(xl.pipe, device="cpu")
     assert other.unet is xl.unet and other.vae is xl.vae and other.text_encoder_2 is xl.text_encoder_2
