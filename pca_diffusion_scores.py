@@ -233,6 +233,9 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
     """Plain CFG-DDIM at the requested size through diffusers' pipeline, from the sampler's starting noise
     for `seed` (the noise an ElasticDiffusion run with that seed starts from). Returns (images, info).
 
+    Everything else is diffusers' default, SDXL's size conditioning included (the image size, where the
+    sampler's default is 4x; see `time_ids_scale`).
+
     `unet_hook(module, args, kwargs, output)` is registered as a forward hook on the UNet for this run only.
     """
     pipe = plain_pipeline(sampler)
@@ -305,6 +308,20 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
                    callback_on_step_end=on_step, progress=progress, **generate_kwargs)
 
 
+def _generate_parameters(sampler) -> set[str]:
+    """Keyword names the sampler's `generate` takes (a subclass's own plus those it passes on to the base)."""
+    import inspect
+
+    names = set()
+    for cls in type(sampler).__mro__:
+        if "generate" in vars(cls):
+            parameters = inspect.signature(vars(cls)["generate"]).parameters
+            names |= {n for n, p in parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+                break
+    return names
+
+
 def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: int | None = None,
                   width: int | None = None, method: str = "elastic", steps_to_keep: str | Sequence[int] = "all",
                   seed: int | None = None, decode_x0: bool = False, callback_on_step_end: Callable | None = None,
@@ -326,6 +343,10 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     Bad input (size, knobs, steps_to_keep, method) raises ValueError before anything runs.
     """
     _check_choice("method", method, METHODS)
+    unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
+    if unknown:  # 'plain' would otherwise ignore a misspelt knob without a word
+        raise TypeError(f"record_scores got unexpected keyword arguments {unknown}: it takes the sampler's "
+                        "generate() arguments")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise ValueError(f"prompt and negative_prompt must be strings; got {prompt!r} and {negative_prompt!r}")
     height = 2 * sampler.native_px if height is None else height
@@ -514,6 +535,7 @@ class SheetLayout(NamedTuple):
     title_height: int
     header_height: int
     panel: tuple[int, int]  # (width, height)
+    column_width: int  # at least the panel's, so a step label fits above a narrow (tall-image) panel
     gap: int
     rows: int
     columns: int
@@ -521,18 +543,19 @@ class SheetLayout(NamedTuple):
     @classmethod
     def for_panels(cls, panel: tuple[int, int], rows: int, columns: int, font_size: int) -> "SheetLayout":
         return cls(label_width=11 * font_size, title_height=3 * font_size, header_height=3 * font_size,
-                   panel=panel, gap=max(2, font_size // 4), rows=rows, columns=columns)
+                   panel=panel, column_width=max(panel[0], 5 * font_size), gap=max(2, font_size // 4),
+                   rows=rows, columns=columns)
 
     @property
     def size(self) -> tuple[int, int]:
-        w, h = self.panel
-        return (self.label_width + self.columns * (w + self.gap) + self.gap,
+        h = self.panel[1]
+        return (self.label_width + self.columns * (self.column_width + self.gap) + self.gap,
                 self.title_height + self.header_height + self.rows * (h + self.gap) + self.gap)
 
     def box(self, row: int, column: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the panel at `row`, `column`."""
         w, h = self.panel
-        left = self.label_width + self.gap + column * (w + self.gap)
+        left = self.label_width + self.gap + column * (self.column_width + self.gap)
         top = self.title_height + self.header_height + self.gap + row * (h + self.gap)
         return left, top, left + w, top + h
 

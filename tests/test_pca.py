@@ -70,6 +70,8 @@ def test_components_are_orthonormal_and_sorted():
     assert torch.allclose(components @ components.T, torch.eye(3), atol=1e-5)
     assert variance[0] >= variance[1] >= variance[2] > 0
     assert abs(components[0, 0]) > 0.95  # the channel with the largest spread
+    largest = components.gather(1, components.abs().argmax(1, keepdim=True))
+    assert (largest > 0).all()  # the sign convention: each axis's largest entry is positive
 
 
 def test_shared_basis_gives_the_same_colour_to_the_same_vector_at_two_steps():
@@ -258,6 +260,8 @@ def test_bad_input_is_refused_before_anything_runs(sd1):
         (dict(height=2048), "height must be between 128 and 1024"),
         (dict(method="plain", guidance_scale=1.0), "guidance_scale must be greater than 1 for method 'plain'"),
     ]
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['guidance'\]"):
+        pca.record_scores(sd1, "p", width=512, height=512, method="plain", guidance=5.0, callback_on_step_end=spy, **FAST)
     for kwargs, message in cases:
         args = dict(width=512, height=512, callback_on_step_end=spy, **FAST)
         args.update(kwargs)
@@ -442,3 +446,17 @@ def test_readme_commands_parse_and_the_first_one_runs(tiny_sd1_path, tmp_path, m
     assert all(os.path.isfile(p) for p in paths.values())
     image = re.search(r"!\[[^\]]*\]\((imgs/[^)]+\.png)\)", section).group(1)
     assert os.path.isfile(os.path.join(os.path.dirname(README), image))
+
+
+def test_elastic_recording_works_through_the_controlnet_subclass(tiny_sd1_path, tmp_path):
+    """The recorder uses only the step callback, so a subclass that adds inputs records the same way."""
+    from tiny_models import save_tiny_controlnet
+
+    from elastic_diffusion_w_controlnet import DEFAULT_INPUT, ElasticDiffusionControlNet
+
+    sampler = ElasticDiffusionControlNet(device="cpu", sd_version=tiny_sd1_path,
+                                         controlnet_model=save_tiny_controlnet(tiny_sd1_path, tmp_path / "cn"))
+    control = dict(condition_image=DEFAULT_INPUT, condition="canny")
+    rec = pca.record_scores(sampler, "p", width=1024, height=512, seed=2, resampling_steps=1, **control, **FAST)
+    images, _ = sampler("p", width=1024, height=512, seed=2, resampling_steps=1, output_type="pt", **control, **FAST)
+    assert torch.equal(rec.image_pt, images[0]) and rec.direction.shape == (3, 4, 64, 128)
