@@ -41,7 +41,6 @@ import argparse
 import functools
 import io
 import logging
-import math
 import os
 import random
 import sys
@@ -259,7 +258,7 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
 
 def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
                   callback_on_step_end, progress):
-    """Plain CFG-DDIM with ε(∅) and ε(c) read off each step's UNet call (a forward hook; the output is untouched)."""
+    """Plain CFG-DDIM, ε(∅) and ε(c) read off each step's UNet call by a forward hook (the output is untouched)."""
     T, omega = settings["num_inference_steps"], settings["guidance_scale"]
     if omega <= 1:
         raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
@@ -316,7 +315,8 @@ def _generate_parameters(sampler) -> set[str]:
     for cls in type(sampler).__mro__:
         if "generate" in vars(cls):
             parameters = inspect.signature(vars(cls)["generate"]).parameters
-            names |= {n for n, p in parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            names |= {n for n, p in parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
             if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
                 break
     return names
@@ -340,7 +340,8 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
         generate_kwargs: the sampler's `generate` arguments (method knobs, `drop_p`, `view_batch_size`,
             `callback_on_stage`, ...). 'plain' uses `num_inference_steps` and `guidance_scale` of them.
 
-    Bad input (size, knobs, steps_to_keep, method) raises ValueError before anything runs.
+    Bad input (size, knobs, steps_to_keep, method) raises ValueError, an unknown keyword TypeError,
+    before anything runs.
     """
     _check_choice("method", method, METHODS)
     unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
@@ -679,9 +680,11 @@ def overlay_legend(views: Sequence, reference_size: tuple[int, int], vae_scale_f
         return f"The UNet sees the whole image at once ({w * f}x{h * f} px)."
     rows, columns = len({r for r, _ in views}), len({c for _, c in views})
     r, c = views[0]
-    return (f"{len(views)} local windows ({rows}x{columns}, tinted); thin outlines: the {(c.crop_end - c.crop_start) * f}"
-            f"x{(r.crop_end - r.crop_start) * f} px crop each window is seen in (window plus context).\n"
-            f"White box: the reference size, {w * f}x{h * f} px: the whole image, sub-sampled, for the global direction.")
+    crop = f"{(c.crop_end - c.crop_start) * f}x{(r.crop_end - r.crop_start) * f}"
+    return (f"{len(views)} local windows ({rows}x{columns}, tinted); thin outlines: the {crop} px crop each window "
+            "is seen in (window plus context).\n"
+            f"White box: the reference size, {w * f}x{h * f} px: the whole image, sub-sampled, for the global "
+            "direction.")
 
 
 def describe(recording: Recording, basis: str = "shared") -> str:
@@ -699,8 +702,8 @@ def describe(recording: Recording, basis: str = "shared") -> str:
                "resolution, and the unconditional score assembled from local windows")
     return (f"Top row: the model's guess of the final image (x0) at each denoising step. Below: the two halves "
             f"of the guided score, {how}. Each map's latent channels are projected on their first three principal "
-            f"components, shown as red, green and blue ({colours}). The class direction ε(c) − ε(∅) should follow "
-            "the layout of the image (regions, edges); the unconditional score ε(∅) should look like fine, "
+            f"components, shown as red, green and blue ({colours}). The class direction ε(c) − ε(∅) should "
+            "follow the layout of the image (regions, edges); the unconditional score ε(∅) should look like fine, "
             "uncorrelated detail. That split is what lets ElasticDiffusion estimate the first at low resolution "
             "and the second window by window.")
 

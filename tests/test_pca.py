@@ -65,7 +65,8 @@ def test_pca_centres_the_maps():
 
 
 def test_components_are_orthonormal_and_sorted():
-    maps = torch.randn(3, 4, 5, 7, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 1, 2, 0.5])[:, None, None]
+    spread = torch.tensor([3.0, 1, 2, 0.5])[:, None, None]
+    maps = torch.randn(3, 4, 5, 7, generator=torch.Generator().manual_seed(1)) * spread
     _, components, variance = pca.fit_pca(maps)
     assert torch.allclose(components @ components.T, torch.eye(3), atol=1e-5)
     assert variance[0] >= variance[1] >= variance[2] > 0
@@ -173,7 +174,8 @@ def test_recording_does_not_change_the_image(sd1, method, width, height):
     assert recording.image_pt.shape == (3, height, width)
     assert torch.equal(recording.image_pt, images[0].cpu())  # bit for bit
     assert recording.steps == [0, 1, 2] and recording.timesteps == sd1.timesteps(3)
-    assert recording.direction.shape == recording.local_uncond.shape == recording.x0.shape == (3, 4, height // 8, width // 8)
+    latent = (3, 4, height // 8, width // 8)
+    assert recording.direction.shape == recording.local_uncond.shape == recording.x0.shape == latent
     assert recording.direction.dtype == torch.float16 and recording.direction.device.type == "cpu"
 
 
@@ -192,7 +194,7 @@ def test_elastic_records_the_kept_update(sd1):
     h, w = rec.reference_size
     assert (h, w) == (32, 64) and rec.reference_direction.shape == (2, 4, h, w)
     for k, step in enumerate(rec.steps):
-        kept, resampled = seen[step]["scores"], seen[step]["resampled_scores"]
+        kept = seen[step]["scores"]
         assert torch.equal(rec.direction[k], kept.direction[0].half())
         assert torch.equal(rec.local_uncond[k], kept.local_uncond[0].half())
         assert torch.equal(rec.x0[k], seen[step]["x0"][0].half())
@@ -261,7 +263,8 @@ def test_bad_input_is_refused_before_anything_runs(sd1):
         (dict(method="plain", guidance_scale=1.0), "guidance_scale must be greater than 1 for method 'plain'"),
     ]
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['guidance'\]"):
-        pca.record_scores(sd1, "p", width=512, height=512, method="plain", guidance=5.0, callback_on_step_end=spy, **FAST)
+        pca.record_scores(sd1, "p", width=512, height=512, method="plain", guidance=5.0, callback_on_step_end=spy,
+                          **FAST)
     for kwargs, message in cases:
         args = dict(width=512, height=512, callback_on_step_end=spy, **FAST)
         args.update(kwargs)
@@ -366,7 +369,8 @@ def test_cli_writes_sheet_animation_image_and_npz(request, tmp_path, kind, metho
                       "--prompt", "a lighthouse", "--outdir", str(out), "--panel_px", "96"])
     (folder,) = os.listdir(out)
     assert folder.endswith(f"_{method}_{width}x{height}_seed4")
-    expected = {"image.png", "sheet.png", "animation.webp", "pca.npz"} | ({"windows.png"} if method == "elastic" else set())
+    expected = {"image.png", "sheet.png", "animation.webp", "pca.npz"}
+    expected |= {"windows.png"} if method == "elastic" else set()
     assert set(os.listdir(out / folder)) == expected and set(map(os.path.basename, paths.values())) == expected
     H, W = height // 8, width // 8
     data = np.load(paths["npz"])
