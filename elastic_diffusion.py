@@ -494,6 +494,19 @@ def renoise(x: torch.Tensor, alpha_from: float, alpha_to: float, noise: torch.Te
     return math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise
 
 
+def epsilon_from_prediction(out: torch.Tensor, x: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
+    """The UNet's output `out` for latent x at level alpha as epsilon, in fp32 (the method splits epsilon).
+
+    "epsilon" is returned as it is; "v_prediction" and "sample" are linear in epsilon and x.
+    """
+    if prediction_type == "epsilon":
+        return out
+    x = x.float()
+    if prediction_type == "v_prediction":
+        return math.sqrt(alpha) * out + math.sqrt(1 - alpha) * x
+    return (x - math.sqrt(alpha) * out) / math.sqrt(1 - alpha)  # "sample" prediction
+
+
 def rrg_weight(step: int, num_inference_steps: int, init_weight: float, cosine_scale: float,
                stop_t: float) -> float:
     """lambda(i) = lambda0 * (0.5 (1 + cos(pi i / S)))^kappa for i < S = T - floor(T stop_t).
@@ -1075,12 +1088,7 @@ class ElasticDiffusion:
                     torch._dynamo.mark_dynamic(tensor, 0)
         out = self.unet(latents, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
                         **extra).sample.float()
-        if self.prediction_type == "epsilon":
-            return out
-        alpha, x = self.alpha(t), latents.float()
-        if self.prediction_type == "v_prediction":  # the method splits epsilon; v is linear in it
-            return math.sqrt(alpha) * out + math.sqrt(1 - alpha) * x
-        return (x - math.sqrt(alpha) * out) / math.sqrt(1 - alpha)  # "sample" prediction
+        return epsilon_from_prediction(out, latents, self.alpha(t), self.prediction_type)
 
     def _evaluate(self, run: Run, latents: torch.Tensor, t: int, cond_index: torch.Tensor,
                   regions: list[Region]) -> torch.Tensor:

@@ -1,0 +1,846 @@
+"""Look inside the method: PCA pictures of the two halves of the score, step by step.
+
+Classifier-free guidance splits the model's prediction into the unconditional score ε(x, ∅) and the
+class direction Δ = ε(x, c) − ε(x, ∅). ElasticDiffusion rests on the observation that Δ carries the
+image's global layout (it follows regions and edges) while ε(x, ∅) is local, pixel-level detail
+(docs/method.md, "The method in one page"). This script records both maps during a generation and draws
+them: each map's latent channels are projected on their first three principal components, shown as red,
+green and blue.
+
+Two methods:
+
+* ``plain``: classifier-free-guided DDIM run directly at the requested size, through diffusers' own
+  pipeline on the sampler's modules. ε(x, ∅) and ε(x, c) are read off the one UNet call of each step by
+  a forward hook. Above the native size this shows why direct generation breaks: Δ loses its layout.
+* ``elastic``: our sampler. Per step it records the global direction as the sampler computed it at full
+  resolution (written back from the reference passes) and on the reference grid (what reduced-resolution
+  guidance reads), and the local unconditional score assembled from the windows: the `ScoreEstimate` of
+  the update the step kept, as `callback_on_step_end` receives it.
+
+Neither copies a sampling loop, and recording does not change the image: the same seed gives the same
+output bit for bit with recording on or off.
+
+Memory: the maps of the kept steps are kept on the CPU at latent resolution in fp16, and the x0 previews
+as 8-bit RGB, `recording_nbytes(K, C, (H, W), (h, w))` = K·(2·C·(3·H·W + h·w) + 3·H·W) bytes for K kept
+steps. A 2048² SDXL run (C = 4, 256² latent, 128² reference) that keeps all 50 steps holds 90.6 MiB. On
+the GPU nothing is added beyond one step's maps, which are copied to the CPU at the end of their step.
+
+Command line (the model, size and knob flags are those of `elastic_diffusion.py`)::
+
+    python pca_diffusion_scores.py --model 1.5 --method plain --width 1024 --height 1024
+    python pca_diffusion_scores.py --model 1.5 --method elastic --width 1024 --height 1024 --steps_to_keep every:5
+
+Python::
+
+    recording = record_scores(sampler, "a photo of the dolomites", width=2048, height=1024, method="elastic")
+    contact_sheet(recording).save("sheet.png")
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+import elastic_diffusion as ed
+
+logger = logging.getLogger("pca_diffusion_scores")
+KNOB_NAMES = tuple(k.name for k in ed.method_knobs())  # the sampler's method knobs (its knobs table)
+
+METHODS = ("plain", "elastic")
+BASES = ("shared", "per-step")
+ANIMATION_FORMATS = ("webp", "gif")
+MAP_NAMES = ("direction", "local_uncond")  # the two halves of the score, in the order the sheet shows them
+
+
+# --------------------------------------------------------------------------------------------------
+# Which steps to keep
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
+    """Step indices to record, ascending and without repeats.
+
+    `spec` is 'all', 'every:K' (steps 0, K, 2K, ... and always the last one, which shows the final
+    maps), a comma-separated list such as '0,10,20,30,40,49', or a sequence of ints. Raises ValueError
+    naming `steps_to_keep` and what is allowed.
+    """
+    T = num_inference_steps
+    allowed = (f"'all', 'every:K' with K >= 1, or step indices from 0 to {T - 1} separated by commas "
+               "(e.g. '0,10,20')")
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(T))
+        try:
+            if text.startswith("every:"):
+                every = int(text.removeprefix("every:"))
+                if every < 1:
+                    raise ValueError
+                return sorted(set(range(0, T, every)) | {T - 1})
+            steps = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}") from None
+    else:
+        steps = list(spec)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}")
+    if not steps:
+        raise ValueError(f"steps_to_keep names no step; use {allowed}")
+    wrong = [s for s in steps if not 0 <= s < T]
+    if wrong:
+        raise ValueError(f"steps_to_keep: step {wrong[0]} is out of range; with num_inference_steps={T} the steps "
+                         f"are 0 to {T - 1}")
+    return sorted(set(steps))
+
+
+def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------------
+
+
+def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int],
+                     reference_size: tuple[int, int] | None) -> int:
+    """Host bytes of a recording's maps: per kept step x0, Δ and the unconditional score (C, H, W) and,
+    for the elastic method, Δ on the reference grid (C, h, w), all fp16, plus the x0 preview (3, H, W) uint8."""
+    H, W = latent_size
+    h, w = reference_size or (0, 0)
+    return num_steps * (2 * channels * (3 * H * W + h * w) + 3 * H * W)
+
+
+class PCAMaps(NamedTuple):
+    """A 3-component PCA of one kind of map over the kept steps.
+
+    `mean` (N, C), `components` (N, 3, C) and `variance` (N, 3) hold N = 1 basis (shared) or one per
+    step (per-step); `low`/`high` (N, 3) are the ranges that map each component to [0, 1].
+    """
+    projections: torch.Tensor  # (K, 3, H, W) float32: coordinates on the principal axes
+    rgb: torch.Tensor  # (K, 3, H, W) float32 in [0, 1]: component 1, 2, 3 as red, green, blue
+    mean: torch.Tensor
+    components: torch.Tensor
+    variance: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+@dataclass(eq=False)
+class Recording:
+    """What `record_scores` kept of one generation, on the CPU (latent maps in fp16).
+
+    Per kept step k (`steps[k]`, timestep `timesteps[k]`): `x0` the predicted clean latent, `direction`
+    the class direction Δ = ε(c) − ε(∅) and `local_uncond` the unconditional score (for the elastic
+    method: the written-back Δ and the score U assembled from the windows), each (K, C, H, W);
+    `reference_direction` (K, C, h, w) Δ on the reference grid (elastic only, else None); `x0_preview`
+    (K, 3, H, W) uint8 RGB. `image_pt` is the final image (3, 8H, 8W) in [0, 1] exactly as generated.
+    """
+    method: str
+    prompt: str
+    negative_prompt: str
+    steps: list[int]
+    timesteps: list[int]
+    num_inference_steps: int
+    x0: torch.Tensor
+    direction: torch.Tensor
+    local_uncond: torch.Tensor
+    reference_direction: torch.Tensor | None
+    x0_preview: torch.Tensor
+    image_pt: torch.Tensor
+    info: dict
+    views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
+    reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
+    vae_scale_factor: int
+    _pca: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def image(self):
+        """The final image as a PIL image (the same pixels the sampler's 'pil' output gives)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.image_pt[None]))[0]
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return tuple(self.direction.shape[-2:])
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the recorded maps and previews (`recording_nbytes`)."""
+        tensors = [self.x0, self.direction, self.local_uncond, self.reference_direction, self.x0_preview]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def pca(self, basis: str = "shared") -> dict[str, PCAMaps]:
+        """PCA of each recorded map kind ('direction', 'local_uncond' and, for elastic, 'reference_direction').
+
+        The reference direction is drawn in the full-resolution direction's basis and colour range, so
+        a colour means the same vector in both. Computed once per basis.
+        """
+        _check_choice("basis", basis, BASES)
+        if basis not in self._pca:
+            maps = {name: pca_maps(getattr(self, name), basis) for name in MAP_NAMES}
+            if self.reference_direction is not None:
+                maps["reference_direction"] = pca_maps(self.reference_direction, basis, fitted=maps["direction"])
+            self._pca[basis] = maps
+        return self._pca[basis]
+
+
+class _StepRecorder:
+    """Copies the kept steps' maps into preallocated fp16 CPU tensors, one step at a time."""
+
+    def __init__(self, steps: list[int]):
+        self.slot = {step: k for k, step in enumerate(steps)}
+        self.timesteps = [0] * len(steps)
+        self.maps: dict[str, torch.Tensor] = {}
+        self.final_latent = None
+
+    def __contains__(self, step: int) -> bool:
+        return step in self.slot
+
+    def record(self, step: int, t, **maps: torch.Tensor) -> None:
+        """Store each map (C, ., .) of `step` (a kept step) at its slot."""
+        k = self.slot[step]
+        self.timesteps[k] = int(t)
+        for name, value in maps.items():
+            if name not in self.maps:
+                self.maps[name] = torch.zeros((len(self.slot), *value.shape), dtype=torch.float16)
+            self.maps[name][k].copy_(value)
+
+
+def plain_pipeline(sampler):
+    """The sampler's diffusers pipeline with a DDIM scheduler from its config, sharing every module as it is."""
+    from diffusers import DDIMScheduler
+
+    return ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
+
+
+def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, width: int, num_inference_steps: int,
+                   guidance_scale: float, seed: int, output_type: str = "pil",
+                   callback_on_step_end: Callable | None = None, progress: bool = True,
+                   unet_hook: Callable | None = None):
+    """Plain CFG-DDIM at the requested size through diffusers' pipeline, from the sampler's starting noise
+    for `seed` (the noise an ElasticDiffusion run with that seed starts from). Returns (images, info).
+
+    Everything else is diffusers' default, SDXL's size conditioning included (the image size, where the
+    sampler's default is 4x; see `time_ids_scale`).
+
+    `unet_hook(module, args, kwargs, output)` is registered as a forward hook on the UNet for this run only.
+    """
+    pipe = plain_pipeline(sampler)
+    pipe.set_progress_bar_config(disable=not progress)
+    latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
+    with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
+        hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True) if unet_hook is not None else None
+        try:
+            images = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
+                          output_type=output_type, callback_on_step_end=callback_on_step_end).images
+        finally:
+            if hook is not None:
+                hook.remove()
+    f = sampler.vae_scale_factor
+    info = dict(settings=dict(method="plain DDIM", width=width, height=height,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
+                seed=seed, model=str(sampler.sd_version), reference_size=(height // f, width // f), num_views=0)
+    return images, info
+
+
+def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
+                  callback_on_step_end, progress):
+    """Plain CFG-DDIM, ε(∅) and ε(c) read off each step's UNet call by a forward hook (the output is untouched)."""
+    T, omega = settings["num_inference_steps"], settings["guidance_scale"]
+    if omega <= 1:
+        raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
+                         f"unconditional branch otherwise, so there is no direction to record); got {omega}")
+    last_call = {}
+
+    def keep_unet_call(module, args, kwargs, output):
+        last_call["x"] = args[0] if args else kwargs["sample"]  # [x; x]: the unconditional and conditional halves
+        last_call["t"] = args[1] if len(args) > 1 else kwargs["timestep"]
+        last_call["out"] = output[0] if isinstance(output, tuple) else output.sample
+
+    def on_step(pipe, i, t, tensors):
+        if i in recorder:
+            x, alpha = last_call["x"], sampler.alpha(int(last_call["t"]))
+            eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
+            uncond, cond = eps.chunk(2)
+            direction = cond - uncond
+            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
+            recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
+        last_call.clear()
+        if i == T - 1:
+            recorder.final_latent = tensors["latents"][0].float().cpu()
+        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+    return generate_plain(sampler, prompt, negative_prompt, height, width, T, omega, seed, output_type="pt",
+                          callback_on_step_end=on_step, progress=progress, unet_hook=keep_unet_call)
+
+
+def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
+                    callback_on_step_end, progress, generate_kwargs):
+    """ElasticDiffusion with each kept step's `ScoreEstimate` (the update the step kept) copied to the CPU."""
+    T = settings["num_inference_steps"]
+
+    def on_step(pipe, i, t, tensors):
+        if i in recorder:
+            scores = tensors["scores"]
+            h, w = scores.reference_latent.shape[-2:]
+            recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
+                            local_uncond=scores.local_uncond[0],
+                            reference_direction=ed.downsample_groups(scores.direction[:1], h, w)[0])
+        if i == T - 1:
+            recorder.final_latent = tensors["latents"][0].float().cpu()
+        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
+    return sampler(prompt, negative_prompt, height=height, width=width, seed=seed, output_type="pt",
+                   callback_on_step_end=on_step, progress=progress, **generate_kwargs)
+
+
+def _generate_parameters(sampler) -> set[str]:
+    """Keyword names the sampler's `generate` takes: the knobs of its table, a subclass's own arguments and
+    those it passes on to the base."""
+    import inspect
+
+    names = set()
+    for cls in type(sampler).__mro__:
+        if "generate" in vars(cls):
+            parameters = inspect.signature(vars(cls)["generate"]).parameters
+            names |= {n for n, p in parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+                break
+    return names | set(KNOB_NAMES)
+
+
+def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: int | None = None,
+                  width: int | None = None, method: str = "elastic", steps_to_keep: str | Sequence[int] = "all",
+                  seed: int | None = None, decode_x0: bool = False, callback_on_step_end: Callable | None = None,
+                  progress: bool = True, **generate_kwargs) -> Recording:
+    """Generate one image with `sampler` (an `ElasticDiffusion`) and record its scores at the kept steps.
+
+    Args:
+        method: 'elastic' (the sampler) or 'plain' (CFG-DDIM at the full size, diffusers' pipeline).
+        steps_to_keep: see `parse_steps_to_keep`; checked against the resolved `num_inference_steps`.
+        seed: seeds the starting noise (the same for both methods); random if None.
+        decode_x0: preview each kept x0 with a VAE decode after sampling (one decode per kept step);
+            otherwise with a linear latent-to-RGB map fitted by least squares to this run's final latent
+            and image (free, and close for Stable Diffusion's VAEs).
+        callback_on_step_end: called after the recorder, as by the sampler (and by diffusers for
+            'plain'); it may cancel.
+        generate_kwargs: the sampler's `generate` arguments (method knobs, `drop_p`, `view_batch_size`,
+            `callback_on_stage`, ...). 'plain' uses `num_inference_steps` and `guidance_scale` of them.
+
+    Bad input (size, knobs, steps_to_keep, method) raises ValueError, an unknown keyword TypeError,
+    before anything runs.
+    """
+    _check_choice("method", method, METHODS)
+    unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
+    if unknown:  # 'plain' would otherwise ignore a misspelt knob without a word
+        raise TypeError(f"record_scores got unexpected keyword arguments {unknown}: it takes the sampler's "
+                        "generate() arguments")
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise ValueError(f"prompt and negative_prompt must be strings; got {prompt!r} and {negative_prompt!r}")
+    height = 2 * sampler.native_px if height is None else height
+    width = 2 * sampler.native_px if width is None else width
+    settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
+    sampler.check_inputs([prompt], [negative_prompt], height, width, settings, None, 1)
+    steps = parse_steps_to_keep(steps_to_keep, settings["num_inference_steps"])
+    seed = random.randrange(2 ** 32) if seed is None else int(seed)
+    recorder = _StepRecorder(steps)
+    if method == "plain":
+        images, info = _record_plain(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
+                                     callback_on_step_end, progress)
+        views, reference = [], info["reference_size"]
+    else:
+        images, info = _record_elastic(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
+                                       callback_on_step_end, progress, generate_kwargs)
+        f = sampler.vae_scale_factor
+        views = ed.local_views(height // f, width // f, sampler.native_latent, info["settings"]["patch_size"])
+        reference = tuple(info["reference_size"])
+    image = images[0].float().cpu()
+    maps = recorder.maps
+    previews = (decoded_previews(sampler, maps["x0"], bool(info["settings"].get("tiled_decoder")))
+                if decode_x0 else linear_previews(maps["x0"], recorder.final_latent, image, sampler.vae_scale_factor))
+    return Recording(method=method, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                     timesteps=recorder.timesteps, num_inference_steps=settings["num_inference_steps"],
+                     x0=maps["x0"], direction=maps["direction"], local_uncond=maps["local_uncond"],
+                     reference_direction=maps.get("reference_direction"), x0_preview=previews, image_pt=image,
+                     info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# x0 previews
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def linear_previews(x0: torch.Tensor, final_latent: torch.Tensor, image: torch.Tensor,
+                    vae_scale_factor: int) -> torch.Tensor:
+    """x0 (K, C, H, W) -> (K, 3, H, W) uint8 through an affine latent-to-RGB map.
+
+    The map is fitted by least squares to `final_latent` (C, H, W) and `image` (3, fH, fW) averaged
+    over f x f blocks, so it is this model's VAE in linear approximation, at latent resolution.
+    """
+    C = final_latent.shape[0]
+    target = torch.nn.functional.avg_pool2d(image[None].double(), vae_scale_factor)[0]  # (3, H, W)
+    inputs = torch.cat([final_latent.double().reshape(C, -1), torch.ones(1, target[0].numel(), dtype=torch.double)])
+    mapping = torch.linalg.lstsq(inputs.T, target.reshape(3, -1).T).solution  # (C + 1, 3)
+    K, _, H, W = x0.shape
+    latents = torch.cat([x0.double().reshape(K, C, -1), torch.ones(K, 1, H * W, dtype=torch.double)], dim=1)
+    return _to_uint8(torch.einsum("kcn,cr->krn", latents, mapping).reshape(K, 3, H, W))
+
+
+def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """x0 (K, C, H, W) -> (K, 3, H, W) uint8: each decoded by the sampler's VAE, averaged to latent resolution."""
+    f = sampler.vae_scale_factor
+    previews = [torch.nn.functional.avg_pool2d(sampler.decode(z[None].float(), tiled, "pt"), f)[0] for z in x0]
+    return _to_uint8(torch.stack(previews))
+
+
+# --------------------------------------------------------------------------------------------------
+# PCA
+# --------------------------------------------------------------------------------------------------
+
+
+def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps.
+
+    Returns mean (C,), components (num_components, C) by decreasing variance and variance
+    (num_components,). The axes are the SVD of the channel covariance (fp64, accumulated map by map so
+    no copy of all maps is made); each axis's sign makes its largest entry positive. A map with fewer
+    than `num_components` channels gets zero axes for the rest.
+    """
+    K, C = maps.shape[:2]
+    count = K * maps[0, 0].numel()
+    mean = sum(m.double().sum((1, 2)) for m in maps) / count
+    covariance = torch.zeros(C, C, dtype=torch.double)
+    for m in maps:
+        centred = m.double().reshape(C, -1) - mean[:, None]
+        covariance += centred @ centred.T
+    covariance /= max(count - 1, 1)
+    axes, variance, _ = torch.linalg.svd(covariance)  # symmetric: the columns of U are the principal axes
+    components = axes.T[:num_components]
+    largest = components.gather(1, components.abs().argmax(1, keepdim=True))
+    components = components * torch.where(largest < 0, -1.0, 1.0).to(components)
+    if components.shape[0] < num_components:
+        pad = num_components - components.shape[0]
+        components = torch.cat([components, components.new_zeros(pad, C)])
+        variance = torch.cat([variance, variance.new_zeros(pad)])
+    return mean.float(), components.float(), variance[:num_components].float()
+
+
+def project(maps: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """(K, C, H, W) -> (K, q, H, W): the mean-centred maps' coordinates on the q principal axes."""
+    return torch.einsum("qc,kchw->kqhw", components, maps.float() - mean[:, None, None])
+
+
+def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Each component's [low, high] to [0, 1]; a component with no spread (high == low) is mid-grey, not NaN.
+
+    projections (K, 3, H, W); low/high broadcast against (K, 3, 1, 1).
+    """
+    spread = high - low
+    flat = spread <= 0
+    rgb = (projections - low) / torch.where(flat, 1.0, spread)
+    return torch.where(flat, 0.5, rgb).clamp(0, 1)
+
+
+def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None = None) -> PCAMaps:
+    """Three principal components of `maps` (K, C, H, W) as RGB images.
+
+    'shared': one basis and one colour range fitted over all K maps, so a colour means the same vector
+    at every step. 'per-step': a basis and range per map (the official script's behaviour). `fitted`
+    reuses another PCAMaps' bases and ranges (same K) instead of fitting.
+    """
+    _check_choice("basis", basis, BASES)
+    if fitted is not None:
+        mean, components, variance = fitted.mean, fitted.components, fitted.variance
+    elif basis == "shared":
+        mean, components, variance = (t[None] for t in fit_pca(maps))
+    else:
+        mean, components, variance = (torch.stack(t) for t in zip(*(fit_pca(m[None]) for m in maps)))
+    which = (lambda k: k) if mean.shape[0] > 1 else (lambda k: 0)  # the step's own basis, or the shared one
+    projections = torch.cat([project(m[None], mean[which(k)], components[which(k)]) for k, m in enumerate(maps)])
+    if fitted is not None:
+        low, high = fitted.low, fitted.high
+    elif basis == "shared":
+        low, high = projections.amin((0, 2, 3))[None], projections.amax((0, 2, 3))[None]
+    else:
+        low, high = projections.amin((2, 3)), projections.amax((2, 3))
+    rgb = to_rgb(projections, low[:, :, None, None], high[:, :, None, None])
+    return PCAMaps(projections, rgb, mean, components, variance, low, high)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures: contact sheet, animation, window overlay
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def row_titles(method: str) -> tuple[str, str, str]:
+    """The contact sheet's row labels, top to bottom: x0 preview, direction, unconditional score.
+
+    Text drawn into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
+    """
+    if method == "plain":
+        return ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)")
+    return ("x0 prediction", "global direction\n(reference,\nwritten back)", "local unconditional\nscore (windows)")
+
+
+def panel_size(latent_size: tuple[int, int], panel_px: int) -> tuple[int, int]:
+    """(width, height) of one panel: the latent's aspect with the longer side `panel_px`."""
+    H, W = latent_size
+    scale = panel_px / max(H, W)
+    return max(1, round(W * scale)), max(1, round(H * scale))
+
+
+def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
+    """(3, H, W) RGB (float in [0, 1] or uint8) -> PIL image of `size`.
+
+    Enlarged with nearest neighbours, so each latent pixel stays one visible block (the unconditional
+    score is pixel-level detail, which smoothing would hide); reduced with box averaging.
+    """
+    from PIL import Image
+
+    pixels = rgb if rgb.dtype == torch.uint8 else _to_uint8(rgb)
+    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+    upscale = size[0] >= image.width
+    return image.resize(size, Image.Resampling.NEAREST if upscale else Image.Resampling.BOX)
+
+
+class SheetLayout(NamedTuple):
+    """Where everything sits on a contact sheet (pixels)."""
+    label_width: int
+    title_height: int
+    header_height: int
+    panel: tuple[int, int]  # (width, height)
+    column_width: int  # at least the panel's, so a step label fits above a narrow (tall-image) panel
+    gap: int
+    rows: int
+    columns: int
+
+    @classmethod
+    def for_panels(cls, panel: tuple[int, int], rows: int, columns: int, font_size: int) -> "SheetLayout":
+        return cls(label_width=11 * font_size, title_height=3 * font_size, header_height=3 * font_size,
+                   panel=panel, column_width=max(panel[0], 5 * font_size), gap=max(2, font_size // 4),
+                   rows=rows, columns=columns)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h = self.panel[1]
+        return (self.label_width + self.columns * (self.column_width + self.gap) + self.gap,
+                self.title_height + self.header_height + self.rows * (h + self.gap) + self.gap)
+
+    def box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the panel at `row`, `column`."""
+        w, h = self.panel
+        left = self.label_width + self.gap + column * (self.column_width + self.gap)
+        top = self.title_height + self.header_height + self.gap + row * (h + self.gap)
+        return left, top, left + w, top + h
+
+
+def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
+    """At most `max_columns` of the kept `steps`, evenly spaced, the first and last included."""
+    if len(steps) <= max_columns:
+        return list(steps)
+    if max_columns == 1:
+        return [steps[-1]]
+    return [steps[round(j * (len(steps) - 1) / (max_columns - 1))] for j in range(max_columns)]
+
+
+def sheet_title(recording: Recording, basis: str) -> str:
+    s = recording.info["settings"]
+    name = "plain CFG-DDIM" if recording.method == "plain" else "ElasticDiffusion"
+    return f"{name} {s['width']}x{s['height']}\nseed {recording.info['seed']}, PCA basis {basis}"
+
+
+def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
+                  max_columns: int = 6, panel_px: int = 256):
+    """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
+
+    `steps` (kept steps) default to `sheet_steps(recording.steps, max_columns)`. Panels have the
+    latent's aspect with the longer side `panel_px`. Returns a PIL image.
+    """
+    from PIL import Image, ImageDraw
+
+    maps = recording.pca(basis)
+    steps = sheet_steps(recording.steps, max_columns) if steps is None else list(steps)
+    missing = [s for s in steps if s not in recording.steps]
+    if missing:
+        raise ValueError(f"steps: step {missing[0]} was not recorded; recorded steps are {recording.steps}")
+    font_size = max(12, min(20, panel_px // 16))
+    layout = SheetLayout.for_panels(panel_size(recording.latent_size, panel_px), 3, len(steps), font_size)
+    sheet = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(font_size)
+    draw.multiline_text((layout.gap, layout.gap), sheet_title(recording, basis), fill="black", font=font, spacing=2)
+    rows = [recording.x0_preview, maps["direction"].rgb, maps["local_uncond"].rgb]
+    for row, (label, images) in enumerate(zip(row_titles(recording.method), rows)):
+        left, top, _, _ = layout.box(row, 0)
+        draw.multiline_text((layout.gap, top), label, fill="black", font=font, spacing=2)
+        for column, step in enumerate(steps):
+            k = recording.steps.index(step)
+            box = layout.box(row, column)
+            sheet.paste(map_panel(images[k], layout.panel), box[:2])
+            if row == 0:
+                draw.multiline_text((box[0], layout.title_height), f"step {step}\nt={recording.timesteps[k]}",
+                                    fill="black", font=font, spacing=2)
+    return sheet
+
+
+def animation(recording: Recording, basis: str = "shared", fmt: str = "webp", panel_px: int = 256,
+              frame_ms: int = 200) -> bytes:
+    """An animated WebP (lossless) or GIF over all kept steps: each frame a one-column contact sheet."""
+    _check_choice("fmt", fmt, ANIMATION_FORMATS)
+    frames = [contact_sheet(recording, basis, steps=[step], panel_px=panel_px) for step in recording.steps]
+    durations = [frame_ms] * (len(frames) - 1) + [max(frame_ms, 1500)]  # rest on the final maps
+    buffer = io.BytesIO()
+    options = dict(lossless=True) if fmt == "webp" else {}
+    frames[0].save(buffer, format=fmt.upper(), save_all=True, append_images=frames[1:], duration=durations,
+                   loop=0, **options)
+    return buffer.getvalue()
+
+
+WINDOW_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48))  # by (row, column) parity
+WINDOW_TINT = 80  # alpha of a window's fill, out of 255: the image stays visible under the grid
+
+
+def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_scale_factor: int = 8,
+                   legend: bool = True):
+    """The local windows over `image` (PIL): each window tinted and outlined in its colour (neighbours
+    differ), the crop each window is seen in (window plus context, the UNet's input) outlined thinly in
+    the same colour, and the reference size as a white box at the centre; a legend strip below.
+
+    `views` are the sampler's (row window, column window) pairs in latent pixels (`local_views`),
+    `reference_size` the reference latent (h, w). Returns a new image; `image` is not changed.
+    """
+    from PIL import Image, ImageDraw
+
+    f = vae_scale_factor
+    base = image.convert("RGB")
+    tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(tint)
+    row_starts = sorted({r.own_start for r, _ in views})
+    column_starts = sorted({c.own_start for _, c in views})
+    line = max(2, base.width // 512)
+    colours = []
+    for r, c in views:
+        colour = WINDOW_COLOURS[2 * (row_starts.index(r.own_start) % 2) + column_starts.index(c.own_start) % 2]
+        colours.append(colour)
+        draw.rectangle([c.own_start * f, r.own_start * f, c.own_end * f - 1, r.own_end * f - 1],
+                       fill=colour + (WINDOW_TINT,), outline=colour + (255,), width=line)
+    out = Image.alpha_composite(base.convert("RGBA"), tint).convert("RGB")
+    draw = ImageDraw.Draw(out)
+    for (r, c), colour in zip(views, colours):
+        draw.rectangle([c.crop_start * f, r.crop_start * f, c.crop_end * f - 1, r.crop_end * f - 1],
+                       outline=colour, width=max(1, line // 2))
+    h, w = reference_size
+    left, top = (base.width - w * f) // 2, (base.height - h * f) // 2
+    draw.rectangle([left - 1, top - 1, left + w * f, top + h * f], outline="black", width=1)
+    draw.rectangle([left, top, left + w * f - 1, top + h * f - 1], outline="white", width=line)
+    if not legend:
+        return out
+    font_size = max(12, base.width // 90)
+    text = overlay_legend(views, reference_size, f)
+    strip = Image.new("RGB", (base.width, 3 * font_size + 4 * line), "white")
+    ImageDraw.Draw(strip).multiline_text((line, line), text, fill="black", font=_font(font_size), spacing=2)
+    canvas = Image.new("RGB", (base.width, base.height + strip.height), "white")
+    canvas.paste(out, (0, 0))
+    canvas.paste(strip, (0, base.height))
+    return canvas
+
+
+def overlay_legend(views: Sequence, reference_size: tuple[int, int], vae_scale_factor: int = 8) -> str:
+    """Two lines saying what `window_overlay` draws, in pixels of the image (ASCII, like all text in pictures)."""
+    f = vae_scale_factor
+    h, w = reference_size
+    if not views:
+        return f"The UNet sees the whole image at once ({w * f}x{h * f} px)."
+    rows, columns = len({r for r, _ in views}), len({c for _, c in views})
+    r, c = views[0]
+    crop = f"{(c.crop_end - c.crop_start) * f}x{(r.crop_end - r.crop_start) * f}"
+    return (f"{len(views)} local windows ({rows}x{columns}, tinted); thin outlines: the {crop} px crop each window "
+            "is seen in (window plus context).\n"
+            f"White box: the reference size, {w * f}x{h * f} px: the whole image, sub-sampled, for the global "
+            "direction.")
+
+
+def describe(recording: Recording, basis: str = "shared") -> str:
+    """One paragraph saying what the contact sheet and the animation show."""
+    s = recording.info["settings"]
+    colours = ("one basis for all steps, so a colour means the same thing from step to step" if basis == "shared"
+               else "a basis per step, so colours are not comparable across steps")
+    if recording.method == "plain":
+        how = (f"computed by the model on the whole {s['width']}×{s['height']} image at once (plain "
+               "classifier-free guidance)")
+    else:
+        h, w = recording.reference_size
+        f = recording.vae_scale_factor
+        how = (f"the global direction estimated on a {w * f}×{h * f} px reference and written back to full "
+               "resolution, and the unconditional score assembled from local windows")
+    return (f"Top row: the model's guess of the final image (x0) at each denoising step. Below: the two halves "
+            f"of the guided score, {how}. Each map's latent channels are projected on their first three principal "
+            f"components, shown as red, green and blue ({colours}). The class direction ε(c) − ε(∅) should "
+            "follow the layout of the image (regions, edges); the unconditional score ε(∅) should look like fine, "
+            "uncorrelated detail. That split is what lets ElasticDiffusion estimate the first at low resolution "
+            "and the second window by window.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_atomically(path: str, data: bytes) -> str:
+    """Write `data` to `path` without ever leaving a half-written file there."""
+    fd, tmp = tempfile.mkstemp(suffix=".part", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:
+    """The PCA maps as a compressed .npz: per map kind its projections (K, 3, ., .) fp16, RGB images
+    (K, 3, ., .) uint8, mean, components, variance; plus steps, timesteps and the x0 previews."""
+    import numpy as np
+
+    arrays = dict(steps=np.array(recording.steps), timesteps=np.array(recording.timesteps),
+                  x0_preview=recording.x0_preview.numpy(), basis=np.array(basis), method=np.array(recording.method))
+    for name, maps in recording.pca(basis).items():
+        arrays[name] = maps.projections.half().numpy()
+        arrays[f"{name}_rgb"] = _to_uint8(maps.rgb).numpy()
+        for part in ("mean", "components", "variance"):
+            arrays[f"{name}_{part}"] = getattr(maps, part).numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_columns: int = 6,
+                 panel_px: int = 256, animation_format: str = "webp") -> dict[str, str]:
+    """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt>, pca.npz and, for
+    the elastic method, windows.png into `folder` (created). Returns {name: path}."""
+    os.makedirs(folder, exist_ok=True)
+    record = dict(recording.info, settings=dict(recording.info["settings"], pca_method=recording.method,
+                                                pca_basis=basis, pca_steps=recording.steps))
+    metadata = ed.png_metadata(record, recording.prompt, recording.negative_prompt)
+    paths = dict(image=ed.save_png(recording.image, os.path.join(folder, "image.png"), metadata))
+    sheet = contact_sheet(recording, basis, max_columns=max_columns, panel_px=panel_px)
+    paths["sheet"] = ed.save_png(sheet, os.path.join(folder, "sheet.png"), metadata)
+    paths["animation"] = _write_atomically(os.path.join(folder, f"animation.{animation_format}"),
+                                           animation(recording, basis, animation_format, panel_px))
+    paths["npz"] = _write_atomically(os.path.join(folder, "pca.npz"), npz_bytes(recording, basis))
+    if recording.method == "elastic":
+        overlay = window_overlay(recording.image, recording.views, recording.reference_size, recording.vae_scale_factor)
+        paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`elastic_diffusion.py`'s flags (model, size, knobs), plus the visualisation's own."""
+    parser = ed.build_parser()
+    parser.prog = "pca_diffusion_scores.py"
+    parser.description = ("Record the class direction and the unconditional score during a generation (plain "
+                          "CFG-DDIM or ElasticDiffusion) and draw their principal components: a contact sheet, "
+                          "an animation, the final image and the PCA maps (.npz), in one folder per run.")
+    parser.set_defaults(outdir="results/pca/")
+    g = parser.add_argument_group("score visualisation")
+    g.add_argument("--method", choices=METHODS, default="elastic",
+                   help="'plain': CFG-DDIM run directly at the size; 'elastic': the ElasticDiffusion sampler")
+    g.add_argument("--basis", choices=BASES, default="shared",
+                   help="'shared': one PCA basis over all kept steps (colours comparable across steps); "
+                        "'per-step': one per step")
+    g.add_argument("--steps_to_keep", default="all",
+                   help="steps to record: 'all', 'every:K' (0, K, 2K, ... and the last) or a list like 0,10,20,49")
+    g.add_argument("--sheet_columns", type=int, default=6,
+                   help="most steps on the contact sheet (evenly spaced among the kept ones)")
+    g.add_argument("--panel_px", type=int, default=256, help="longer side of each panel, in pixels")
+    g.add_argument("--animation", choices=ANIMATION_FORMATS, default="webp", help="animation file format")
+    g.add_argument("--decode_x0", action=argparse.BooleanOptionalAction, default=False,
+                   help="preview x0 with a VAE decode per kept step (slow at large sizes) instead of a linear "
+                        "latent-to-RGB fit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.num_images != 1:
+        parser.error(f"--num_images: this script records one image; got {args.num_images}")
+    if args.sheet_columns < 1:
+        parser.error(f"--sheet_columns must be at least 1; got {args.sheet_columns}")
+    if not 16 <= args.panel_px <= 4096:
+        parser.error(f"--panel_px must be between 16 and 4096; got {args.panel_px}")
+    steps = args.num_inference_steps or ed.recommended_settings(args.width, args.height)["num_inference_steps"]
+    if steps >= 1:  # checked before the model loads; a bad step count is reported by the sampler's checks
+        try:
+            parse_steps_to_keep(args.steps_to_keep, steps)
+        except ValueError as error:
+            parser.error(f"--{error}")
+    knobs = {name: getattr(args, name) for name in KNOB_NAMES}
+    if args.method == "plain":
+        ignored = [f"--{n}" for n in ELASTIC_ONLY if getattr(args, n, None) is not None]
+        if ignored:
+            logger.warning("--method plain ignores %s (ElasticDiffusion knobs)", ", ".join(ignored))
+    seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
+    try:
+        sampler = ed.ElasticDiffusion(**ed.sampler_kwargs(args))
+        sampler.max_scale = args.max_scale
+        recording = record_scores(sampler, args.prompt, args.negative_prompt, height=args.height, width=args.width,
+                                  method=args.method, steps_to_keep=args.steps_to_keep, seed=seed,
+                                  decode_x0=args.decode_x0, drop_p=args.drop_p, **knobs)
+    except ValueError as error:  # the message names the argument: no usage dump
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except torch.OutOfMemoryError as error:
+        sys.exit(f"error: {error}")
+    folder = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_{args.method}_{args.width}x{args.height}"
+                                       f"_seed{seed}")
+    paths = save_outputs(recording, folder, args.basis, args.sheet_columns, args.panel_px, args.animation)
+    for path in paths.values():
+        print(path)
+    logger.info("recorded %d steps, %.1f MiB of maps on the CPU", len(recording.steps), recording.nbytes / 2 ** 20)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
