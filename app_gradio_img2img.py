@@ -133,7 +133,7 @@ class ImageToImageApp(base.TextToImageApp):
     placeholder = EXAMPLE_PROMPT
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
-    api_after_knobs = ("canny_low", "canny_high")
+    api_after_knobs = ("canny_low", "canny_high", *base.TextToImageApp.api_after_knobs)  # then look_inside
     example_inputs, example_rows, example_labels = EXAMPLE_INPUTS, EXAMPLE_ROWS, EXAMPLE_LABELS
     examples_title = "Example of the paper's demo (generated on first click, then cached)"
 

@@ -86,7 +86,7 @@ def record(image: Image.Image) -> dict:
 
 
 def test_generate_returns_full_size_png_with_settings(client):
-    gallery, seed, summary = generate(client)
+    gallery, seed, summary, *_ = generate(client)
     assert len(gallery) == 1 and seed == 7
     image = png(gallery[0])
     assert image.format == "PNG" and image.size == (1024, 512)
@@ -98,7 +98,7 @@ def test_generate_returns_full_size_png_with_settings(client):
 
 
 def test_metadata_and_summary_name_no_server_paths(client, tiny_sdxl_path):
-    gallery, _, summary = generate(client)
+    gallery, _, summary, *_ = generate(client)
     image = png(gallery[0])
     meta = record(image)
     assert meta["model"] == os.path.basename(tiny_sdxl_path)  # the model's folder name, not its path
@@ -107,16 +107,16 @@ def test_metadata_and_summary_name_no_server_paths(client, tiny_sdxl_path):
 
 
 def test_randomized_seed_is_echoed_and_reproducible(client):
-    gallery, seed, _ = generate(client, randomize_seed=True)
+    gallery, seed, *_ = generate(client, randomize_seed=True)
     assert 0 <= seed <= app.MAX_SEED and record(png(gallery[0]))["seed"] == seed
-    again, _, _ = generate(client, seed=seed)
+    again, *_ = generate(client, seed=seed)
     assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(png(again[0])))
 
 
 def test_recommended_settings_endpoint_feeds_generate(client):
     settings = client.predict(2048, 1024, api_name="/recommended_settings")
     assert (settings["resampling_steps"], settings["rrg_init_weight"]) == (7, 1000)
-    gallery, _, _ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
+    gallery, *_ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
     assert png(gallery[0]).size == (1024, 512)  # FAST's size; the knobs came from the endpoint
 
 
@@ -148,7 +148,7 @@ def test_recommended_settings_are_always_accepted_by_generate(sampler, monkeypat
 
 
 def test_plain_comparison_uses_same_size_and_seed(client):
-    gallery, seed, summary = generate(client, compare_plain=True)
+    gallery, seed, summary, *_ = generate(client, compare_plain=True)
     elastic, plain = (png(item) for item in gallery)
     assert elastic.size == plain.size == (1024, 512)
     assert record(plain)["seed"] == seed and record(plain)["method"] == "plain DDIM"
@@ -223,7 +223,7 @@ def final_data(stream: str):
 def test_non_finite_json_numbers_are_refused(server, token):
     marker = 7.125  # stands for guidance_scale in the body, then becomes the non-finite token
     values = {**FAST, **app.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
-              "view_batch_size": 16, "low_vram": False, "guidance_scale": marker}
+              "view_batch_size": 16, "low_vram": False, "guidance_scale": marker, "look_inside": False}
     names = app.TextToImageApp.api_inputs()  # the order in which positional clients send them
     body = json.dumps({"data": [values[name] for name in names]}).replace(str(marker), token)
     stream = call_raw(server[1], body)
@@ -234,7 +234,7 @@ def test_app_keeps_serving_after_errors(client):
     for overrides, _ in BAD_INPUTS[:3]:
         with pytest.raises(AppError):
             generate(client, **overrides)
-    gallery, seed, _ = generate(client, seed=8)
+    gallery, seed, *_ = generate(client, seed=8)
     assert seed == 8 and png(gallery[0]).size == (1024, 512)
 
 
@@ -246,11 +246,11 @@ def test_parallel_clients_get_their_own_images(server):
 
     with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
         results = list(pool.map(one_user, seeds))
-    paths = [gallery[0]["image"] for gallery, _, _ in results]
+    paths = [gallery[0]["image"] for gallery, *_ in results]
     assert len(set(paths)) == len(seeds)
-    for seed, (gallery, echoed, _) in zip(seeds, results):
+    for seed, (gallery, echoed, *_) in zip(seeds, results):
         assert echoed == seed and record(png(gallery[0]))["seed"] == seed
-    pixels = [np.asarray(png(gallery[0])) for gallery, _, _ in results]
+    pixels = [np.asarray(png(gallery[0])) for gallery, *_ in results]
     assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
 
 
@@ -267,7 +267,7 @@ def test_cancel_stops_between_steps_and_frees_the_sampler(client, sampler):
     while sampler.busy:
         assert time.monotonic() - started < 15, "the sampler kept running after the cancel"
         time.sleep(0.05)
-    gallery, seed, _ = generate(client, seed=9)
+    gallery, seed, *_ = generate(client, seed=9)
     assert seed == 9 and png(gallery[0]).size == (1024, 512)
 
 
@@ -316,7 +316,7 @@ def test_preset_example_runs_with_its_own_knobs(sampler, monkeypatch):
 
     monkeypatch.setattr(sampler, "generate", two_steps)
     row = app.EXAMPLE_ROWS[2]  # 1024x2048, R = 7, lambda0 = 1000
-    *_, (gallery, seed, summary) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
+    *_, (gallery, seed, summary, *_) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
     asked = calls[0]
     assert (asked["width"], asked["height"], asked["seed"]) == (1024, 2048, 0)
     assert (asked["resampling_steps"], asked["new_p"], asked["rrg_init_weight"]) == (7, 0.3, 1000)
@@ -355,9 +355,10 @@ def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, e
         assert len(list(os.scandir(outputs.root))) == 2
         # Stored once: Gradio serves the result from the outputs folder instead of copying it to its cache.
         values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
-                  "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2}
+                  "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2,
+                  "look_inside": False}
         names = app.TextToImageApp.api_inputs()
-        gallery, _, _ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
+        gallery, *_ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
         served_path = gallery[0]["image"]["path"]
         assert os.path.dirname(os.path.dirname(served_path)) == outputs.root and os.path.isfile(served_path)
     outputs.remove()
@@ -386,7 +387,7 @@ def test_progress_shows_the_preparation_before_step_1(sampler):
     values = {**FAST, **app.preset(2048, 1024, 1024), "negative_prompt": "", "compare_plain": False,
               "view_batch_size": 16, "low_vram": False, "width": 2048, "height": 1024, "num_inference_steps": 2}
     outputs = app.OutputFolders()
-    *_, (gallery, seed, summary) = app.stream_generation(
+    *_, (gallery, seed, summary, *_) = app.stream_generation(
         sampler, app.parse_request(values, sampler), outputs, progress=lambda done_total, desc: descriptions.append(desc),
         preview_every=0)
     first_step = descriptions.index(next(d for d in descriptions if "step 1/2" in d))
@@ -502,7 +503,7 @@ def test_command_line_app_refuses_uploads_and_leaves_nothing_after_sigterm(tiny_
         assert any(d.get("api_name") == "generate" for d in config["dependencies"])
         assert os.path.dirname(tiny_sdxl_path) not in json.dumps(config)  # the model by its folder name only
         assert upload_status(url, b"\x89PNG not really" * 100) == 413  # this app takes no file
-        gallery, _, _ = Client(url, verbose=False).predict(**dict(FAST, num_inference_steps=2), api_name="/generate")
+        gallery, *_ = Client(url, verbose=False).predict(**dict(FAST, num_inference_steps=2), api_name="/generate")
         assert png(gallery[0]).size == (1024, 512)
         stored = [name for _, _, names in os.walk(temp) for name in names]
         assert "elastic_seed7_1024x512.png" in stored
