@@ -593,6 +593,8 @@ class LookInside:
 
 NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
 KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
+# An example's result clears the view with updates: Gradio's example cache cannot read back an empty image.
+CLEAR_LOOK_INSIDE = (gr.update(value=None),) * 3 + ("",)
 
 
 @dataclasses.dataclass
@@ -977,8 +979,9 @@ class TextToImageApp:
 
     def generate_example(self, *row, progress=gr.Progress()):
         """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
-        R, ρ and λ0, its seed, every other control at the preset for its size."""
-        yield from self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress)
+        R, ρ and λ0, its seed, every other control at the preset for its size; no look-inside view."""
+        for outputs in self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress):
+            yield (*outputs[:3], *CLEAR_LOOK_INSIDE) if tuple(outputs[3:]) == NO_LOOK_INSIDE else outputs
 
     def stream(self, values: dict, progress, **run_kwargs):
         """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
@@ -1081,15 +1084,17 @@ class TextToImageApp:
         reuse_seed.click(lambda seed: (int(seed), False) if seed else (gr.skip(), gr.skip()), inputs=seed_shown,
                          outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
         with gr.Column(visible=False, elem_id="look-inside-view") as view:
+            gr.Markdown("### Look inside")
             caption = gr.Markdown(label="What the pictures show", elem_id="look-inside-caption")
-            picture = dict(type="filepath", interactive=False, buttons=["download", "fullscreen"])
+            # The pictures carry their own titles and legends: Gradio's label box would hide the sheet's title.
+            picture = dict(type="filepath", interactive=False, show_label=False, buttons=["download", "fullscreen"])
             sheet = gr.Image(label="Contact sheet: x0, direction and unconditional score, step by step",
                              format="png", elem_id="look-inside-sheet", **picture)
             with gr.Row(equal_height=False):
                 animation = gr.Image(label="Every recorded step", format="webp", elem_id="look-inside-animation",
-                                     **picture)
+                                     scale=1, **picture)
                 windows = gr.Image(label="Local windows and the reference size on the image", format="png",
-                                   elem_id="look-inside-windows", **picture)
+                                   elem_id="look-inside-windows", scale=2, **picture)
         widgets["look_inside"].change(lambda on: gr.Column(visible=on), inputs=widgets["look_inside"], outputs=view,
                                       queue=False, show_progress="hidden", api_visibility="private")
         return [gallery, seed_used, summary, sheet, animation, windows, caption]

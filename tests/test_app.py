@@ -30,6 +30,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app_gradio as app  # noqa: E402
+import pca_diffusion_scores as pca  # noqa: E402
 from elastic_diffusion import DEMO_PRESETS, ElasticDiffusion  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -563,3 +564,130 @@ def test_the_low_vram_box_switches_the_loaded_sampler_in_place(sampler, monkeypa
         sampler.set_low_vram(False)
         outputs.remove()
     assert built == [] and sampler.unet is unet
+
+
+# --------------------------------------------------------------------------------------------------
+# "Look inside": the recorded scores drawn (pca_diffusion_scores), off by default and free when off
+# --------------------------------------------------------------------------------------------------
+
+
+def frames(path: str) -> list[np.ndarray]:
+    """Every frame of an animation, as RGB arrays."""
+    with Image.open(path) as animation:
+        assert animation.format == "WEBP" and animation.is_animated
+        found = []
+        for index in range(animation.n_frames):
+            animation.seek(index)
+            found.append(np.asarray(animation.convert("RGB")))
+    return found
+
+
+def test_look_inside_returns_the_sheet_the_animation_and_the_windows_through_the_api(client, sampler):
+    values = dict(app.preset(1024, 512, 1024), **FAST, negative_prompt="blurry")
+    gallery, seed, summary, sheet, animation, windows, caption = generate(client, look_inside=True, **values)
+    request = app.parse_request(values, sampler)
+    assert app.look_inside_steps(request.knobs["num_inference_steps"]) == "all"
+    direct = pca.record_scores(sampler, request.prompt, request.negative_prompt, width=1024, height=512, seed=7,
+                               progress=False, view_batch_size=request.view_batch_size, **request.knobs)
+    # The image is the one the option leaves alone, and the pictures are those of its own recording.
+    assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(direct.image)) and len(gallery) == 1
+    sheet_png = Image.open(sheet)
+    assert sheet_png.format == "PNG" and np.array_equal(np.asarray(sheet_png), np.asarray(pca.contact_sheet(direct)))
+    steps = frames(animation)
+    assert len(steps) == 3 == len(direct.steps)  # T = 3: every step
+    assert np.array_equal(steps[0], np.asarray(pca.contact_sheet(direct, steps=[0])))
+    overlay = Image.open(windows)
+    assert overlay.width == 1024 and overlay.height > 512  # the image, and the legend strip below it
+    expected = pca.window_overlay(direct.image, direct.views, direct.reference_size, direct.vae_scale_factor)
+    assert np.array_equal(np.asarray(overlay), np.asarray(expected))
+    meta = record(sheet_png)
+    assert (meta["image"], meta["seed"], meta["pca_basis"], meta["pca_steps"]) == ("sheet", seed, "shared", [0, 1, 2])
+    assert record(overlay)["image"] == "windows" and not [v for v in meta.values() if str(v).startswith("/")]
+    assert caption.startswith("Top row: the model's guess") and "reference size, 1024x512 px" in caption
+    assert "animation shows all 3 steps" in caption and "look inside: pictures drawn in" in summary
+
+
+def test_look_inside_is_off_by_default_and_older_positional_calls_still_work(client):
+    names = app.TextToImageApp.api_inputs()
+    assert names[-1] == "look_inside"  # appended: a positional call without it means what it meant before
+    values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
+              "view_batch_size": 16, "low_vram": False}
+    gallery, seed, summary, *look_inside = client.predict(*[values[n] for n in names[:-1]], api_name="/generate")
+    assert png(gallery[0]).size == (1024, 512) and seed == 7 and "look inside" not in summary
+    assert look_inside == [None, None, None, ""]
+    *_, sheet, animation, windows, caption = generate(client, look_inside=False)
+    assert (sheet, animation, windows, caption) == (None, None, None, "")
+
+
+def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatch, tmp_path):
+    """No recorder, no pt output, no copy: the sampler gets the progress callback alone; with the option the
+    recorder sits in front of it, and the image is the same bit for bit."""
+    calls = []
+    real_generate = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: calls.append(kwargs) or real_generate(*args,
+                                                                                                         **kwargs))
+    recordings, real_record = [], pca._StepRecorder.record
+    monkeypatch.setattr(pca._StepRecorder, "record", lambda self, step, *args, **kwargs: recordings.append(step)
+                        or real_record(self, step, *args, **kwargs))
+    outputs = app.OutputFolders(parent=str(tmp_path))
+    values = dict(FAST, negative_prompt="blurry", num_inference_steps=2)
+    images = {}
+    for look_inside in (False, True):
+        request = app.parse_request(dict(values, look_inside=look_inside), sampler)
+        result = app.run_generation(sampler, request, outputs.request())
+        images[look_inside] = np.asarray(Image.open(result.gallery[0][0]))
+        assert (result.look_inside is None) is (not look_inside)
+        if not look_inside:
+            assert recordings == []
+    off, on = calls
+    assert set(off) == {"height", "width", "seed", "view_batch_size", "progress", "callback_on_step_end",
+                        "callback_on_stage", *request.knobs}
+    assert off["callback_on_step_end"].__qualname__ == "RunProgress.steps.<locals>.on_step"
+    assert on["callback_on_step_end"].__qualname__ == "_record_elastic.<locals>.on_step" and on["output_type"] == "pt"
+    assert recordings == [0, 1]
+    monkeypatch.undo()
+    reference, _ = sampler("a lighthouse at dusk", "blurry", height=512, width=1024, seed=7, num_inference_steps=2,
+                           progress=False, **{k: v for k, v in request.knobs.items() if k != "num_inference_steps"})
+    assert np.array_equal(images[False], np.asarray(reference[0])) and np.array_equal(images[True], images[False])
+
+
+def test_look_inside_files_are_stored_once_in_the_request_folder_and_bounded(sampler, tiny_sdxl_path,
+                                                                             examples_cache):
+    outputs = app.OutputFolders()
+    with served(app.TextToImageApp(sampler, preview_every=0, outputs=outputs)) as (_, url):
+        values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
+                  "view_batch_size": 16, "low_vram": False, "num_inference_steps": 2, "look_inside": True}
+        body = json.dumps({"data": [values[name] for name in app.TextToImageApp.api_inputs()]})
+        gallery, _, summary, sheet, animation, windows, caption = final_data(call_raw(url, body))
+        paths = [gallery[0]["image"]["path"], sheet["path"], animation["path"], windows["path"]]
+        (folder,) = {os.path.dirname(path) for path in paths}  # one request, one folder, served from there
+        assert os.path.dirname(folder) == outputs.root
+        assert sorted(os.listdir(folder)) == sorted(os.path.basename(path) for path in paths)
+        assert outputs.size() == sum(os.path.getsize(path) for path in paths)  # all counted in the cap
+        for path in (sheet["path"], windows["path"]):
+            text = " ".join(Image.open(path).text.values())
+            assert os.path.dirname(tiny_sdxl_path) not in text and outputs.root not in text
+        for text in (caption, summary):
+            assert app.scrub_paths(text) == text and outputs.root not in text
+        outputs.max_bytes = outputs.size() + 1  # the next request's files push this one out, all of them
+        generate(Client(url, verbose=False), num_inference_steps=2, look_inside=True)
+        assert not os.path.exists(folder) and len(os.listdir(outputs.root)) == 1
+    outputs.remove()
+
+
+def test_look_inside_records_at_most_26_steps():
+    assert app.look_inside_steps(25) == "all" and app.look_inside_steps(3) == "all"
+    for T, count in ((26, 14), (50, 26), (150, 26), (1000, 26)):
+        assert len(pca.parse_steps_to_keep(app.look_inside_steps(T), T)) == count, T
+
+
+def test_gpu_duration_adds_the_look_inside_drawing():
+    base = dict(width=1024, height=1024, num_inference_steps=50, resampling_steps=0, patch_size=64, repaint=True)
+    samples = 100  # 1024², R = 0: a plain image's 2 samples per step
+    assert app.estimate_gpu_seconds(base, 1024) == int(20 + 1.2 * samples * app.UNET_SAMPLE_SECONDS)
+    assert app.estimate_gpu_seconds(dict(base, look_inside=False), 1024) == app.estimate_gpu_seconds(base, 1024)
+    assert app.estimate_gpu_seconds(dict(base, look_inside=True), 1024) == int(
+        20 + 1.2 * (samples * app.UNET_SAMPLE_SECONDS + 2))  # at least 2 s
+    big = dict(base, width=2048, height=2048, resampling_steps=10)
+    assert app.estimate_gpu_seconds(dict(big, look_inside=True), 1024) == int(
+        20 + 1.2 * (2782 * app.UNET_SAMPLE_SECONDS + 2048 * 2048 / 1e6 * app.LOOK_INSIDE_SECONDS_PER_MP))

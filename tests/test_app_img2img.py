@@ -462,3 +462,17 @@ def test_condition_menu_starts_at_the_controlnets_type(sampler):
     assert app.trained_condition(sampler) == "canny"  # a folder named after its condition
     assert app.ImageToImageApp(sampler, default_condition="image").controlnet_condition is None
     assert app.ImageToImageApp(sampler, default_condition="depth").default_condition == "depth"
+
+
+def test_look_inside_works_through_the_controlnet_demo(client):
+    """The option is the text-to-image demo's (the same request path and outputs), recorded through the ControlNet
+    sampler: the image is the one without it, and the pictures carry the ControlNet's settings."""
+    gallery, seed, summary, *look_inside = generate(client)
+    assert look_inside == [None, None, None, ""]
+    looked, _, summary, sheet, animation, windows, caption = generate(client, look_inside=True)
+    assert np.array_equal(np.asarray(opened(looked[0]["image"])), np.asarray(opened(gallery[0]["image"])))
+    assert len(looked) == 2 and "look inside: pictures drawn in" in summary and caption.startswith("Top row")
+    meta = record(opened(sheet))
+    assert (meta["image"], meta["condition"], meta["condition_image"], meta["pca_steps"]) == (
+        "sheet", "canny", "astronaut.jpg", [0, 1])
+    assert opened(windows).width == 1024 and opened(animation).n_frames == 2
