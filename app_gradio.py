@@ -88,10 +88,11 @@ UNET_SAMPLE_SECONDS = 0.017
 # (under 50 MiB at 2048² on SDXL, `pca_diffusion_scores.recording_nbytes`), the drawing time and the animation.
 LOOK_INSIDE_STEPS = 25
 LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour means the same at every step
-# ZeroGPU's reservation for drawing the look-inside pictures, per megapixel of the image and at least 2 s: the
-# drawing (PCA, contact sheet, animation, window overlay, PNGs) runs while the GPU is held. Measured with
-# `python benchmarks/look_inside_cost.py` (benchmarks/RESULTS.md#look-inside-drawing-cpu).
-LOOK_INSIDE_SECONDS_PER_MP = 1.0
+# ZeroGPU's reservation for drawing the look-inside pictures (PCA, contact sheet, animation, window overlay,
+# PNGs), which runs while the GPU is held: 2 s plus 0.75 s per megapixel of the image, above what
+# `benchmarks/look_inside_cost.py` measured on one CPU thread (benchmarks/RESULTS.md#look-inside-drawing-cpu).
+LOOK_INSIDE_SECONDS = 2.0
+LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
@@ -898,7 +899,7 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
 
 def look_inside_seconds(width: int, height: int) -> float:
     """Time to draw the look-inside pictures of a width x height image (`LOOK_INSIDE_SECONDS_PER_MP`)."""
-    return max(2.0, LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6)
+    return LOOK_INSIDE_SECONDS + LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6
 
 
 def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: Sequence[str] = ()) -> Callable:

@@ -686,8 +686,12 @@ def test_gpu_duration_adds_the_look_inside_drawing():
     samples = 100  # 1024², R = 0: a plain image's 2 samples per step
     assert app.estimate_gpu_seconds(base, 1024) == int(20 + 1.2 * samples * app.UNET_SAMPLE_SECONDS)
     assert app.estimate_gpu_seconds(dict(base, look_inside=False), 1024) == app.estimate_gpu_seconds(base, 1024)
+    drawing = 2 + 0.75 * 1024 * 1024 / 1e6  # benchmarks/RESULTS.md#look-inside-drawing-cpu
     assert app.estimate_gpu_seconds(dict(base, look_inside=True), 1024) == int(
-        20 + 1.2 * (samples * app.UNET_SAMPLE_SECONDS + 2))  # at least 2 s
+        20 + 1.2 * (samples * app.UNET_SAMPLE_SECONDS + drawing))
     big = dict(base, width=2048, height=2048, resampling_steps=10)
     assert app.estimate_gpu_seconds(dict(big, look_inside=True), 1024) == int(
-        20 + 1.2 * (2782 * app.UNET_SAMPLE_SECONDS + 2048 * 2048 / 1e6 * app.LOOK_INSIDE_SECONDS_PER_MP))
+        20 + 1.2 * (2782 * app.UNET_SAMPLE_SECONDS + 2 + 0.75 * 2048 * 2048 / 1e6))
+    # The durations docs/app.md quotes with the option on: 1024² at the defaults and 2048² with its preset.
+    assert [app.estimate_gpu_seconds(dict(width=w, height=h, look_inside=True), 1024)
+            for w, h in ((1024, 1024), (2048, 2048))] == [25, 82]
