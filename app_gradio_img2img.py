@@ -4,8 +4,8 @@
     python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
     python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
 
-The page, the queue, the validation, previews, cancel, ZeroGPU and the saved PNGs are the text-to-image
-demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
+The page, the queue, the validation, previews, cancel, ZeroGPU, the saved PNGs and "Look inside" are the
+text-to-image demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
 ControlNet scale, the Canny thresholds (rows of `CONTROLNET_KNOBS`) and a preview of the condition map.
 Named API endpoints: `/generate` (the page's inputs, the input image first) and `/condition_preview` (the
 edge or depth map that `/generate` would follow, at the output size); see docs/app.md.
