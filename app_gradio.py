@@ -10,7 +10,8 @@ from the sampler's knobs table (`elastic_diffusion.KNOBS`).
 
 A request's path: `TextToImageApp.generate` (Gradio's generator handler) -> `parse_request` (every
 field checked) -> `stream_generation` (the sampler in a thread; previews and progress while it runs;
-cancel between steps) -> `run_generation` (the sampler, the plain comparison, the PNGs).
+cancel between steps) -> `run_generation` (the sampler, the plain comparison, the PNGs, and with "Look
+inside" the recorded scores drawn by `pca_diffusion_scores`: `save_look_inside`).
 
 Every request is treated as coming from a stranger: the text-to-image app takes no uploads, inputs
 are only files this app received (`read_upload`), slow steps are bounded in time (`within`), what the
@@ -52,6 +53,7 @@ import gradio as gr
 import torch
 
 import elastic_diffusion as ed
+import pca_diffusion_scores as pca
 from elastic_diffusion import (
     DEFAULT_NEGATIVE_PROMPT,
     DEMO_PRESETS,
@@ -82,6 +84,15 @@ HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a ca
 # ZeroGPU's reservation per native-size SDXL UNet sample: the eager per-sample time that the authors of this
 # project's method reference measured on an H200 (not yet measured by this project: benchmarks/benchmark.py).
 UNET_SAMPLE_SECONDS = 0.017
+# "Look inside" records at most this many steps (evenly spaced, the last included): it bounds the host memory
+# (under 50 MiB at 2048² on SDXL, `pca_diffusion_scores.recording_nbytes`), the drawing time and the animation.
+LOOK_INSIDE_STEPS = 25
+LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour means the same at every step
+# ZeroGPU's reservation for drawing the look-inside pictures (PCA, contact sheet, animation, window overlay,
+# PNGs), which runs while the GPU is held: 2 s plus 0.75 s per megapixel of the image, above what
+# `benchmarks/look_inside_cost.py` measured on one CPU thread (benchmarks/RESULTS.md#look-inside-drawing-cpu).
+LOOK_INSIDE_SECONDS = 2.0
+LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
@@ -90,7 +101,8 @@ DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
 UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
                   "gradio_client.handle_file('photo.jpg')).")
 STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",
-               "condition": "Making the condition map"}  # the sampler's stages before step 1 (progress text)
+               "condition": "Making the condition map",  # the sampler's stages before step 1 (progress text)
+               "look_inside": "Drawing the look-inside pictures"}  # the app's own, after the last step
 TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
                  "denoise": "denoising", "decode": "decoding"}  # the summary's time split
 PAGE_CSS = """
@@ -315,6 +327,7 @@ class GenerationRequest:
     view_batch_size: int
     low_vram: bool
     compare_plain: bool
+    look_inside: bool = False  # also record the scores and draw them (`save_look_inside`)
 
 
 def _text(label: str, value, required: bool) -> str:
@@ -402,6 +415,7 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
         negative_prompt=_text("Negative prompt", values.get("negative_prompt"), required=False),
         width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
+        look_inside=_flag("Look inside", values.get("look_inside", False)),
         knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
     # The sampler's own rules (its ranges, the size for this model), before the request waits for the GPU.
     settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
@@ -567,11 +581,35 @@ def within(seconds: float, what: str, fn: Callable, *args):
 
 
 @dataclasses.dataclass
+class LookInside:
+    """The "Look inside" view of one generation: files in the request's folder and what they show."""
+    sheet: str  # contact sheet PNG: x0, direction and unconditional score at up to 6 steps
+    animation: str  # animated WebP over every recorded step
+    windows: str  # the image with the local windows, their context and the reference size drawn over it
+    caption: str  # markdown: what the pictures show
+
+    def outputs(self) -> tuple:
+        return self.sheet, self.animation, self.windows, self.caption
+
+
+NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
+KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
+# An example's result clears the view with updates: Gradio's example cache cannot read back an empty image.
+CLEAR_LOOK_INSIDE = (gr.update(value=None),) * 3 + ("",)
+
+
+@dataclasses.dataclass
 class GenerationResult:
     gallery: list[tuple[str, str]]  # (PNG path, caption)
     seed: int
     summary: str  # markdown: time, UNet evaluations, settings
     info: dict
+    look_inside: LookInside | None = None
+
+    def outputs(self) -> tuple:
+        """/generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption."""
+        extra = self.look_inside.outputs() if self.look_inside is not None else NO_LOOK_INSIDE
+        return (self.gallery, self.seed, self.summary, *extra)
 
 
 def make_plain_pipeline(sampler):
@@ -648,8 +686,8 @@ def public_record(info: dict) -> dict:
 
 def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
                       preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
-    """Run one validated request; yield (gallery, seed, summary): a preview every `preview_every` steps,
-    then the result. `run_kwargs` go to `run_generation`.
+    """Run one validated request; yield /generate's outputs (`GenerationResult.outputs`): a preview every
+    `preview_every` steps, then the result. `run_kwargs` go to `run_generation`.
 
     The sampler runs in a thread, so that this generator can show previews and notice a cancel while it
     runs: when Gradio closes the generator (Cancel button, `job.cancel()`, a client that went away),
@@ -673,22 +711,24 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
 
     job = in_thread(work)
     try:
-        yield gr.skip(), gr.skip(), ""  # clear the last summary: the progress bar is drawn over it
+        yield gr.skip(), gr.skip(), "", *KEEP_LOOK_INSIDE  # clear the last summary: the progress bar is drawn over it
         while not job.done():
             try:
-                yield previews.get(timeout=HEARTBEAT_SECONDS), gr.skip(), gr.skip()
-            except queue.Empty:
-                yield gr.skip(), gr.skip(), gr.skip()  # lets Gradio close this generator between two events
+                yield previews.get(timeout=HEARTBEAT_SECONDS), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
+            except queue.Empty:  # lets Gradio close this generator between two events
+                yield gr.skip(), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
         result = job.result()
     finally:
         cancelled.set()  # no-op after a normal end; otherwise the sampler stops between two steps
-    yield result.gallery, result.seed, result.summary
+    yield result.outputs()
 
 
 def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
                    plain_pipe=None, finish: Callable | None = None, **sampler_kwargs) -> GenerationResult:
     """Generate (cancel-aware through `run`'s callbacks) and write the PNGs with their settings into the
-    request's folder.
+    request's folder. With `request.look_inside` the same run goes through `pca_diffusion_scores.record_scores`
+    (the sampler with a recorder in its step callback; the image is the same, bit for bit) and its pictures
+    are drawn (`save_look_inside`); without it the sampler is called as it is, with nothing recorded.
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
     stages. `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder,
@@ -703,10 +743,17 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         # Low VRAM moves modules in place (never a reload, docs/method.md#fix-low-vram-toggle) and waits
         # for any running generation.
         sampler.set_low_vram(request.low_vram)
-        images, info = sampler(request.prompt, request.negative_prompt, height=request.height, width=request.width,
-                               seed=request.seed, view_batch_size=request.view_batch_size, progress=False,
-                               callback_on_step_end=run.steps("ElasticDiffusion", steps), callback_on_stage=run.stage,
-                               **request.knobs, **sampler_kwargs)
+        call = dict(height=request.height, width=request.width, seed=request.seed,
+                    view_batch_size=request.view_batch_size, progress=False,
+                    callback_on_step_end=run.steps("ElasticDiffusion", steps), callback_on_stage=run.stage,
+                    **request.knobs, **sampler_kwargs)
+        if request.look_inside:
+            recording = pca.record_scores(sampler, request.prompt, request.negative_prompt, method="elastic",
+                                          steps_to_keep=look_inside_steps(steps), **call)
+            images, info = [recording.image], recording.info
+        else:
+            recording = None
+            images, info = sampler(request.prompt, request.negative_prompt, **call)
         if request.compare_plain and plain_pipe is not None:
             tic = time.perf_counter()
             with sampler.exclusive():  # the plain run shares the sampler's modules: one run at a time
@@ -724,9 +771,51 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         _free_gpu()
     info = public_record(info)
     extra = list(finish(folder, request, info)) if finish is not None else []
+    look_inside = None
+    if recording is not None:
+        run.stage("look_inside", 0, 1)
+        tic = time.perf_counter()
+        look_inside = save_look_inside(folder, request, recording, info)
+        info["timings"]["look_inside"] = time.perf_counter() - tic
     result = save_results(folder, request, images[0], info, plain_image, sampler.native_px)
     result.gallery.extend(extra)
+    result.look_inside = look_inside
     return result
+
+
+def look_inside_steps(num_inference_steps: int) -> str:
+    """The steps "Look inside" records (`pca_diffusion_scores.parse_steps_to_keep`): all of them, or every
+    k-th and the last, at most LOOK_INSIDE_STEPS + 1."""
+    every = math.ceil(num_inference_steps / LOOK_INSIDE_STEPS)
+    return "all" if every == 1 else f"every:{every}"
+
+
+def save_look_inside(folder: RequestFolder, request: GenerationRequest, recording, info: dict) -> LookInside:
+    """Draw a recording (`pca_diffusion_scores.Recording`) into the request's folder: the contact sheet and the
+    window overlay as PNGs with the run's metadata (`info`: the public record, no server paths), the
+    animation as a WebP; and the caption (docs/look-inside.md)."""
+    size, basis = f"{request.width}x{request.height}", LOOK_INSIDE_BASIS
+    record = dict(info, settings=dict(info["settings"], pca_method=recording.method, pca_basis=basis,
+                                      pca_steps=recording.steps))
+
+    def png(picture, kind: str) -> str:
+        path = folder.file(f"look_inside_{kind}_seed{request.seed}_{size}.png")
+        metadata = png_metadata(dict(record, settings=dict(record["settings"], image=kind)), request.prompt,
+                                request.negative_prompt)
+        return save_png(picture, path, metadata)
+
+    sheet = png(pca.contact_sheet(recording, basis), "sheet")
+    animation = folder.file(f"look_inside_steps_seed{request.seed}_{size}.webp")
+    with open(animation, "wb") as out:
+        out.write(pca.animation(recording, basis, "webp"))
+    f = recording.vae_scale_factor
+    windows = png(pca.window_overlay(recording.image, recording.views, recording.reference_size, f), "windows")
+    T, kept = recording.num_inference_steps, len(recording.steps)
+    recorded = f"all {T} steps" if kept == T else f"{kept} of the {T} steps"
+    legend = " ".join(pca.overlay_legend(recording.views, recording.reference_size, f).split())
+    caption = (f"{pca.describe(recording, basis)} The animation shows {recorded}, the sheet up to six of them.\n\n"
+               f"**Local windows and reference size** (the picture beside the animation): {legend}")
+    return LookInside(sheet, animation, windows, caption)
 
 
 def save_results(folder: RequestFolder, request: GenerationRequest, image, info: dict, plain_image,
@@ -766,6 +855,8 @@ def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
         lines.append(f"peak GPU memory {info['peak_memory_gib']:.1f} GiB")
     if "plain_seconds" in info:
         lines.append(f"plain comparison: {plain_cost} UNet evaluations at full size, {info['plain_seconds']:.1f} s")
+    if "look_inside" in timings:
+        lines.append(f"look inside: pictures drawn in {timings['look_inside']:.1f} s")
     return "  \n".join(lines)
 
 
@@ -783,7 +874,7 @@ def preview_image(sampler, x0: torch.Tensor):
 
 def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
     """GPU time to reserve on ZeroGPU: the UNet samples of the cost model (`elastic_diffusion.unet_cost`)
-    at UNET_SAMPLE_SECONDS each, plus the plain comparison's.
+    at UNET_SAMPLE_SECONDS each, plus the plain comparison's, plus drawing the look-inside pictures.
 
     Knobs missing from `values` (an example's handler takes only some) are the size's preset;
     `cost_factor` is the cost of one sample relative to the UNet's alone (a ControlNet adds to it).
@@ -801,7 +892,14 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
         return 30
     seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
+    if values.get("look_inside"):
+        seconds += look_inside_seconds(width, height)
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
+
+
+def look_inside_seconds(width: int, height: int) -> float:
+    """Time to draw the look-inside pictures of a width x height image (`LOOK_INSIDE_SECONDS_PER_MP`)."""
+    return LOOK_INSIDE_SECONDS + LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6
 
 
 def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: Sequence[str] = ()) -> Callable:
@@ -851,9 +949,10 @@ class TextToImageApp:
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
     plain_comparison = True
     cost_factor = 1.0  # the GPU cost of one UNet sample, relative to the UNet alone (ZeroGPU's duration)
-    # /generate's parameters around the knobs table's, in the order positional clients send them.
+    # /generate's parameters around the knobs table's, in the order positional clients send them (new ones
+    # are appended, so that older positional calls keep working).
     api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
-    api_after_knobs: tuple[str, ...] = ()
+    api_after_knobs: tuple[str, ...] = ("look_inside",)
     example_inputs = EXAMPLE_INPUTS  # the fields an example sets, in its rows' order
     example_rows, example_labels = EXAMPLE_ROWS, EXAMPLE_LABELS
     examples_title = "Presets of the paper's demo (generated on first click, then cached)"
@@ -881,8 +980,9 @@ class TextToImageApp:
 
     def generate_example(self, *row, progress=gr.Progress()):
         """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
-        R, ρ and λ0, its seed, every other control at the preset for its size."""
-        yield from self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress)
+        R, ρ and λ0, its seed, every other control at the preset for its size; no look-inside view."""
+        for outputs in self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress):
+            yield (*outputs[:3], *CLEAR_LOOK_INSIDE) if tuple(outputs[3:]) == NO_LOOK_INSIDE else outputs
 
     def stream(self, values: dict, progress, **run_kwargs):
         """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
@@ -921,6 +1021,9 @@ class TextToImageApp:
                 widgets["compare_plain"] = gr.Checkbox(
                     label="Also generate the plain image (the model run directly at this size, same seed) for "
                           "comparison", value=False, elem_id="compare-plain")
+            widgets["look_inside"] = gr.Checkbox(
+                label="Look inside: also show how the method builds this image (the two halves of the score, step "
+                      "by step, and the local windows). Adds a few seconds.", value=False, elem_id="look-inside")
             wire_size_presets(widgets, self.native_px, max_scale)
             outputs = self._result_widgets(widgets)
             handler = on_gpu(self.generate, self.native_px, self.cost_factor)
@@ -966,7 +1069,8 @@ class TextToImageApp:
 
     @staticmethod
     def _result_widgets(widgets: dict) -> list:
-        """Gallery, seed used (with a button to reuse it) and the run's summary: /generate's outputs."""
+        """/generate's outputs: gallery, seed used (with a button to reuse it), the run's summary, then the
+        "Look inside" view (contact sheet, animation, window overlay, caption), shown while its box is ticked."""
         gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
                              object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
         with gr.Row(equal_height=True):
@@ -980,7 +1084,21 @@ class TextToImageApp:
                          queue=False, show_progress="hidden", api_visibility="private")
         reuse_seed.click(lambda seed: (int(seed), False) if seed else (gr.skip(), gr.skip()), inputs=seed_shown,
                          outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
-        return [gallery, seed_used, summary]
+        with gr.Column(visible=False, elem_id="look-inside-view") as view:
+            gr.Markdown("### Look inside")
+            caption = gr.Markdown(label="What the pictures show", elem_id="look-inside-caption")
+            # The pictures carry their own titles and legends: Gradio's label box would hide the sheet's title.
+            picture = dict(type="filepath", interactive=False, show_label=False, buttons=["download", "fullscreen"])
+            sheet = gr.Image(label="Contact sheet: x0, direction and unconditional score, step by step",
+                             format="png", elem_id="look-inside-sheet", **picture)
+            with gr.Row(equal_height=False):
+                animation = gr.Image(label="Every recorded step", format="webp", elem_id="look-inside-animation",
+                                     scale=1, **picture)
+                windows = gr.Image(label="Local windows and the reference size on the image", format="png",
+                                   elem_id="look-inside-windows", scale=2, **picture)
+        widgets["look_inside"].change(lambda on: gr.Column(visible=on), inputs=widgets["look_inside"], outputs=view,
+                                      queue=False, show_progress="hidden", api_visibility="private")
+        return [gallery, seed_used, summary, sheet, animation, windows, caption]
 
 
 def configure_logging(verbose: bool) -> None:

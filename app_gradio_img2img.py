@@ -4,8 +4,8 @@
     python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
     python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
 
-The page, the queue, the validation, previews, cancel, ZeroGPU and the saved PNGs are the text-to-image
-demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
+The page, the queue, the validation, previews, cancel, ZeroGPU, the saved PNGs and "Look inside" are the
+text-to-image demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
 ControlNet scale, the Canny thresholds (rows of `CONTROLNET_KNOBS`) and a preview of the condition map.
 Named API endpoints: `/generate` (the page's inputs, the input image first) and `/condition_preview` (the
 edge or depth map that `/generate` would follow, at the output size); see docs/app.md.
@@ -133,7 +133,7 @@ class ImageToImageApp(base.TextToImageApp):
     placeholder = EXAMPLE_PROMPT
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
-    api_after_knobs = ("canny_low", "canny_high")
+    api_after_knobs = ("canny_low", "canny_high", *base.TextToImageApp.api_after_knobs)  # then look_inside
     example_inputs, example_rows, example_labels = EXAMPLE_INPUTS, EXAMPLE_ROWS, EXAMPLE_LABELS
     examples_title = "Example of the paper's demo (generated on first click, then cached)"
 

@@ -683,7 +683,8 @@ def overlay_legend(views: Sequence, reference_size: tuple[int, int], vae_scale_f
     rows, columns = len({r for r, _ in views}), len({c for _, c in views})
     r, c = views[0]
     crop = f"{(c.crop_end - c.crop_start) * f}x{(r.crop_end - r.crop_start) * f}"
-    return (f"{len(views)} local windows ({rows}x{columns}, tinted); thin outlines: the {crop} px crop each window "
+    windows = f"{len(views)} local window" + ("s" if len(views) > 1 else "")
+    return (f"{windows} ({rows}x{columns}, tinted); thin outlines: the {crop} px crop each window "
             "is seen in (window plus context).\n"
             f"White box: the reference size, {w * f}x{h * f} px: the whole image, sub-sampled, for the global "
             "direction.")

@@ -30,6 +30,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app_gradio as app  # noqa: E402
+import pca_diffusion_scores as pca  # noqa: E402
 from elastic_diffusion import DEMO_PRESETS, ElasticDiffusion  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def record(image: Image.Image) -> dict:
 
 
 def test_generate_returns_full_size_png_with_settings(client):
-    gallery, seed, summary = generate(client)
+    gallery, seed, summary, *_ = generate(client)
     assert len(gallery) == 1 and seed == 7
     image = png(gallery[0])
     assert image.format == "PNG" and image.size == (1024, 512)
@@ -98,7 +99,7 @@ def test_generate_returns_full_size_png_with_settings(client):
 
 
 def test_metadata_and_summary_name_no_server_paths(client, tiny_sdxl_path):
-    gallery, _, summary = generate(client)
+    gallery, _, summary, *_ = generate(client)
     image = png(gallery[0])
     meta = record(image)
     assert meta["model"] == os.path.basename(tiny_sdxl_path)  # the model's folder name, not its path
@@ -107,16 +108,16 @@ def test_metadata_and_summary_name_no_server_paths(client, tiny_sdxl_path):
 
 
 def test_randomized_seed_is_echoed_and_reproducible(client):
-    gallery, seed, _ = generate(client, randomize_seed=True)
+    gallery, seed, *_ = generate(client, randomize_seed=True)
     assert 0 <= seed <= app.MAX_SEED and record(png(gallery[0]))["seed"] == seed
-    again, _, _ = generate(client, seed=seed)
+    again, *_ = generate(client, seed=seed)
     assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(png(again[0])))
 
 
 def test_recommended_settings_endpoint_feeds_generate(client):
     settings = client.predict(2048, 1024, api_name="/recommended_settings")
     assert (settings["resampling_steps"], settings["rrg_init_weight"]) == (7, 1000)
-    gallery, _, _ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
+    gallery, *_ = generate(client, **dict(settings, num_inference_steps=2, resampling_steps=1))
     assert png(gallery[0]).size == (1024, 512)  # FAST's size; the knobs came from the endpoint
 
 
@@ -148,7 +149,7 @@ def test_recommended_settings_are_always_accepted_by_generate(sampler, monkeypat
 
 
 def test_plain_comparison_uses_same_size_and_seed(client):
-    gallery, seed, summary = generate(client, compare_plain=True)
+    gallery, seed, summary, *_ = generate(client, compare_plain=True)
     elastic, plain = (png(item) for item in gallery)
     assert elastic.size == plain.size == (1024, 512)
     assert record(plain)["seed"] == seed and record(plain)["method"] == "plain DDIM"
@@ -223,7 +224,7 @@ def final_data(stream: str):
 def test_non_finite_json_numbers_are_refused(server, token):
     marker = 7.125  # stands for guidance_scale in the body, then becomes the non-finite token
     values = {**FAST, **app.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
-              "view_batch_size": 16, "low_vram": False, "guidance_scale": marker}
+              "view_batch_size": 16, "low_vram": False, "guidance_scale": marker, "look_inside": False}
     names = app.TextToImageApp.api_inputs()  # the order in which positional clients send them
     body = json.dumps({"data": [values[name] for name in names]}).replace(str(marker), token)
     stream = call_raw(server[1], body)
@@ -234,7 +235,7 @@ def test_app_keeps_serving_after_errors(client):
     for overrides, _ in BAD_INPUTS[:3]:
         with pytest.raises(AppError):
             generate(client, **overrides)
-    gallery, seed, _ = generate(client, seed=8)
+    gallery, seed, *_ = generate(client, seed=8)
     assert seed == 8 and png(gallery[0]).size == (1024, 512)
 
 
@@ -246,11 +247,11 @@ def test_parallel_clients_get_their_own_images(server):
 
     with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
         results = list(pool.map(one_user, seeds))
-    paths = [gallery[0]["image"] for gallery, _, _ in results]
+    paths = [gallery[0]["image"] for gallery, *_ in results]
     assert len(set(paths)) == len(seeds)
-    for seed, (gallery, echoed, _) in zip(seeds, results):
+    for seed, (gallery, echoed, *_) in zip(seeds, results):
         assert echoed == seed and record(png(gallery[0]))["seed"] == seed
-    pixels = [np.asarray(png(gallery[0])) for gallery, _, _ in results]
+    pixels = [np.asarray(png(gallery[0])) for gallery, *_ in results]
     assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
 
 
@@ -267,7 +268,7 @@ def test_cancel_stops_between_steps_and_frees_the_sampler(client, sampler):
     while sampler.busy:
         assert time.monotonic() - started < 15, "the sampler kept running after the cancel"
         time.sleep(0.05)
-    gallery, seed, _ = generate(client, seed=9)
+    gallery, seed, *_ = generate(client, seed=9)
     assert seed == 9 and png(gallery[0]).size == (1024, 512)
 
 
@@ -316,7 +317,7 @@ def test_preset_example_runs_with_its_own_knobs(sampler, monkeypatch):
 
     monkeypatch.setattr(sampler, "generate", two_steps)
     row = app.EXAMPLE_ROWS[2]  # 1024x2048, R = 7, lambda0 = 1000
-    *_, (gallery, seed, summary) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
+    *_, (gallery, seed, summary, *_) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
     asked = calls[0]
     assert (asked["width"], asked["height"], asked["seed"]) == (1024, 2048, 0)
     assert (asked["resampling_steps"], asked["new_p"], asked["rrg_init_weight"]) == (7, 0.3, 1000)
@@ -355,9 +356,10 @@ def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, e
         assert len(list(os.scandir(outputs.root))) == 2
         # Stored once: Gradio serves the result from the outputs folder instead of copying it to its cache.
         values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
-                  "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2}
+                  "view_batch_size": 16, "low_vram": False, "seed": 5, "num_inference_steps": 2,
+                  "look_inside": False}
         names = app.TextToImageApp.api_inputs()
-        gallery, _, _ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
+        gallery, *_ = final_data(call_raw(url, json.dumps({"data": [values[name] for name in names]})))
         served_path = gallery[0]["image"]["path"]
         assert os.path.dirname(os.path.dirname(served_path)) == outputs.root and os.path.isfile(served_path)
     outputs.remove()
@@ -386,7 +388,7 @@ def test_progress_shows_the_preparation_before_step_1(sampler):
     values = {**FAST, **app.preset(2048, 1024, 1024), "negative_prompt": "", "compare_plain": False,
               "view_batch_size": 16, "low_vram": False, "width": 2048, "height": 1024, "num_inference_steps": 2}
     outputs = app.OutputFolders()
-    *_, (gallery, seed, summary) = app.stream_generation(
+    *_, (gallery, seed, summary, *_) = app.stream_generation(
         sampler, app.parse_request(values, sampler), outputs, progress=lambda done_total, desc: descriptions.append(desc),
         preview_every=0)
     first_step = descriptions.index(next(d for d in descriptions if "step 1/2" in d))
@@ -502,7 +504,7 @@ def test_command_line_app_refuses_uploads_and_leaves_nothing_after_sigterm(tiny_
         assert any(d.get("api_name") == "generate" for d in config["dependencies"])
         assert os.path.dirname(tiny_sdxl_path) not in json.dumps(config)  # the model by its folder name only
         assert upload_status(url, b"\x89PNG not really" * 100) == 413  # this app takes no file
-        gallery, _, _ = Client(url, verbose=False).predict(**dict(FAST, num_inference_steps=2), api_name="/generate")
+        gallery, *_ = Client(url, verbose=False).predict(**dict(FAST, num_inference_steps=2), api_name="/generate")
         assert png(gallery[0]).size == (1024, 512)
         stored = [name for _, _, names in os.walk(temp) for name in names]
         assert "elastic_seed7_1024x512.png" in stored
@@ -562,3 +564,134 @@ def test_the_low_vram_box_switches_the_loaded_sampler_in_place(sampler, monkeypa
         sampler.set_low_vram(False)
         outputs.remove()
     assert built == [] and sampler.unet is unet
+
+
+# --------------------------------------------------------------------------------------------------
+# "Look inside": the recorded scores drawn (pca_diffusion_scores), off by default and free when off
+# --------------------------------------------------------------------------------------------------
+
+
+def frames(path: str) -> list[np.ndarray]:
+    """Every frame of an animation, as RGB arrays."""
+    with Image.open(path) as animation:
+        assert animation.format == "WEBP" and animation.is_animated
+        found = []
+        for index in range(animation.n_frames):
+            animation.seek(index)
+            found.append(np.asarray(animation.convert("RGB")))
+    return found
+
+
+def test_look_inside_returns_the_sheet_the_animation_and_the_windows_through_the_api(client, sampler):
+    values = dict(app.preset(1024, 512, 1024), **FAST, negative_prompt="blurry")
+    gallery, seed, summary, sheet, animation, windows, caption = generate(client, look_inside=True, **values)
+    request = app.parse_request(values, sampler)
+    assert app.look_inside_steps(request.knobs["num_inference_steps"]) == "all"
+    direct = pca.record_scores(sampler, request.prompt, request.negative_prompt, width=1024, height=512, seed=7,
+                               progress=False, view_batch_size=request.view_batch_size, **request.knobs)
+    # The image is the one the option leaves alone, and the pictures are those of its own recording.
+    assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(direct.image)) and len(gallery) == 1
+    sheet_png = Image.open(sheet)
+    assert sheet_png.format == "PNG" and np.array_equal(np.asarray(sheet_png), np.asarray(pca.contact_sheet(direct)))
+    steps = frames(animation)
+    assert len(steps) == 3 == len(direct.steps)  # T = 3: every step
+    assert np.array_equal(steps[0], np.asarray(pca.contact_sheet(direct, steps=[0])))
+    overlay = Image.open(windows)
+    assert overlay.width == 1024 and overlay.height > 512  # the image, and the legend strip below it
+    expected = pca.window_overlay(direct.image, direct.views, direct.reference_size, direct.vae_scale_factor)
+    assert np.array_equal(np.asarray(overlay), np.asarray(expected))
+    meta = record(sheet_png)
+    assert (meta["image"], meta["seed"], meta["pca_basis"], meta["pca_steps"]) == ("sheet", seed, "shared", [0, 1, 2])
+    assert record(overlay)["image"] == "windows" and not [v for v in meta.values() if str(v).startswith("/")]
+    assert caption.startswith("Top row: the model's guess") and "reference size, 1024x512 px" in caption
+    assert "animation shows all 3 steps" in caption and "look inside: pictures drawn in" in summary
+
+
+def test_look_inside_is_off_by_default_and_older_positional_calls_still_work(client):
+    names = app.TextToImageApp.api_inputs()
+    assert names[-1] == "look_inside"  # appended: a positional call without it means what it meant before
+    values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
+              "view_batch_size": 16, "low_vram": False}
+    gallery, seed, summary, *look_inside = client.predict(*[values[n] for n in names[:-1]], api_name="/generate")
+    assert png(gallery[0]).size == (1024, 512) and seed == 7 and "look inside" not in summary
+    assert look_inside == [None, None, None, ""]
+    *_, sheet, animation, windows, caption = generate(client, look_inside=False)
+    assert (sheet, animation, windows, caption) == (None, None, None, "")
+
+
+def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatch, tmp_path):
+    """No recorder, no pt output, no copy: the sampler gets the progress callback alone; with the option the
+    recorder sits in front of it, and the image is the same bit for bit."""
+    calls = []
+    real_generate = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: calls.append(kwargs) or real_generate(*args,
+                                                                                                         **kwargs))
+    recordings, real_record = [], pca._StepRecorder.record
+    monkeypatch.setattr(pca._StepRecorder, "record", lambda self, step, *args, **kwargs: recordings.append(step)
+                        or real_record(self, step, *args, **kwargs))
+    outputs = app.OutputFolders(parent=str(tmp_path))
+    values = dict(FAST, negative_prompt="blurry", num_inference_steps=2)
+    images = {}
+    for look_inside in (False, True):
+        request = app.parse_request(dict(values, look_inside=look_inside), sampler)
+        result = app.run_generation(sampler, request, outputs.request())
+        images[look_inside] = np.asarray(Image.open(result.gallery[0][0]))
+        assert (result.look_inside is None) is (not look_inside)
+        if not look_inside:
+            assert recordings == []
+    off, on = calls
+    assert set(off) == {"height", "width", "seed", "view_batch_size", "progress", "callback_on_step_end",
+                        "callback_on_stage", *request.knobs}
+    assert off["callback_on_step_end"].__qualname__ == "RunProgress.steps.<locals>.on_step"
+    assert on["callback_on_step_end"].__qualname__ == "_record_elastic.<locals>.on_step" and on["output_type"] == "pt"
+    assert recordings == [0, 1]
+    monkeypatch.undo()
+    reference, _ = sampler("a lighthouse at dusk", "blurry", height=512, width=1024, seed=7, num_inference_steps=2,
+                           progress=False, **{k: v for k, v in request.knobs.items() if k != "num_inference_steps"})
+    assert np.array_equal(images[False], np.asarray(reference[0])) and np.array_equal(images[True], images[False])
+
+
+def test_look_inside_files_are_stored_once_in_the_request_folder_and_bounded(sampler, tiny_sdxl_path,
+                                                                             examples_cache):
+    outputs = app.OutputFolders()
+    with served(app.TextToImageApp(sampler, preview_every=0, outputs=outputs)) as (_, url):
+        values = {**FAST, **app.preset(1024, 512, 1024), "negative_prompt": "", "compare_plain": False,
+                  "view_batch_size": 16, "low_vram": False, "num_inference_steps": 2, "look_inside": True}
+        body = json.dumps({"data": [values[name] for name in app.TextToImageApp.api_inputs()]})
+        gallery, _, summary, sheet, animation, windows, caption = final_data(call_raw(url, body))
+        paths = [gallery[0]["image"]["path"], sheet["path"], animation["path"], windows["path"]]
+        (folder,) = {os.path.dirname(path) for path in paths}  # one request, one folder, served from there
+        assert os.path.dirname(folder) == outputs.root
+        assert sorted(os.listdir(folder)) == sorted(os.path.basename(path) for path in paths)
+        assert outputs.size() == sum(os.path.getsize(path) for path in paths)  # all counted in the cap
+        for path in (sheet["path"], windows["path"]):
+            text = " ".join(Image.open(path).text.values())
+            assert os.path.dirname(tiny_sdxl_path) not in text and outputs.root not in text
+        for text in (caption, summary):
+            assert app.scrub_paths(text) == text and outputs.root not in text
+        outputs.max_bytes = outputs.size() + 1  # the next request's files push this one out, all of them
+        generate(Client(url, verbose=False), num_inference_steps=2, look_inside=True)
+        assert not os.path.exists(folder) and len(os.listdir(outputs.root)) == 1
+    outputs.remove()
+
+
+def test_look_inside_records_at_most_26_steps():
+    assert app.look_inside_steps(25) == "all" and app.look_inside_steps(3) == "all"
+    for T, count in ((26, 14), (50, 26), (150, 26), (1000, 26)):
+        assert len(pca.parse_steps_to_keep(app.look_inside_steps(T), T)) == count, T
+
+
+def test_gpu_duration_adds_the_look_inside_drawing():
+    base = dict(width=1024, height=1024, num_inference_steps=50, resampling_steps=0, patch_size=64, repaint=True)
+    samples = 100  # 1024², R = 0: a plain image's 2 samples per step
+    assert app.estimate_gpu_seconds(base, 1024) == int(20 + 1.2 * samples * app.UNET_SAMPLE_SECONDS)
+    assert app.estimate_gpu_seconds(dict(base, look_inside=False), 1024) == app.estimate_gpu_seconds(base, 1024)
+    drawing = 2 + 0.75 * 1024 * 1024 / 1e6  # benchmarks/RESULTS.md#look-inside-drawing-cpu
+    assert app.estimate_gpu_seconds(dict(base, look_inside=True), 1024) == int(
+        20 + 1.2 * (samples * app.UNET_SAMPLE_SECONDS + drawing))
+    big = dict(base, width=2048, height=2048, resampling_steps=10)
+    assert app.estimate_gpu_seconds(dict(big, look_inside=True), 1024) == int(
+        20 + 1.2 * (2782 * app.UNET_SAMPLE_SECONDS + 2 + 0.75 * 2048 * 2048 / 1e6))
+    # The durations docs/app.md quotes with the option on: 1024² at the defaults and 2048² with its preset.
+    assert [app.estimate_gpu_seconds(dict(width=w, height=h, look_inside=True), 1024)
+            for w, h in ((1024, 1024), (2048, 2048))] == [25, 82]

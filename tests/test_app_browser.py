@@ -109,7 +109,7 @@ def shown_whole(driver, img) -> bool:
     width, height, natural_width, natural_height, fit, clipped_by = driver.execute_script(SHOWN, img)
     assert natural_width and height > 50, (width, height)
     assert abs(width / height - natural_width / natural_height) < 0.02, (width, height, natural_width, natural_height)
-    assert fit in ("contain", "fill") and clipped_by == [], clipped_by
+    assert fit in ("contain", "fill", "scale-down") and clipped_by == [], clipped_by  # each shows the image whole
     return True
 
 
@@ -190,6 +190,46 @@ def test_type_prompt_click_generate_see_image(app_url, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "app.png"))
     if os.environ.get("APP_SCREENSHOT"):
         save_compact_screenshot(browser, os.environ["APP_SCREENSHOT"])
+
+
+def loaded_size(driver, selector: str):
+    """The natural (width, height) of the image in `selector` once it has loaded, else False."""
+    images = driver.find_elements(By.CSS_SELECTOR, f"{selector} img")
+    size = images and driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
+    return tuple(size) if size and size[0] else False
+
+
+def test_look_inside_shows_the_sheet_the_animation_and_the_windows(app_url, browser):
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 90, poll_frequency=0.2)
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    assert not browser.find_element(By.CSS_SELECTOR, "#look-inside input").is_selected()  # off by default
+    assert not browser.find_elements(By.CSS_SELECTOR, "#look-inside-sheet img")
+    prompt.send_keys("A photo of the dolomites")
+    set_number(browser, "#width input", 2048)
+    set_number(browser, "#height input", 1024)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")
+    set_number(browser, "#knob-num_inference_steps input[type=number]", 2)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    browser.find_element(By.CSS_SELECTOR, "#look-inside input").click()
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    (image,) = wait.until(finished_images)
+    windows = wait.until(lambda d: loaded_size(d, "#look-inside-windows"))
+    sheet = wait.until(lambda d: loaded_size(d, "#look-inside-sheet"))
+    animation = wait.until(lambda d: loaded_size(d, "#look-inside-animation"))
+    assert animation[1] == sheet[1] and animation[0] < sheet[0]  # a frame is one column of the two-step sheet
+    assert windows[0] == 2048 and windows[1] > 1024  # the image with the window grid, and the legend below it
+    assert sheet[0] > sheet[1] > 0
+    for selector in ("#look-inside-sheet", "#look-inside-windows"):
+        assert shown_whole(browser, browser.find_element(By.CSS_SELECTOR, f"{selector} img"))
+    sources = [browser.find_element(By.CSS_SELECTOR, f"#look-inside-{name} img").get_attribute("src")
+               for name in ("sheet", "animation", "windows")]
+    assert [source.rsplit("/", 1)[-1].split("_seed")[0] for source in sources] == [
+        "look_inside_sheet", "look_inside_steps", "look_inside_windows"]
+    caption = browser.find_element(By.CSS_SELECTOR, "#look-inside-caption").text
+    assert caption.startswith("Top row") and "White box: the reference size" in caption
+    assert "look inside: pictures drawn in" in browser.find_element(By.CSS_SELECTOR, "#summary").text
 
 
 @pytest.fixture(scope="module")

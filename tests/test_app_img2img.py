@@ -93,7 +93,7 @@ def expected_canny(width, height, low=100, high=200) -> np.ndarray:
 
 
 def test_generate_follows_the_input_image(client):
-    gallery, seed, summary = generate(client)
+    gallery, seed, summary, *_ = generate(client)
     assert seed == 5 and len(gallery) == 2
     image, condition_map = (opened(item["image"]) for item in gallery)
     assert image.format == "PNG" and image.size == condition_map.size == (1024, 512)
@@ -142,7 +142,7 @@ def test_condition_preview_of_a_ready_map_and_of_depth(client):
 def test_depth_with_a_canny_controlnet_warns_and_follows_a_depth_map(client, monkeypatch):
     warnings = []
     monkeypatch.setattr(app.gr, "Warning", lambda message, *args, **kwargs: warnings.append(message))
-    gallery, _, summary = generate(client, condition="depth")
+    gallery, _, summary, *_ = generate(client, condition="depth")
     depth_map = np.asarray(opened(gallery[1]["image"]))
     assert depth_map.shape == (512, 1024) and len(np.unique(depth_map)) > 2  # grey levels, not edges
     assert record(opened(gallery[0]["image"]))["condition"] == "depth" and "depth map" in summary
@@ -262,7 +262,7 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
     assert with_meta["a missing file"] == with_meta["a server image"] == with_meta["a server file"]
     names = app.ImageToImageApp.api_inputs()  # the order in which positional clients send them
     values = {**FAST, **text_app.preset(1024, 512, 1024), "negative_prompt": "", "controlnet_conditioning_scale": 0.5,
-              "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200}
+              "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200, "look_inside": False}
     for name in ("a server image", "a FIFO", "a pipe held by the server", "a symlink out"):  # /generate alike
         stream, seconds = timed_raw(url, "generate", [{"path": paths[name]}] + [values[n] for n in names[1:]])
         assert seconds < 5 and text_app.UPLOAD_REFUSED in stream, name
@@ -389,7 +389,7 @@ def test_the_example_runs_through_the_lazy_cache_with_its_own_settings(server, i
         return real_generate(*args, **dict(kwargs, num_inference_steps=2, resampling_steps=0))
 
     monkeypatch.setattr(sampler, "generate", short)
-    gallery, seed, summary = image_to_image.examples.load_from_cache(0)  # what the first click does
+    gallery, seed, summary, *_ = image_to_image.examples.load_from_cache(0)  # what the first click does
     asked = calls[0]
     assert (asked["width"], asked["height"], asked["seed"], seed) == (1536, 1536, 0, 0)
     assert (asked["resampling_steps"], asked["new_p"], asked["rrg_init_weight"]) == (7, 0.3, 1000)
@@ -462,3 +462,17 @@ def test_condition_menu_starts_at_the_controlnets_type(sampler):
     assert app.trained_condition(sampler) == "canny"  # a folder named after its condition
     assert app.ImageToImageApp(sampler, default_condition="image").controlnet_condition is None
     assert app.ImageToImageApp(sampler, default_condition="depth").default_condition == "depth"
+
+
+def test_look_inside_works_through_the_controlnet_demo(client):
+    """The option is the text-to-image demo's (the same request path and outputs), recorded through the ControlNet
+    sampler: the image is the one without it, and the pictures carry the ControlNet's settings."""
+    gallery, seed, summary, *look_inside = generate(client)
+    assert look_inside == [None, None, None, ""]
+    looked, _, summary, sheet, animation, windows, caption = generate(client, look_inside=True)
+    assert np.array_equal(np.asarray(opened(looked[0]["image"])), np.asarray(opened(gallery[0]["image"])))
+    assert len(looked) == 2 and "look inside: pictures drawn in" in summary and caption.startswith("Top row")
+    meta = record(opened(sheet))
+    assert (meta["image"], meta["condition"], meta["condition_image"], meta["pca_steps"]) == (
+        "sheet", "canny", "astronaut.jpg", [0, 1])
+    assert opened(windows).width == 1024 and opened(animation).n_frames == 2

@@ -176,3 +176,19 @@ def test_gpu_check_compile_stages_dry_run(tmp_path):
     assert run["graphs_compiled_timing_the_unet"] == 0 and run["calls_floor_s"] > 0
     assert report["tests_compile"]["counts"] == {"skipped": 1}
     assert "test_compiled_unet_gives_the_eager_image" in report["tests_compile"]["tests"]
+
+
+def test_look_inside_cost_script_times_the_apps_drawing(tmp_path):
+    """benchmarks/look_inside_cost.py runs the app's own drawing on a synthetic recording and reports every file."""
+    spec = importlib.util.spec_from_file_location("look_inside_cost", os.path.join(ROOT, "benchmarks",
+                                                                                  "look_inside_cost.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "look_inside.json"
+    (result,) = script.main(["--model", "sd15", "--sizes", "1024x512", "--steps", "3", "--json", str(out)])
+    assert json.loads(out.read_text())["results"] == [result]
+    assert (result["width"], result["height"], result["steps"]) == (1024, 512, 3)
+    assert set(result["bytes"]) == {"sheet", "animation", "windows"} and min(result["bytes"].values()) > 0
+    recording = script.synthetic_recording(1024, 512, 512, 3)  # the shapes SD 1.5 records at 2x width
+    assert recording.direction.shape == (3, 4, 64, 128) and recording.reference_direction.shape == (3, 4, 32, 64)
+    assert recording.views == script.ed.local_views(64, 128, 64, 32)

@@ -159,7 +159,7 @@ def test_a_new_row_reaches_the_cli_the_checks_the_sampler_the_demos_and_the_meta
     assert '"test_knob": 0.7' in ed.png_metadata(info, "p", "")["elastic_diffusion"]
     with pytest.raises(TypeError, match="unexpected keyword argument 'tset_knob'"):  # a typo is not a knob
         xl("p", height=512, width=1024, tset_knob=0.7, **QUIET)
-    assert app.TextToImageApp.api_inputs()[-1] == "test_knob"
+    assert app.TextToImageApp.api_inputs()[-2:] == ["test_knob", "look_inside"]  # the app's own fields stay last
     demo = app.TextToImageApp(None, "no model").build()
     (widget,) = [c for c in demo.config["components"] if c["props"].get("elem_id") == "knob-test_knob"]
     assert (widget["props"]["minimum"], widget["props"]["maximum"], widget["props"]["value"]) == (0, 0.9, 0.5)
