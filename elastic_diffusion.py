@@ -1593,18 +1593,20 @@ def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) 
     return {"elastic_diffusion": json.dumps(record), "parameters": line}
 
 
-def save_png(image, path: str, metadata: dict[str, str]) -> str:
-    """Write a PNG with text metadata atomically: no half-written file is ever left at `path`."""
-    from PIL.PngImagePlugin import PngInfo
+def write_atomically(path: str, write: Callable, suffix: str = ".part") -> str:
+    """Create or replace `path` with what `write(binary file)` writes, atomically: `path` is never half-written.
 
-    chunks = PngInfo()
-    for key, value in metadata.items():
-        chunks.add_text(key, value)
+    A temporary file in the same folder is filled, flushed to disk and renamed over `path`, so a crash,
+    Ctrl-C, SIGTERM or power loss leaves either the old file or the new one (plus, at worst, a
+    temporary `*{suffix}` file that `write` was filling).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=folder)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=chunks)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
@@ -1613,6 +1615,16 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def save_png(image, path: str, metadata: dict[str, str]) -> str:
+    """Write a PNG with text metadata atomically: no half-written file is ever left at `path`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    for key, value in metadata.items():
+        chunks.add_text(key, value)
+    return write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=chunks), suffix=".png.part")
 
 
 def generate_and_save(pipe, stem: str, prompt: str, negative_prompt: str, extra_outputs: Callable | None = None,
