@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import difflib
 import fcntl
 import glob
@@ -275,20 +274,25 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
         if source.endswith(".safetensors") and os.path.isfile(source):
             return Native(1024 if ed._is_sdxl_checkpoint(source) else 512, 8, f"the checkpoint {sd_version}")
         if os.path.isdir(source):
-            read = lambda name: json.load(open(os.path.join(source, name, "config.json")))  # noqa: E731
+            config = lambda name: os.path.join(source, name, "config.json")  # noqa: E731
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
             from huggingface_hub import hf_hub_download
 
             ed.hub_offline_reason()  # without network: read the cache at once instead of retrying
-            read = lambda name: json.load(open(hf_hub_download(source, "config.json", subfolder=name)))  # noqa: E731
+            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
         else:
             raise ValueError("not a known key, folder, hub id or .safetensors file")
-        factor = 2 ** (len(read("vae")["block_out_channels"]) - 1)
-        return Native(int(read("unet")["sample_size"]) * factor, factor, f"{sd_version}'s configs")
+        factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
+        return Native(int(_json_file(config("unet"))["sample_size"]) * factor, factor, f"{sd_version}'s configs")
     except Exception as error:  # a missing file, no network, a config without the field
         raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
                          f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
                          "768-px)") from None
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
@@ -385,22 +389,25 @@ def fold_parts(outdir: str) -> dict[str, dict]:
 
 
 class RecordLog:
-    """One process's records, appended as they are made (one write per batch of lines, flushed to disk), so a
-    stopped job loses none; a record never spans two writes, so a reader sees whole lines or an unfinished
-    last one (`parse_records`)."""
+    """One process's records, appended as they are made (one write per item, flushed to disk), so a stopped
+    job loses none; a reader sees whole lines, or an unfinished last one (`parse_records`). The file is
+    created with the first record: a process with nothing to do leaves none."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        self.path, self.fd = path, None
 
     def append(self, records: list[dict]) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
         while data:
             data = data[os.write(self.fd, data):]
         os.fsync(self.fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class RecordReader:
@@ -498,7 +505,7 @@ def remove_stale_temporaries(outdir: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def item_records(item: Item, outdir: str, model: str, rank: int, status: str, message: str | None = None,
+def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,
                  settings: dict | None = None, seconds: float | None = None, unet_samples: int | None = None):
     """The manifest records of an item's images. `seconds` and `unet_samples` are per image: the generation's
     totals divided by its number of images."""
@@ -660,30 +667,30 @@ class Job:
         self.base: dict[str, dict] = {}  # path -> record: the manifest as the job found it (main process)
         self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
         self.last_merge = time.monotonic()
+        self.held = contextlib.ExitStack()  # the folder's lock (main process)
 
     def claim(self, resume: bool) -> str | None:
         """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
         Returns why the folder cannot be used, or None."""
         try:
             os.makedirs(self.outdir, exist_ok=True)
-            self.lock = folder_lock(self.outdir)
-            self.lock.__enter__()
+            self.held.enter_context(folder_lock(self.outdir))
         except (FolderBusy, OSError) as error:
             return str(error)
         remove_stale_temporaries(self.outdir)
         self.base = fold_parts(self.outdir)
         self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
+        identity = ("prompt", "negative_prompt", "seed", "image_index", "model")
         for index, records in self.done.items():  # a done image keeps its record; one without (a lost manifest)
-            for k, record in enumerate(records):  # gets one from its PNG
-                item = self.items[index]
+            item = self.items[index]  # gets one from its PNG
+            for k, record in enumerate(records):
+                settings = {key: value for key, value in record.items() if key not in identity}
                 self.base.setdefault(os.path.basename(item.path(self.outdir, k)),
-                                     item_records(item, self.outdir, self.model, -1, "ok", settings=record)[k])
+                                     item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k])
         return None
 
     def release(self) -> None:
-        if getattr(self, "lock", None) is not None:
-            self.lock.__exit__(None, None, None)
-            self.lock = None
+        self.held.close()
 
     def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
         """(the job's items left to do, this process's share). Refused items go to the main process, which

@@ -141,11 +141,18 @@ def test_rerun_resumes_without_unet_work_and_redoes_only_what_changed(baseline, 
     shutil.copytree(baseline[0], outdir)
     before = {name: os.stat(outdir / name).st_mtime_ns for name in NAMES}
     records = manifest(outdir)
-    with UNetSamples() as unet:
-        run_job(tiny_sd1_path, job_file, outdir)  # --resume is on: the folder has a manifest
+    with UNetSamples() as unet:  # --resume is on: the folder has a manifest; memory knobs never change an image
+        run_job(tiny_sd1_path, job_file, outdir, "--view_batch_size", "3")
     assert unet.samples == 0 and manifest(outdir) == records
     assert "6 already done" in capsys.readouterr().out
     assert {name: os.stat(outdir / name).st_mtime_ns for name in NAMES} == before
+
+    os.unlink(outdir / batch.MANIFEST)  # a lost manifest: --resume goes by the PNGs, and records them again
+    with UNetSamples() as unet:
+        run_job(tiny_sd1_path, job_file, outdir, "--resume")
+    assert unet.samples == 0
+    assert [(r["path"], r["status"], r["settings"], r["seconds"]) for r in manifest(outdir)] == \
+        [(r["path"], "ok", r["settings"], None) for r in records]
 
     changed = [dict(row) for row in JOB]
     changed[1]["guidance_scale"] = 7.5  # same file names, other metadata: item 1 must be made again
