@@ -1,6 +1,6 @@
 """Batch jobs (`--prompts_file`, batch.py) on the tiny SD 1 model: files, seeds, resume, interruptions, several
 processes under `accelerate launch`, bad input, the folder lock and the ControlNet command line."""
-import contextlib
+import argparse
 import fcntl
 import json
 import os
@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -187,11 +188,12 @@ def test_a_job_stopped_after_item_3_resumes_to_the_same_files(baseline, tiny_sd1
     with batch.folder_lock(os.fspath(outdir)):  # the lock was released
         pass
 
+    (outdir / "tmpab12cd.png.part").write_bytes(b"\x89PNG")  # what a power loss mid-write would leave
     with UNetSamples() as unet:
         run_job(tiny_sd1_path, job_file, outdir)
     records = manifest(outdir)
     assert unet.samples == sum(r["unet_samples"] for r in records[3:])  # only the three left
-    assert pngs(outdir) == pngs(baseline[0])
+    assert pngs(outdir) == pngs(baseline[0]) and not (outdir / "tmpab12cd.png.part").exists()
     for name in NAMES:
         assert pixels(outdir / name) == pixels(os.path.join(baseline[0], name))
     assert [{k: v for k, v in r.items() if k not in ("seconds", "process")} for r in records] == \
@@ -334,6 +336,30 @@ def test_a_second_job_on_the_same_folder_is_refused(tiny_sd1_path, job_file, tmp
     os.close(fd)
 
 
+def test_an_image_on_disk_means_its_whole_request_was_saved(tmp_path, monkeypatch):
+    """The ControlNet's condition map is written before the images: a job stopped between the two leaves no image,
+    so --resume redoes the item instead of skipping it without its map."""
+    def sampler(prompt, negative_prompt, **call):
+        return [Image.new("RGB", (8, 8))] * 2, dict(seed=call["seed"], model="m", settings={})
+
+    def stopped_while_saving_the_map(image, path, metadata):
+        if path.endswith("_condition.png"):
+            raise KeyboardInterrupt
+        return save_png(image, path, metadata)
+
+    save_png = ed.save_png
+    monkeypatch.setattr(ed, "save_png", stopped_while_saving_the_map)
+    with pytest.raises(KeyboardInterrupt):
+        ed.generate_and_save(sampler, os.fspath(tmp_path / "00000_a_seed0"), "a", "", lambda info: [
+            ("condition", Image.new("RGB", (8, 8)))], seed=0)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(ed, "save_png", save_png)
+    paths, _ = ed.generate_and_save(sampler, os.fspath(tmp_path / "00000_a_seed0"), "a", "", lambda info: [
+        ("condition", Image.new("RGB", (8, 8)))], seed=0)
+    assert [os.path.basename(p) for p in paths] == ["00000_a_seed0_0.png", "00000_a_seed0_1.png",
+                                                    "00000_a_seed0_condition.png"]
+
+
 def test_the_manifest_is_replaced_atomically(tmp_path, monkeypatch):
     path = os.fspath(tmp_path / batch.MANIFEST)
     batch.write_manifest(path, {"a.png": {"path": "a.png", "status": "ok"}})
@@ -360,6 +386,30 @@ def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     records = batch.fold_parts(outdir)
     assert sorted(records) == ["00000_a_seed0_0.png", "00001_b_seed1_0.png"]
     assert [r["path"] for r in manifest(outdir)] == sorted(records) and not batch.part_paths(outdir)
+
+
+def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
+    """The manifest is merged once every process's records are in, however late they come."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "mine"}, {"prompt": "theirs", "num_images": 2}], comment=False)
+    defaults = dict(negative_prompt="", width=512, height=512, seed=0, num_images=1)
+    items = batch.read_prompts_file(path, defaults, {"num_inference_steps": 2})
+    native = batch.Native(512, 8, "test")
+    batch.plan(items, native)
+    outdir = os.fspath(tmp_path / "out")
+    os.makedirs(outdir)
+    job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
+                    argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
+    progress = batch.Progress(outdir, items, 2, show=False)
+    for rank, item in enumerate(items):
+        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank)))
+        records = batch.item_records(item, outdir, "model", rank, "ok", unet_samples=item.cost)
+        late = threading.Timer(0.5 * rank, lambda log=log, records=records: (log.append(records), log.close()))
+        late.start()
+    monkeypatch.setattr(batch, "POLL_S", 0.05)
+    job.finish(progress)
+    assert [(r["path"], r["process"]) for r in manifest(outdir)] == \
+        [("00000_mine_seed0_0.png", 0), ("00001_theirs_seed1_0.png", 1), ("00001_theirs_seed1_1.png", 1)]
+    assert not batch.part_paths(outdir)
 
 
 def test_txt_files_lines_and_defaults(tmp_path):
@@ -419,7 +469,7 @@ def test_controlnet_lines_name_their_own_condition_image(tiny_sd1_path, sd1_cont
     assert exit_info.value.code == 1
     records = manifest(tmp_path / "out")
     assert [(r["index"], r["status"]) for r in records] == [(0, "ok"), (1, "ok"), (2, "error")]
-    assert "condition_image" in records[2]["message"] and "not a readable image" in records[2]["message"]
+    assert records[2]["message"].startswith("condition_image: ") and "not a readable image" in records[2]["message"]
     for record, row in zip(records[:2], rows):
         with Image.open(tmp_path / "out" / record["path"]) as image:
             meta = json.loads(image.info["elastic_diffusion"])
