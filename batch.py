@@ -219,7 +219,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
         for key in line_keys.paths if line_keys else ():
             value = values.get(key)
             if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
-                line_extra[key] = os.path.join(folder, value)
+                line_extra[key] = os.path.normpath(os.path.join(folder, value))
         items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative,
                           width=values.get("width", defaults["width"]), height=values.get("height", defaults["height"]),
                           seed=seed, num_images=count, knobs={**knobs, **line_knobs}, extra=line_extra))
@@ -616,29 +616,34 @@ def load_sampler(make_sampler: Callable, native: Native, max_scale: int):
     return pipe
 
 
+def _count(n: int, thing: str, things: str | None = None) -> str:
+    return f"{n:,} {thing if n == 1 else things or thing + 's'}"
+
+
 def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: Native,
                 model: str, verbose: bool = False) -> str:
     """The --dry_run report: refused items, items already done, the split with estimated UNet samples."""
-    images = sum(item.num_images for item in items)
-    lines = [f"{path}: {len(items)} items, {images} images; model {model!r}, native size {native.px} px "
-             f"(from {native.source})"]
+    def share(some: list[Item]) -> str:
+        return (f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}, "
+                f"{sum(i.cost for i in some):,} UNet samples")
+
+    lines = [f"{path}: {_count(len(items), 'item')}, {_count(sum(i.num_images for i in items), 'image')}; "
+             f"model {model!r}, native size {native.px} px (from {native.source})"]
     refused = [item for item in items if item.error is not None]
     if refused:
-        lines.append(f"refused ({len(refused)} items, each would be recorded as an error):")
+        lines.append(f"refused ({_count(len(refused), 'item')}, each would be recorded as an error):")
         lines += [f"  {path}:{item.line}: {item.error}" for item in refused]
     if done:
-        lines.append(f"already done (skipped by --resume): {len(done)} items")
-    lines.append(f"plan for {len(parts)} process{'es' if len(parts) > 1 else ''}, in estimated native-size UNet "
-                 "samples (docs/method.md#cost-model):")
+        lines.append(f"already done (skipped by --resume): {_count(len(done), 'item')}")
+    lines.append(f"plan for {_count(len(parts), 'process', 'processes')}, in estimated "
+                 "native-size UNet samples (docs/method.md#cost-model):")
     for rank, part in enumerate(parts):
         mine = [todo[i] for i in part]
-        lines.append(f"  process {rank}: {len(mine)} items, {sum(i.num_images for i in mine)} images, "
-                     f"{sum(i.cost for i in mine):,} UNet samples")
+        lines.append(f"  process {rank}: {share(mine)}")
         if verbose:
-            lines += [f"    {i.index:05d} line {i.line}: {i.width}x{i.height}, seed {i.seed}, {i.num_images} "
-                      f"image{'s' if i.num_images > 1 else ''}, {i.cost:,} UNet samples" for i in mine]
-    lines.append(f"  total: {len(todo)} items, {sum(i.num_images for i in todo)} images, "
-                 f"{sum(i.cost for i in todo):,} UNet samples")
+            lines += [f"    {i.index:05d} line {i.line}: {i.width}x{i.height}, seed {i.seed}, "
+                      f"{_count(i.num_images, 'image')}, {i.cost:,} UNet samples" for i in mine]
+    lines.append(f"  total: {share(todo)}")
     return "\n".join(lines)
 
 
@@ -647,8 +652,8 @@ def summary(outdir: str, path: str, items: list[Item], done: dict, records: list
     ok = [r for r in records if r["status"] == "ok"]
     failed = {r["index"]: r for r in records if r["status"] != "ok"}
     samples = sum(r["unet_samples"] or 0 for r in ok)
-    lines = [f"{len(items)} items: {len({r['index'] for r in ok})} generated ({len(ok)} images, {samples:,} UNet "
-             f"samples, {seconds:.1f} s), {len(done)} already done, {len(failed)} failed; "
+    lines = [f"{_count(len(items), 'item')}: {len({r['index'] for r in ok})} generated ({_count(len(ok), 'image')}, "
+             f"{samples:,} UNet samples, {seconds:.1f} s), {len(done)} already done, {len(failed)} failed; "
              f"manifest: {os.path.join(outdir, MANIFEST)}"]
     for index in sorted(failed)[:20]:
         lines.append(f"  failed: {path}:{failed[index]['line']} (item {index}): {failed[index]['message']}")
@@ -778,8 +783,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
         return []
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     tic, progress, mine = time.perf_counter(), None, []
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), logging_redirect_tqdm() if main else contextlib.nullcontext():  # logs above the bar
         try:
             refused = job.claim(resume) if main else None
             refused, done = broadcast_object_list([(refused, sorted(job.done))])[0]  # every process: the same view

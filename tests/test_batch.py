@@ -4,6 +4,8 @@ import argparse
 import fcntl
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -298,7 +300,7 @@ def test_dry_run_checks_every_size_and_knob_and_prints_the_plan(tmp_path, monkey
     native = batch.Native(1024, 8, "")
     costs = [ed.unet_cost(w, h, dict(ed.recommended_settings(w, h), num_inference_steps=2), native.latent).samples
              for w, h in [(2048, 2048), (2048, 1024), (1024, 1024)]]  # run_job passes --steps 2
-    assert f"process 0: 1 items, 1 images, {costs[0]:,} UNet samples" in out
+    assert f"process 0: 1 item, 1 image, {costs[0]:,} UNet samples" in out
     assert f"process 1: 2 items, 2 images, {costs[1] + costs[2]:,} UNet samples" in out
     assert f"total: 3 items, 3 images, {sum(costs):,} UNet samples" in out
     assert not (tmp_path / "out").exists()
@@ -320,6 +322,36 @@ def test_a_refused_item_is_recorded_and_the_job_goes_on(tiny_sd1_path, tmp_path,
     out = capsys.readouterr().out
     assert "4 items: 2 generated" in out and "2 failed" in out
     assert f"failed: {path}:2 (item 1): width must be a multiple of 8" in out
+
+
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's "Many images" block, continuation lines joined, comments dropped."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- many images[^>]*-->\s*```bash\n(.*?)```", text, re.S).group(1)
+    block = re.sub(r"\\\n\s*", "", block)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip() and
+            not line.startswith("#")]
+
+
+@pytest.mark.parametrize("example", ["prompts.jsonl", "prompts.txt", "controlnet.jsonl"])
+def test_the_readme_commands_and_the_shipped_examples_pass_a_dry_run(example, tmp_path, monkeypatch, capsys):
+    """Every README command, and each example file, checked and planned as written (their models are the hub's,
+    so nothing runs: no model is loaded by --dry_run)."""
+    monkeypatch.setattr(ed, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    commands = readme_commands()
+    assert len(commands) == 4 and all("docs/examples/prompts.jsonl" in c for c in commands)
+    script = "elastic_diffusion_w_controlnet.py" if example == "controlnet.jsonl" else "elastic_diffusion.py"
+    monkeypatch.chdir(ROOT)
+    for command in commands:
+        processes = int(command[command.index("--num_processes") + 1]) if "--num_processes" in command else 1
+        argv = command[command.index("elastic_diffusion.py") + 1:]
+        argv[argv.index("--prompts_file") + 1] = f"docs/examples/{example}"
+        argv[argv.index("--outdir") + 1] = os.fspath(tmp_path / "out")
+        argv = [a for a in argv if a != "--dry_run"] + ["--dry_run", str(processes)]
+        (edc if script.endswith("controlnet.py") else ed).main(argv)
+        out = capsys.readouterr().out
+        assert f"plan for {processes} process" in out and "refused" not in out
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_second_job_on_the_same_folder_is_refused(tiny_sd1_path, job_file, tmp_path, capsys):
