@@ -546,6 +546,7 @@ class Progress:
         self.outdir, self.items = outdir, {item.index: item for item in items}
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}
+        self.text = ""
         self.expected = sum(item.num_images for item in items)
         self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not (show and items), dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
@@ -564,7 +565,9 @@ class Progress:
         finished = {r["index"] for r in self.records.values()}
         failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
         text = f"{len(finished)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
-        self.bar.set_description_str(text, refresh=True)
+        if text != self.text:  # a log file gets a line per change, not one per poll
+            self.text = text
+            self.bar.set_description_str(text, refresh=True)
 
     @property
     def complete(self) -> bool:
@@ -752,6 +755,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -805,10 +809,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             fail(130, f"stopped; the records so far are in {job.manifest}. Run the same command again to resume.")
         except ValueError as error:  # the model cannot be loaded, or is not the one planned for
             parser.exit(2, f"{parser.prog}: error: {error}\n")
+        except torch.OutOfMemoryError as error:  # the model does not fit: nothing to go on with
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
         finally:
             if progress is not None:
                 progress.close()
             job.release()
+            state.destroy_process_group()  # this process is done with the others (a no-op on one process)
     paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
     paths = [path for path in paths if os.path.isfile(path)]
     if not main:
