@@ -414,18 +414,19 @@ class RecordReader:
     """Reads a record log as it grows: each `read()` returns the records completed since the last one."""
 
     def __init__(self, path: str):
-        self.path, self.offset, self.rest = path, 0, ""
+        self.path, self.offset, self.rest = path, 0, b""
 
     def read(self) -> list[dict]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                data = f.read()
+                data = self.rest + f.read()
         except FileNotFoundError:
             return []
-        self.offset += len(data)
-        records, self.rest = parse_records(self.rest + data.decode("utf-8", errors="replace"), self.path)
-        return records
+        self.offset += len(data) - len(self.rest)
+        end = data.rfind(b"\n") + 1  # decode whole lines only: a read may end inside a character
+        self.rest = data[end:]
+        return parse_records(data[:end].decode("utf-8", errors="replace"), self.path)[0]
 
 
 def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:

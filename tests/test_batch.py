@@ -419,6 +419,17 @@ def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     assert sorted(records) == ["00000_a_seed0_0.png", "00001_b_seed1_0.png"]
     assert [r["path"] for r in manifest(outdir)] == sorted(records) and not batch.part_paths(outdir)
 
+    line = (json.dumps({"path": "00003_cafe_seed3_0.png", "prompt": "café ☕"}, ensure_ascii=False) + "\n").encode()
+    cut = line.index("☕".encode()) + 1  # a reader may come while a line is half written, inside a character
+    part = os.path.join(outdir, batch.PART.format(rank=0))
+    reader = batch.RecordReader(part)
+    with open(part, "ab") as f:
+        f.write(line[:cut])
+        f.flush()
+        assert reader.read() == []
+        f.write(line[cut:])
+    assert reader.read() == [{"path": "00003_cafe_seed3_0.png", "prompt": "café ☕"}]
+
 
 def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
     """The manifest is merged once every process's records are in, however late they come."""
