@@ -271,6 +271,54 @@ def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict
     return {k.name: preset[k.name] if k.default == PRESET else k.default for k in method_knobs()}
 
 
+def settings_for(width: int, height: int, native_px: int, **explicit) -> dict:
+    """A run's method knobs: `recommended_settings` with the explicitly given (non-None) values on top.
+
+    TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword).
+    """
+    settings = recommended_settings(width, height, native_px)
+    unknown = sorted(set(explicit) - set(settings))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the method's knobs are {sorted(settings)}")
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    return settings
+
+
+def apply_drop_p(knobs: dict, drop_p: float | None) -> dict:
+    """`knobs` with `new_p` from the official spelling `drop_p` = 1 - new_p (when given); ValueError if both disagree."""
+    if drop_p is None:
+        return knobs
+    new_p = knobs.get("new_p")
+    if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
+        raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
+    return dict(knobs, new_p=round(1 - drop_p, 12))  # 1 - 0.7 is 0.30000000000000004 in floats
+
+
+def check_size(height, width, native_px: int, vae_scale_factor: int = 8, max_scale: int = MAX_SCALE) -> None:
+    """ValueError unless height and width are whole multiples of the VAE factor between MIN_SIDE_PX and
+    max_scale x the native size; the message names the side and the rule. Needs no model: a prompts file
+    is checked with it before one is loaded (batch.py)."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
+        f = vae_scale_factor
+        if value % f:
+            raise ValueError(f"{name} must be a multiple of {f} (the VAE works on {f}x{f} pixel blocks); got {value}")
+        limit = max_scale * native_px
+        if not MIN_SIDE_PX <= value <= limit:
+            hint = ("; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
+                    if max_scale == MAX_SCALE else "")
+            raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
+                             f"(at most {max_scale}x its native {native_px} px per side){hint}; got {value}")
+
+
+def check_settings(settings: dict, native_latent: int) -> None:
+    """ValueError unless every knob in `settings` obeys its row of KNOBS (type, then range or choices)."""
+    for row in KNOBS:
+        if row.name in settings:
+            row.check(settings[row.name], native_latent)
+
+
 # --------------------------------------------------------------------------------------------------
 # Geometry: reference size, sub-sampler tables, local views, padding (docs/method.md#reference-size ff.)
 # --------------------------------------------------------------------------------------------------
@@ -1240,23 +1288,8 @@ class ElasticDiffusion:
     def check_inputs(self, prompts: list[str], negative_prompts: list[str], height, width, s: dict,
                      latents: torch.Tensor | None, batch: int) -> None:
         """Validate everything before any work; ValueError naming the argument and the rule."""
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
-            f = self.vae_scale_factor
-            if value % f:
-                raise ValueError(f"{name} must be a multiple of {f} (the VAE works on {f}x{f} pixel blocks); "
-                                 f"got {value}")
-            limit = self.max_scale * self.native_px
-            if not MIN_SIDE_PX <= value <= limit:
-                hint = ("; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
-                        if self.max_scale == MAX_SCALE else "")
-                raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
-                                 f"(at most {self.max_scale}x its native {self.native_px} px per side){hint}; "
-                                 f"got {value}")
-        for row in KNOBS:  # each knob's own rule (type, range or choices) from the table
-            if row.name in s:
-                row.check(s[row.name], self.native_latent)
+        check_size(height, width, self.native_px, self.vae_scale_factor, self.max_scale)
+        check_settings(s, self.native_latent)
         if latents is not None:
             shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if tuple(latents.shape) != shape:
@@ -1267,12 +1300,7 @@ class ElasticDiffusion:
 
         TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword).
         """
-        settings = recommended_settings(width, height, self.native_px)
-        unknown = sorted(set(explicit) - set(settings))
-        if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the method's knobs are {sorted(settings)}")
-        settings.update({k: v for k, v in explicit.items() if v is not None})
-        return settings
+        return settings_for(width, height, self.native_px, **explicit)
 
     # ---------------------------------------------------- generation (docs/method.md#sampling-loop)
 
@@ -1317,12 +1345,7 @@ class ElasticDiffusion:
         height = 2 * self.native_px if height is None else height
         width = 2 * self.native_px if width is None else width
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
-        if drop_p is not None:
-            new_p = knobs.get("new_p")
-            if new_p is not None and abs((1 - drop_p) - new_p) > 1e-9:
-                raise ValueError(f"drop_p={drop_p} and new_p={new_p} disagree: drop_p is 1 - new_p; give one")
-            knobs["new_p"] = round(1 - drop_p, 12)  # 1 - 0.7 is 0.30000000000000004 in floats
-        s = self.resolve_settings(width, height, **knobs)
+        s = self.resolve_settings(width, height, **apply_drop_p(knobs, drop_p))
         self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
         view_batch_size = knob("view_batch_size").check(
             self.view_batch_size if view_batch_size is None else view_batch_size, self.native_latent)
@@ -1570,18 +1593,20 @@ def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) 
     return {"elastic_diffusion": json.dumps(record), "parameters": line}
 
 
-def save_png(image, path: str, metadata: dict[str, str]) -> str:
-    """Write a PNG with text metadata atomically: no half-written file is ever left at `path`."""
-    from PIL.PngImagePlugin import PngInfo
+def write_atomically(path: str, write: Callable, suffix: str = ".part") -> str:
+    """Create or replace `path` with what `write(binary file)` writes, atomically: `path` is never half-written.
 
-    chunks = PngInfo()
-    for key, value in metadata.items():
-        chunks.add_text(key, value)
+    A temporary file in the same folder is filled, flushed to disk and renamed over `path`, so a crash,
+    Ctrl-C, SIGTERM or power loss leaves either the old file or the new one (plus, at worst, a
+    temporary `*{suffix}` file that `write` was filling).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=folder)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=chunks)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
@@ -1590,6 +1615,34 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def save_png(image, path: str, metadata: dict[str, str]) -> str:
+    """Write a PNG with text metadata atomically: no half-written file is ever left at `path`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    for key, value in metadata.items():
+        chunks.add_text(key, value)
+    return write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=chunks), suffix=".png.part")
+
+
+def generate_and_save(pipe, stem: str, prompt: str, negative_prompt: str, extra_outputs: Callable | None = None,
+                      **call) -> tuple[list[str], dict]:
+    """Generate one request with `pipe(prompt, negative_prompt, **call)` and save image k as `{stem}_{k}.png`,
+    each output of `extra_outputs(info)` as `{stem}_{name}.png`, all with the metadata that reproduces them.
+
+    The single run and every item of a batch (batch.py) go through here. The extra outputs are written
+    first, so an image on disk means its whole request was saved. Returns (paths, images first; info).
+    """
+    images, info = pipe(prompt, negative_prompt, **call)
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    extras = extra_outputs(info) if extra_outputs else []
+    saved = {}
+    for name, image in extras + list(enumerate(images)):
+        index = name if isinstance(name, int) else 0
+        saved[name] = save_png(image, f"{stem}_{name}.png", png_metadata(info, prompt, negative_prompt, index))
+    return [saved[k] for k in range(len(images))] + [saved[name] for name, _ in extras], info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1650,6 +1703,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_scale", type=int, default=MAX_SCALE,
                    help="largest side as a multiple of the native size; above 2 is experimental")
     p.add_argument("-v", "--verbose", action="store_true", help="log timings and counts")
+    many = p.add_argument_group("many images (docs/batch.md): the flags above are the defaults of each line")
+    many.add_argument("--prompts_file", metavar="FILE",
+                      help="generate every item of FILE into --outdir: .txt (one prompt a line) or .jsonl (one JSON "
+                           "object a line: prompt, negative_prompt, width, height, seed, num_images, method knobs)")
+    many.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                      help="skip items whose PNGs exist with matching metadata (default: on when --outdir has a "
+                           "manifest)")
+    many.add_argument("--dry_run", nargs="?", type=int, const=0, default=None, metavar="N",
+                      help="check the whole file and print the plan for N processes (default: those launched) "
+                           "without loading a model")
+    many.add_argument("--native_px", type=int, default=None,
+                      help="the model's native size in pixels, to plan without loading it (default: read from "
+                           "--sd_version's configs, 1024 for XL1.0, 512 for the 1.x/2.x keys)")
     return p
 
 
@@ -1661,34 +1727,38 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
-            call_kwargs: dict | None = None, extra_outputs: Callable | None = None) -> list[str]:
+            call_kwargs: dict | None = None, extra_outputs: Callable | None = None, line_keys=None) -> list[str]:
     """Load, generate and save PNGs with metadata; shared by both command lines.
 
     `make_sampler()` builds the sampler; `call_kwargs` are extra generate() arguments;
     `extra_outputs(info)` returns more (name, PIL image) pairs to save (the ControlNet's condition map).
-    Bad input ends as a usage error (exit 2) before anything is written.
+    With --prompts_file the job runs in batch.py, where `line_keys` (a `batch.LineKeys`) lets each line
+    set the `call_kwargs`. Bad input ends as a usage error (exit 2) before anything is written.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.prompts_file is not None:
+        import batch
+
+        return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs, line_keys)
+    for flag in ("resume", "dry_run", "native_px"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag} goes with --prompts_file")
     knobs = {k.name: getattr(args, k.name) for k in method_knobs()}
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
+    stem = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}")
     try:
         pipe = make_sampler()
         pipe.max_scale = args.max_scale
-        images, info = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=seed,
-                            num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
-                            **(call_kwargs or {}))
+        paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
+                                        height=args.height, width=args.width, seed=seed,
+                                        num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
+                                        **(call_kwargs or {}))
     except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except torch.OutOfMemoryError as error:
         sys.exit(f"error: {error}")
-    os.makedirs(args.outdir, exist_ok=True)
-    stem = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}")
-    outputs = list(enumerate(images)) + (extra_outputs(info) if extra_outputs else [])
-    paths = []
-    for name, image in outputs:
-        index = name if isinstance(name, int) else 0
-        paths.append(save_png(image, f"{stem}_{name}.png", png_metadata(info, args.prompt, args.negative_prompt, index)))
-        print(paths[-1])
+    for path in paths:
+        print(path)
     logger.info("UNet samples %d in %d calls, timings %s", info["unet_samples"], info["unet_calls"],
                 {k: round(v, 2) for k, v in info["timings"].items()})
     return paths

@@ -113,6 +113,43 @@ def depth_condition(image: Image.Image, estimator) -> Image.Image:
     return to_rgb(depth if depth.size == image.size else depth.resize(image.size, Image.Resampling.BICUBIC))
 
 
+def default_condition(controlnet_model: str) -> str:
+    """The condition a ControlNet follows by default: 'canny' or 'depth' for the known ones, else 'image'."""
+    known = {i: kind for kind, family in CONTROLNET_IDS.items() for i in family.values()}
+    return {"canny": "canny", "depth": "depth", **known}.get(controlnet_model, "image")
+
+
+def control_request(condition_image, condition: str, scale: float, low: int, high: int) -> dict:
+    """One call's ControlNet arguments as the run carries them (`run.extras["control"]`); 'none' means 'image'."""
+    return dict(source=condition_image, condition="image" if condition == "none" else condition, scale=scale,
+                low=low, high=high)
+
+
+def check_control_request(c: dict, read_image: bool = True) -> None:
+    """ValueError unless a `control_request` is allowed; `read_image` also reads its input into c["image"].
+
+    Needs no model: a prompts file's lines are checked with it before one is loaded (batch.py).
+    """
+    if c["condition"] not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
+    for row, value in zip(CONTROLNET_KNOBS, (c["scale"], c["low"], c["high"])):
+        row.check(value, 0)  # no bound depends on the model
+    if c["low"] > c["high"]:
+        raise ValueError(f"canny_low and canny_high must satisfy low <= high; got {c['low']}, {c['high']}")
+    if c["source"] is None:
+        raise ValueError("condition_image is required: an image file path or a PIL image")
+    if read_image:
+        c["image"] = load_image(c["source"])
+
+
+def control_settings(controlnet_model: str, c: dict) -> dict:
+    """What a generation records of its ControlNet arguments (`info["settings"]`, the PNG metadata)."""
+    source = os.fspath(c["source"]) if isinstance(c["source"], (str, os.PathLike)) else "PIL image"
+    canny = dict(canny_low=c["low"], canny_high=c["high"]) if c["condition"] == "canny" else {}
+    return dict(controlnet_model=controlnet_model, condition=c["condition"],
+                controlnet_conditioning_scale=c["scale"], condition_image=source, **canny)
+
+
 class _Encoded(torch.nn.Module):
     """Stands in for a ControlNet's condition encoder: returns the encoding it was given."""
 
@@ -155,8 +192,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         super().__init__(device=device, sd_version=sd_version, low_vram=low_vram, allow_pickle=allow_pickle, **kwargs)
         self.controlnet_model = (controlnet_model if isinstance(controlnet_model, str)
                                  else self.controlnet.config.get("_name_or_path") or type(controlnet_model).__name__)
-        known = {i: kind for kind, family in CONTROLNET_IDS.items() for i in family.values()}
-        self.default_condition = {"canny": "canny", "depth": "depth", **known}.get(self.controlnet_model, "image")
+        self.default_condition = default_condition(self.controlnet_model)
 
     def attach_models(self) -> None:
         self.controlnet = self.load_controlnet(self._controlnet_source, self.allow_pickle)
@@ -219,15 +255,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         Works on the call's own dict, which the run then carries (`run.extras["control"]`), so the
         base `check_inputs` stays free of per-call state and callable from anywhere.
         """
-        if c["condition"] not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
-        for row, value in zip(CONTROLNET_KNOBS, (c["scale"], c["low"], c["high"])):
-            row.check(value, self.native_latent)
-        if c["low"] > c["high"]:
-            raise ValueError(f"canny_low and canny_high must satisfy low <= high; got {c['low']}, {c['high']}")
-        if c["source"] is None:
-            raise ValueError("condition_image is required: an image file path or a PIL image")
-        c["image"] = load_image(c["source"])
+        check_control_request(c)
         if c["condition"] == "depth":
             self.depth_estimator()  # a bad depth_model fails here, before any sampling
 
@@ -341,17 +369,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         'depth', or 'image'/'none' for a ready-made edge or depth map (default: the ControlNet's type, 'image'
         for custom ids); it is extracted once, at the output size. `info["condition_image"]` is that map (PIL).
         """
-        condition = condition or self.default_condition
-        condition = "image" if condition == "none" else condition
-        control = dict(source=condition_image, condition=condition, scale=controlnet_conditioning_scale,
-                       low=canny_low, high=canny_high)
+        control = control_request(condition_image, condition or self.default_condition,
+                                  controlnet_conditioning_scale, canny_low, canny_high)
         self.check_control(control)
         images, info = super().generate(prompt, negative_prompt, height, width, *args, extras={"control": control},
                                         **kwargs)
-        source = os.fspath(condition_image) if isinstance(condition_image, (str, os.PathLike)) else "PIL image"
-        info["settings"].update(controlnet_model=self.controlnet_model, condition=condition,
-                                controlnet_conditioning_scale=controlnet_conditioning_scale, condition_image=source,
-                                **(dict(canny_low=canny_low, canny_high=canny_high) if condition == "canny" else {}))
+        info["settings"].update(control_settings(self.controlnet_model, control))
         info["condition_image"], info["timings"]["condition"] = control["pil"], control["seconds"]
         return images, info
 
@@ -384,7 +407,21 @@ def main(argv=None) -> list[str]:
     make = lambda: ElasticDiffusionControlNet(controlnet_model=args.controlnet_model,  # noqa: E731
                                               depth_model=args.depth_model, **ed.sampler_kwargs(args))
     extra = (lambda info: [("condition", info["condition_image"])]) if args.save_condition else None
-    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra)
+    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra,
+                      batch_line_keys(args.controlnet_model))
+
+
+def batch_line_keys(controlnet_model: str):
+    """What each line of a prompts file may set here (`CONTROL_ARGS`), checked and recorded as `generate` does."""
+    import batch
+
+    def request(values: dict) -> dict:
+        return control_request(values["condition_image"], values["condition"] or default_condition(controlnet_model),
+                               values["controlnet_conditioning_scale"], values["canny_low"], values["canny_high"])
+
+    return batch.LineKeys(check=lambda values, read_files: check_control_request(request(values), read_files),
+                          settings=lambda values: control_settings(controlnet_model, request(values)),
+                          paths=("condition_image",))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,828 @@
+"""Many images from one command: a prompts file, split across processes by cost, resumable, with a manifest.
+
+    python elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/                    # one GPU
+    accelerate launch --num_processes 8 elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/
+
+Both command lines (`elastic_diffusion.py`, `elastic_diffusion_w_controlnet.py`) call `run` when
+--prompts_file is given. A job, in order:
+
+1. read the file (`read_prompts_file`): every line an `Item` with its own seed and file names; a file
+   that cannot be read, bad JSON, an unknown key or a missing prompt stops the job here, naming the line;
+2. check each item with the sampler's own rules, without a model (`plan`), and price it in UNet samples
+   with the cost model (`elastic_diffusion.unet_cost`); an item the sampler would refuse is recorded as
+   an error and the others go on;
+3. on the main process: lock the output folder, fold what a killed job left into the manifest, find the
+   items already done (`done_items`: PNG present, metadata matching), and tell the other processes;
+4. split what is left by cost (`split_by_cost`): every process computes the same assignment;
+5. each process loads the model once, on its device, generates its items in order and appends one record
+   per image to its own `manifest.process<N>.jsonl`;
+6. the main process shows the job's progress, waits for every record and merges them into `manifest.jsonl`.
+
+File formats, the manifest's fields, resuming and multi-node runs: docs/batch.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import fcntl
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import elastic_diffusion as ed
+
+logger = logging.getLogger("elastic_diffusion.batch")
+
+MANIFEST = "manifest.jsonl"
+PART = "manifest.process{rank}.jsonl"  # one per process while a job runs, merged into MANIFEST at its end
+LOCK = ".elastic_diffusion.lock"
+MERGE_EVERY_S = 30.0  # how stale manifest.jsonl may get while a job runs (each merge rewrites it whole)
+POLL_S = 1.0  # how often the main process reads the other processes' records while it waits for them
+SLUG_CHARS = 40  # the prompt's part of a file name
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's largest seed
+
+ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
+# Other spellings people will type, and where they belong.
+KEY_HINTS = {
+    **{alias: f"the knob is called {row.name!r}" for row in ed.KNOBS for alias in row.aliases},
+    "num_sampled": "the key is called 'num_images'", "drop_p": "give new_p = 1 - drop_p",
+    **{row.name: f"{row.name} is a memory setting of the whole job: give --{row.name} on the command line"
+       for row in ed.KNOBS if row.memory},
+    "sd_version": "one model per job: give --sd_version on the command line",
+    "model": "one model per job: give --sd_version on the command line",
+}
+MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
+
+
+# --------------------------------------------------------------------------------------------------
+# The prompts file
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptsFileError(ValueError):
+    """A prompts file the job cannot start from; each message is "FILE:LINE: what is wrong"."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
+@dataclass(frozen=True)
+class LineKeys:
+    """Keys a command line adds to each line of a prompts file (the ControlNet CLI: its input image and knobs).
+
+    The keys are those of the command line's `call_kwargs`, whose values are the defaults of every line.
+    """
+    check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
+    settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
+    paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
+
+
+@dataclass
+class Item:
+    """One line of a prompts file: one generation of `num_images` images with one seed."""
+    index: int  # position among the file's items, from 0: names the files, offsets the seed
+    line: int  # line number in the file, from 1
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    knobs: dict  # method knobs as given (None: the resolution-aware preset)
+    extra: dict = field(default_factory=dict)  # the command line's extra call arguments (ControlNet input)
+    settings: dict | None = None  # resolved method knobs (`plan`); None while unchecked or refused
+    error: str | None = None  # why the sampler would refuse the item (`plan`)
+    cost: int = 0  # estimated native-size UNet samples (`elastic_diffusion.unet_cost`)
+
+    def stem(self, outdir: str) -> str:
+        """`outdir/00042_<slug>_seed<seed>`: the item's files are `<stem>_<k>.png`, sortable by index."""
+        return os.path.join(outdir, f"{self.index:05d}_{slug(self.prompt)}_seed{self.seed}")
+
+    def path(self, outdir: str, k: int) -> str:
+        return f"{self.stem(outdir)}_{k}.png"
+
+
+def slug(prompt: str, limit: int = SLUG_CHARS) -> str:
+    """A file-name part from a prompt: lower-case ASCII words joined by '-', whole words up to `limit` characters."""
+    words = re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower())
+    text = ""
+    for word in words:
+        if len(text) + len(word) + bool(text) > limit:
+            break
+        text = f"{text}-{word}" if text else word
+    return text or (words[0][:limit] if words else "prompt")
+
+
+def _file_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of every line that is not blank or a # comment; PromptsFileError if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise PromptsFileError([f"{path}: cannot be read ({error.strerror or error})"]) from None
+    lines, errors = [], []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError as error:
+            errors.append(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})")
+            continue
+        if text and not text.startswith("#"):
+            lines.append((number, text))
+    if errors:
+        raise PromptsFileError(errors)
+    if not lines:
+        raise PromptsFileError([f"{path}: no prompts (the file is empty, or only blank lines and # comments)"])
+    return lines
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object; ValueError for bad JSON, another type, or a key given twice."""
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise ValueError(f"key {twice[0]!r} is given twice")
+        return dict(pairs)
+
+    try:
+        value = json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object such as {{\"prompt\": \"a photo of the dolomites\"}}; "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def _unknown_key(key: str, allowed: list[str]) -> str:
+    hint = KEY_HINTS.get(key) or ", ".join(f"did you mean {m!r}?" for m in difflib.get_close_matches(key, allowed, 1))
+    return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
+
+
+def _whole_number(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    """The batch's own integer fields (seed, num_images): the plan needs them, so they are checked up front."""
+    return ed.check_number(name, value, minimum, maximum, integer=True)
+
+
+def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None,
+                      line_keys: LineKeys | None = None) -> list[Item]:
+    """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
+
+    `defaults` holds negative_prompt, width, height, seed (item i gets seed + i unless its line sets one) and
+    num_images; `knobs` the method knobs (None: preset); `extra` the command line's extra call arguments,
+    which lines may set too. Raises PromptsFileError listing every line that cannot become an item (bad
+    JSON, not an object, an unknown key, no prompt, a seed or num_images that is not a whole number in
+    range). Sizes and knob values are the sampler's to refuse: `plan` checks them item by item.
+    """
+    extra = extra or {}
+    if not path.endswith((".txt", ".jsonl")):
+        raise PromptsFileError([f"{path}: a prompts file is .txt (one prompt a line) or .jsonl (one JSON object a "
+                                "line)"])
+    jsonl = path.endswith(".jsonl")
+    allowed = [*ITEM_KEYS, *(row.name for row in ed.method_knobs()), *extra]
+    folder = os.path.dirname(path)
+    items, errors = [], []
+    for number, text in _file_lines(path):
+        where = f"{path}:{number}"
+        try:
+            values = _json_object(text) if jsonl else {"prompt": text}
+            unknown = [key for key in values if key not in allowed]
+            if unknown:
+                raise ValueError(_unknown_key(unknown[0], allowed))
+            values = {key: value for key, value in values.items() if value is not None}  # null: the default
+            if not isinstance(values.get("prompt"), str):
+                raise ValueError("missing prompt: every line needs \"prompt\": \"...\"" if "prompt" not in values
+                                 else f"prompt must be a string; got {values['prompt']!r}")
+            negative = values.get("negative_prompt", defaults["negative_prompt"])
+            if not isinstance(negative, str):
+                raise ValueError(f"negative_prompt must be a string; got {negative!r}")
+            index = len(items)
+            seed = _whole_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED)
+            count = _whole_number("num_images", values.get("num_images", defaults["num_images"]), 1)
+        except ValueError as error:
+            errors.append(f"{where}: {error}")
+            continue
+        line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
+        line_extra = {key: values.get(key, default) for key, default in extra.items()}
+        for key in line_keys.paths if line_keys else ():
+            value = values.get(key)
+            if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
+                line_extra[key] = os.path.normpath(os.path.join(folder, value))
+        items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative,
+                          width=values.get("width", defaults["width"]), height=values.get("height", defaults["height"]),
+                          seed=seed, num_images=count, knobs={**knobs, **line_knobs}, extra=line_extra))
+    if errors:
+        raise PromptsFileError(errors)
+    return items
+
+
+def _as_knob_type(name: str, value):
+    """JSON writes 10 for 10.0: a whole number given for a float knob becomes a float, as the CLI parses it."""
+    row = ed.knob(name)
+    if row.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: checks and cost without a model, and the split
+# --------------------------------------------------------------------------------------------------
+
+# Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
+KEY_NATIVE_PX = {"1.4": 512, "1.5": 512, "2.0": 512, "2.1": 512, "XL1.0": 1024}
+
+
+class Native(NamedTuple):
+    """The model's native size, as the plan assumes it before the model is loaded."""
+    px: int  # P, pixels
+    vae_scale_factor: int
+    source: str  # where it was read, for messages
+
+    @property
+    def latent(self) -> int:  # D
+        return self.px // self.vae_scale_factor
+
+
+def native_size(sd_version: str, native_px: int | None = None) -> Native:
+    """The native size of `sd_version` without loading its weights; ValueError saying to pass --native_px if unknown.
+
+    --native_px wins; then MODEL_IDS' keys (`KEY_NATIVE_PX`); a diffusers folder's or hub repository's
+    unet/config.json and vae/config.json (the hub's from the cache or a small download); a single
+    .safetensors file: 1024 for SDXL, else 512 (an SD 2.x 768-px checkpoint needs --native_px).
+    The loaded model is checked against it (`load_sampler`).
+    """
+    if native_px is not None:
+        if isinstance(native_px, bool) or not isinstance(native_px, int) or native_px < 64 or native_px % 8:
+            raise ValueError(f"--native_px must be a multiple of 8 of at least 64; got {native_px!r}")
+        return Native(native_px, 8, "--native_px")
+    if sd_version in KEY_NATIVE_PX:
+        return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")
+    source = os.path.expanduser(ed.MODEL_IDS.get(sd_version, sd_version))
+    try:
+        if source.endswith(".safetensors") and os.path.isfile(source):
+            return Native(1024 if ed._is_sdxl_checkpoint(source) else 512, 8, f"the checkpoint {sd_version}")
+        if os.path.isdir(source):
+            config = lambda name: os.path.join(source, name, "config.json")  # noqa: E731
+        elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+            from huggingface_hub import hf_hub_download
+
+            ed.hub_offline_reason()  # without network: read the cache at once instead of retrying
+            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
+        else:
+            raise ValueError("not a known key, folder, hub id or .safetensors file")
+        factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
+        return Native(int(_json_file(config("unet"))["sample_size"]) * factor, factor, f"{sd_version}'s configs")
+    except Exception as error:  # a missing file, no network, a config without the field
+        raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
+                         f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
+                         "768-px)") from None
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
+         line_keys: LineKeys | None = None, read_files: bool = False) -> None:
+    """Check every item with the sampler's rules and price it, in place: `settings` and `cost`, or `error`.
+
+    The rules are the sampler's own (`check_size`, `settings_for`, `check_settings`, the command line's
+    `LineKeys.check`); `read_files` also reads the files an item names (the ControlNet's input image),
+    which --dry_run does and a job leaves to the sampler.
+    """
+    for item in items:
+        try:
+            ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
+            settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
+            ed.check_settings(settings, native.latent)
+            if line_keys is not None:
+                line_keys.check(dict(item.extra), read_files)
+        except ValueError as error:
+            item.error, item.settings, item.cost = str(error), None, 0
+            continue
+        item.settings, item.error = settings, None
+        item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
+                                 native.vae_scale_factor).samples
+
+
+def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
+    """Positions of `costs` per process, balanced by cost: the most expensive first, each to the least loaded
+    process (ties: the lower rank); each process's positions in order. Deterministic: every process computes
+    the same split."""
+    loads, parts = [0] * num_processes, [[] for _ in range(num_processes)]
+    for position in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(num_processes), key=lambda r: (loads[r], r))
+        parts[rank].append(position)
+        loads[rank] += costs[position]
+    return [sorted(part) for part in parts]
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: manifest, records, resume, lock
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_records(text: str, source: str = "") -> tuple[list[dict], str]:
+    """Complete JSON lines of `text` as records, and the unfinished rest (a line still being written, or one a
+    power loss cut). A line that is not JSON is skipped with a warning."""
+    *lines, rest = text.split("\n")
+    records = []
+    for line in lines:
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s: skipped a damaged record: %.80s", source, line)
+    return records, rest
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a manifest file (none if it does not exist)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records, rest = parse_records(f.read(), path)
+    except FileNotFoundError:
+        return []
+    if rest.strip():
+        logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
+    return records
+
+
+def write_manifest(path: str, records: dict[str, dict]) -> None:
+    """Write the records (path -> record) as JSON lines sorted by file name, atomically."""
+    text = "".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in sorted(records))
+    ed.write_atomically(path, lambda f: f.write(text.encode("utf-8")), suffix=".jsonl.part")
+
+
+def part_paths(outdir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(outdir), PART.format(rank="*"))))
+
+
+def fold_parts(outdir: str) -> dict[str, dict]:
+    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed).
+
+    Records are keyed by image file: the newer record of an image replaces the older one.
+    """
+    manifest = os.path.join(outdir, MANIFEST)
+    records = {r["path"]: r for r in read_records(manifest) if isinstance(r, dict) and "path" in r}
+    parts = part_paths(outdir)
+    if parts:
+        for part in parts:
+            records.update({r["path"]: r for r in read_records(part) if isinstance(r, dict) and "path" in r})
+        write_manifest(manifest, records)
+        for part in parts:  # only once their records are safely in the manifest
+            os.unlink(part)
+    return records
+
+
+class RecordLog:
+    """One process's records, appended as they are made (one write per item, flushed to disk), so a stopped
+    job loses none; a reader sees whole lines, or an unfinished last one (`parse_records`). The file is
+    created with the first record: a process with nothing to do leaves none."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def append(self, records: list[dict]) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+        while data:
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class RecordReader:
+    """Reads a record log as it grows: each `read()` returns the records completed since the last one."""
+
+    def __init__(self, path: str):
+        self.path, self.offset, self.rest = path, 0, b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = self.rest + f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data) - len(self.rest)
+        end = data.rfind(b"\n") + 1  # decode whole lines only: a read may end inside a character
+        self.rest = data[end:]
+        return parse_records(data[:end].decode("utf-8", errors="replace"), self.path)[0]
+
+
+def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
+    """The PNG record (`png_metadata`) image k of `item` gets, less the memory knobs, which never change an image."""
+    record = dict(prompt=item.prompt, negative_prompt=item.negative_prompt, seed=item.seed, image_index=k,
+                  model=model, **item.settings, width=item.width, height=item.height)
+    if line_keys is not None:
+        record.update(line_keys.settings(item.extra))
+    return record
+
+
+def png_record(path: str) -> dict | None:
+    """The settings record of a PNG this project wrote, read from its header (no pixels decoded), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            record = json.loads(image.info["elastic_diffusion"])
+            size = image.size
+    except (OSError, UnidentifiedImageError, KeyError, ValueError):
+        return None
+    return record if isinstance(record, dict) and size == (record.get("width"), record.get("height")) else None
+
+
+def done_items(items: list[Item], outdir: str, model: str, line_keys: LineKeys | None) -> dict[int, list[dict]]:
+    """Items whose every image exists with the metadata this job would write: index -> the images' PNG records."""
+    done = {}
+    for item in items:
+        if item.error is not None:
+            continue
+        records = []
+        for k in range(item.num_images):
+            record = png_record(item.path(outdir, k))
+            if record is None or {key: v for key, v in record.items() if key not in MEMORY_KEYS} != \
+                    expected_metadata(item, k, model, line_keys):
+                break
+            records.append(record)
+        else:
+            done[item.index] = records
+    return done
+
+
+class FolderBusy(RuntimeError):
+    """Another job holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(outdir: str):
+    """Hold the output folder for one job (an flock on `outdir/.elastic_diffusion.lock`, released when the
+    process ends however it ends); FolderBusy naming the holder if another job has it."""
+    path = os.path.join(outdir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip() or "holder unknown"
+            raise FolderBusy(f"{outdir} is in use by another job ({holder}); wait for it to end or choose another "
+                             "--outdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(outdir: str) -> None:
+    """Temporary files of writes a power loss cut short (`write_atomically`); only a job holding the lock may."""
+    for pattern in ("*.png.part", "*.jsonl.part"):
+        for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,
+                 settings: dict | None = None, seconds: float | None = None, unet_samples: int | None = None):
+    """The manifest records of an item's images. `seconds` and `unet_samples` are per image: the generation's
+    totals divided by its number of images."""
+    return [dict(index=item.index, line=item.line, image_index=k, path=os.path.basename(item.path(outdir, k)),
+                 status=status, message=message, prompt=item.prompt, negative_prompt=item.negative_prompt,
+                 seed=item.seed, width=item.width, height=item.height, model=model,
+                 settings=settings if settings is not None else (item.settings or item.knobs),
+                 seconds=None if seconds is None else round(seconds / item.num_images, 3),
+                 unet_samples=None if unet_samples is None else unet_samples // item.num_images, process=rank)
+            for k in range(item.num_images)]
+
+
+def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_outputs: Callable | None) -> list[dict]:
+    """Generate and save one item (`elastic_diffusion.generate_and_save`); its records, `error` ones if it failed."""
+    import torch
+
+    tic = time.perf_counter()
+    try:
+        _, info = ed.generate_and_save(pipe, item.stem(outdir), item.prompt, item.negative_prompt, extra_outputs,
+                                       height=item.height, width=item.width, seed=item.seed,
+                                       num_images_per_prompt=item.num_images, progress=False, **item.knobs,
+                                       **item.extra)
+    except (ValueError, torch.OutOfMemoryError) as error:  # the sampler's refusals and its OOM advice
+        return item_records(item, outdir, model, rank, "error", str(error))
+    except Exception as error:  # noqa: BLE001 (one broken item must not end a 10,000-image job)
+        logger.exception("item %d (line %d) failed", item.index, item.line)
+        return item_records(item, outdir, model, rank, "error", f"{type(error).__name__}: {error}")
+    return item_records(item, outdir, model, rank, "ok", settings=info["settings"],
+                        seconds=time.perf_counter() - tic, unet_samples=info["unet_samples"])
+
+
+class Progress:
+    """The job's progress on the main process: every process's records as they arrive, a bar weighted by cost."""
+
+    def __init__(self, outdir: str, items: list[Item], num_processes: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.outdir, self.items = outdir, {item.index: item for item in items}
+        self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
+        self.records: dict[str, dict] = {}
+        self.text = ""
+        self.expected = sum(item.num_images for item in items)
+        self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not (show and items), dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self._describe()
+
+    def poll(self) -> None:
+        for reader in self.readers:
+            for record in reader.read():
+                item = self.items.get(record.get("index"))
+                if item is not None and record["path"] not in self.records:
+                    self.records[record["path"]] = record
+                    self.bar.update(item.cost / item.num_images)
+        self._describe()
+
+    def _describe(self) -> None:
+        finished = {r["index"] for r in self.records.values()}
+        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
+        text = f"{len(finished)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
+        if text != self.text:  # a log file gets a line per change, not one per poll
+            self.text = text
+            self.bar.set_description_str(text, refresh=True)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) >= self.expected
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
+    image in flight is dropped, its temporary file removed, the records so far kept, the lock released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def command_line_defaults(args: argparse.Namespace, native: Native) -> tuple[dict, dict]:
+    """(item defaults, method knobs) from the command line; ValueError for a value no line could use."""
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
+                         f"same images); got {args.seed}")
+    knobs = ed.apply_drop_p({row.name: getattr(args, row.name) for row in ed.method_knobs()}, args.drop_p)
+    for name, value in knobs.items():
+        if value is not None:
+            ed.knob(name).check(value, native.latent, subject=f"--{name}")
+    defaults = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
+                    num_images=args.num_images)
+    return defaults, knobs
+
+
+def load_sampler(make_sampler: Callable, native: Native, max_scale: int):
+    """The process's sampler, made once; ValueError if its native size is not the one the plan assumed."""
+    pipe = make_sampler()
+    pipe.max_scale = max_scale
+    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
+        raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor {pipe.vae_scale_factor}), but "
+                         f"the plan assumed {native.px} px from {native.source}: pass --native_px {pipe.native_px}")
+    return pipe
+
+
+def _count(n: int, thing: str, things: str | None = None) -> str:
+    return f"{n:,} {thing if n == 1 else things or thing + 's'}"
+
+
+def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: Native,
+                model: str, verbose: bool = False) -> str:
+    """The --dry_run report: refused items, items already done, the split with estimated UNet samples."""
+    def share(some: list[Item]) -> str:
+        return (f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}, "
+                f"{sum(i.cost for i in some):,} UNet samples")
+
+    lines = [f"{path}: {_count(len(items), 'item')}, {_count(sum(i.num_images for i in items), 'image')}; "
+             f"model {model!r}, native size {native.px} px (from {native.source})"]
+    refused = [item for item in items if item.error is not None]
+    if refused:
+        lines.append(f"refused ({_count(len(refused), 'item')}, each would be recorded as an error):")
+        lines += [f"  {path}:{item.line}: {item.error}" for item in refused]
+    if done:
+        lines.append(f"already done (skipped by --resume): {_count(len(done), 'item')}")
+    lines.append(f"plan for {_count(len(parts), 'process', 'processes')}, in estimated "
+                 "native-size UNet samples (docs/method.md#cost-model):")
+    for rank, part in enumerate(parts):
+        mine = [todo[i] for i in part]
+        lines.append(f"  process {rank}: {share(mine)}")
+        if verbose:
+            lines += [f"    {i.index:05d} line {i.line}: {i.width}x{i.height}, seed {i.seed}, "
+                      f"{_count(i.num_images, 'image')}, {i.cost:,} UNet samples" for i in mine]
+    lines.append(f"  total: {share(todo)}")
+    return "\n".join(lines)
+
+
+def summary(outdir: str, path: str, items: list[Item], done: dict, records: list[dict], seconds: float) -> str:
+    """The job's last words: what was generated, skipped and failed, and where the manifest is."""
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = {r["index"]: r for r in records if r["status"] != "ok"}
+    samples = sum(r["unet_samples"] or 0 for r in ok)
+    lines = [f"{_count(len(items), 'item')}: {len({r['index'] for r in ok})} generated ({_count(len(ok), 'image')}, "
+             f"{samples:,} UNet samples, {seconds:.1f} s), {len(done)} already done, {len(failed)} failed; "
+             f"manifest: {os.path.join(outdir, MANIFEST)}"]
+    for index in sorted(failed)[:20]:
+        lines.append(f"  failed: {path}:{failed[index]['line']} (item {index}): {failed[index]['message']}")
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more (status \"error\" in the manifest)")
+    return "\n".join(lines)
+
+
+class Job:
+    """One process's share of a job: its items, its record log, and (on the main process) the whole job's view."""
+
+    def __init__(self, args: argparse.Namespace, state, items: list[Item], native: Native, line_keys):
+        self.args, self.state, self.items, self.native, self.line_keys = args, state, items, native, line_keys
+        self.outdir, self.model, self.rank = args.outdir, args.sd_version, state.process_index
+        self.manifest = os.path.join(self.outdir, MANIFEST)
+        self.base: dict[str, dict] = {}  # path -> record: the manifest as the job found it (main process)
+        self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
+        self.last_merge = time.monotonic()
+        self.held = contextlib.ExitStack()  # the folder's lock (main process)
+
+    def claim(self, resume: bool) -> str | None:
+        """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
+        Returns why the folder cannot be used, or None."""
+        try:
+            os.makedirs(self.outdir, exist_ok=True)
+            self.held.enter_context(folder_lock(self.outdir))
+        except (FolderBusy, OSError) as error:
+            return str(error)
+        remove_stale_temporaries(self.outdir)
+        self.base = fold_parts(self.outdir)
+        self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
+        identity = ("prompt", "negative_prompt", "seed", "image_index", "model")
+        for index, records in self.done.items():  # a done image keeps its record; one without (a lost manifest)
+            item = self.items[index]  # gets one from its PNG
+            for k, record in enumerate(records):
+                settings = {key: value for key, value in record.items() if key not in identity}
+                self.base.setdefault(os.path.basename(item.path(self.outdir, k)),
+                                     item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k])
+        return None
+
+    def release(self) -> None:
+        self.held.close()
+
+    def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
+        """(the job's items left to do, this process's share). Refused items go to the main process, which
+        records them first: no model is loaded for them."""
+        todo = [item for item in self.items if item.index not in done]
+        runnable = [item for item in todo if item.error is None]
+        parts = split_by_cost([item.cost for item in runnable], self.state.num_processes)
+        mine = [runnable[i] for i in parts[self.rank]]
+        if self.state.is_main_process:
+            mine = [item for item in todo if item.error is not None] + mine
+        return todo, mine
+
+    def work(self, mine: list[Item], make_sampler: Callable, extra_outputs, progress: Progress | None) -> None:
+        """Generate this process's items in order, appending each item's records to this process's log."""
+        log = RecordLog(os.path.join(self.outdir, PART.format(rank=self.rank)))
+        pipe = None
+        try:
+            for item in mine:
+                if item.error is not None:
+                    records = item_records(item, self.outdir, self.model, self.rank, "error", item.error)
+                else:
+                    if pipe is None:
+                        pipe = load_sampler(make_sampler, self.native, self.args.max_scale)
+                    records = generate_item(pipe, item, self.outdir, self.model, self.rank, extra_outputs)
+                if records[0]["status"] != "ok":
+                    logger.warning("%s:%d (item %d): %s", self.args.prompts_file, item.line, item.index,
+                                   records[0]["message"])
+                log.append(records)
+                if progress is not None:
+                    self.refresh(progress)
+        finally:
+            log.close()
+
+    def refresh(self, progress: Progress, force: bool = False) -> None:
+        """Main process: read the records written since the last call; rewrite the manifest every MERGE_EVERY_S."""
+        progress.poll()
+        if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
+            write_manifest(self.manifest, {**self.base, **progress.records})
+            self.last_merge = time.monotonic()
+
+    def finish(self, progress: Progress) -> None:
+        """Main process: wait for the other processes' records, then merge them all into the manifest."""
+        while not progress.complete:
+            time.sleep(POLL_S)
+            self.refresh(progress)
+        self.refresh(progress, force=True)
+        for part in part_paths(self.outdir):  # every record is in the manifest now
+            os.unlink(part)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable, call_kwargs: dict,
+        extra_outputs: Callable | None = None, line_keys: LineKeys | None = None) -> list[str]:
+    """Run the job of `args.prompts_file` on this process (one of those `accelerate launch` started, or the only
+    one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
+    from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
+    130 when stopped."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
+    state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
+    main = state.is_main_process
+
+    def fail(status: int, message: str):  # the main process says why; the others end quietly with it
+        parser.exit(status, f"{parser.prog}: {message}\n" if main else None)
+
+    try:
+        native = native_size(args.sd_version, args.native_px)
+        defaults, knobs = command_line_defaults(args, native)
+        items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
+    except ValueError as error:  # PromptsFileError included: every line that cannot be read, with its number
+        fail(2, f"error: {error}")
+    plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
+    job = Job(args, state, items, native, line_keys)
+    resume = args.resume if args.resume is not None else (os.path.isfile(job.manifest) or bool(part_paths(args.outdir)))
+
+    if args.dry_run is not None:
+        done = done_items(items, args.outdir, job.model, line_keys) if resume else {}
+        todo = [item for item in items if item.error is None and item.index not in done]
+        parts = split_by_cost([item.cost for item in todo], args.dry_run or state.num_processes)
+        if main:
+            print(format_plan(args.prompts_file, items, todo, done, parts, native, job.model, args.verbose))
+        refused = sum(item.error is not None for item in items)
+        if refused:
+            fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
+        return []
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    tic, progress, mine = time.perf_counter(), None, []
+    with sigterm_as_interrupt(), logging_redirect_tqdm() if main else contextlib.nullcontext():  # logs above the bar
+        try:
+            refused = job.claim(resume) if main else None
+            refused, done = broadcast_object_list([(refused, sorted(job.done))])[0]  # every process: the same view
+            if refused:
+                fail(1, f"error: {refused}")
+            todo, mine = job.assignment(set(done))
+            progress = Progress(args.outdir, todo, state.num_processes, show=True) if main else None
+            if args.device is None:  # each process on its own device; make_sampler reads args.device
+                args.device = str(state.device)
+            job.work(mine, make_sampler, extra_outputs, progress)
+            if main:
+                job.finish(progress)
+        except KeyboardInterrupt:
+            if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
+                job.refresh(progress, force=True)
+            fail(130, f"stopped; the records so far are in {job.manifest}. Run the same command again to resume.")
+        except ValueError as error:  # the model cannot be loaded, or is not the one planned for
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        except torch.OutOfMemoryError as error:  # the model does not fit: nothing to go on with
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        finally:
+            if progress is not None:
+                progress.close()
+            job.release()
+            state.destroy_process_group()  # this process is done with the others (a no-op on one process)
+    paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
+    paths = [path for path in paths if os.path.isfile(path)]
+    if not main:
+        return paths
+    records = list(progress.records.values())
+    print(summary(args.outdir, args.prompts_file, items, job.done, records, time.perf_counter() - tic))
+    if any(r["status"] != "ok" for r in records):
+        raise SystemExit(1)
+    return paths
