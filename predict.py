@@ -147,8 +147,9 @@ class Predictor(BasePredictor):
         del inputs["self"]
         return self.generate(self.sampler, inputs)
 
-    def generate(self, sampler, inputs: dict, **sampler_kwargs) -> list[Path]:
-        """Check `inputs` (predict()'s, by name), generate with `sampler` (plus `sampler_kwargs`) and write the files.
+    def generate(self, sampler, inputs: dict, record: dict | None = None, **sampler_kwargs) -> list[Path]:
+        """Check `inputs` (predict()'s, by name), generate with `sampler` (plus `sampler_kwargs`) and write the files
+        with the run's settings, and `record` on top, in their metadata.
 
         Nothing is written for a refused request. The previous prediction's files are removed first: cog has
         sent them by the time the next prediction starts, so the disk holds one prediction's files at most.
@@ -167,6 +168,7 @@ class Predictor(BasePredictor):
                                "width/height") from error
         info = app.public_record(info)
         settings = info["settings"]
+        settings.update(record or {})
         print("Settings: " + ", ".join(f"{k.name}={settings[k.name]}" for k in ed.method_knobs()))
         folder = self.new_output_folder()
         paths = []
