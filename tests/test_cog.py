@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -432,8 +433,17 @@ def _free_port() -> int:
 def _http(url: str, payload: dict | None = None, timeout: float = 120) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            # cog answers a synchronous request before its one slot is free again: the next one may get 409
+            # ("At capacity") for a moment, which clients retry (Replicate queues instead).
+            if error.code != 409 or time.monotonic() > deadline:
+                raise AssertionError(f"{url}: HTTP {error.code} {error.read()[:500]!r}") from None
+            time.sleep(0.2)
 
 
 def test_cogs_server_serves_predictions_and_reports_errors(tiny_sdxl_path, tmp_path):
