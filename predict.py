@@ -1,0 +1,190 @@
+"""Replicate / cog entry point: ElasticDiffusion text-to-image as a hosted API (docs/replicate.md).
+
+    cog predict -i prompt="A photo of the dolomites, highly detailed, sharp" -i width=2048 -i height=1024
+    cog push r8.im/<your-username>/elastic-diffusion
+
+`setup()` loads the model once: SDXL, or what the MODEL environment variable names (anything the sampler's
+`sd_version` takes: "1.5", a hub id, a diffusers folder, a .safetensors file). `predict()` checks a request
+(a ValueError naming the input and the rule; cog shows it to the caller), generates, and returns the images
+with every setting in their metadata. The seed used is printed (cog's logs) and is part of the file names.
+
+cog reads `predict()`'s parameters from the source text: `cog predict` and `cog serve` parse this file without
+running it, so every `Input(...)` is written out with literal values. The method knobs' lines are rendered from
+`elastic_diffusion.KNOBS` by `python tests/test_cog.py` and checked against the table by tests/test_cog.py, as
+the README's knob table is. The ControlNet variant is a second entry, `predict_controlnet.py`.
+
+Validation and metadata reuse the Gradio demo's helpers (`app_gradio`: prompt, size and seed rules, metadata
+without server paths) and each knob's own rule from the knobs table.
+"""
+import atexit
+import dataclasses
+import os
+import secrets
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+import gradio as gr
+import torch
+from cog import BasePredictor, Input, Path
+from PIL import ExifTags, Image
+
+import app_gradio as app
+import elastic_diffusion as ed
+
+DEFAULT_MODEL = "XL1.0"  # what setup() loads unless the MODEL environment variable names another model
+MAX_OUTPUTS = 4  # images per request: they run as one batch, so this bounds a request's time and memory
+WEBP_LOSSLESS_QUALITY = 100  # output_quality 100 writes lossless WebP; below it, lossy at that quality
+
+
+def model_source() -> str:
+    """The model setup() loads: $MODEL if set, else SDXL."""
+    return os.environ.get("MODEL") or DEFAULT_MODEL
+
+
+@dataclasses.dataclass
+class Request:
+    """One checked request: what to generate, with which seed and knobs, and how to write it."""
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    num_outputs: int
+    knobs: dict  # every method knob by name; None: the resolution-aware preset
+    output_format: str
+    output_quality: int
+
+
+def _checked(check: Callable, *args, **kwargs):
+    """check(*args, **kwargs) of the Gradio demo, its refusal (a gr.Error) as the ValueError cog reports."""
+    try:
+        return check(*args, **kwargs)
+    except gr.Error as error:
+        raise ValueError(str(error.message)) from None
+
+
+def check_request(inputs: dict, sampler) -> Request:
+    """predict()'s inputs checked, each with a ValueError naming it and what is allowed; the seed drawn if blank.
+
+    The demo's rules for the prompts, the size and the seed; each knob's demo range from the knobs table (it
+    bounds a stranger's GPU time); then the sampler's own rules, so a request is refused before it runs.
+    """
+    max_side = sampler.max_scale * sampler.native_px
+    prompt = _checked(app._text, "prompt", inputs["prompt"], required=True)
+    negative_prompt = _checked(app._text, "negative_prompt", inputs["negative_prompt"], required=False)
+    width = _checked(app._size, "width", inputs["width"], max_side)
+    height = _checked(app._size, "height", inputs["height"], max_side)
+    seed = inputs["seed"]
+    seed = secrets.randbelow(app.MAX_SEED + 1) if seed is None else _checked(app._number, "seed", seed, 0,
+                                                                              app.MAX_SEED, integer=True)
+    num_outputs = ed.check_number("num_outputs", inputs["num_outputs"], 1, MAX_OUTPUTS, integer=True)
+    if inputs["output_format"] not in ("png", "webp"):
+        raise ValueError(f"output_format must be png or webp; got {inputs['output_format']!r}")
+    quality = ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
+    knobs = {k.name: None if inputs[k.name] is None else k.check(inputs[k.name], sampler.native_latent, demo=True)
+             for k in ed.method_knobs()}
+    settings = sampler.resolve_settings(width, height, **knobs)
+    sampler.check_inputs([prompt], [negative_prompt], height, width, settings, None, num_outputs)
+    return Request(prompt, negative_prompt, width, height, seed, num_outputs, knobs, inputs["output_format"], quality)
+
+
+def save_webp(image: Image.Image, path: str, metadata: dict[str, str], quality: int) -> str:
+    """A WebP with the PNG's two text records in EXIF: the JSON record as ImageDescription (ASCII: the JSON
+    escapes the rest) and the A1111-style 'parameters' line as UserComment (UTF-16, the tag's Unicode form)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = metadata["elastic_diffusion"]
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = (
+        b"UNICODE\x00" + metadata["parameters"].encode("utf-16-be"))
+    lossless = quality >= WEBP_LOSSLESS_QUALITY
+    image.save(path, format="WEBP", quality=quality, lossless=lossless, exif=exif)
+    return path
+
+
+class Predictor(BasePredictor):
+    """ElasticDiffusion text-to-image: the model loaded once, one request at a time (cog's default)."""
+
+    def setup(self) -> None:
+        """Load the model; make the folder that holds the latest prediction's files (removed on exit)."""
+        self.sampler = self.load_sampler()
+        self.output_root = tempfile.mkdtemp(prefix="elastic_diffusion_predictions_")
+        atexit.register(shutil.rmtree, self.output_root, True)
+        print(f"Loaded {app.public_name(self.sampler.sd_version)} on {self.sampler.device} "
+              f"(native {self.sampler.native_px} px)")
+        if self.sampler.device.type == "cpu":
+            print("No GPU found: running on the CPU, which is very slow at these sizes")
+
+    def load_sampler(self) -> ed.ElasticDiffusion:
+        """The sampler of `model_source()` (subclasses add models to it)."""
+        return ed.ElasticDiffusion(sd_version=model_source())
+
+    def predict(
+        self,
+        prompt: str = Input(default="A photo of the dolomites, highly detailed, sharp", description="What the image shows."),
+        negative_prompt: str = Input(default="blurry, ugly, duplicate, no details, deformed", description="What the image should not show (an empty one is encoded too)."),
+        width: int = Input(default=2048, ge=128, le=2048, description="Width in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
+        height: int = Input(default=1024, ge=128, le=2048, description="Height in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
+        seed: Optional[int] = Input(default=None, ge=0, le=4294967295, description="Random seed: the same seed and settings give the same images. Leave blank for a random one; the seed used is in the logs, the file names and the metadata."),
+        num_outputs: int = Input(default=1, ge=1, le=4, description="Images to generate, as one batch from the seed (the metadata's image_index tells them apart)."),
+        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py`; checked by tests/test_cog.py.
+        num_inference_steps: int = Input(default=50, ge=1, le=150, description="DDIM steps; time grows linearly with them (50 is the paper's setting)."),
+        guidance_scale: float = Input(default=10.0, ge=1, le=30, description="Classifier-free guidance: how closely the image follows the prompt (it scales the global content direction)."),
+        resampling_steps: Optional[int] = Input(default=None, ge=0, le=40, description="Extra passes over the reduced-resolution reference per step: sharper and more coherent, but slower (2 UNet samples per image each). Leave blank for the preset: 0 at or below the native size, 7 above it, 10 from 2.5x the native area."),
+        new_p: float = Input(default=0.3, ge=0.05, le=1, description="Fraction of reference pixels drawn from new positions in each resampling pass (0.3 is the paper's recommendation; drop_p = 1 - new_p)."),
+        rrg_init_weight: Optional[float] = Input(default=None, ge=0, le=10000, description="Reduced-resolution guidance weight at the first step: higher removes artefacts such as repeated objects but blurs, too high lets the padding colours bleed in. Leave blank for the preset: 0 at or below the native size, else 500 x the area in native areas (rounded), at least 1000: the pull at step 0 stays near 0.015."),
+        cosine_scale: float = Input(default=10.0, ge=0, le=50, description="How fast the reduced-resolution guidance fades over the steps, λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner."),
+        rrg_stop_t: float = Input(default=0.4, ge=0, le=0.95, description="Fraction of the final steps that run without reduced-resolution guidance (0.4: the official demo's value)."),
+        patch_size: Optional[int] = Input(default=None, ge=8, le=128, description="Width of each local window in latent pixels (its context is the rest of the native size): larger is faster but may hurt coherence. Leave blank for the preset: half the native latent size: 64 on SDXL, 32 on SD 1.x/2.x. At most the model's native latent size (128 on SDXL)."),
+        repaint: bool = Input(default=True, description="Re-noise and redo each step with one reference pass and guidance ω/3 (part of the method; off only for ablations)."),
+        tiled_decoder: bool = Input(default=False, description="Decode in blended overlapping tiles (diffusers' VAE tiling): less memory."),
+        time_ids_scale: int = Input(default=4, choices=[1, 4], description="SDXL size conditioning: 4x the image size as the official code, or 1x as diffusers."),
+        # End of the method knobs.
+        output_format: str = Input(default="png", choices=["png", "webp"], description="File format. Both carry the prompt, seed, model and every setting: PNG in text chunks, WebP in EXIF."),
+        output_quality: int = Input(default=90, ge=1, le=100, description="WebP quality: 100 writes lossless WebP. PNG is always lossless."),
+    ) -> list[Path]:
+        """Generate `num_outputs` images at width x height; their files, each with its settings in the metadata."""
+        inputs = dict(locals())  # every input by name (cog passes them all)
+        del inputs["self"]
+        return self.generate(self.sampler, inputs)
+
+    def generate(self, sampler, inputs: dict, record: dict | None = None, **sampler_kwargs) -> list[Path]:
+        """Check `inputs` (predict()'s, by name), generate with `sampler` (plus `sampler_kwargs`) and write the files
+        with the run's settings, and `record` on top, in their metadata.
+
+        Nothing is written for a refused request. The previous prediction's files are removed first: cog has
+        sent them by the time the next prediction starts, so the disk holds one prediction's files at most.
+        """
+        request = check_request(inputs, sampler)
+        print(f"Using seed: {request.seed}")
+        try:
+            images, info = sampler(request.prompt, request.negative_prompt, width=request.width,
+                                   height=request.height, seed=request.seed, num_images_per_prompt=request.num_outputs,
+                                   **request.knobs, **sampler_kwargs)
+        except ValueError as error:  # the sampler's and its extensions' rules: the message names the input
+            raise ValueError(app.scrub_paths(str(error))) from error
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(f"Out of GPU memory at {request.width}x{request.height} with num_outputs="
+                               f"{request.num_outputs}: try fewer num_outputs, tiled_decoder=true or a smaller "
+                               "width/height") from error
+        info = app.public_record(info)
+        settings = info["settings"]
+        settings.update(record or {})
+        print("Settings: " + ", ".join(f"{k.name}={settings[k.name]}" for k in ed.method_knobs()))
+        folder = self.new_output_folder()
+        paths = []
+        for index, image in enumerate(images):
+            name = f"elastic_seed{request.seed}_{request.width}x{request.height}_{index}.{request.output_format}"
+            metadata = ed.png_metadata(info, request.prompt, request.negative_prompt, index)
+            path = os.path.join(folder, name)
+            if request.output_format == "png":
+                ed.save_png(image, path, metadata)
+            else:
+                save_webp(image, path, metadata, request.output_quality)
+            paths.append(Path(path))
+        return paths
+
+    def new_output_folder(self) -> str:
+        """A fresh folder for this prediction's files, after removing those of the earlier predictions."""
+        for entry in os.scandir(self.output_root):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return tempfile.mkdtemp(prefix="prediction_", dir=self.output_root)
