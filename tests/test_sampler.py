@@ -554,6 +554,43 @@ def test_from_pipe_leaves_the_callers_pipeline_as_it_was(tiny_sdxl_path):
     assert _module_state(caller) == before
 
 
+def test_from_pipe_runs_the_callers_lora(tiny_sd1_path, tmp_path):
+    """A UNet LoRA saved and loaded the diffusers way (a peft adapter in the shared UNet): at the
+    native size without resampling the sampler equals diffusers' own pipeline with the LoRA, at 2x the LoRA
+    changes the image, and unloading it brings back the base model's pixels."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trainer = DiffusionPipeline.from_pretrained(tiny_sd1_path)
+    torch.manual_seed(0)  # init_lora_weights=False: random A and B, so the adapter is not the identity
+    trainer.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(trainer.unet))
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd1_path)
+    sampler = ed.ElasticDiffusion.from_pipe(pipe, device="cpu")
+    P, T = sampler.native_px, 3
+    native = dict(height=P, width=P, num_inference_steps=T, guidance_scale=7.5, resampling_steps=0, rrg_init_weight=0,
+                  **QUIET)
+    latents = torch.randn(1, 4, P // 8, P // 8, generator=torch.Generator().manual_seed(0))
+    wide = dict(height=P, width=2 * P, num_inference_steps=T, seed=1, **QUIET)
+    base_native, _ = sampler("a red house", "", latents=latents, **native)
+    base_wide, _ = sampler("a red house", "", **wide)
+
+    pipe.load_lora_weights(tmp_path, adapter_name="tiny")
+    with_lora, _ = sampler("a red house", "", latents=latents, **native)
+    embeds, _ = sampler.encode_prompt(["", "a red house"])
+    reference = _diffusers_latents(sampler, dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1],
+                                                 height=P, width=P), T, 7.5, latents)
+    assert torch.allclose(with_lora, reference, atol=1e-5, rtol=1e-5), (with_lora - reference).abs().max()
+    assert (with_lora - base_native).abs().max() > 1e-2
+    assert (sampler("a red house", "", **wide)[0] - base_wide).abs().max() > 1e-2
+
+    pipe.unload_lora_weights()
+    assert torch.equal(sampler("a red house", "", **wide)[0], base_wide)
+
+
 def test_half_precision_loads_the_fp16_variant(tmp_path):
     """A folder with both weight sets: fp16/bf16 loads read the fp16 variant files, fp32 loads the full
     ones; with one set only, that one is used. (The two sets hold different weights here, to tell them apart.)"""
