@@ -246,13 +246,6 @@ def img2img_url(tiny_sdxl_path, tmp_path_factory):
     demo.close()
 
 
-def preview_size(driver):
-    """The natural (width, height) of the condition-map preview once it has loaded, else False."""
-    images = driver.find_elements(By.CSS_SELECTOR, "#condition-preview img")
-    size = images and driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
-    return tuple(size) if size and size[0] else False
-
-
 def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url, browser):
     from elastic_diffusion_w_controlnet import DEFAULT_INPUT
 
@@ -260,9 +253,11 @@ def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url
     wait = WebDriverWait(browser, 60, poll_frequency=0.2)
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
     upload.send_keys(DEFAULT_INPUT)
-    assert wait.until(preview_size) == (1024, 1024)  # the default 1024x1024, made as soon as the image is there
+    # the default 1024x1024, made as soon as the image is there
+    assert wait.until(lambda d: loaded_size(d, "#condition-preview")) == (1024, 1024)
     set_number(browser, "#width input", 2048)
-    assert wait.until(lambda d: preview_size(d) == (1024, 512) or False)  # 2:1, shrunk to the page's 1024 px
+    # 2:1, shrunk to the page's 1024 px
+    assert wait.until(lambda d: loaded_size(d, "#condition-preview") == (1024, 512) or False)
     browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
     wait.until(lambda d: slider_value(d, "resampling_steps") == "7")  # the size presets work here too
     assert slider_value(browser, "canny_low") == "100" and slider_value(browser, "canny_high") == "200"
