@@ -32,14 +32,13 @@ from PIL import ExifTags, Image
 import app_gradio as app
 import elastic_diffusion as ed
 
-DEFAULT_MODEL = "XL1.0"  # what setup() loads unless the MODEL environment variable names another model
 MAX_OUTPUTS = 4  # images per request: they run as one batch, so this bounds a request's time and memory
 WEBP_LOSSLESS_QUALITY = 100  # output_quality 100 writes lossless WebP; below it, lossy at that quality
 
 
 def model_source() -> str:
     """The model setup() loads: $MODEL if set, else SDXL."""
-    return os.environ.get("MODEL") or DEFAULT_MODEL
+    return os.environ.get("MODEL") or app.DEFAULT_MODEL
 
 
 @dataclasses.dataclass
@@ -56,7 +55,7 @@ class Request:
     output_quality: int
 
 
-def _checked(check: Callable, *args, **kwargs):
+def _as_value_error(check: Callable, *args, **kwargs):
     """check(*args, **kwargs) of the Gradio demo, its refusal (a gr.Error) as the ValueError cog reports."""
     try:
         return check(*args, **kwargs)
@@ -68,24 +67,22 @@ def check_request(inputs: dict, sampler) -> Request:
     """predict()'s inputs checked, each with a ValueError naming it and what is allowed; the seed drawn if blank.
 
     The demo's rules for the prompts, the size and the seed; each knob's demo range from the knobs table (it
-    bounds a stranger's GPU time); then the sampler's own rules, so a request is refused before it runs.
+    bounds a stranger's GPU time). The sampler's own rules run at the start of its call, before any work.
     """
     max_side = sampler.max_scale * sampler.native_px
-    prompt = _checked(app._text, "prompt", inputs["prompt"], required=True)
-    negative_prompt = _checked(app._text, "negative_prompt", inputs["negative_prompt"], required=False)
-    width = _checked(app._size, "width", inputs["width"], max_side)
-    height = _checked(app._size, "height", inputs["height"], max_side)
+    prompt = _as_value_error(app._text, "prompt", inputs["prompt"], required=True)
+    negative_prompt = _as_value_error(app._text, "negative_prompt", inputs["negative_prompt"], required=False)
+    width = _as_value_error(app._size, "width", inputs["width"], max_side)
+    height = _as_value_error(app._size, "height", inputs["height"], max_side)
     seed = inputs["seed"]
-    seed = secrets.randbelow(app.MAX_SEED + 1) if seed is None else _checked(app._number, "seed", seed, 0,
-                                                                              app.MAX_SEED, integer=True)
+    seed = secrets.randbelow(app.MAX_SEED + 1) if seed is None else ed.check_number("seed", seed, 0, app.MAX_SEED,
+                                                                                     integer=True)
     num_outputs = ed.check_number("num_outputs", inputs["num_outputs"], 1, MAX_OUTPUTS, integer=True)
     if inputs["output_format"] not in ("png", "webp"):
         raise ValueError(f"output_format must be png or webp; got {inputs['output_format']!r}")
     quality = ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
     knobs = {k.name: None if inputs[k.name] is None else k.check(inputs[k.name], sampler.native_latent, demo=True)
              for k in ed.method_knobs()}
-    settings = sampler.resolve_settings(width, height, **knobs)
-    sampler.check_inputs([prompt], [negative_prompt], height, width, settings, None, num_outputs)
     return Request(prompt, negative_prompt, width, height, seed, num_outputs, knobs, inputs["output_format"], quality)
 
 
@@ -97,8 +94,8 @@ def save_webp(image: Image.Image, path: str, metadata: dict[str, str], quality: 
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = (
         b"UNICODE\x00" + metadata["parameters"].encode("utf-16-be"))
     lossless = quality >= WEBP_LOSSLESS_QUALITY
-    image.save(path, format="WEBP", quality=quality, lossless=lossless, exif=exif)
-    return path
+    return ed.write_atomically(path, lambda f: image.save(f, format="WEBP", quality=quality, lossless=lossless,
+                                                         exif=exif), suffix=".webp.part")
 
 
 class Predictor(BasePredictor):
