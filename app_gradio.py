@@ -67,7 +67,6 @@ from elastic_diffusion import (
     png_metadata,
     recommended_settings,
     save_png,
-    share_pipeline,
 )
 
 logger = logging.getLogger("app_gradio")
@@ -84,8 +83,9 @@ HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a ca
 # ZeroGPU's reservation per native-size SDXL UNet sample: the eager per-sample time that the authors of this
 # project's method reference measured on an H200 (not yet measured by this project: benchmarks/benchmark.py).
 UNET_SAMPLE_SECONDS = 0.017
-# "Look inside" records at most this many steps (evenly spaced, the last included): it bounds the host memory
-# (under 50 MiB at 2048² on SDXL, `pca_diffusion_scores.recording_nbytes`), the drawing time and the animation.
+# "Look inside" records every k-th step, k chosen so that at most this many are kept, plus the last
+# (`look_inside_steps`): it bounds the host memory (under 50 MiB at 2048² on SDXL,
+# `pca_diffusion_scores.recording_nbytes`), the drawing time and the animation.
 LOOK_INSIDE_STEPS = 25
 LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour means the same at every step
 # ZeroGPU's reservation for drawing the look-inside pictures (PCA, contact sheet, animation, window overlay,
@@ -583,7 +583,7 @@ def within(seconds: float, what: str, fn: Callable, *args):
 @dataclasses.dataclass
 class LookInside:
     """The "Look inside" view of one generation: files in the request's folder and what they show."""
-    sheet: str  # contact sheet PNG: x0, direction and unconditional score at up to 6 steps
+    sheet: str  # contact sheet PNG: x0, direction and unconditional score at up to pca.SHEET_COLUMNS steps
     animation: str  # animated WebP over every recorded step
     windows: str  # the image with the local windows, their context and the reference size drawn over it
     caption: str  # markdown: what the pictures show
@@ -610,16 +610,6 @@ class GenerationResult:
         """/generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption."""
         extra = self.look_inside.outputs() if self.look_inside is not None else NO_LOOK_INSIDE
         return (self.gallery, self.seed, self.summary, *extra)
-
-
-def make_plain_pipeline(sampler):
-    """The loaded diffusers pipeline with a DDIM scheduler (the sampler's), sharing every module as it is
-    (diffusers' `from_pipe` would cast the shared modules to fp32)."""
-    from diffusers import DDIMScheduler
-
-    plain = share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
-    plain.set_progress_bar_config(disable=True)
-    return plain
 
 
 class RunProgress:
@@ -724,11 +714,14 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
 
 
 def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
-                   plain_pipe=None, finish: Callable | None = None, **sampler_kwargs) -> GenerationResult:
+                   plain_comparison: bool = False, finish: Callable | None = None,
+                   **sampler_kwargs) -> GenerationResult:
     """Generate (cancel-aware through `run`'s callbacks) and write the PNGs with their settings into the
     request's folder. With `request.look_inside` the same run goes through `pca_diffusion_scores.record_scores`
     (the sampler with a recorder in its step callback; the image is the same, bit for bit) and its pictures
-    are drawn (`save_look_inside`); without it the sampler is called as it is, with nothing recorded.
+    are drawn (`save_look_inside`); without it the sampler is called as it is, with nothing recorded. With
+    `plain_comparison` and `request.compare_plain`, a plain generation from the same starting noise follows
+    (`pca_diffusion_scores.generate_plain`).
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
     stages. `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder,
@@ -738,7 +731,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
     """
     run = run or RunProgress()
     steps = request.knobs["num_inference_steps"]
-    plain_image = None
+    plain = None  # (image, settings) of the plain comparison
     try:
         # Low VRAM moves modules in place (never a reload, docs/method.md#fix-low-vram-toggle) and waits
         # for any running generation.
@@ -754,14 +747,13 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         else:
             recording = None
             images, info = sampler(request.prompt, request.negative_prompt, **call)
-        if request.compare_plain and plain_pipe is not None:
+        if request.compare_plain and plain_comparison:
             tic = time.perf_counter()
-            with sampler.exclusive():  # the plain run shares the sampler's modules: one run at a time
-                plain_image = plain_pipe(
-                    prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
-                    width=request.width, num_inference_steps=steps, guidance_scale=request.knobs["guidance_scale"],
-                    latents=sampler.initial_latents(request.height, request.width, 1, request.seed).to(sampler.dtype),
-                    callback_on_step_end=run.steps("Plain generation", steps)).images[0]
+            plain_images, plain_info = pca.generate_plain(
+                sampler, request.prompt, request.negative_prompt, request.height, request.width, steps,
+                request.knobs["guidance_scale"], request.seed, progress=False,
+                callback_on_step_end=run.steps("Plain generation", steps))
+            plain = (plain_images[0], plain_info["settings"])
             info["plain_seconds"] = time.perf_counter() - tic
     except ValueError as error:
         raise refuse(scrub_paths(str(error))) from error
@@ -777,7 +769,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         tic = time.perf_counter()
         look_inside = save_look_inside(folder, request, recording, info)
         info["timings"]["look_inside"] = time.perf_counter() - tic
-    result = save_results(folder, request, images[0], info, plain_image, sampler.native_px)
+    result = save_results(folder, request, images[0], info, plain, sampler.native_px)
     result.gallery.extend(extra)
     result.look_inside = look_inside
     return result
@@ -795,8 +787,7 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
     window overlay as PNGs with the run's metadata (`info`: the public record, no server paths), the
     animation as a WebP; and the caption (docs/look-inside.md)."""
     size, basis = f"{request.width}x{request.height}", LOOK_INSIDE_BASIS
-    record = dict(info, settings=dict(info["settings"], pca_method=recording.method, pca_basis=basis,
-                                      pca_steps=recording.steps))
+    record = pca.pca_record(info, recording, basis)
 
     def png(picture, kind: str) -> str:
         path = folder.file(f"look_inside_{kind}_seed{request.seed}_{size}.png")
@@ -806,31 +797,30 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
 
     sheet = png(pca.contact_sheet(recording, basis), "sheet")
     animation = folder.file(f"look_inside_steps_seed{request.seed}_{size}.webp")
-    with open(animation, "wb") as out:
-        out.write(pca.animation(recording, basis, "webp"))
+    pca.write_bytes(animation, pca.animation(recording, basis, "webp"))
     f = recording.vae_scale_factor
     windows = png(pca.window_overlay(recording.image, recording.views, recording.reference_size, f), "windows")
     T, kept = recording.num_inference_steps, len(recording.steps)
     recorded = f"all {T} steps" if kept == T else f"{kept} of the {T} steps"
     legend = " ".join(pca.overlay_legend(recording.views, recording.reference_size, f).split())
-    caption = (f"{pca.describe(recording, basis)} The animation shows {recorded}, the sheet up to six of them.\n\n"
+    caption = (f"{pca.describe(recording, basis)} The animation shows {recorded}, the sheet up to "
+               f"{pca.SHEET_COLUMNS} of them.\n\n"
                f"**Local windows and reference size** (the picture beside the animation): {legend}")
     return LookInside(sheet, animation, windows, caption)
 
 
-def save_results(folder: RequestFolder, request: GenerationRequest, image, info: dict, plain_image,
+def save_results(folder: RequestFolder, request: GenerationRequest, image, info: dict, plain: tuple | None,
                  native_px: int) -> GenerationResult:
     """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
     size = f"{request.width}x{request.height}"
     path = folder.file(f"elastic_seed{request.seed}_{size}.png")
     save_png(image, path, png_metadata(info, request.prompt, request.negative_prompt))
     gallery = [(path, f"ElasticDiffusion {size}, seed {request.seed}")]
-    if plain_image is not None:
-        plain_info = dict(info, settings=dict(method="plain DDIM", width=request.width, height=request.height,
-                                              num_inference_steps=request.knobs["num_inference_steps"],
-                                              guidance_scale=request.knobs["guidance_scale"]))
+    if plain is not None:
+        plain_image, plain_settings = plain
         plain_path = folder.file(f"plain_seed{request.seed}_{size}.png")
-        save_png(plain_image, plain_path, png_metadata(plain_info, request.prompt, request.negative_prompt))
+        save_png(plain_image, plain_path, png_metadata(dict(info, settings=plain_settings), request.prompt,
+                                                       request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
     return GenerationResult(gallery, request.seed, summarize(info, request, native_px), info)
 
@@ -964,7 +954,6 @@ class TextToImageApp:
         self.preview_every = preview_every
         self.outputs = outputs or OutputFolders()
         self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
-        self.plain_pipe = make_plain_pipeline(sampler) if sampler is not None and self.plain_comparison else None
 
     @classmethod
     def api_inputs(cls) -> list[str]:
@@ -989,7 +978,7 @@ class TextToImageApp:
         self._require_model()
         request = parse_request(values, self.sampler)
         yield from stream_generation(self.sampler, request, self.outputs, progress, self.preview_every,
-                                     plain_pipe=self.plain_pipe, **run_kwargs)
+                                     plain_comparison=self.plain_comparison, **run_kwargs)
 
     def _require_model(self) -> None:
         if self.sampler is None:

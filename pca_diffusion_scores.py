@@ -44,7 +44,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
@@ -60,6 +59,7 @@ METHODS = ("plain", "elastic")
 BASES = ("shared", "per-step")
 ANIMATION_FORMATS = ("webp", "gif")
 MAP_NAMES = ("direction", "local_uncond")  # the two halves of the score, in the order the sheet shows them
+SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def sheet_title(recording: Recording, basis: str) -> str:
 
 
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
-                  max_columns: int = 6, panel_px: int = 256):
+                  max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
     """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
 
     `steps` (kept steps) default to `sheet_steps(recording.steps, max_columns)`. Panels have the
@@ -716,20 +716,15 @@ def describe(recording: Recording, basis: str = "shared") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: str, data: bytes) -> str:
-    """Write `data` to `path` without ever leaving a half-written file there."""
-    fd, tmp = tempfile.mkstemp(suffix=".part", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+def write_bytes(path: str, data: bytes) -> str:
+    """Write `data` to `path` atomically (`elastic_diffusion.write_atomically`): never a half-written file."""
+    return ed.write_atomically(path, lambda f: f.write(data))
+
+
+def pca_record(info: dict, recording: Recording, basis: str) -> dict:
+    """The run's record `info` with what the pictures show added to its settings: method, basis, kept steps."""
+    return dict(info, settings=dict(info["settings"], pca_method=recording.method, pca_basis=basis,
+                                    pca_steps=recording.steps))
 
 
 def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:
@@ -749,20 +744,19 @@ def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:
     return buffer.getvalue()
 
 
-def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_columns: int = 6,
+def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_columns: int = SHEET_COLUMNS,
                  panel_px: int = 256, animation_format: str = "webp") -> dict[str, str]:
     """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt>, pca.npz and, for
     the elastic method, windows.png into `folder` (created). Returns {name: path}."""
     os.makedirs(folder, exist_ok=True)
-    record = dict(recording.info, settings=dict(recording.info["settings"], pca_method=recording.method,
-                                                pca_basis=basis, pca_steps=recording.steps))
-    metadata = ed.png_metadata(record, recording.prompt, recording.negative_prompt)
+    metadata = ed.png_metadata(pca_record(recording.info, recording, basis), recording.prompt,
+                               recording.negative_prompt)
     paths = dict(image=ed.save_png(recording.image, os.path.join(folder, "image.png"), metadata))
     sheet = contact_sheet(recording, basis, max_columns=max_columns, panel_px=panel_px)
     paths["sheet"] = ed.save_png(sheet, os.path.join(folder, "sheet.png"), metadata)
-    paths["animation"] = _write_atomically(os.path.join(folder, f"animation.{animation_format}"),
-                                           animation(recording, basis, animation_format, panel_px))
-    paths["npz"] = _write_atomically(os.path.join(folder, "pca.npz"), npz_bytes(recording, basis))
+    paths["animation"] = write_bytes(os.path.join(folder, f"animation.{animation_format}"),
+                                     animation(recording, basis, animation_format, panel_px))
+    paths["npz"] = write_bytes(os.path.join(folder, "pca.npz"), npz_bytes(recording, basis))
     if recording.method == "elastic":
         overlay = window_overlay(recording.image, recording.views, recording.reference_size, recording.vae_scale_factor)
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
@@ -792,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'per-step': one per step")
     g.add_argument("--steps_to_keep", default="all",
                    help="steps to record: 'all', 'every:K' (0, K, 2K, ... and the last) or a list like 0,10,20,49")
-    g.add_argument("--sheet_columns", type=int, default=6,
+    g.add_argument("--sheet_columns", type=int, default=SHEET_COLUMNS,
                    help="most steps on the contact sheet (evenly spaced among the kept ones)")
     g.add_argument("--panel_px", type=int, default=256, help="longer side of each panel, in pixels")
     g.add_argument("--animation", choices=ANIMATION_FORMATS, default="webp", help="animation file format")
@@ -808,6 +802,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.num_images != 1:
         parser.error(f"--num_images: this script records one image; got {args.num_images}")
+    for flag in ("prompts_file", "resume", "dry_run", "native_px"):  # elastic_diffusion.py's batch jobs
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag}: this script records one image; jobs of many images are "
+                         "elastic_diffusion.py --prompts_file")
     if args.sheet_columns < 1:
         parser.error(f"--sheet_columns must be at least 1; got {args.sheet_columns}")
     if not 16 <= args.panel_px <= 4096:

@@ -539,7 +539,7 @@ def test_plain_pipeline_shares_the_modules_without_casting_them(tiny_sdxl_path):
     (diffusers' from_pipe would cast an fp16 sampler's UNet to fp32: twice the memory on a GPU)."""
     half = ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, torch_dtype=torch.float16)
     dtypes = {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)}
-    plain = app.make_plain_pipeline(half)
+    plain = app.pca.plain_pipeline(half)  # what the demo's plain comparison runs through
     assert plain.unet is half.unet and plain.vae is half.vae and type(plain.scheduler).__name__ == "DDIMScheduler"
     assert {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)} == dtypes
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # the VAE upcast for decoding

@@ -405,6 +405,8 @@ def test_cli_writes_sheet_animation_image_and_npz(request, tmp_path, kind, metho
     (["--width", "2048"], "width must be between 128 and 1024"),
     (["--num_images", "2"], "--num_images: this script records one image"),
     (["--sheet_columns", "0"], "--sheet_columns must be at least 1"),
+    (["--prompts_file", "prompts.txt"], "--prompts_file: this script records one image"),
+    (["--dry_run"], "--dry_run: this script records one image"),
 ])
 def test_cli_bad_input_is_a_usage_error_and_writes_nothing(tiny_sd1_path, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
