@@ -82,6 +82,17 @@ def slider_value(driver, name: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f"#knob-{name} input[type=number]").get_attribute("value")
 
 
+def fill_request(browser, wait, prompt, text: str, width: int, height: int) -> None:
+    """Type `text` into the `prompt` box, set the size (2x the native area: R = 7), open the advanced options,
+    wait for the size's preset to reach them, and set 2 steps."""
+    prompt.send_keys(text)
+    set_number(browser, "#width input", width)
+    set_number(browser, "#height input", height)
+    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
+    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")
+    set_number(browser, "#knob-num_inference_steps input[type=number]", 2)
+
+
 def finished_images(driver):
     """The result's images once the summary is in and each image has loaded, else False."""
     summary = driver.find_element(By.CSS_SELECTOR, "#summary").text
@@ -127,12 +138,7 @@ def test_a_tall_result_is_shown_whole_and_progress_starts_before_step_1(app_url,
     wait = WebDriverWait(browser, 90, poll_frequency=0.2)
     prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     assert browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == ""  # no run yet
-    prompt.send_keys("A realistic bird-eye view of a lake")
-    set_number(browser, "#width input", 512)
-    set_number(browser, "#height input", 2048)
-    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
-    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")
-    set_number(browser, "#knob-num_inference_steps input[type=number]", 2)
+    fill_request(browser, wait, prompt, "A realistic bird-eye view of a lake", 512, 2048)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     texts, deadline = [], time.monotonic() + 90
     while not finished_images(browser):
@@ -205,12 +211,7 @@ def test_look_inside_shows_the_sheet_the_animation_and_the_windows(app_url, brow
     prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     assert not browser.find_element(By.CSS_SELECTOR, "#look-inside input").is_selected()  # off by default
     assert not browser.find_elements(By.CSS_SELECTOR, "#look-inside-sheet img")
-    prompt.send_keys("A photo of the dolomites")
-    set_number(browser, "#width input", 2048)
-    set_number(browser, "#height input", 1024)
-    browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
-    wait.until(lambda d: slider_value(d, "resampling_steps") == "7")
-    set_number(browser, "#knob-num_inference_steps input[type=number]", 2)
+    fill_request(browser, wait, prompt, "A photo of the dolomites", 2048, 1024)
     browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
     browser.find_element(By.CSS_SELECTOR, "#look-inside input").click()
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
