@@ -690,12 +690,13 @@ class Job:
         self.base = fold_parts(self.outdir)
         self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
         identity = ("prompt", "negative_prompt", "seed", "image_index", "model")
-        for index, records in self.done.items():  # a done image keeps its record; one without (a lost manifest)
-            item = self.items[index]  # gets one from its PNG
+        for index, records in self.done.items():  # a done image keeps its ok record; one without (a lost manifest)
+            item = self.items[index]  # or with an error an earlier job recorded for its line, gets one from its PNG
             for k, record in enumerate(records):
-                settings = {key: value for key, value in record.items() if key not in identity}
-                self.base.setdefault(os.path.basename(item.path(self.outdir, k)),
-                                     item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k])
+                name = os.path.basename(item.path(self.outdir, k))
+                if self.base.get(name, {}).get("status") != "ok":
+                    settings = {key: value for key, value in record.items() if key not in identity}
+                    self.base[name] = item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k]
         return None
 
     def release(self) -> None:

@@ -173,6 +173,32 @@ def test_rerun_resumes_without_unet_work_and_redoes_only_what_changed(baseline, 
     assert unet.samples == sum(r["unet_samples"] for r in records)
 
 
+def test_a_png_found_again_replaces_an_error_record_of_its_item(tiny_sd1_path, tmp_path, capsys):
+    """Job A makes item 1; the line is edited to a size the sampler refuses, so job B records item 1 as an error
+    (A's PNG keeps its name: names do not depend on the settings); the edit is reverted, so job C finds A's PNG
+    with matching metadata and skips the item: its manifest record must be `ok` again, and job C succeed."""
+    outdir = tmp_path / "out"
+    rows = [{"prompt": "one", "width": 256, "height": 256}, {"prompt": "two", "width": 256, "height": 256}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    run_job(tiny_sd1_path, path, outdir)  # job A
+    made = manifest(outdir)
+    assert [r["status"] for r in made] == ["ok", "ok"]
+
+    write_jsonl(tmp_path / "p.jsonl", [rows[0], dict(rows[1], width=1020)], comment=False)
+    with pytest.raises(SystemExit) as exit_info:  # job B
+        run_job(tiny_sd1_path, path, outdir)
+    assert exit_info.value.code == 1 and [r["status"] for r in manifest(outdir)] == ["ok", "error"]
+    assert pngs(outdir) == [r["path"] for r in made]
+
+    write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    capsys.readouterr()
+    with UNetSamples() as unet:  # job C: exits 0
+        run_job(tiny_sd1_path, path, outdir)
+    assert unet.samples == 0 and "2 already done, 0 failed" in capsys.readouterr().out
+    assert [(r["path"], r["status"], r["message"], r["settings"]) for r in manifest(outdir)] == \
+        [(r["path"], "ok", None, r["settings"]) for r in made]
+
+
 def test_a_job_stopped_after_item_3_resumes_to_the_same_files(baseline, tiny_sd1_path, job_file, tmp_path):
     """SIGTERM (what a scheduler sends) while item 4 is in flight: it is lost, nothing else; the rerun finishes
     the job with the files of an uninterrupted run, pixel for pixel."""
