@@ -430,12 +430,13 @@ class RecordReader:
 
 
 def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
-    """The PNG record (`png_metadata`) image k of `item` gets, less the memory knobs, which never change an image."""
-    record = dict(prompt=item.prompt, negative_prompt=item.negative_prompt, seed=item.seed, image_index=k,
-                  model=model, **item.settings, width=item.width, height=item.height)
+    """The PNG record (`elastic_diffusion.metadata_record`) image k of `item` gets, less the memory knobs, which
+    never change an image."""
+    settings = dict(item.settings, width=item.width, height=item.height)
     if line_keys is not None:
-        record.update(line_keys.settings(item.extra))
-    return record
+        settings.update(line_keys.settings(item.extra))
+    return ed.metadata_record(dict(seed=item.seed, model=model, settings=settings), item.prompt, item.negative_prompt,
+                              k)
 
 
 def png_record(path: str) -> dict | None:
@@ -689,13 +690,12 @@ class Job:
         remove_stale_temporaries(self.outdir)
         self.base = fold_parts(self.outdir)
         self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
-        identity = ("prompt", "negative_prompt", "seed", "image_index", "model")
         for index, records in self.done.items():  # a done image keeps its ok record; one without (a lost manifest)
             item = self.items[index]  # or with an error an earlier job recorded for its line, gets one from its PNG
             for k, record in enumerate(records):
                 name = os.path.basename(item.path(self.outdir, k))
                 if self.base.get(name, {}).get("status") != "ok":
-                    settings = {key: value for key, value in record.items() if key not in identity}
+                    settings = {key: value for key, value in record.items() if key not in ed.METADATA_IDENTITY}
                     self.base[name] = item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k]
         return None
 

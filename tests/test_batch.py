@@ -103,7 +103,7 @@ def baseline(tiny_sd1_path, job_file, tmp_path_factory):
     return os.fspath(outdir), unet.samples, paths
 
 
-def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tiny_sd1_path):
+def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tiny_sd1_path, job_file):
     outdir, samples, paths = baseline
     assert pngs(outdir) == NAMES and [os.path.basename(p) for p in paths] == NAMES
     assert not [n for n in os.listdir(outdir) if n.endswith(".part") or n.startswith("manifest.process")]
@@ -124,6 +124,15 @@ def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tin
         settings = ed.settings_for(row["width"], row["height"], native.px, num_inference_steps=2, **knobs)
         assert record["unet_samples"] == ed.unet_cost(row["width"], row["height"], settings, native.latent).samples
     assert samples == sum(r["unet_samples"] for r in records)  # what ran is what the manifest says
+    # What --resume expects of a PNG is what the real save path wrote (a field added to one but not the other
+    # would make every rerun redo every image).
+    args = ed.build_parser().parse_args(["--sd_version", tiny_sd1_path, "--prompts_file", job_file, *STEPS])
+    items = batch.read_prompts_file(job_file, *batch.command_line_defaults(args, native))
+    batch.plan(items, native)
+    for item, record in zip(items, records):
+        saved = batch.png_record(os.path.join(outdir, record["path"]))
+        assert {k: v for k, v in saved.items() if k not in batch.MEMORY_KEYS} == \
+            batch.expected_metadata(item, 0, tiny_sd1_path, None)
     # Same prompt, size and settings but another index: another seed, another image.
     assert pixels(os.path.join(outdir, NAMES[0])) != pixels(os.path.join(outdir, NAMES[3]))
 
