@@ -318,6 +318,12 @@ def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_
                                  native.vae_scale_factor).samples
 
 
+def share_out(items: list[Item], done, num_processes: int) -> tuple[list[Item], list[list[int]]]:
+    """(the items to generate: not `done`, not refused; their positions per process, `split_by_cost`)."""
+    runnable = [item for item in items if item.index not in done and item.error is None]
+    return runnable, split_by_cost([item.cost for item in runnable], num_processes)
+
+
 def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
     """Positions of `costs` per process, balanced by cost: the most expensive first, each to the least loaded
     process (ties: the lower rank); each process's positions in order. Deterministic: every process computes
@@ -705,13 +711,10 @@ class Job:
     def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
         """(the job's items left to do, this process's share). Refused items go to the main process, which
         records them first: no model is loaded for them."""
-        todo = [item for item in self.items if item.index not in done]
-        runnable = [item for item in todo if item.error is None]
-        parts = split_by_cost([item.cost for item in runnable], self.state.num_processes)
+        runnable, parts = share_out(self.items, done, self.state.num_processes)
+        refused = [item for item in self.items if item.index not in done and item.error is not None]
         mine = [runnable[i] for i in parts[self.rank]]
-        if self.state.is_main_process:
-            mine = [item for item in todo if item.error is not None] + mine
-        return todo, mine
+        return refused + runnable, refused + mine if self.state.is_main_process else mine
 
     def work(self, mine: list[Item], make_sampler: Callable, extra_outputs, progress: Progress | None) -> None:
         """Generate this process's items in order, appending each item's records to this process's log."""
@@ -780,8 +783,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
 
     if args.dry_run is not None:
         done = done_items(items, args.outdir, job.model, line_keys) if resume else {}
-        todo = [item for item in items if item.error is None and item.index not in done]
-        parts = split_by_cost([item.cost for item in todo], args.dry_run or state.num_processes)
+        todo, parts = share_out(items, done, args.dry_run or state.num_processes)
         if main:
             print(format_plan(args.prompts_file, items, todo, done, parts, native, job.model, args.verbose))
         refused = sum(item.error is not None for item in items)
