@@ -171,11 +171,6 @@ def _unknown_key(key: str, allowed: list[str]) -> str:
     return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
 
 
-def _whole_number(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """The batch's own integer fields (seed, num_images): the plan needs them, so they are checked up front."""
-    return ed.check_number(name, value, minimum, maximum, integer=True)
-
-
 def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None,
                       line_keys: LineKeys | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
@@ -209,8 +204,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             if not isinstance(negative, str):
                 raise ValueError(f"negative_prompt must be a string; got {negative!r}")
             index = len(items)
-            seed = _whole_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED)
-            count = _whole_number("num_images", values.get("num_images", defaults["num_images"]), 1)
+            # The batch's own integer fields: the plan needs them, so they are checked up front.
+            seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED, integer=True)
+            count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
         except ValueError as error:
             errors.append(f"{where}: {error}")
             continue
@@ -264,8 +260,9 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
     The loaded model is checked against it (`load_sampler`).
     """
     if native_px is not None:
-        if isinstance(native_px, bool) or not isinstance(native_px, int) or native_px < 64 or native_px % 8:
-            raise ValueError(f"--native_px must be a multiple of 8 of at least 64; got {native_px!r}")
+        ed.check_number("--native_px", native_px, 64, integer=True)
+        if native_px % 8:
+            raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
         return Native(native_px, 8, "--native_px")
     if sd_version in KEY_NATIVE_PX:
         return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")

@@ -506,6 +506,11 @@ def test_native_size_without_loading(tiny_sd1_path, tiny_sdxl_path):
     assert batch.native_size("XL1.0").px == 1024 and batch.native_size("1.5").px == 512
     assert batch.native_size(tiny_sd1_path)[:2] == (512, 8) and batch.native_size(tiny_sdxl_path).px == 1024
     assert batch.native_size("XL1.0", 768).px == 768
+    for bad, message in [(100, "--native_px must be a multiple of 8; got 100"),
+                         (32, "--native_px must be >= 64; got 32"),
+                         (64.0, "--native_px must be a whole number >= 64; got 64.0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            batch.native_size("XL1.0", bad)
     with pytest.raises(ValueError, match="pass --native_px"):
         batch.native_size("nobody/not-in-the-cache")
 
