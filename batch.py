@@ -551,6 +551,7 @@ class Progress:
         self.outdir, self.items = outdir, {item.index: item for item in items}
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}
+        self.finished, self.failed = set(), set()  # indexes of items with a record, with an error record
         self.text = ""
         self.expected = sum(item.num_images for item in items)
         self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not (show and items), dynamic_ncols=True,
@@ -563,13 +564,14 @@ class Progress:
                 item = self.items.get(record.get("index"))
                 if item is not None and record["path"] not in self.records:
                     self.records[record["path"]] = record
+                    self.finished.add(item.index)
+                    if record["status"] != "ok":
+                        self.failed.add(item.index)
                     self.bar.update(item.cost / item.num_images)
         self._describe()
 
     def _describe(self) -> None:
-        finished = {r["index"] for r in self.records.values()}
-        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
-        text = f"{len(finished)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
+        text = f"{len(self.finished)}/{len(self.items)} items" + (f", {len(self.failed)} failed" if self.failed else "")
         if text != self.text:  # a log file gets a line per change, not one per poll
             self.text = text
             self.bar.set_description_str(text, refresh=True)

@@ -490,6 +490,28 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     assert not batch.part_paths(outdir)
 
 
+def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
+    """The bar's text as records arrive: an item counts once it has a record, and as failed once one is an error."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "num_images": 2}, {"prompt": "c"}],
+                       comment=False)
+    items = batch.read_prompts_file(path, dict(negative_prompt="", width=512, height=512, seed=0, num_images=1),
+                                    {"num_inference_steps": 2})
+    batch.plan(items, batch.Native(512, 8, "test"))
+    outdir = os.fspath(tmp_path)
+    progress = batch.Progress(outdir, items, 2, show=False)
+    logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
+    texts = [progress.text]
+    for rank, item, k, status in [(0, 0, 0, "ok"), (1, 1, 0, "ok"), (0, 2, 0, "error"), (1, 1, 1, "error")]:
+        logs[rank].append([batch.item_records(items[item], outdir, "model", rank, status)[k]])
+        progress.poll()
+        progress.poll()  # a poll with nothing new changes nothing
+        texts.append(progress.text)
+    assert texts == ["0/3 items", "1/3 items", "2/3 items", "3/3 items, 1 failed", "3/3 items, 2 failed"]
+    assert progress.complete
+    for log in logs:
+        log.close()
+
+
 def test_txt_files_lines_and_defaults(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("\ufeffa photo of the dolomites\n\n# skipped\n  Envision a portrait of a cute corgi!  \n",
