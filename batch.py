@@ -39,6 +39,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
 import elastic_diffusion as ed
 
 logger = logging.getLogger("elastic_diffusion.batch")
@@ -444,8 +447,6 @@ def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None
 
 def png_record(path: str) -> dict | None:
     """The settings record of a PNG this project wrote, read from its header (no pixels decoded), or None."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             record = json.loads(image.info["elastic_diffusion"])
@@ -525,8 +526,6 @@ def item_records(item: Item, outdir: str, model: str, rank: int | None, status: 
 
 def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_outputs: Callable | None) -> list[dict]:
     """Generate and save one item (`elastic_diffusion.generate_and_save`); its records, `error` ones if it failed."""
-    import torch
-
     tic = time.perf_counter()
     try:
         _, info = ed.generate_and_save(pipe, item.stem(outdir), item.prompt, item.negative_prompt, extra_outputs,
@@ -759,7 +758,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
-    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
