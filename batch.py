@@ -759,10 +759,20 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
+    try:
+        return _run_on(state, parser, args, make_sampler, call_kwargs, extra_outputs, line_keys)
+    finally:  # however the job ends (a dry run, a bad file, a busy folder, a stop, an error)
+        state.destroy_process_group()  # this process is done with the others (a no-op on one process)
+
+
+def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
+            call_kwargs: dict, extra_outputs: Callable | None, line_keys: LineKeys | None) -> list[str]:
+    """`run` on this process's accelerate `PartialState`."""
+    from accelerate.utils import broadcast_object_list
+
     main = state.is_main_process
 
     def fail(status: int, message: str):  # the main process says why; the others end quietly with it
@@ -816,7 +826,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             if progress is not None:
                 progress.close()
             job.release()
-            state.destroy_process_group()  # this process is done with the others (a no-op on one process)
     paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
     paths = [path for path in paths if os.path.isfile(path)]
     if not main:

@@ -1,6 +1,7 @@
 """Batch jobs (`--prompts_file`, batch.py) on the tiny SD 1 model: files, seeds, resume, interruptions, several
 processes under `accelerate launch`, bad input, the folder lock and the ControlNet command line."""
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -401,6 +402,29 @@ def test_a_second_job_on_the_same_folder_is_refused(tiny_sd1_path, job_file, tmp
     fd = os.open(outdir / batch.LOCK, os.O_RDWR)  # a refused job does not take the lock over
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
+
+
+@pytest.mark.parametrize("case", ["dry run", "dry run with a refused item", "bad line", "busy folder"])
+def test_every_way_out_of_a_job_ends_its_process_group(case, tmp_path, monkeypatch):
+    """Under `accelerate launch` each process must leave the group however its job ends, not only after a job."""
+    from accelerate import PartialState
+
+    ended = []
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, group=None: ended.append(group))
+    monkeypatch.setattr(ed, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    rows = [{"prompt": "a"}, {"prompt": "b", "width": 1020} if "refused" in case else {"prompt": "b"}]
+    if case == "bad line":
+        rows[1] = {"promt": "b"}
+    path = write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    flags = ["--width", "512", "--height", "512", *(["--dry_run"] if "dry run" in case else [])]
+    with batch.folder_lock(os.fspath(outdir)) if case == "busy folder" else contextlib.nullcontext():
+        with contextlib.nullcontext() if case == "dry run" else pytest.raises(SystemExit) as exit_info:
+            run_job("1.5", path, outdir, *flags)
+    assert ended == [None]
+    if case != "dry run":
+        assert exit_info.value.code == (1 if case == "busy folder" else 2)
 
 
 def test_an_image_on_disk_means_its_whole_request_was_saved(tmp_path, monkeypatch):
