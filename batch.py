@@ -85,6 +85,7 @@ class LineKeys:
     """Keys a command line adds to each line of a prompts file (the ControlNet CLI: its input image and knobs).
 
     The keys are those of the command line's `call_kwargs`, whose values are the defaults of every line.
+    `check` reads an item's values and never changes them.
     """
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
     settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
@@ -309,7 +310,7 @@ def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)
             if line_keys is not None:
-                line_keys.check(dict(item.extra), read_files)
+                line_keys.check(item.extra, read_files)
         except ValueError as error:
             item.error, item.settings, item.cost = str(error), None, 0
             continue
