@@ -683,6 +683,7 @@ class Job:
         self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
         self.last_merge = time.monotonic()
         self.held = contextlib.ExitStack()  # the folder's lock (main process)
+        self.refreshing = threading.Lock()  # `refresh` runs on the main thread and on `live_progress`'s
 
     def claim(self, resume: bool) -> str | None:
         """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
@@ -738,10 +739,32 @@ class Job:
 
     def refresh(self, progress: Progress, force: bool = False) -> None:
         """Main process: read the records written since the last call; rewrite the manifest every MERGE_EVERY_S."""
-        progress.poll()
-        if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
-            write_manifest(self.manifest, {**self.base, **progress.records})
-            self.last_merge = time.monotonic()
+        with self.refreshing:
+            progress.poll()
+            if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
+                write_manifest(self.manifest, {**self.base, **progress.records})
+                self.last_merge = time.monotonic()
+
+    @contextlib.contextmanager
+    def live_progress(self, progress: Progress | None):
+        """Main process of several: `refresh` every POLL_S on a daemon thread as well, so the bar follows the other
+        processes while this one is inside a long item. The thread is stopped before the folder is released."""
+        if progress is None or self.state.num_processes == 1:
+            yield
+            return
+        stop = threading.Event()
+
+        def keep_refreshing():
+            while not stop.wait(POLL_S):
+                self.refresh(progress)
+
+        thread = threading.Thread(target=keep_refreshing, name="batch-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def finish(self, progress: Progress) -> None:
         """Main process: wait for the other processes' records, then merge them all into the manifest."""
@@ -812,9 +835,10 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
             progress = Progress(args.outdir, todo, state.num_processes, show=True) if main else None
             if args.device is None:  # each process on its own device; make_sampler reads args.device
                 args.device = str(state.device)
-            job.work(mine, make_sampler, extra_outputs, progress)
-            if main:
-                job.finish(progress)
+            with job.live_progress(progress):
+                job.work(mine, make_sampler, extra_outputs, progress)
+                if main:
+                    job.finish(progress)
         except KeyboardInterrupt:
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
                 job.refresh(progress, force=True)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -490,8 +491,8 @@ def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     assert reader.read() == [{"path": "00003_cafe_seed3_0.png", "prompt": "café ☕"}]
 
 
-def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
-    """The manifest is merged once every process's records are in, however late they come."""
+def main_process_of_two(tmp_path):
+    """(items, output folder, Job, Progress) of the main process of a two-process job: an item for each process."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "mine"}, {"prompt": "theirs", "num_images": 2}], comment=False)
     defaults = dict(negative_prompt="", width=512, height=512, seed=0, num_images=1)
     items = batch.read_prompts_file(path, defaults, {"num_inference_steps": 2})
@@ -501,7 +502,12 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     os.makedirs(outdir)
     job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
                     argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
-    progress = batch.Progress(outdir, items, 2, show=False)
+    return items, outdir, job, batch.Progress(outdir, items, 2, show=False)
+
+
+def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
+    """The manifest is merged once every process's records are in, however late they come."""
+    items, outdir, job, progress = main_process_of_two(tmp_path)
     for rank, item in enumerate(items):
         log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank)))
         records = batch.item_records(item, outdir, "model", rank, "ok", unet_samples=item.cost)
@@ -512,6 +518,20 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     assert [(r["path"], r["process"]) for r in manifest(outdir)] == \
         [("00000_mine_seed0_0.png", 0), ("00001_theirs_seed1_0.png", 1), ("00001_theirs_seed1_1.png", 1)]
     assert not batch.part_paths(outdir)
+
+
+def test_the_bar_follows_the_other_process_while_the_main_one_is_inside_an_item(tmp_path, monkeypatch):
+    items, outdir, job, progress = main_process_of_two(tmp_path)
+    monkeypatch.setattr(batch, "POLL_S", 0.02)
+    with job.live_progress(progress):  # the main thread calls no refresh in here, as inside a long item
+        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=1)))
+        log.append(batch.item_records(items[1], outdir, "model", 1, "ok"))
+        log.close()
+        deadline = time.monotonic() + 10
+        while progress.text == "0/2 items" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert progress.text == "1/2 items"
+    assert "batch-progress" not in [thread.name for thread in threading.enumerate()]  # stopped on the way out
 
 
 def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
