@@ -39,6 +39,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
 import elastic_diffusion as ed
 
 logger = logging.getLogger("elastic_diffusion.batch")
@@ -82,6 +85,7 @@ class LineKeys:
     """Keys a command line adds to each line of a prompts file (the ControlNet CLI: its input image and knobs).
 
     The keys are those of the command line's `call_kwargs`, whose values are the defaults of every line.
+    `check` reads an item's values and never changes them.
     """
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
     settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
@@ -171,11 +175,6 @@ def _unknown_key(key: str, allowed: list[str]) -> str:
     return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
 
 
-def _whole_number(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """The batch's own integer fields (seed, num_images): the plan needs them, so they are checked up front."""
-    return ed.check_number(name, value, minimum, maximum, integer=True)
-
-
 def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None,
                       line_keys: LineKeys | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
@@ -209,8 +208,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             if not isinstance(negative, str):
                 raise ValueError(f"negative_prompt must be a string; got {negative!r}")
             index = len(items)
-            seed = _whole_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED)
-            count = _whole_number("num_images", values.get("num_images", defaults["num_images"]), 1)
+            # The batch's own integer fields: the plan needs them, so they are checked up front.
+            seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED, integer=True)
+            count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
         except ValueError as error:
             errors.append(f"{where}: {error}")
             continue
@@ -264,8 +264,9 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
     The loaded model is checked against it (`load_sampler`).
     """
     if native_px is not None:
-        if isinstance(native_px, bool) or not isinstance(native_px, int) or native_px < 64 or native_px % 8:
-            raise ValueError(f"--native_px must be a multiple of 8 of at least 64; got {native_px!r}")
+        ed.check_number("--native_px", native_px, 64, integer=True)
+        if native_px % 8:
+            raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
         return Native(native_px, 8, "--native_px")
     if sd_version in KEY_NATIVE_PX:
         return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")
@@ -309,13 +310,19 @@ def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)
             if line_keys is not None:
-                line_keys.check(dict(item.extra), read_files)
+                line_keys.check(item.extra, read_files)
         except ValueError as error:
             item.error, item.settings, item.cost = str(error), None, 0
             continue
         item.settings, item.error = settings, None
         item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
                                  native.vae_scale_factor).samples
+
+
+def share_out(items: list[Item], done, num_processes: int) -> tuple[list[Item], list[list[int]]]:
+    """(the items to generate: not `done`, not refused; their positions per process, `split_by_cost`)."""
+    runnable = [item for item in items if item.index not in done and item.error is None]
+    return runnable, split_by_cost([item.cost for item in runnable], num_processes)
 
 
 def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
@@ -430,18 +437,17 @@ class RecordReader:
 
 
 def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
-    """The PNG record (`png_metadata`) image k of `item` gets, less the memory knobs, which never change an image."""
-    record = dict(prompt=item.prompt, negative_prompt=item.negative_prompt, seed=item.seed, image_index=k,
-                  model=model, **item.settings, width=item.width, height=item.height)
+    """The PNG record (`elastic_diffusion.metadata_record`) image k of `item` gets, less the memory knobs, which
+    never change an image."""
+    settings = dict(item.settings, width=item.width, height=item.height)
     if line_keys is not None:
-        record.update(line_keys.settings(item.extra))
-    return record
+        settings.update(line_keys.settings(item.extra))
+    return ed.metadata_record(dict(seed=item.seed, model=model, settings=settings), item.prompt, item.negative_prompt,
+                              k)
 
 
 def png_record(path: str) -> dict | None:
     """The settings record of a PNG this project wrote, read from its header (no pixels decoded), or None."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             record = json.loads(image.info["elastic_diffusion"])
@@ -521,8 +527,6 @@ def item_records(item: Item, outdir: str, model: str, rank: int | None, status: 
 
 def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_outputs: Callable | None) -> list[dict]:
     """Generate and save one item (`elastic_diffusion.generate_and_save`); its records, `error` ones if it failed."""
-    import torch
-
     tic = time.perf_counter()
     try:
         _, info = ed.generate_and_save(pipe, item.stem(outdir), item.prompt, item.negative_prompt, extra_outputs,
@@ -547,6 +551,7 @@ class Progress:
         self.outdir, self.items = outdir, {item.index: item for item in items}
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}
+        self.finished, self.failed = set(), set()  # indexes of items with a record, with an error record
         self.text = ""
         self.expected = sum(item.num_images for item in items)
         self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not (show and items), dynamic_ncols=True,
@@ -559,13 +564,14 @@ class Progress:
                 item = self.items.get(record.get("index"))
                 if item is not None and record["path"] not in self.records:
                     self.records[record["path"]] = record
+                    self.finished.add(item.index)
+                    if record["status"] != "ok":
+                        self.failed.add(item.index)
                     self.bar.update(item.cost / item.num_images)
         self._describe()
 
     def _describe(self) -> None:
-        finished = {r["index"] for r in self.records.values()}
-        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
-        text = f"{len(finished)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
+        text = f"{len(self.finished)}/{len(self.items)} items" + (f", {len(self.failed)} failed" if self.failed else "")
         if text != self.text:  # a log file gets a line per change, not one per poll
             self.text = text
             self.bar.set_description_str(text, refresh=True)
@@ -677,6 +683,7 @@ class Job:
         self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
         self.last_merge = time.monotonic()
         self.held = contextlib.ExitStack()  # the folder's lock (main process)
+        self.refreshing = threading.Lock()  # `refresh` runs on the main thread and on `live_progress`'s
 
     def claim(self, resume: bool) -> str | None:
         """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
@@ -689,13 +696,13 @@ class Job:
         remove_stale_temporaries(self.outdir)
         self.base = fold_parts(self.outdir)
         self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
-        identity = ("prompt", "negative_prompt", "seed", "image_index", "model")
-        for index, records in self.done.items():  # a done image keeps its record; one without (a lost manifest)
-            item = self.items[index]  # gets one from its PNG
+        for index, records in self.done.items():  # a done image keeps its ok record; one without (a lost manifest)
+            item = self.items[index]  # or with an error an earlier job recorded for its line, gets one from its PNG
             for k, record in enumerate(records):
-                settings = {key: value for key, value in record.items() if key not in identity}
-                self.base.setdefault(os.path.basename(item.path(self.outdir, k)),
-                                     item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k])
+                name = os.path.basename(item.path(self.outdir, k))
+                if self.base.get(name, {}).get("status") != "ok":
+                    settings = {key: value for key, value in record.items() if key not in ed.METADATA_IDENTITY}
+                    self.base[name] = item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k]
         return None
 
     def release(self) -> None:
@@ -704,13 +711,10 @@ class Job:
     def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
         """(the job's items left to do, this process's share). Refused items go to the main process, which
         records them first: no model is loaded for them."""
-        todo = [item for item in self.items if item.index not in done]
-        runnable = [item for item in todo if item.error is None]
-        parts = split_by_cost([item.cost for item in runnable], self.state.num_processes)
+        runnable, parts = share_out(self.items, done, self.state.num_processes)
+        refused = [item for item in self.items if item.index not in done and item.error is not None]
         mine = [runnable[i] for i in parts[self.rank]]
-        if self.state.is_main_process:
-            mine = [item for item in todo if item.error is not None] + mine
-        return todo, mine
+        return refused + runnable, refused + mine if self.state.is_main_process else mine
 
     def work(self, mine: list[Item], make_sampler: Callable, extra_outputs, progress: Progress | None) -> None:
         """Generate this process's items in order, appending each item's records to this process's log."""
@@ -735,10 +739,32 @@ class Job:
 
     def refresh(self, progress: Progress, force: bool = False) -> None:
         """Main process: read the records written since the last call; rewrite the manifest every MERGE_EVERY_S."""
-        progress.poll()
-        if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
-            write_manifest(self.manifest, {**self.base, **progress.records})
-            self.last_merge = time.monotonic()
+        with self.refreshing:
+            progress.poll()
+            if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
+                write_manifest(self.manifest, {**self.base, **progress.records})
+                self.last_merge = time.monotonic()
+
+    @contextlib.contextmanager
+    def live_progress(self, progress: Progress | None):
+        """Main process of several: `refresh` every POLL_S on a daemon thread as well, so the bar follows the other
+        processes while this one is inside a long item. The thread is stopped before the folder is released."""
+        if progress is None or self.state.num_processes == 1:
+            yield
+            return
+        stop = threading.Event()
+
+        def keep_refreshing():
+            while not stop.wait(POLL_S):
+                self.refresh(progress)
+
+        thread = threading.Thread(target=keep_refreshing, name="batch-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def finish(self, progress: Progress) -> None:
         """Main process: wait for the other processes' records, then merge them all into the manifest."""
@@ -756,12 +782,21 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
-    import torch
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
+    try:
+        return _run_on(state, parser, args, make_sampler, call_kwargs, extra_outputs, line_keys)
+    finally:  # however the job ends (a dry run, a bad file, a busy folder, a stop, an error)
+        state.destroy_process_group()  # this process is done with the others (a no-op on one process)
+
+
+def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
+            call_kwargs: dict, extra_outputs: Callable | None, line_keys: LineKeys | None) -> list[str]:
+    """`run` on this process's accelerate `PartialState`."""
+    from accelerate.utils import broadcast_object_list
+
     main = state.is_main_process
 
     def fail(status: int, message: str):  # the main process says why; the others end quietly with it
@@ -779,8 +814,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
 
     if args.dry_run is not None:
         done = done_items(items, args.outdir, job.model, line_keys) if resume else {}
-        todo = [item for item in items if item.error is None and item.index not in done]
-        parts = split_by_cost([item.cost for item in todo], args.dry_run or state.num_processes)
+        todo, parts = share_out(items, done, args.dry_run or state.num_processes)
         if main:
             print(format_plan(args.prompts_file, items, todo, done, parts, native, job.model, args.verbose))
         refused = sum(item.error is not None for item in items)
@@ -801,9 +835,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             progress = Progress(args.outdir, todo, state.num_processes, show=True) if main else None
             if args.device is None:  # each process on its own device; make_sampler reads args.device
                 args.device = str(state.device)
-            job.work(mine, make_sampler, extra_outputs, progress)
-            if main:
-                job.finish(progress)
+            with job.live_progress(progress):
+                job.work(mine, make_sampler, extra_outputs, progress)
+                if main:
+                    job.finish(progress)
         except KeyboardInterrupt:
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
                 job.refresh(progress, force=True)
@@ -816,7 +851,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             if progress is not None:
                 progress.close()
             job.release()
-            state.destroy_process_group()  # this process is done with the others (a no-op on one process)
     paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
     paths = [path for path in paths if os.path.isfile(path)]
     if not main:

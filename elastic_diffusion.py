@@ -1580,14 +1580,24 @@ ElasticDiffusion.generate.__doc__ += "\n        Method knobs:\n\n" + "".join(
 # --------------------------------------------------------------------------------------------------
 
 
-def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
-    """Text chunks that reproduce an image: a JSON record and an A1111-style 'parameters' line.
+METADATA_IDENTITY = ("prompt", "negative_prompt", "seed", "image_index", "model")  # a record's fields before settings
 
-    The record holds the prompt, seed and model, then `info["settings"]`: every method knob of the run in
-    KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs, an extension's settings.
+
+def metadata_record(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict:
+    """The JSON record that reproduces an image (`png_metadata`), also what a batch job expects of a PNG it skips.
+
+    The record holds METADATA_IDENTITY's fields (prompt, seed, model, ...), then `info["settings"]`: every
+    method knob of the run in KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs,
+    an extension's settings.
     """
-    record = dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
-                  model=info["model"], **info["settings"])
+    identity = zip(METADATA_IDENTITY, (prompt, negative_prompt, info["seed"], index, info["model"]), strict=True)
+    return dict(identity, **info["settings"])
+
+
+def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
+    """Text chunks that reproduce an image: the JSON record (`metadata_record`) and an A1111-style 'parameters'
+    line."""
+    record = metadata_record(info, prompt, negative_prompt, index)
     line = f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(
         f"{k}: {v}" for k, v in record.items() if k not in ("prompt", "negative_prompt"))
     return {"elastic_diffusion": json.dumps(record), "parameters": line}

@@ -1,6 +1,7 @@
 """Batch jobs (`--prompts_file`, batch.py) on the tiny SD 1 model: files, seeds, resume, interruptions, several
 processes under `accelerate launch`, bad input, the folder lock and the ControlNet command line."""
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -103,7 +105,7 @@ def baseline(tiny_sd1_path, job_file, tmp_path_factory):
     return os.fspath(outdir), unet.samples, paths
 
 
-def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tiny_sd1_path):
+def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tiny_sd1_path, job_file):
     outdir, samples, paths = baseline
     assert pngs(outdir) == NAMES and [os.path.basename(p) for p in paths] == NAMES
     assert not [n for n in os.listdir(outdir) if n.endswith(".part") or n.startswith("manifest.process")]
@@ -124,6 +126,15 @@ def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tin
         settings = ed.settings_for(row["width"], row["height"], native.px, num_inference_steps=2, **knobs)
         assert record["unet_samples"] == ed.unet_cost(row["width"], row["height"], settings, native.latent).samples
     assert samples == sum(r["unet_samples"] for r in records)  # what ran is what the manifest says
+    # What --resume expects of a PNG is what the real save path wrote (a field added to one but not the other
+    # would make every rerun redo every image).
+    args = ed.build_parser().parse_args(["--sd_version", tiny_sd1_path, "--prompts_file", job_file, *STEPS])
+    items = batch.read_prompts_file(job_file, *batch.command_line_defaults(args, native))
+    batch.plan(items, native)
+    for item, record in zip(items, records):
+        saved = batch.png_record(os.path.join(outdir, record["path"]))
+        assert {k: v for k, v in saved.items() if k not in batch.MEMORY_KEYS} == \
+            batch.expected_metadata(item, 0, tiny_sd1_path, None)
     # Same prompt, size and settings but another index: another seed, another image.
     assert pixels(os.path.join(outdir, NAMES[0])) != pixels(os.path.join(outdir, NAMES[3]))
 
@@ -171,6 +182,32 @@ def test_rerun_resumes_without_unet_work_and_redoes_only_what_changed(baseline, 
     with UNetSamples() as unet:  # --no-resume makes everything again
         run_job(tiny_sd1_path, edited, outdir, "--no-resume")
     assert unet.samples == sum(r["unet_samples"] for r in records)
+
+
+def test_a_png_found_again_replaces_an_error_record_of_its_item(tiny_sd1_path, tmp_path, capsys):
+    """Job A makes item 1; the line is edited to a size the sampler refuses, so job B records item 1 as an error
+    (A's PNG keeps its name: names do not depend on the settings); the edit is reverted, so job C finds A's PNG
+    with matching metadata and skips the item: its manifest record must be `ok` again, and job C succeed."""
+    outdir = tmp_path / "out"
+    rows = [{"prompt": "one", "width": 256, "height": 256}, {"prompt": "two", "width": 256, "height": 256}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    run_job(tiny_sd1_path, path, outdir)  # job A
+    made = manifest(outdir)
+    assert [r["status"] for r in made] == ["ok", "ok"]
+
+    write_jsonl(tmp_path / "p.jsonl", [rows[0], dict(rows[1], width=1020)], comment=False)
+    with pytest.raises(SystemExit) as exit_info:  # job B
+        run_job(tiny_sd1_path, path, outdir)
+    assert exit_info.value.code == 1 and [r["status"] for r in manifest(outdir)] == ["ok", "error"]
+    assert pngs(outdir) == [r["path"] for r in made]
+
+    write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    capsys.readouterr()
+    with UNetSamples() as unet:  # job C: exits 0
+        run_job(tiny_sd1_path, path, outdir)
+    assert unet.samples == 0 and "2 already done, 0 failed" in capsys.readouterr().out
+    assert [(r["path"], r["status"], r["message"], r["settings"]) for r in manifest(outdir)] == \
+        [(r["path"], "ok", None, r["settings"]) for r in made]
 
 
 def test_a_job_stopped_after_item_3_resumes_to_the_same_files(baseline, tiny_sd1_path, job_file, tmp_path):
@@ -368,6 +405,29 @@ def test_a_second_job_on_the_same_folder_is_refused(tiny_sd1_path, job_file, tmp
     os.close(fd)
 
 
+@pytest.mark.parametrize("case", ["dry run", "dry run with a refused item", "bad line", "busy folder"])
+def test_every_way_out_of_a_job_ends_its_process_group(case, tmp_path, monkeypatch):
+    """Under `accelerate launch` each process must leave the group however its job ends, not only after a job."""
+    from accelerate import PartialState
+
+    ended = []
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, group=None: ended.append(group))
+    monkeypatch.setattr(ed, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    rows = [{"prompt": "a"}, {"prompt": "b", "width": 1020} if "refused" in case else {"prompt": "b"}]
+    if case == "bad line":
+        rows[1] = {"promt": "b"}
+    path = write_jsonl(tmp_path / "p.jsonl", rows, comment=False)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    flags = ["--width", "512", "--height", "512", *(["--dry_run"] if "dry run" in case else [])]
+    with batch.folder_lock(os.fspath(outdir)) if case == "busy folder" else contextlib.nullcontext():
+        with contextlib.nullcontext() if case == "dry run" else pytest.raises(SystemExit) as exit_info:
+            run_job("1.5", path, outdir, *flags)
+    assert ended == [None]
+    if case != "dry run":
+        assert exit_info.value.code == (1 if case == "busy folder" else 2)
+
+
 def test_an_image_on_disk_means_its_whole_request_was_saved(tmp_path, monkeypatch):
     """The ControlNet's condition map is written before the images: a job stopped between the two leaves no image,
     so --resume redoes the item instead of skipping it without its map."""
@@ -431,8 +491,8 @@ def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     assert reader.read() == [{"path": "00003_cafe_seed3_0.png", "prompt": "café ☕"}]
 
 
-def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
-    """The manifest is merged once every process's records are in, however late they come."""
+def main_process_of_two(tmp_path):
+    """(items, output folder, Job, Progress) of the main process of a two-process job: an item for each process."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "mine"}, {"prompt": "theirs", "num_images": 2}], comment=False)
     defaults = dict(negative_prompt="", width=512, height=512, seed=0, num_images=1)
     items = batch.read_prompts_file(path, defaults, {"num_inference_steps": 2})
@@ -442,7 +502,12 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     os.makedirs(outdir)
     job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
                     argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
-    progress = batch.Progress(outdir, items, 2, show=False)
+    return items, outdir, job, batch.Progress(outdir, items, 2, show=False)
+
+
+def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
+    """The manifest is merged once every process's records are in, however late they come."""
+    items, outdir, job, progress = main_process_of_two(tmp_path)
     for rank, item in enumerate(items):
         log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank)))
         records = batch.item_records(item, outdir, "model", rank, "ok", unet_samples=item.cost)
@@ -453,6 +518,42 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     assert [(r["path"], r["process"]) for r in manifest(outdir)] == \
         [("00000_mine_seed0_0.png", 0), ("00001_theirs_seed1_0.png", 1), ("00001_theirs_seed1_1.png", 1)]
     assert not batch.part_paths(outdir)
+
+
+def test_the_bar_follows_the_other_process_while_the_main_one_is_inside_an_item(tmp_path, monkeypatch):
+    items, outdir, job, progress = main_process_of_two(tmp_path)
+    monkeypatch.setattr(batch, "POLL_S", 0.02)
+    with job.live_progress(progress):  # the main thread calls no refresh in here, as inside a long item
+        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=1)))
+        log.append(batch.item_records(items[1], outdir, "model", 1, "ok"))
+        log.close()
+        deadline = time.monotonic() + 10
+        while progress.text == "0/2 items" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert progress.text == "1/2 items"
+    assert "batch-progress" not in [thread.name for thread in threading.enumerate()]  # stopped on the way out
+
+
+def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
+    """The bar's text as records arrive: an item counts once it has a record, and as failed once one is an error."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "num_images": 2}, {"prompt": "c"}],
+                       comment=False)
+    items = batch.read_prompts_file(path, dict(negative_prompt="", width=512, height=512, seed=0, num_images=1),
+                                    {"num_inference_steps": 2})
+    batch.plan(items, batch.Native(512, 8, "test"))
+    outdir = os.fspath(tmp_path)
+    progress = batch.Progress(outdir, items, 2, show=False)
+    logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
+    texts = [progress.text]
+    for rank, item, k, status in [(0, 0, 0, "ok"), (1, 1, 0, "ok"), (0, 2, 0, "error"), (1, 1, 1, "error")]:
+        logs[rank].append([batch.item_records(items[item], outdir, "model", rank, status)[k]])
+        progress.poll()
+        progress.poll()  # a poll with nothing new changes nothing
+        texts.append(progress.text)
+    assert texts == ["0/3 items", "1/3 items", "2/3 items", "3/3 items, 1 failed", "3/3 items, 2 failed"]
+    assert progress.complete
+    for log in logs:
+        log.close()
 
 
 def test_txt_files_lines_and_defaults(tmp_path):
@@ -471,6 +572,11 @@ def test_native_size_without_loading(tiny_sd1_path, tiny_sdxl_path):
     assert batch.native_size("XL1.0").px == 1024 and batch.native_size("1.5").px == 512
     assert batch.native_size(tiny_sd1_path)[:2] == (512, 8) and batch.native_size(tiny_sdxl_path).px == 1024
     assert batch.native_size("XL1.0", 768).px == 768
+    for bad, message in [(100, "--native_px must be a multiple of 8; got 100"),
+                         (32, "--native_px must be >= 64; got 32"),
+                         (64.0, "--native_px must be a whole number >= 64; got 64.0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            batch.native_size("XL1.0", bad)
     with pytest.raises(ValueError, match="pass --native_px"):
         batch.native_size("nobody/not-in-the-cache")
 
