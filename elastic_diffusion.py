@@ -1590,8 +1590,8 @@ def metadata_record(info: dict, prompt: str, negative_prompt: str, index: int = 
     method knob of the run in KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs,
     an extension's settings.
     """
-    identity = zip(METADATA_IDENTITY, (prompt, negative_prompt, info["seed"], index, info["model"]), strict=True)
-    return dict(identity, **info["settings"])
+    return dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
+                model=info["model"], **info["settings"])  # a setting named like one of these is a TypeError
 
 
 def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
