@@ -559,6 +559,7 @@ class Progress:
         self._describe()
 
     def poll(self) -> None:
+        cost, added = 0.0, False
         for reader in self.readers:
             for record in reader.read():
                 item = self.items.get(record.get("index"))
@@ -567,12 +568,14 @@ class Progress:
                     self.finished.add(item.index)
                     if record["status"] != "ok":
                         self.failed.add(item.index)
-                    self.bar.update(item.cost / item.num_images)
-        self._describe()
+                    cost, added = cost + item.cost / item.num_images, True
+        if added:
+            self.bar.n += cost  # drawn below with the new count: bar and text change in one line
+        self._describe(redraw=added)
 
-    def _describe(self) -> None:
+    def _describe(self, redraw: bool = False) -> None:
         text = f"{len(self.finished)}/{len(self.items)} items" + (f", {len(self.failed)} failed" if self.failed else "")
-        if text != self.text:  # a log file gets a line per change, not one per poll
+        if text != self.text or redraw:  # a log file gets a line per change, not one per poll
             self.text = text
             self.bar.set_description_str(text, refresh=True)
 
