@@ -142,16 +142,15 @@ class Predictor(BasePredictor):
         """Generate `num_outputs` images at width x height; their files, each with its settings in the metadata."""
         inputs = dict(locals())  # every input by name (cog passes them all)
         del inputs["self"]
-        return self.generate(self.sampler, inputs)
+        return self.generate(self.sampler, check_request(inputs, self.sampler))
 
-    def generate(self, sampler, inputs: dict, record: dict | None = None, **sampler_kwargs) -> list[Path]:
-        """Check `inputs` (predict()'s, by name), generate with `sampler` (plus `sampler_kwargs`) and write the files
-        with the run's settings, and `record` on top, in their metadata.
+    def generate(self, sampler, request: Request, record: dict | None = None, **sampler_kwargs) -> list[Path]:
+        """Generate a checked `request` with `sampler` (plus `sampler_kwargs`) and write the files with the run's
+        settings, and `record` on top, in their metadata.
 
         Nothing is written for a refused request. The previous prediction's files are removed first: cog has
         sent them by the time the next prediction starts, so the disk holds one prediction's files at most.
         """
-        request = check_request(inputs, sampler)
         print(f"Using seed: {request.seed}")
         try:
             images, info = sampler(request.prompt, request.negative_prompt, width=request.width,

@@ -89,9 +89,10 @@ class Predictor(predict.Predictor):
         control = {row.name: row.check(inputs.pop(row.name), sampler.native_latent, demo=True)
                    for row in CONTROLNET_KNOBS}
         condition = "image" if inputs.pop("image_is_map") else kind
+        request = predict.check_request(inputs, sampler)  # before the image is decoded (up to 64 MP)
         try:
             image = load_image(source, name="image")
         except ValueError as error:  # it names the file: by its name only
             raise ValueError(app.scrub_paths(str(error))) from None
-        return self.generate(sampler, inputs, record=dict(condition_image=os.path.basename(source)),
+        return self.generate(sampler, request, record=dict(condition_image=os.path.basename(source)),
                              condition_image=image, condition=condition, **control)

@@ -410,6 +410,7 @@ def test_controlnet_predict_follows_the_image(controlnet_predictor, controlnet, 
     (dict(canny_low=300), "canny_low must be between 0 and 255; got 300"),
     (dict(canny_low=150, canny_high=100), "canny_low and canny_high must satisfy low <= high"),
     (dict(width=1001), "width must be a multiple of 8"),
+    (dict(image=__file__, width=1001), "width must be a multiple of 8"),  # checked before the image is decoded
 ])
 def test_controlnet_bad_inputs_are_refused_by_name(controlnet_predictor, bad, message):
     inputs = dict(dict(image=PHOTO, prompt="an astronaut", width=512, height=512), **bad)
