@@ -814,6 +814,11 @@ class Region:
     padding: tuple[int, int, int, int]
     item: int
 
+    @property
+    def key(self) -> tuple:
+        """What sets the region's pixels (not the batch item): kind, rows, cols, padding."""
+        return self.kind, self.rows, self.cols, self.padding
+
 
 class ScoreEstimate(NamedTuple):
     """The two halves of the score for one latent at one timestep, plus what RRG reuses.

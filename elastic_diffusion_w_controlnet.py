@@ -287,15 +287,13 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         else:
             reference = to_tensor(self.condition_map(c, w * f, h * f))
         c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
-                 cache={}, embedded={}, seconds=time.perf_counter() - tic)
+                 embedded={}, seconds=time.perf_counter() - tic)
 
     def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
         """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1]."""
         c, f = run.extras["control"], self.vae_scale_factor
+        maps = []
         for region in regions:
-            key = (region.kind, region.rows, region.cols, region.padding)
-            if key in c["cache"]:
-                continue
             (r0, r1), (c0, c1) = region.rows, region.cols
             if region.kind == "reference":
                 source = c["reference"]
@@ -304,8 +302,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                 assert region.kind == "local", f"no ControlNet condition for region kind {region.kind!r}"
                 source = c["full"][:, :, r0 * f:r1 * f, c0 * f:c1 * f]
             top, bottom, left, right = (p * f for p in region.padding)
-            c["cache"][key] = F.pad(source, (left, right, top, bottom))
-        return torch.cat([c["cache"][(r.kind, r.rows, r.cols, r.padding)] for r in regions])
+            maps.append(F.pad(source, (left, right, top, bottom)))
+        return torch.cat(maps)
 
     def embedded_conditions(self, run: Run, regions: list[Region]) -> torch.Tensor:
         """The ControlNet's encoding of each sample's condition, (N, C', D, D), once per region and run.
@@ -315,16 +313,17 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         it in every call cost more than the rest of a small ControlNet.
         """
         c, count = run.extras["control"], run.counters
-        keys = [(r.kind, r.rows, r.cols, r.padding) for r in regions]
-        new = {key: region for key, region in zip(keys, regions) if key not in c["embedded"]}
+        keys = [r.key for r in regions]
+        new = {r.key: r for r in regions if r.key not in c["embedded"]}
         if new:
             conditions = self.control_batch(run, list(new.values()))
             if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
                 conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
             if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
                 self.controlnet.to(self.device)
-            for key, encoded in zip(new, self.controlnet.controlnet_cond_embedding(conditions).split(1)):
-                c["embedded"][key] = encoded
+            with self._controlnet_call:  # another thread's forward may have swapped the encoder out
+                encoded = self.controlnet.controlnet_cond_embedding(conditions)
+            c["embedded"].update(zip(new, encoded.split(1)))
             count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
         return torch.cat([c["embedded"][key] for key in keys])
 
@@ -350,7 +349,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
     def finish_run(self, run: Run) -> None:
         super().finish_run(run)
-        for key in ("cache", "embedded", "full", "reference"):  # device tensors; the PIL map stays for `info`
+        for key in ("embedded", "full", "reference"):  # device tensors; the PIL map stays for `info`
             run.extras["control"].pop(key, None)
         self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 

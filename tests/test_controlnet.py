@@ -6,6 +6,8 @@ sampler's `controlnet_model=<folder>` path; the depth model is a tiny random DPT
 import json
 import os
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -238,6 +240,37 @@ def test_sdxl_two_prompts(sdxl, sdxl_controlnet):
     ref, local = expected_samples(pipe, info, batch=2)
     assert (info["controlnet_reference_samples"], info.get("controlnet_local_samples", 0)) == (ref, local) == (8, 0)
     assert info["settings"]["condition"] == "canny" and info["settings"]["controlnet_model"] == sdxl_controlnet
+
+
+def test_two_threads_keep_their_own_conditions(sd1):
+    """While one thread is inside a ControlNet forward (whose condition encoder is swapped for that run's
+    encodings), another thread encodes its own condition: each run gets its single-threaded image."""
+    requests = [dict(prompt="a cat", width=1024, height=512, seed=1),
+                dict(prompt="a dog", width=768, height=512, seed=2, canny_low=20, canny_high=60)]
+    common = dict(condition_image=PHOTO, condition="canny", num_inference_steps=2, progress=False,
+                  output_type="latent")
+    alone = [sd1(**request, **common)[0] for request in requests]
+    inside, held = threading.Event(), []
+
+    def hold_the_first_forward(module, args):  # the first thread's first ControlNet block waits for the other
+        if threading.current_thread().name == "first" and not held:
+            held.append(True)
+            inside.set()
+            time.sleep(1.5)
+
+    handle = sd1.controlnet.down_blocks[0].register_forward_pre_hook(hold_the_first_forward)
+    results = {}
+    try:
+        threads = [threading.Thread(target=lambda n=n: results.update({n: sd1(**requests[n], **common)[0]}),
+                                    name=name) for n, name in enumerate(("first", "second"))]
+        threads[0].start()
+        assert inside.wait(60)
+        threads[1].start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        handle.remove()
+    assert torch.equal(results[0], alone[0]) and torch.equal(results[1], alone[1])
 
 
 def test_low_vram_and_from_pipe(sd1, tiny_depth_model):
