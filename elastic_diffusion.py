@@ -1040,7 +1040,14 @@ class ElasticDiffusion:
         low_vram = bool(low_vram)
         with self._modules.hold(True):
             if low_vram != self.low_vram:
-                self.place_modules(low_vram)
+                try:
+                    self.place_modules(low_vram)
+                except BaseException:
+                    # A move that failed half-way (out of memory) leaves some modules without hooks and off the
+                    # device: back to low VRAM, which runs at any size, so the next request still works.
+                    self.place_modules(True)
+                    self.low_vram = True
+                    raise
                 self.low_vram = low_vram
 
     def place_modules(self, low_vram: bool) -> None:

@@ -292,6 +292,33 @@ def test_low_vram_switch_and_low_vram_runs_take_the_sampler_alone(tiny_sd1_path)
     assert not sampler.busy
 
 
+def test_a_failed_switch_out_of_low_vram_leaves_a_working_low_vram_sampler(tiny_sd1_path, monkeypatch):
+    """Out of memory while moving the models to the device (after the offload hooks came off): the sampler
+    goes back to low VRAM, hooks and all, and its next run gives the image it gave before."""
+    sampler = ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd1_path, low_vram=True)
+    args = dict(height=256, width=512, num_inference_steps=2, seed=0, **QUIET)
+    before, _ = sampler("x", **args)
+    moves = []
+    real_to = sampler.pipe.to
+
+    def out_of_memory_once(*a, **k):
+        moves.append(a)
+        if len(moves) == 1:
+            real_to(*a, **k)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_to(*a, **k)
+
+    monkeypatch.setattr(sampler.pipe, "to", out_of_memory_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        sampler.set_low_vram(False)
+    assert sampler.low_vram is True
+    assert type(getattr(sampler.unet, "_hf_hook", None)).__name__ == "CpuOffload"
+    assert type(getattr(sampler.text_encoder, "_hf_hook", None)).__name__ == "CpuOffload"
+    assert torch.equal(sampler("x", **args)[0], before)
+    sampler.set_low_vram(False)
+    assert sampler.low_vram is False and getattr(sampler.unet, "_hf_hook", None) is None
+
+
 # ------------------------------------------------------------------------------ conditioning and padding
 
 
