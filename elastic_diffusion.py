@@ -478,6 +478,14 @@ def padding_strips(h: int, w: int, native: int) -> dict[str, tuple[int, int]]:
     return {name: size for name, size in strips.items() if size[0] > 0 and size[1] > 0}
 
 
+def background_strips(h: int, w: int, views: list, native: int) -> set[tuple[str, tuple[int, int]]]:
+    """Every (name, latent size) of strip a run pads with: the reference's (h x w) and the local crops' (all
+    crops have the size of the first), each encoded once per timestep (docs/method.md#background-padding)."""
+    rows, cols = views[0]
+    crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
+    return set(padding_strips(h, w, native).items()) | set(padding_strips(*crop, native).items())
+
+
 def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.Tensor:
     """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it."""
     n = x.shape[0]
@@ -621,9 +629,7 @@ def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch
     passes, local = (1, 0) if same_input else (R + 1, len(views))
     repaints = T - 1 if settings["repaint"] and R > 0 else 0
     main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
-    rows, cols = views[0]
-    crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
-    strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
+    strips = background_strips(h, w, views, D)
     return Cost(samples=T * main + repaints * repaint,
                 calls=T * -(-main // view_batch_size) + repaints * -(-repaint // view_batch_size),
                 vae_encodes=T * len(strips), views=len(views),
@@ -1445,9 +1451,7 @@ class ElasticDiffusion:
         run.views = local_views(H, W, D, s["patch_size"])
         run.timesteps = self.timesteps(s["num_inference_steps"])
         run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in run.timesteps}
-        rows, cols = run.views[0]
-        crop = (rows.crop_end - rows.crop_start, cols.crop_end - cols.crop_start)
-        strips = set(padding_strips(h, w, D).items()) | set(padding_strips(*crop, D).items())
+        strips = background_strips(h, w, run.views, D)
         run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters,
                                                    report=run.stage)
                            if strips else {})
