@@ -94,6 +94,8 @@ LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour 
 LOOK_INSIDE_SECONDS = 2.0
 LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
+CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing stays past 65 minutes
+MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
 READ_SECONDS = 10  # reading one uploaded file
@@ -492,9 +494,12 @@ class OutputFolders:
         with self._lock:
             folders = []
             for entry in os.scandir(self.root):
-                if entry.is_dir(follow_symlinks=False):
-                    files = [f.stat(follow_symlinks=False) for f in os.scandir(entry.path) if f.is_file()]
-                    folders.append((entry.stat().st_mtime, sum(f.st_size for f in files), entry.path))
+                try:  # Gradio's cache sweep may remove a file or folder while this looks at it
+                    if entry.is_dir(follow_symlinks=False):
+                        files = [f.stat(follow_symlinks=False) for f in os.scandir(entry.path) if f.is_file()]
+                        folders.append((entry.stat().st_mtime, sum(f.st_size for f in files), entry.path))
+                except OSError:
+                    continue
             folders.sort()
             total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
             for mtime, size, path in folders:
@@ -550,7 +555,7 @@ def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_b
         raise refuse(UPLOAD_REFUSED) from None
     finally:
         os.close(fd)
-    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))
+    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
 
 
 def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
@@ -994,7 +999,7 @@ class TextToImageApp:
 
     def build(self) -> gr.Blocks:
         """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
-        with gr.Blocks(title=self.title, delete_cache=(3600, KEEP_OUTPUTS_SECONDS)) as demo:
+        with gr.Blocks(title=self.title, delete_cache=(CACHE_SWEEP_SECONDS, KEEP_OUTPUTS_SECONDS)) as demo:
             self._header()
             widgets = self._inputs()
             with gr.Row(equal_height=True):
@@ -1125,7 +1130,7 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
             signal.signal(signum, lambda signum, frame: signals.append(signum))
     # quiet: Gradio's banner says to "set share=True in launch()"; here a link is asked for with --share.
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                                          show_error=True, max_file_size=max_file_size, css=PAGE_CSS, quiet=True,
+                                          show_error=False, max_file_size=max_file_size, css=PAGE_CSS, quiet=True,
                                           prevent_thread_lock=True, **launch_kwargs)
     logger.info("Running on %s%s", local_url, f" and on the public link {share_url}" if share_url else
                 " (no public link: it could not be made, see above)" if args.share else

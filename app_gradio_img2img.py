@@ -33,7 +33,7 @@ from typing import Sequence
 
 import gradio as gr
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import app_gradio as base
 from app_gradio import public_name, refuse, scrub_paths, within
@@ -59,6 +59,7 @@ CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "you
                    "none": "your own edge or depth map"}
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
 MAX_UPLOAD = base.MAX_UPLOAD_BYTES  # larger uploads are refused by the server before any decoding
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names (its JPEG reader also opens phones' MPO files)
 IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
 DEPTH_SECONDS = 120  # loading the depth model from disk, or estimating one depth map
 PREVIEW_MAX_SIDE = 1024  # the page's live condition map (shown 360 px high); the API's is full size
@@ -183,16 +184,19 @@ class ImageToImageApp(base.TextToImageApp):
     def _decode(data: bytes, name: str) -> Image.Image:
         label = f"Input image {name!r}"  # the user's file name: never a server path in a message
         try:
-            with Image.open(io.BytesIO(data)) as opened:  # the header only: the size is checked before decoding
+            # The header only (the size is checked before decoding), and only the formats the page accepts:
+            # the decoders of rare formats are more code for a stranger's file to reach.
+            Image.init()  # registers every plugin (WebP too): open() does that only for its default formats
+            with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
                 return load_image(opened, name=label)
         except Image.DecompressionBombError:
             raise refuse(f"{label} is far too large (at most {MAX_INPUT_PIXELS / 1e6:.0f} MP are accepted): "
                          "downscale it first.") from None
-        except (UnidentifiedImageError, OSError):
+        except ValueError as error:  # load_image's: no pixels or too many pixels
+            raise refuse(str(error)) from None
+        except Exception:  # noqa: BLE001 - whatever a decoder raises on a corrupt file gets the one message
             raise refuse(f"{label} is not a readable image file: upload a JPEG, PNG or WebP image (a file that "
                          "is empty, corrupt or has no pixels cannot be used).") from None
-        except ValueError as error:  # no pixels, too many pixels, or corrupt data
-            raise refuse(str(error)) from None
 
     @staticmethod
     def condition_type(value) -> str:

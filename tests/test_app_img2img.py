@@ -7,6 +7,7 @@ demo shares with it (queue, knob validation, cancel, previews, ZeroGPU) is teste
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -182,8 +183,22 @@ def huge_png() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
+def corrupt_qoi() -> bytes:
+    """A QOI header (a format Pillow reads) over data whose decoder raises IndexError."""
+    return (b"qoif" + struct.pack(">IIBB", 16, 16, 3, 0) + bytes([0xFE, 1, 2, 3]) + bytes([0x3F] * 40)
+            + bytes([0xFD] * 3) + b"\x00" * 7 + b"\x01")
+
+
+def small_bmp() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="BMP")
+    return buffer.getvalue()
+
+
 BAD_FILES = [
     ("corrupt.jpg", b"this is not an image" * 20, "not a readable image"),
+    ("corrupt.qoi", corrupt_qoi(), "not a readable image"),  # no decoder's own error reaches the visitor
+    ("image.bmp", small_bmp(), "not a readable image file: upload a JPEG, PNG or WebP"),  # other formats refused
     ("empty.png", b"", "not a readable image"),
     ("zero.png", zero_size_png(), "not a readable image"),
     ("truncated.jpg", open(PHOTO, "rb").read()[:3000], "could not be decoded"),
@@ -272,6 +287,16 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
                                                      canny_high=200), api_name="/condition_preview")
     assert opened(preview(client)).size == (1024, 512)  # and the next, normal requests are served
     assert opened(generate(client)[0][0]["image"]).size == (1024, 512)
+
+
+def test_an_uploads_name_from_the_client_is_cut_to_a_bound(tmp_path):
+    """The name comes from the client's payload and goes into every PNG's metadata: bounded."""
+    (tmp_path / "a.jpg").write_bytes(b"bytes")
+    data, name = text_app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "n" * 5000 + ".jpg"},
+                                      [str(tmp_path)])
+    assert data == b"bytes" and name == "n" * text_app.MAX_NAME_CHARS
+    assert text_app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "../../x/photo.jpg"},
+                                [str(tmp_path)])[1] == "photo.jpg"
 
 
 def uploaded(url: str, source: str = PHOTO) -> str:
