@@ -994,8 +994,17 @@ class TextToImageApp:
 
         The size is checked as /generate checks it, and every value returned is one /generate accepts.
         """
-        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
-        return preset(_size("Width", width, limit), _size("Height", height, limit), self.native_px)
+        return preset(*self.checked_size(width, height), self.native_px)
+
+    @property
+    def max_scale(self) -> int:
+        """The largest side a request may ask for, as a multiple of the native size (the sampler's)."""
+        return getattr(self.sampler, "max_scale", MAX_SCALE)
+
+    def checked_size(self, width, height) -> tuple[int, int]:
+        """(width, height) checked as /generate checks them: a gr.Error naming the field otherwise."""
+        limit = self.max_scale * self.native_px
+        return _size("Width", width, limit), _size("Height", height, limit)
 
     def build(self) -> gr.Blocks:
         """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
@@ -1008,9 +1017,8 @@ class TextToImageApp:
                 with gr.Column(scale=1, min_width=160):
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-            max_scale = getattr(self.sampler, "max_scale", MAX_SCALE)
-            widgets.update(knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True), max_scale=max_scale,
-                                        extra_advanced=self._advanced))
+            widgets.update(knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True),
+                                        max_scale=self.max_scale, extra_advanced=self._advanced))
             if self.plain_comparison:
                 widgets["compare_plain"] = gr.Checkbox(
                     label="Also generate the plain image (the model run directly at this size, same seed) for "
@@ -1018,7 +1026,7 @@ class TextToImageApp:
             widgets["look_inside"] = gr.Checkbox(
                 label="Look inside: also show how the method builds this image (the two halves of the score, step "
                       "by step, and the local windows). Adds a few seconds.", value=False, elem_id="look-inside")
-            wire_size_presets(widgets, self.native_px, max_scale)
+            wire_size_presets(widgets, self.native_px, self.max_scale)
             outputs = self._result_widgets(widgets)
             handler = on_gpu(self.generate, self.native_px, self.cost_factor)
             event = gr.on([run.click, widgets["prompt"].submit], handler,

@@ -37,7 +37,7 @@ from PIL import Image
 
 import app_gradio as base
 from app_gradio import public_name, refuse, scrub_paths, within
-from elastic_diffusion import MAX_SCALE, MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
+from elastic_diffusion import MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
 from elastic_diffusion_w_controlnet import (
     CONDITIONS,
     CONTROLNET_KNOBS,
@@ -218,10 +218,6 @@ class ImageToImageApp(base.TextToImageApp):
         return ControlRequest(image, name, condition, knobs["controlnet_conditioning_scale"], knobs["canny_low"],
                               knobs["canny_high"])
 
-    def _size(self, width, height) -> tuple[int, int]:
-        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
-        return base._size("Width", width, limit), base._size("Height", height, limit)
-
     # ------------------------------------------------------------------------------------------ handlers
 
     def stream(self, values: dict, progress, **run_kwargs):
@@ -263,7 +259,7 @@ class ImageToImageApp(base.TextToImageApp):
         """
         values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
         control = self.parse_control(values)
-        width, height = self._size(width, height)
+        width, height = self.checked_size(width, height)
         fitted = fit_image(control.image, width, height)  # the sampler's resize rule
         if control.condition == "canny":
             result = canny_condition(fitted, control.canny_low, control.canny_high).convert("L")
@@ -314,7 +310,7 @@ class ImageToImageApp(base.TextToImageApp):
         saying why), unchanged while a size is being typed."""
         if image in (None, "") or (isinstance(image, dict) and not image.get("path")):
             return None
-        limit = getattr(self.sampler, "max_scale", MAX_SCALE) * self.native_px
+        limit = self.max_scale * self.native_px
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit and v % 8 == 0
                    for v in (width, height)):
             return gr.skip()
