@@ -231,6 +231,9 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             _, self._controlnet_hook = accelerate.cpu_offload_with_hook(self.controlnet.to("cpu"), self.device)
         else:
             self.controlnet.to(self.device)
+        if not callable(self.depth_model):  # made again on first use, on the device this mode wants
+            with self._depth_lock:
+                self._depth_estimator = None
 
     def offload_controlnet(self) -> None:
         """Low-VRAM mode: move the ControlNet back to the CPU."""

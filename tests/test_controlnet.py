@@ -282,9 +282,13 @@ def test_low_vram_and_from_pipe(sd1, tiny_depth_model):
         assert images[0].size == (512, 256) and info["controlnet_samples"] == info["unet_samples"]
         depth = np.array(info["condition_image"])
         assert depth.shape == (256, 512, 3) and (depth[..., 0] == depth[..., 2]).all()
+        estimator = pipe.depth_estimator()
+        assert estimator.device.type == "cpu"  # low VRAM: the depth model stays off the GPU
     finally:
         pipe.set_low_vram(False)
     assert pipe._controlnet_hook is None and not hasattr(sd1.controlnet, "_hf_hook")
+    # The estimator was made for the other mode: it is made again, on the device this one wants.
+    assert pipe.depth_estimator() is not estimator and pipe.depth_estimator().device == pipe.device
 
 
 def test_low_vram_sets_the_memory_mode_once_without_moving_the_pipeline(tiny_sd1_path, sd1_controlnet, monkeypatch):
