@@ -421,8 +421,7 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
         knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
     # The sampler's own rules (its ranges, the size for this model), before the request waits for the GPU.
     settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
-    _checked(sampler.check_inputs, [request.prompt], [request.negative_prompt], request.height, request.width,
-             settings, None, 1)
+    _checked(sampler.check_inputs, request.height, request.width, settings, None, 1)
     return request
 
 

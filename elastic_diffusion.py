@@ -1303,9 +1303,9 @@ class ElasticDiffusion:
 
     # --------------------------------------------------------------------------------------- inputs
 
-    def check_inputs(self, prompts: list[str], negative_prompts: list[str], height, width, s: dict,
-                     latents: torch.Tensor | None, batch: int) -> None:
-        """Validate everything before any work; ValueError naming the argument and the rule."""
+    def check_inputs(self, height, width, s: dict, latents: torch.Tensor | None, batch: int) -> None:
+        """Validate the size, the settings and `latents` before any work (the prompts: `_prompt_lists`); a
+        ValueError naming the argument and the rule."""
         check_size(height, width, self.native_px, self.vae_scale_factor, self.max_scale)
         check_settings(s, self.native_latent)
         if latents is not None:
@@ -1364,7 +1364,7 @@ class ElasticDiffusion:
         width = 2 * self.native_px if width is None else width
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
         s = self.resolve_settings(width, height, **apply_drop_p(knobs, drop_p))
-        self.check_inputs(prompts, negatives, height, width, s, latents, len(prompts))
+        self.check_inputs(height, width, s, latents, len(prompts))
         view_batch_size = knob("view_batch_size").check(
             self.view_batch_size if view_batch_size is None else view_batch_size, self.native_latent)
         if seed is not None and generator is not None:

@@ -355,7 +355,7 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     height = 2 * sampler.native_px if height is None else height
     width = 2 * sampler.native_px if width is None else width
     settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
-    sampler.check_inputs([prompt], [negative_prompt], height, width, settings, None, 1)
+    sampler.check_inputs(height, width, settings, None, 1)
     steps = parse_steps_to_keep(steps_to_keep, settings["num_inference_steps"])
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)

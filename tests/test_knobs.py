@@ -82,12 +82,12 @@ def test_check_inputs_follows_the_table(xl):
     for row in ed.method_knobs():
         values = list(row.choices) if row.choices else [True, False] if row.type is bool else _inside(row, D)
         for value in values:
-            xl.check_inputs(["p"], [""], 512, 1024, dict(settings, **{row.name: value}), None, 1)
+            xl.check_inputs(512, 1024, dict(settings, **{row.name: value}), None, 1)
         bad = ["x", None] + ([2.5] if row.type is int else []) + ([max(row.choices) + 1] if row.choices else [])
         bad += [] if row.type is bool or row.choices else _outside(row, D)
         for value in bad:
             with pytest.raises(ValueError, match=row.name):
-                xl.check_inputs(["p"], [""], 512, 1024, dict(settings, **{row.name: value}), None, 1)
+                xl.check_inputs(512, 1024, dict(settings, **{row.name: value}), None, 1)
     for value in _outside(ed.knob("view_batch_size"), D) + [2.5]:
         with pytest.raises(ValueError, match="view_batch_size"):
             xl("p", height=512, width=1024, view_batch_size=value, **QUIET)
