@@ -30,6 +30,7 @@ except ImportError:
     spaces = None
 
 import argparse
+import asyncio
 import atexit
 import concurrent.futures
 import contextvars
@@ -50,7 +51,9 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
+import starlette.middleware
 import torch
+from starlette.responses import PlainTextResponse
 
 import elastic_diffusion as ed
 import pca_diffusion_scores as pca
@@ -98,6 +101,8 @@ CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing
 MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
+MAX_UPLOADS_MB = 1024  # all uploads together; beyond it the oldest go first (--max-uploads-mb)
+MULTIPART_OVERHEAD = 64 * 2 ** 10  # what an upload request adds to its one file (boundaries, headers)
 READ_SECONDS = 10  # reading one uploaded file
 DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
 UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
@@ -176,6 +181,8 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
     p.add_argument("--max-output-mb", type=int, default=MAX_OUTPUT_MB,
                    help="most megabytes of results and previews kept on disk; the oldest go first")
+    p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
+                   help="most megabytes of uploaded images kept on disk (apps that take one); the oldest go first")
     p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
                    help="show a preview of the image every N steps (0: no previews)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -1108,6 +1115,55 @@ def configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO)
 
 
+def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
+    """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
+    `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
+    uploads = []
+    for entry in os.scandir(folder):
+        try:  # Gradio's cache sweep may remove a folder while this looks at it
+            if entry.name not in keep and entry.is_dir(follow_symlinks=False):
+                size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path)
+                           if f.is_file(follow_symlinks=False))
+                uploads.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
+        except OSError:
+            continue
+    uploads.sort()
+    total = sum(size for _, size, _ in uploads)
+    for _, size, path in uploads:
+        if total <= max_bytes:
+            break
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+
+
+class UploadLimits:
+    """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
+    (a larger or unsized body is refused before it is read: HTTP 413), and after each upload the oldest
+    uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a request
+    may hold many files; its cache sweep removes uploads by age only."""
+
+    def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
+        self.app, self.folder, self.keep = app, folder, keep
+        self.max_body, self.max_bytes = max_file_size + MULTIPART_OVERHEAD, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit() or int(length) > self.max_body:
+            limit = self.max_body - MULTIPART_OVERHEAD
+            size = f"{limit / 2 ** 20:.0f} MB" if limit >= 2 ** 20 else f"{limit // 2 ** 10} KB"
+            return await PlainTextResponse(f"Upload one file of at most {size}.", status_code=413)(
+                scope, receive, send)
+
+        async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
+            if message["type"] == "http.response.start":
+                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
+            await send(message)
+
+        await self.app(scope, receive, send_when_pruned)
+
+
 def private_storage(max_output_mb: int) -> OutputFolders:
     """A folder of this process for Gradio's uploads and cache and the app's outputs, removed on exit.
 
@@ -1131,6 +1187,13 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
     no file.
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    max_uploads_mb = getattr(args, "max_uploads_mb", MAX_UPLOADS_MB)
+    if max_file_size and outputs is not None:  # the page's own files, made while it was built, are never pruned
+        folder = os.path.dirname(outputs.root)
+        keep = set(os.listdir(folder))
+        middleware = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=keep,
+                                                     max_file_size=max_file_size, max_bytes=max_uploads_mb * 2 ** 20)
+        launch_kwargs["app_kwargs"] = {"middleware": [middleware]}
     signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1147,7 +1210,8 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
         logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
                     "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
                     outputs.keep_seconds // 60, free / 2 ** 30,
-                    f"at most {max_file_size / 2 ** 20:.0f} MB each, kept "
+                    f"at most {max_file_size / 2 ** 20:.0f} MB each and "
+                    f"{max_uploads_mb} MB in all, each kept "
                     f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
     try:
         while not signals and demo.is_running:

@@ -262,3 +262,31 @@ def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url
     browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
     wait.until(lambda d: slider_value(d, "resampling_steps") == "7")  # the size presets work here too
     assert slider_value(browser, "canny_low") == "100" and slider_value(browser, "canny_high") == "200"
+
+
+def test_the_command_line_img2img_app_takes_an_upload_from_the_page(browser, tmp_path):
+    """The app as its command line serves it (upload limits in front of Gradio's upload route), without a
+    model: the page's own upload goes through and its Canny preview appears."""
+    import subprocess
+    import sys
+
+    from elastic_diffusion_w_controlnet import DEFAULT_INPUT
+    from test_app import wait_for_config
+
+    port, repo = free_port(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, os.path.join(repo, "app_gradio_img2img.py"), "--model", "/no/model",
+                                "--port", str(port)], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_config(process, port)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        upload.send_keys(DEFAULT_INPUT)
+        assert wait.until(lambda d: loaded_size(d, "#condition-preview")) == (1024, 1024)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "MB in all" in output  # the upload limits were set up
+

@@ -15,6 +15,7 @@ import signal
 import struct
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zlib
 
@@ -297,6 +298,59 @@ def test_an_uploads_name_from_the_client_is_cut_to_a_bound(tmp_path):
     assert data == b"bytes" and name == "n" * text_app.MAX_NAME_CHARS
     assert text_app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "../../x/photo.jpg"},
                                 [str(tmp_path)])[1] == "photo.jpg"
+
+
+def test_uploads_come_one_bounded_file_a_request_and_are_bounded_in_all(tmp_path, monkeypatch):
+    """As `serve` runs the app (the command line's path): Gradio limits each file, but a request may carry
+    many, and its sweep removes uploads by age only; the app refuses a request body larger than one file and
+    keeps all uploads under --max-uploads-mb, the oldest going first, the page's own files staying."""
+    import http.client
+    import threading
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # private_storage makes its folder there
+    sigterm = signal.getsignal(signal.SIGTERM)
+    outputs = text_app.private_storage(64)
+    folder = os.path.dirname(outputs.root)
+    port = free_port()
+    args = app.build_parser().parse_args(["--model", "/no/model", "--port", str(port), "--max-uploads-mb", "1"])
+    demo = app.ImageToImageApp(None, "no model", outputs=outputs).build()
+    own = set(os.listdir(folder))  # what building the page stored (the example's image)
+    server = threading.Thread(target=text_app.serve, args=(demo, args, outputs),
+                              kwargs=dict(max_file_size=600 * 2 ** 10), daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while not demo.is_running or not getattr(demo, "local_url", None):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        paths = []
+        for n in range(3):  # 400 KB each, different bytes: three folders of Gradio's cache
+            source = tmp_path / f"upload{n}.jpg"
+            source.write_bytes(bytes([n]) * 400 * 2 ** 10)
+            paths.append(uploaded(url, str(source)))
+        assert not os.path.exists(paths[0]) and os.path.exists(paths[1]) and os.path.exists(paths[2])
+        uploads = [e.path for e in os.scandir(folder) if e.name not in own and e.path != outputs.root]
+        assert sum(os.path.getsize(os.path.join(d, f)) for d in uploads for f in os.listdir(d)) <= 2 ** 20
+        assert own <= set(os.listdir(folder))  # the page's own files stay
+        big = tmp_path / "big.jpg"
+        big.write_bytes(b"x" * 700 * 2 ** 10)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            uploaded(url, str(big))
+        assert refused.value.code == 413 and refused.value.read() == b"Upload one file of at most 600 KB."
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # no Content-Length: chunked
+        connection.putrequest("POST", "/gradio_api/upload")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+        connection.endheaders()
+        connection.send(b"5\r\nhello\r\n0\r\n\r\n")
+        assert connection.getresponse().status == 413
+        connection.close()
+    finally:
+        demo.close()
+        server.join(30)
+        signal.signal(signal.SIGTERM, sigterm)
+    assert not server.is_alive() and not os.path.exists(outputs.root)
 
 
 def uploaded(url: str, source: str = PHOTO) -> str:
