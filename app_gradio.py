@@ -458,6 +458,20 @@ class RequestFolder:
             self.outputs.release(self.path)
 
 
+def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
+    """(mtime, bytes of its files, path) of each folder in `root`, oldest first: what the prunes remove from."""
+    folders = []
+    for entry in os.scandir(root):
+        try:  # Gradio's cache sweep may remove a file or folder while this looks at it
+            if entry.is_dir(follow_symlinks=False):
+                size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path)
+                           if f.is_file(follow_symlinks=False))
+                folders.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
+        except OSError:
+            continue
+    return sorted(folders)
+
+
 class OutputFolders:
     """Everything the app writes: a private folder per request under one root, bounded on disk.
 
@@ -498,15 +512,7 @@ class OutputFolders:
         """Remove folders past their age, then the oldest until the total fits `max_bytes`; never `keep` or a
         folder whose request is still running."""
         with self._lock:
-            folders = []
-            for entry in os.scandir(self.root):
-                try:  # Gradio's cache sweep may remove a file or folder while this looks at it
-                    if entry.is_dir(follow_symlinks=False):
-                        files = [f.stat(follow_symlinks=False) for f in os.scandir(entry.path) if f.is_file()]
-                        folders.append((entry.stat().st_mtime, sum(f.st_size for f in files), entry.path))
-                except OSError:
-                    continue
-            folders.sort()
+            folders = subfolder_sizes(self.root)
             total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
             for mtime, size, path in folders:
                 if path != keep and path not in self._active and (mtime < cutoff or total > self.max_bytes):
@@ -1118,16 +1124,7 @@ def configure_logging(verbose: bool) -> None:
 def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
     """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
     `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
-    uploads = []
-    for entry in os.scandir(folder):
-        try:  # Gradio's cache sweep may remove a folder while this looks at it
-            if entry.name not in keep and entry.is_dir(follow_symlinks=False):
-                size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path)
-                           if f.is_file(follow_symlinks=False))
-                uploads.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
-        except OSError:
-            continue
-    uploads.sort()
+    uploads = [u for u in subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
     total = sum(size for _, size, _ in uploads)
     for _, size, path in uploads:
         if total <= max_bytes:
