@@ -118,7 +118,10 @@ PAGE_CSS = """
 #gallery .grid-container { grid-template-rows: none; grid-auto-rows: auto; align-items: start; }
 #gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; justify-content: center; }
 #gallery .thumbnail-lg > img { width: auto; height: auto; max-width: 100%; max-height: 80vh; }
-"""  # Gradio's gallery draws square cells in a box of 55 % of the window: show each image whole instead
+#seed-value { display: none !important; }
+.toast-wrap { top: auto !important; bottom: var(--size-4); }
+"""  # Gradio's gallery draws square cells in a box of 55 % of the window: show each image whole instead. The seed
+# output is shown by a text box (`_result_widgets`); messages go to the bottom, off the Generate button.
 
 OUT_OF_MEMORY_ADVICE = (
     f"Out of GPU memory. Open Advanced options and try, in this order: a lower {ed.knob('view_batch_size').label} "
@@ -611,8 +614,6 @@ class LookInside:
 
 NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
 KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
-# An example's result clears the view with updates: Gradio's example cache cannot read back an empty image.
-CLEAR_LOOK_INSIDE = (gr.update(value=None),) * 3 + ("",)
 
 
 @dataclasses.dataclass
@@ -986,9 +987,10 @@ class TextToImageApp:
 
     def generate_example(self, *row, progress=gr.Progress()):
         """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
-        R, ρ and λ0, its seed, every other control at the preset for its size; no look-inside view."""
+        R, ρ and λ0, its seed, every other control at the preset for its size; gallery, seed and summary only
+        (no look-inside view: Gradio's example cache cannot store an empty image nor replay an update to one)."""
         for outputs in self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress):
-            yield (*outputs[:3], *CLEAR_LOOK_INSIDE) if tuple(outputs[3:]) == NO_LOOK_INSIDE else outputs
+            yield outputs[:3]
 
     def stream(self, values: dict, progress, **run_kwargs):
         """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
@@ -1045,7 +1047,7 @@ class TextToImageApp:
                           inputs_kwargs={name: widgets[name] for name in self.api_inputs()}, outputs=outputs,
                           api_name="generate", show_progress_on=outputs[2], concurrency_id="gpu",
                           preprocess=False)  # raw values: parse_request checks them
-            cancel.click(lambda: "Cancelled: the GPU is freed after the current step.", outputs=outputs[2],
+            cancel.click(lambda: "Cancelled: the run stops after the current step.", outputs=outputs[2],
                          cancels=[event], queue=False, api_visibility="private")
             self._more_events(widgets, outputs)
             gr.api(self.recommended, api_name="recommended_settings")
@@ -1065,10 +1067,13 @@ class TextToImageApp:
         """The examples, lazily cached, each filling only the fields it sets."""
         fn = on_gpu(self.generate_example, self.native_px, self.cost_factor, names=self.example_inputs)
         self.examples = gr.Examples(
-            self.example_rows, inputs=[widgets[name] for name in self.example_inputs], outputs=outputs,
+            self.example_rows, inputs=[widgets[name] for name in self.example_inputs], outputs=outputs[:3],
             fn=fn if self.sampler else None, cache_examples=self.sampler is not None, cache_mode="lazy",
             example_labels=self.example_labels, label=self.examples_title, examples_per_page=len(self.example_rows),
             preprocess=False)  # raw values, as /generate gets them
+        # The example shows no look-inside view: a previous run's pictures must not stay beside its image.
+        self.examples.dataset.click(lambda: NO_LOOK_INSIDE, outputs=outputs[3:], queue=False, show_progress="hidden",
+                                    api_visibility="private")
 
     def model_note(self) -> str:
         """The header's sentence about the loaded model(s)."""
@@ -1088,14 +1093,15 @@ class TextToImageApp:
         gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
                              object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
         with gr.Row(equal_height=True):
-            # /generate's seed output; Gradio's page would show an empty Number as 0, so a text box shows it.
-            seed_used = gr.Number(label="Seed used", precision=0, visible="hidden")
+            # /generate's seed output, not displayed (PAGE_CSS): Gradio's page would show an empty Number as 0, so a
+            # text box shows it. It starts at -1, no seed, so that a first result with seed 0 is a change too.
+            seed_used = gr.Number(-1, label="Seed used", precision=0, elem_id="seed-value")
             seed_shown = gr.Textbox(label="Seed used", interactive=False, placeholder="after a run", max_lines=1,
                                     scale=0, min_width=180, elem_id="seed-used")
             reuse_seed = gr.Button("Reuse this seed", size="sm", scale=0, min_width=140)
             summary = gr.Markdown(label="Summary", elem_id="summary", min_height=90)
-        seed_used.change(lambda seed: "" if seed is None else str(int(seed)), inputs=seed_used, outputs=seed_shown,
-                         queue=False, show_progress="hidden", api_visibility="private")
+        seed_used.change(lambda seed: "" if seed is None or seed < 0 else str(int(seed)), inputs=seed_used,
+                         outputs=seed_shown, queue=False, show_progress="hidden", api_visibility="private")
         reuse_seed.click(lambda seed: (int(seed), False) if seed else (gr.skip(), gr.skip()), inputs=seed_shown,
                          outputs=[widgets["seed"], widgets["randomize_seed"]], queue=False, api_visibility="private")
         with gr.Column(visible=False, elem_id="look-inside-view") as view:

@@ -209,7 +209,7 @@ KNOBS = (
          minimum=0, demo_range=(0, 40), preset="0 at or below the native size, 7 above it, 10 from 2.5x the "
          "native area"),
     Knob("new_p", float, 0.3, "fraction of reference pixels drawn from new positions in each resampling pass "
-         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Percentage of newly sampled pixels (ρ)", "ρ",
+         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Fraction of newly sampled pixels (ρ)", "ρ",
          minimum=0, maximum=1, open_minimum=True, demo_range=(0.05, 1), step=0.05),
     Knob("rrg_init_weight", float, PRESET, "reduced-resolution guidance weight at the first step: higher removes "
          "artefacts such as repeated objects but blurs, too high lets the padding colours bleed in",

@@ -233,18 +233,80 @@ def test_look_inside_shows_the_sheet_the_animation_and_the_windows(app_url, brow
     assert "look inside: pictures drawn in" in browser.find_element(By.CSS_SELECTOR, "#summary").text
 
 
+def click_example(driver, wait, label_start: str) -> None:
+    """Click the example whose button label starts with `label_start`, as a visitor does."""
+    buttons = wait.until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button")
+                                    if b.text.startswith(label_start)])
+    assert len(buttons) == 1, [b.text for b in buttons]
+    buttons[0].click()
+
+
+def error_toasts(driver) -> list[str]:
+    return [toast.text for toast in driver.find_elements(By.CSS_SELECTOR, ".toast-body")]
+
+
+def shortened(monkeypatch, sampler, **knobs) -> None:
+    """The sampler runs each request with `knobs` in place of the asked ones (a preset's 50 steps take long here)."""
+    real = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: real(*args, **{**kwargs, **knobs}))
+
+
+def test_a_visitors_first_click_on_a_preset_shows_its_image(app_url, browser, sampler, monkeypatch):
+    shortened(monkeypatch, sampler, num_inference_steps=2)
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    click_example(browser, wait, "2048×512 (4:1)")
+    (image,) = wait.until(lambda d: error_toasts(d) or finished_images(d))  # an error toast fails here
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [2048, 512]
+    assert error_toasts(browser) == []
+    assert browser.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value").startswith("A front view")
+    assert browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == "0"  # the preset's
+    assert "2048×512" in browser.find_element(By.CSS_SELECTOR, "#summary").text
+
+
+def test_an_error_message_leaves_the_generate_button_free(app_url, browser):
+    browser.get(app_url)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a lake")
+    set_number(browser, "#width input", 1001)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    (toast,) = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
+    assert "Width" in toast.text
+    button = browser.find_element(By.CSS_SELECTOR, "#generate").rect
+    box = toast.rect
+    assert box["y"] > button["y"] + button["height"]  # below the button, not over it
+
+
 @pytest.fixture(scope="module")
-def img2img_url(tiny_sdxl_path, tmp_path_factory):
-    import app_gradio_img2img as img2img
+def img2img_sampler(tiny_sdxl_path, tmp_path_factory):
     from elastic_diffusion_w_controlnet import ElasticDiffusionControlNet
     from tiny_models import save_tiny_controlnet
 
-    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
     controlnet = save_tiny_controlnet(tiny_sdxl_path, tmp_path_factory.mktemp("controlnet-canny"))
-    sampler = ElasticDiffusionControlNet(sd_version=tiny_sdxl_path, controlnet_model=controlnet)
-    demo = img2img.ImageToImageApp(sampler, preview_every=10).build()
+    return ElasticDiffusionControlNet(sd_version=tiny_sdxl_path, controlnet_model=controlnet)
+
+
+@pytest.fixture(scope="module")
+def img2img_url(img2img_sampler, tmp_path_factory):
+    import app_gradio_img2img as img2img
+
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
+    demo = img2img.ImageToImageApp(img2img_sampler, preview_every=10).build()
     yield launched(demo)
     demo.close()
+
+
+def test_a_visitors_first_click_on_the_image_demos_example_shows_its_images(img2img_url, browser, img2img_sampler,
+                                                                            monkeypatch):
+    shortened(monkeypatch, img2img_sampler, num_inference_steps=2, resampling_steps=0)
+    browser.get(img2img_url)
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2)
+    click_example(browser, wait, "1536×1536, canny edges")
+    images = wait.until(lambda d: error_toasts(d) or finished_images(d))
+    assert error_toasts(browser) == []
+    assert [browser.execute_script("return arguments[0].naturalWidth", img) for img in images] == [1536, 1536]
+    assert browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == "0"
 
 
 def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url, browser):
