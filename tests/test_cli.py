@@ -66,6 +66,56 @@ def test_cli_bad_size_exits_cleanly_without_writing(tiny_sdxl_path, tmp_path, ca
     assert not out.exists()
 
 
+MISSING = "/nonexistent/model/folder"  # its native size is unknown before loading: the rules that need it wait
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sd_version", MISSING, "--width", "1001"],
+     "width must be a multiple of 8 (the VAE works on 8x8 pixel blocks): try 1000 or 1008 instead of 1001"),
+    (["--sd_version", MISSING, "--height", "120"],
+     "height must be at least 128 pixels (a smaller image would be mostly padding); got 120"),
+    (["--sd_version", MISSING, "--patch_size", "0"], "--patch_size must be >= 1; got 0"),
+    (["--sd_version", "XL1.0", "--width", "4096"], "width must be between 128 and 2048 pixels for this model (at "
+     "most 2x its native 1024 px per side); larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4"),
+    (["--sd_version", "XL1.0", "--width", "4096", "--max_scale", "3"], "between 128 and 3072 pixels for this model "
+     "(at most 3x its native 1024 px per side); got 4096"),
+    (["--sd_version", "1.5", "--height", "1536"], "height must be between 128 and 1024 pixels for this model (at "
+     "most 2x its native 512 px per side); larger sizes are experimental: set max_scale"),
+    (["--sd_version", "tiny", "--width", "4096"],  # the native size read from the folder's configs
+     "width must be between 128 and 2048 pixels for this model (at most 2x its native 1024 px per side); larger"),
+    (["--sd_version", "XL1.0", "--new_p", "0"], "--new_p must be in (0, 1]; got 0"),
+    (["--sd_version", "XL1.0", "--patch_size", "200"], "--patch_size must be between 1 and 128; got 200"),
+    (["--sd_version", "XL1.0", "--steps", "0"], "--num_inference_steps must be between 1 and 1000; got 0"),
+    (["--sd_version", "XL1.0", "--drop_p", "0.5", "--new_p", "0.3"], "drop_p=0.5 and new_p=0.3 disagree"),
+    (["--sd_version", "XL1.0", "--num_images", "0"], "--num_images must be >= 1; got 0"),
+])
+def test_bad_sizes_and_knobs_are_refused_before_the_model_loads(argv, message, tiny_sdxl_path, monkeypatch, capsys):
+    """Loading takes seconds on a tiny model and minutes on SDXL: what needs no model is checked first, by the
+    sampler's own rules, each with the hint that fits (too small: the minimum; too large: max_scale)."""
+    def load(**kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ed, "ElasticDiffusion", load)
+    argv = [tiny_sdxl_path if arg == "tiny" else arg for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        ed.main(argv + ["--outdir", os.devnull])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert ("max_scale" in err) == ("larger" in message)  # the hint fits the error
+
+
+def test_controlnet_cli_reads_its_image_before_the_models_load(monkeypatch, capsys):
+    import elastic_diffusion_w_controlnet as edc
+
+    def load(**kwargs):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(edc, "ElasticDiffusionControlNet", load)
+    with pytest.raises(SystemExit) as exit_info:
+        edc.main(["--condition_image", "/nonexistent/input.png"])
+    assert exit_info.value.code == 2 and "condition_image" in capsys.readouterr().err
+
+
 def test_cli_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ed.main(["--sd_version", "9.9"])
