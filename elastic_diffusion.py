@@ -697,6 +697,9 @@ def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype,
         return load(source, variant=None if half else "fp16", **kwargs)
 
 
+# The offline try-out (tests/tiny_models.py): named by the errors a user without a model meets.
+TINY_MODEL_HINT = ("To try the project without the hub: `make tiny-model` writes a tiny random-weight model (its "
+                   "pictures are noise) to the folder tiny-model; then pass `--model tiny-model`")
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
 _HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
 
@@ -787,7 +790,8 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         if offline:
             raise ValueError(f"sd_version {sd_version!r} ({source}) is not in the local Hugging Face cache and the "
                              f"hub cannot be used ({offline}). Pass a local diffusers folder or a .safetensors file, "
-                             f"or download the model once where there is network (`hf download {source}`)") from None
+                             f"or download the model once where there is network (`hf download {source}`).\n"
+                             f"{TINY_MODEL_HINT}") from None
         hint = "" if allow_pickle else "; a model without .safetensors weights needs allow_pickle=True"
         raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
                          "(gated models need `hf auth login`), or pass a local diffusers folder or a "

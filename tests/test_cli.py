@@ -1,12 +1,16 @@
 """The command line: documented knobs, booleans that behave, PNG metadata that reproduces an image."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 from PIL import Image
 
 import elastic_diffusion as ed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_documents_every_knob(capsys):
@@ -138,6 +142,7 @@ def test_without_network_the_cli_says_so_once_and_quickly(monkeypatch, capsys, c
     err = capsys.readouterr().err + caplog.text
     assert err.count("hub cannot be used (no network: 127.0.0.1 cannot be reached") == 1
     assert "not in the local Hugging Face cache" in err and "Retrying" not in err and "model_index.json" not in err
+    assert ed.TINY_MODEL_HINT in err and "`make tiny-model`" in ed.TINY_MODEL_HINT  # how to try it without the hub
     assert constants.HF_HUB_OFFLINE  # the rest of the process reads the cache instead of retrying
 
     with pytest.raises(SystemExit):  # already offline (HF_HUB_OFFLINE): said as such, without probing again
@@ -147,3 +152,22 @@ def test_without_network_the_cli_says_so_once_and_quickly(monkeypatch, capsys, c
     with pytest.raises(SystemExit):
         ed.main(["--sd_version", "nobody/no-such-model"])
     assert "hub cannot be used (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+
+
+def test_tiny_model_command_writes_a_model_to_try_everything_offline(tmp_path):
+    """`make tiny-model` (`python tests/tiny_models.py FOLDER`): a model the command line and the ControlNet take."""
+    import elastic_diffusion_w_controlnet as edc
+
+    folder = os.fspath(tmp_path / "tiny-model")
+    done = subprocess.run([sys.executable, os.path.join("tests", "tiny_models.py"), folder], cwd=REPO,
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr
+    assert "Its pictures are noise" in done.stdout and f'make run ARGS="--model {folder}' in done.stdout
+    out = tmp_path / "out"
+    common = ["--model", folder, "--width", "256", "--height", "128", "--steps", "1", "--device", "cpu",
+              "--outdir", os.fspath(out)]
+    (path,) = ed.main(common)
+    assert Image.open(path).size == (256, 128)
+    paths = edc.main(common + ["--controlnet_model", os.path.join(folder, "controlnet"), "--condition", "depth",
+                               "--depth_model", os.path.join(folder, "depth")])
+    assert Image.open(paths[-1]).size == (256, 128) and paths[-1].endswith("_condition.png")
