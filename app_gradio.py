@@ -134,7 +134,8 @@ def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") ->
     return (f"**No model is loaded.** `{public_name(model)}` could not be loaded: {scrub_paths(reason)}\n\n"
             "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
             f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
-            "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`.")
+            "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
+            f"{ed.TINY_MODEL_HINT}.")
 
 
 def public_name(model) -> str:

@@ -610,10 +610,7 @@ def command_line_defaults(args: argparse.Namespace, native: Native) -> tuple[dic
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
                          f"same images); got {args.seed}")
-    knobs = ed.apply_drop_p({row.name: getattr(args, row.name) for row in ed.method_knobs()}, args.drop_p)
-    for name, value in knobs.items():
-        if value is not None:
-            ed.knob(name).check(value, native.latent, subject=f"--{name}")
+    knobs = ed.knob_flags(args, native.latent)
     defaults = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
                     num_images=args.num_images)
     return defaults, knobs

@@ -294,22 +294,39 @@ def apply_drop_p(knobs: dict, drop_p: float | None) -> dict:
     return dict(knobs, new_p=round(1 - drop_p, 12))  # 1 - 0.7 is 0.30000000000000004 in floats
 
 
-def check_size(height, width, native_px: int, vae_scale_factor: int = 8, max_scale: int = MAX_SCALE) -> None:
+def check_size(height, width, native_px: int | None, vae_scale_factor: int = 8, max_scale: int = MAX_SCALE) -> None:
     """ValueError unless height and width are whole multiples of the VAE factor between MIN_SIDE_PX and
-    max_scale x the native size; the message names the side and the rule. Needs no model: a prompts file
-    is checked with it before one is loaded (batch.py)."""
+    max_scale x the native size; the message names the side, the rule and what to do instead. Needs no
+    model: a prompts file (batch.py) and the command line are checked with it before one is loaded, and
+    `native_px` None (not known before loading) leaves the largest side to the check after loading."""
+    limit = None if native_px is None else max_scale * native_px
+    f = vae_scale_factor
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer number of pixels; got {value!r}")
-        f = vae_scale_factor
-        if value % f:
-            raise ValueError(f"{name} must be a multiple of {f} (the VAE works on {f}x{f} pixel blocks); got {value}")
-        limit = max_scale * native_px
-        if not MIN_SIDE_PX <= value <= limit:
+        if value < MIN_SIDE_PX:
+            raise ValueError(f"{name} must be at least {MIN_SIDE_PX} pixels (a smaller image would be mostly "
+                             f"padding); got {value}")
+        if limit is not None and value > limit:
             hint = ("; larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4 to allow them"
                     if max_scale == MAX_SCALE else "")
             raise ValueError(f"{name} must be between {MIN_SIDE_PX} and {limit} pixels for this model "
                              f"(at most {max_scale}x its native {native_px} px per side){hint}; got {value}")
+        if value % f:
+            lower = value - value % f
+            raise ValueError(f"{name} must be a multiple of {f} (the VAE works on {f}x{f} pixel blocks): "
+                             f"try {lower} or {lower + f} instead of {value}")
+
+
+def knob_flags(args, native_latent: int | None) -> dict:
+    """The method knobs of a command line's `args` (None: the preset), --drop_p folded into new_p, each one
+    given checked against its row of KNOBS; ValueError naming its flag. `native_latent` None (not known
+    before loading) leaves a bound that needs it (patch_size's) to the check after loading."""
+    knobs = apply_drop_p({row.name: getattr(args, row.name) for row in method_knobs()}, args.drop_p)
+    for name, value in knobs.items():
+        if value is not None:
+            knob(name).check(value, native_latent, subject=f"--{name}")
+    return knobs
 
 
 def check_settings(settings: dict, native_latent: int) -> None:
@@ -680,6 +697,9 @@ def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype,
         return load(source, variant=None if half else "fp16", **kwargs)
 
 
+# The offline try-out (tests/tiny_models.py): named by the errors a user without a model meets.
+TINY_MODEL_HINT = ("To try the project without the hub: `make tiny-model` writes a tiny random-weight model (its "
+                   "pictures are noise) to the folder tiny-model; then pass `--model tiny-model`")
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
 _HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
 
@@ -770,7 +790,8 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         if offline:
             raise ValueError(f"sd_version {sd_version!r} ({source}) is not in the local Hugging Face cache and the "
                              f"hub cannot be used ({offline}). Pass a local diffusers folder or a .safetensors file, "
-                             f"or download the model once where there is network (`hf download {source}`)") from None
+                             f"or download the model once where there is network (`hf download {source}`).\n"
+                             f"{TINY_MODEL_HINT}") from None
         hint = "" if allow_pickle else "; a model without .safetensors weights needs allow_pickle=True"
         raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
                          "(gated models need `hf auth login`), or pass a local diffusers folder or a "
@@ -1761,23 +1782,34 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     With --prompts_file the job runs in batch.py, where `line_keys` (a `batch.LineKeys`) lets each line
     set the `call_kwargs`. Bad input ends as a usage error (exit 2) before anything is written.
     """
+    import batch
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.prompts_file is not None:
-        import batch
-
         return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs, line_keys)
     for flag in ("resume", "dry_run", "native_px"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag} goes with --prompts_file")
-    knobs = {k.name: getattr(args, k.name) for k in method_knobs()}
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     stem = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}")
     try:
+        # What can be checked without the model is checked before loading it (seconds to minutes): the
+        # sampler's own rules, with the native size from the model's configs where they can be read.
+        try:  # a single file's native size would be a guess (batch.native_size): it waits for the model
+            native = None if os.path.isfile(os.path.expanduser(args.sd_version)) else batch.native_size(args.sd_version)
+        except ValueError:
+            native = None
+        px, factor = (native.px, native.vae_scale_factor) if native else (None, 8)
+        check_size(args.height, args.width, px, factor, args.max_scale)
+        knobs = knob_flags(args, native.latent if native else None)
+        check_number("--num_images", args.num_images, 1, integer=True)
+        if line_keys is not None:
+            line_keys.check(call_kwargs or {}, True)
         pipe = make_sampler()
         pipe.max_scale = args.max_scale
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
                                         height=args.height, width=args.width, seed=seed,
-                                        num_images_per_prompt=args.num_images, drop_p=args.drop_p, **knobs,
+                                        num_images_per_prompt=args.num_images, **knobs,
                                         **(call_kwargs or {}))
     except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
         parser.exit(2, f"{parser.prog}: error: {error}\n")

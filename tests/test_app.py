@@ -458,6 +458,7 @@ def test_without_a_model_the_app_starts_and_explains():
     sampler, message = app.load_sampler(args)
     assert sampler is None and "--model /path/to/diffusers/folder" in message and "`folder`" in message
     assert "/nonexistent" not in message  # the advice names the folder, not the server's path to it
+    assert "`make tiny-model`" in message  # the way to try the demo without the hub
     with served(app.TextToImageApp(None, message)) as (demo, url):
         page = urllib.request.urlopen(url + "config").read().decode()
         assert "--model /path/to/diffusers/folder" in page and "/nonexistent" not in page

@@ -1,12 +1,16 @@
 """The command line: documented knobs, booleans that behave, PNG metadata that reproduces an image."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 from PIL import Image
 
 import elastic_diffusion as ed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_documents_every_knob(capsys):
@@ -66,6 +70,56 @@ def test_cli_bad_size_exits_cleanly_without_writing(tiny_sdxl_path, tmp_path, ca
     assert not out.exists()
 
 
+MISSING = "/nonexistent/model/folder"  # its native size is unknown before loading: the rules that need it wait
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sd_version", MISSING, "--width", "1001"],
+     "width must be a multiple of 8 (the VAE works on 8x8 pixel blocks): try 1000 or 1008 instead of 1001"),
+    (["--sd_version", MISSING, "--height", "120"],
+     "height must be at least 128 pixels (a smaller image would be mostly padding); got 120"),
+    (["--sd_version", MISSING, "--patch_size", "0"], "--patch_size must be >= 1; got 0"),
+    (["--sd_version", "XL1.0", "--width", "4096"], "width must be between 128 and 2048 pixels for this model (at "
+     "most 2x its native 1024 px per side); larger sizes are experimental: set max_scale (CLI --max_scale) to 3 or 4"),
+    (["--sd_version", "XL1.0", "--width", "4096", "--max_scale", "3"], "between 128 and 3072 pixels for this model "
+     "(at most 3x its native 1024 px per side); got 4096"),
+    (["--sd_version", "1.5", "--height", "1536"], "height must be between 128 and 1024 pixels for this model (at "
+     "most 2x its native 512 px per side); larger sizes are experimental: set max_scale"),
+    (["--sd_version", "tiny", "--width", "4096"],  # the native size read from the folder's configs
+     "width must be between 128 and 2048 pixels for this model (at most 2x its native 1024 px per side); larger"),
+    (["--sd_version", "XL1.0", "--new_p", "0"], "--new_p must be in (0, 1]; got 0"),
+    (["--sd_version", "XL1.0", "--patch_size", "200"], "--patch_size must be between 1 and 128; got 200"),
+    (["--sd_version", "XL1.0", "--steps", "0"], "--num_inference_steps must be between 1 and 1000; got 0"),
+    (["--sd_version", "XL1.0", "--drop_p", "0.5", "--new_p", "0.3"], "drop_p=0.5 and new_p=0.3 disagree"),
+    (["--sd_version", "XL1.0", "--num_images", "0"], "--num_images must be >= 1; got 0"),
+])
+def test_bad_sizes_and_knobs_are_refused_before_the_model_loads(argv, message, tiny_sdxl_path, monkeypatch, capsys):
+    """Loading takes seconds on a tiny model and minutes on SDXL: what needs no model is checked first, by the
+    sampler's own rules, each with the hint that fits (too small: the minimum; too large: max_scale)."""
+    def load(**kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ed, "ElasticDiffusion", load)
+    argv = [tiny_sdxl_path if arg == "tiny" else arg for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        ed.main(argv + ["--outdir", os.devnull])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert ("max_scale" in err) == ("larger" in message)  # the hint fits the error
+
+
+def test_controlnet_cli_reads_its_image_before_the_models_load(monkeypatch, capsys):
+    import elastic_diffusion_w_controlnet as edc
+
+    def load(**kwargs):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(edc, "ElasticDiffusionControlNet", load)
+    with pytest.raises(SystemExit) as exit_info:
+        edc.main(["--condition_image", "/nonexistent/input.png"])
+    assert exit_info.value.code == 2 and "condition_image" in capsys.readouterr().err
+
+
 def test_cli_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ed.main(["--sd_version", "9.9"])
@@ -88,6 +142,7 @@ def test_without_network_the_cli_says_so_once_and_quickly(monkeypatch, capsys, c
     err = capsys.readouterr().err + caplog.text
     assert err.count("hub cannot be used (no network: 127.0.0.1 cannot be reached") == 1
     assert "not in the local Hugging Face cache" in err and "Retrying" not in err and "model_index.json" not in err
+    assert ed.TINY_MODEL_HINT in err and "`make tiny-model`" in ed.TINY_MODEL_HINT  # how to try it without the hub
     assert constants.HF_HUB_OFFLINE  # the rest of the process reads the cache instead of retrying
 
     with pytest.raises(SystemExit):  # already offline (HF_HUB_OFFLINE): said as such, without probing again
@@ -97,3 +152,22 @@ def test_without_network_the_cli_says_so_once_and_quickly(monkeypatch, capsys, c
     with pytest.raises(SystemExit):
         ed.main(["--sd_version", "nobody/no-such-model"])
     assert "hub cannot be used (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+
+
+def test_tiny_model_command_writes_a_model_to_try_everything_offline(tmp_path):
+    """`make tiny-model` (`python tests/tiny_models.py FOLDER`): a model the command line and the ControlNet take."""
+    import elastic_diffusion_w_controlnet as edc
+
+    folder = os.fspath(tmp_path / "tiny-model")
+    done = subprocess.run([sys.executable, os.path.join("tests", "tiny_models.py"), folder], cwd=REPO,
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr
+    assert "Its pictures are noise" in done.stdout and f'make run ARGS="--model {folder}' in done.stdout
+    out = tmp_path / "out"
+    common = ["--model", folder, "--width", "256", "--height", "128", "--steps", "1", "--device", "cpu",
+              "--outdir", os.fspath(out)]
+    (path,) = ed.main(common)
+    assert Image.open(path).size == (256, 128)
+    paths = edc.main(common + ["--controlnet_model", os.path.join(folder, "controlnet"), "--condition", "depth",
+                               "--depth_model", os.path.join(folder, "depth")])
+    assert Image.open(paths[-1]).size == (256, 128) and paths[-1].endswith("_condition.png")

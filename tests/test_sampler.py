@@ -675,7 +675,7 @@ def test_generate_image_official_signature_and_drop_p(xl):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(width=1000 + 4), "multiple of 8"),
     (dict(height=2056), "between 128 and 2048"),
-    (dict(width=64), "between 128 and 2048"),
+    (dict(width=64), "width must be at least 128 pixels"),
     (dict(width=1024.0), "integer"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(new_p=0.0), "new_p"),

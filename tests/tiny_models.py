@@ -218,3 +218,33 @@ def save_tiny_depth_model(folder) -> str:
     DPTForDepthEstimation(config).save_pretrained(os.fspath(folder))
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(os.fspath(folder))
     return os.fspath(folder)
+
+
+def main(argv=None) -> str:
+    """`python tests/tiny_models.py [FOLDER]` (`make tiny-model`): a tiny model to try the project without the hub."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write a tiny random-weight Stable Diffusion model, with a tiny ControlNet and depth model, to "
+                    "try the command line, the demos, batch jobs and cog without the hub or a GPU. Its pictures "
+                    "are noise.")
+    parser.add_argument("folder", nargs="?", default="tiny-model", help="where to write it (default: %(default)s)")
+    parser.add_argument("--kind", choices=KINDS, default="sdxl",
+                        help="the architecture: SD 1.x, SD 2.x or SDXL, the default model's (default: %(default)s)")
+    args = parser.parse_args(argv)
+    folder = save_tiny_pipeline(args.kind, args.folder)
+    save_tiny_controlnet(folder, os.path.join(folder, "controlnet"))
+    save_tiny_depth_model(os.path.join(folder, "depth"))
+    print(f"""Wrote a tiny random-weight {args.kind} model to {folder}/, with a ControlNet in {folder}/controlnet and a
+depth model in {folder}/depth. Its pictures are noise: it is for trying the command line, the demos, batch
+jobs and cog without the hub or a GPU, not for pictures. For example:
+  make run ARGS="--model {folder} --width 512 --height 512 --steps 4"
+  make app ARGS="--model {folder}"
+  make app-img2img ARGS="--model {folder} --controlnet {folder}/controlnet --condition canny --depth-model {folder}/depth"
+  python elastic_diffusion.py --model {folder} --prompts_file docs/examples/prompts.jsonl --steps 4
+  cog predict -e MODEL=/src/{folder} -i prompt="a test"   # a folder in this checkout (docs/replicate.md)""")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
