@@ -37,7 +37,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -240,63 +240,7 @@ def _as_knob_type(name: str, value):
 # The plan: checks and cost without a model, and the split
 # --------------------------------------------------------------------------------------------------
 
-# Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
-KEY_NATIVE_PX = {"1.4": 512, "1.5": 512, "2.0": 512, "2.1": 512, "XL1.0": 1024}
-
-
-class Native(NamedTuple):
-    """The model's native size, as the plan assumes it before the model is loaded."""
-    px: int  # P, pixels
-    vae_scale_factor: int
-    source: str  # where it was read, for messages
-
-    @property
-    def latent(self) -> int:  # D
-        return self.px // self.vae_scale_factor
-
-
-def native_size(sd_version: str, native_px: int | None = None) -> Native:
-    """The native size of `sd_version` without loading its weights; ValueError saying to pass --native_px if unknown.
-
-    --native_px wins; then MODEL_IDS' keys (`KEY_NATIVE_PX`); a diffusers folder's or hub repository's
-    unet/config.json and vae/config.json (the hub's from the cache or a small download); a single
-    .safetensors file: 1024 for SDXL, else 512 (an SD 2.x 768-px checkpoint needs --native_px).
-    The loaded model is checked against it (`load_sampler`).
-    """
-    if native_px is not None:
-        ed.check_number("--native_px", native_px, 64, integer=True)
-        if native_px % 8:
-            raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
-        return Native(native_px, 8, "--native_px")
-    if sd_version in KEY_NATIVE_PX:
-        return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")
-    source = os.path.expanduser(ed.MODEL_IDS.get(sd_version, sd_version))
-    try:
-        if source.endswith(".safetensors") and os.path.isfile(source):
-            return Native(1024 if ed._is_sdxl_checkpoint(source) else 512, 8, f"the checkpoint {sd_version}")
-        if os.path.isdir(source):
-            config = lambda name: os.path.join(source, name, "config.json")  # noqa: E731
-        elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
-            from huggingface_hub import hf_hub_download
-
-            ed.hub_offline_reason()  # without network: read the cache at once instead of retrying
-            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
-        else:
-            raise ValueError("not a known key, folder, hub id or .safetensors file")
-        factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
-        return Native(int(_json_file(config("unet"))["sample_size"]) * factor, factor, f"{sd_version}'s configs")
-    except Exception as error:  # a missing file, no network, a config without the field
-        raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
-                         f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
-                         "768-px)") from None
-
-
-def _json_file(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def plan(items: list[Item], native: Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
+def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
          line_keys: LineKeys | None = None, read_files: bool = False) -> None:
     """Check every item with the sampler's rules and price it, in place: `settings` and `cost`, or `error`.
 
@@ -605,7 +549,7 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def command_line_defaults(args: argparse.Namespace, native: Native) -> tuple[dict, dict]:
+def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[dict, dict]:
     """(item defaults, method knobs) from the command line; ValueError for a value no line could use."""
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
@@ -616,7 +560,7 @@ def command_line_defaults(args: argparse.Namespace, native: Native) -> tuple[dic
     return defaults, knobs
 
 
-def load_sampler(make_sampler: Callable, native: Native, max_scale: int):
+def load_sampler(make_sampler: Callable, native: ed.Native, max_scale: int):
     """The process's sampler, made once; ValueError if its native size is not the one the plan assumed."""
     pipe = make_sampler()
     pipe.max_scale = max_scale
@@ -630,7 +574,7 @@ def _count(n: int, thing: str, things: str | None = None) -> str:
     return f"{n:,} {thing if n == 1 else things or thing + 's'}"
 
 
-def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: Native,
+def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: ed.Native,
                 model: str, verbose: bool = False) -> str:
     """The --dry_run report: refused items, items already done, the split with estimated UNet samples."""
     def share(some: list[Item]) -> str:
@@ -675,7 +619,7 @@ def summary(outdir: str, path: str, items: list[Item], done: dict, records: list
 class Job:
     """One process's share of a job: its items, its record log, and (on the main process) the whole job's view."""
 
-    def __init__(self, args: argparse.Namespace, state, items: list[Item], native: Native, line_keys):
+    def __init__(self, args: argparse.Namespace, state, items: list[Item], native: ed.Native, line_keys):
         self.args, self.state, self.items, self.native, self.line_keys = args, state, items, native, line_keys
         self.outdir, self.model, self.rank = args.outdir, args.sd_version, state.process_index
         self.manifest = os.path.join(self.outdir, MANIFEST)
@@ -803,7 +747,7 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
         parser.exit(status, f"{parser.prog}: {message}\n" if main else None)
 
     try:
-        native = native_size(args.sd_version, args.native_px)
+        native = ed.native_size(args.sd_version, args.native_px)
         defaults, knobs = command_line_defaults(args, native)
         items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
     except ValueError as error:  # PromptsFileError included: every line that cannot be read, with its number

@@ -740,6 +740,62 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     return _HUB_OFFLINE_REASON
 
 
+# Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
+KEY_NATIVE_PX = {"1.4": 512, "1.5": 512, "2.0": 512, "2.1": 512, "XL1.0": 1024}
+
+
+class Native(NamedTuple):
+    """The model's native size, as the plan assumes it before the model is loaded."""
+    px: int  # P, pixels
+    vae_scale_factor: int
+    source: str  # where it was read, for messages
+
+    @property
+    def latent(self) -> int:  # D
+        return self.px // self.vae_scale_factor
+
+
+def native_size(sd_version: str, native_px: int | None = None) -> Native:
+    """The native size of `sd_version` without loading its weights; ValueError saying to pass --native_px if unknown.
+
+    --native_px wins; then MODEL_IDS' keys (`KEY_NATIVE_PX`); a diffusers folder's or hub repository's
+    unet/config.json and vae/config.json (the hub's from the cache or a small download); a single
+    .safetensors file: 1024 for SDXL, else 512 (an SD 2.x 768-px checkpoint needs --native_px).
+    The loaded model is checked against it (batch.py's `load_sampler`).
+    """
+    if native_px is not None:
+        check_number("--native_px", native_px, 64, integer=True)
+        if native_px % 8:
+            raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
+        return Native(native_px, 8, "--native_px")
+    if sd_version in KEY_NATIVE_PX:
+        return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")
+    source = os.path.expanduser(MODEL_IDS.get(sd_version, sd_version))
+    try:
+        if source.endswith(".safetensors") and os.path.isfile(source):
+            return Native(1024 if _is_sdxl_checkpoint(source) else 512, 8, f"the checkpoint {sd_version}")
+        if os.path.isdir(source):
+            config = lambda name: os.path.join(source, name, "config.json")  # noqa: E731
+        elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+            from huggingface_hub import hf_hub_download
+
+            hub_offline_reason()  # without network: read the cache at once instead of retrying
+            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
+        else:
+            raise ValueError("not a known key, folder, hub id or .safetensors file")
+        factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
+        return Native(int(_json_file(config("unet"))["sample_size"]) * factor, factor, f"{sd_version}'s configs")
+    except Exception as error:  # a missing file, no network, a config without the field
+        raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
+                         f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
+                         "768-px)") from None
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                   **kwargs):
     """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
@@ -1782,10 +1838,10 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     With --prompts_file the job runs in batch.py, where `line_keys` (a `batch.LineKeys`) lets each line
     set the `call_kwargs`. Bad input ends as a usage error (exit 2) before anything is written.
     """
-    import batch
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.prompts_file is not None:
+        import batch
+
         return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs, line_keys)
     for flag in ("resume", "dry_run", "native_px"):
         if getattr(args, flag) is not None:
@@ -1795,8 +1851,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     try:
         # What can be checked without the model is checked before loading it (seconds to minutes): the
         # sampler's own rules, with the native size from the model's configs where they can be read.
-        try:  # a single file's native size would be a guess (batch.native_size): it waits for the model
-            native = None if os.path.isfile(os.path.expanduser(args.sd_version)) else batch.native_size(args.sd_version)
+        try:  # a single file's native size would be a guess (native_size): it waits for the model
+            native = None if os.path.isfile(os.path.expanduser(args.sd_version)) else native_size(args.sd_version)
         except ValueError:
             native = None
         px, factor = (native.px, native.vae_scale_factor) if native else (None, 8)

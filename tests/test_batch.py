@@ -113,7 +113,7 @@ def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tin
     assert [r["path"] for r in records] == NAMES and all(r["status"] == "ok" for r in records)
     assert [r["seed"] for r in records] == [0, 7, 2, 3, 4, 5]  # --seed (0) + index, or the line's own
     assert [r["line"] for r in records] == [1, 2, 5, 6, 7, 8]  # a comment and a blank line come before line 5
-    native = batch.native_size(tiny_sd1_path)
+    native = ed.native_size(tiny_sd1_path)
     for row, record in zip(JOB, records):
         with Image.open(os.path.join(outdir, record["path"])) as image:
             assert image.size == (row["width"], row["height"])
@@ -269,7 +269,7 @@ def test_two_processes_under_accelerate_launch_give_the_same_images(baseline, ti
 
 
 def test_the_split_is_balanced_by_cost_not_by_count():
-    native = batch.Native(1024, 8, "test")
+    native = ed.Native(1024, 8, "test")
     cost = {size: ed.unet_cost(*size, ed.recommended_settings(*size), native.latent).samples
             for size in [(2048, 2048), (2048, 1024), (1024, 1024)]}
     assert cost[(2048, 2048)] > 2 * cost[(2048, 1024)] > 20 * cost[(1024, 1024)]
@@ -334,7 +334,7 @@ def test_dry_run_checks_every_size_and_knob_and_prints_the_plan(tmp_path, monkey
     assert exit_info.value.code == 2 and "3 items would be refused" in err
     assert f"{path}:3: width must be a multiple of 8" in out and f"{path}:4: new_p must be in (0, 1]" in out
     assert f"{path}:6: patch_size must be" in out and "native size 1024 px (from --sd_version XL1.0)" in out
-    native = batch.Native(1024, 8, "")
+    native = ed.Native(1024, 8, "")
     costs = [ed.unet_cost(w, h, dict(ed.recommended_settings(w, h), num_inference_steps=2), native.latent).samples
              for w, h in [(2048, 2048), (2048, 1024), (1024, 1024)]]  # run_job passes --steps 2
     assert f"process 0: 1 item, 1 image, {costs[0]:,} UNet samples" in out
@@ -496,7 +496,7 @@ def main_process_of_two(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "mine"}, {"prompt": "theirs", "num_images": 2}], comment=False)
     defaults = dict(negative_prompt="", width=512, height=512, seed=0, num_images=1)
     items = batch.read_prompts_file(path, defaults, {"num_inference_steps": 2})
-    native = batch.Native(512, 8, "test")
+    native = ed.Native(512, 8, "test")
     batch.plan(items, native)
     outdir = os.fspath(tmp_path / "out")
     os.makedirs(outdir)
@@ -540,7 +540,7 @@ def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
                        comment=False)
     items = batch.read_prompts_file(path, dict(negative_prompt="", width=512, height=512, seed=0, num_images=1),
                                     {"num_inference_steps": 2})
-    batch.plan(items, batch.Native(512, 8, "test"))
+    batch.plan(items, ed.Native(512, 8, "test"))
     outdir = os.fspath(tmp_path)
     progress = batch.Progress(outdir, items, 2, show=False)
     logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
@@ -569,16 +569,16 @@ def test_txt_files_lines_and_defaults(tmp_path):
 
 
 def test_native_size_without_loading(tiny_sd1_path, tiny_sdxl_path):
-    assert batch.native_size("XL1.0").px == 1024 and batch.native_size("1.5").px == 512
-    assert batch.native_size(tiny_sd1_path)[:2] == (512, 8) and batch.native_size(tiny_sdxl_path).px == 1024
-    assert batch.native_size("XL1.0", 768).px == 768
+    assert ed.native_size("XL1.0").px == 1024 and ed.native_size("1.5").px == 512
+    assert ed.native_size(tiny_sd1_path)[:2] == (512, 8) and ed.native_size(tiny_sdxl_path).px == 1024
+    assert ed.native_size("XL1.0", 768).px == 768
     for bad, message in [(100, "--native_px must be a multiple of 8; got 100"),
                          (32, "--native_px must be >= 64; got 32"),
                          (64.0, "--native_px must be a whole number >= 64; got 64.0")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            batch.native_size("XL1.0", bad)
+            ed.native_size("XL1.0", bad)
     with pytest.raises(ValueError, match="pass --native_px"):
-        batch.native_size("nobody/not-in-the-cache")
+        ed.native_size("nobody/not-in-the-cache")
 
 
 def test_a_wrong_native_px_is_caught_when_the_model_loads(tiny_sd1_path, job_file, tmp_path, capsys):
