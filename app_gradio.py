@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -103,6 +104,7 @@ MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' 
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
 MAX_UPLOADS_MB = 1024  # all uploads together; beyond it the oldest go first (--max-uploads-mb)
 MULTIPART_OVERHEAD = 64 * 2 ** 10  # what an upload request adds to its one file (boundaries, headers)
+DRAIN_SECONDS = 5  # how long a refused upload's body is read (and dropped) at most
 READ_SECONDS = 10  # reading one uploaded file
 DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
 UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
@@ -1142,9 +1144,9 @@ def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
 
 class UploadLimits:
     """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
-    (a larger or unsized body is refused before it is read: HTTP 413), and after each upload the oldest
-    uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a request
-    may hold many files; its cache sweep removes uploads by age only."""
+    (a larger or unsized body is refused with HTTP 413 and never reaches Gradio), and after each upload the
+    oldest uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a
+    request may hold many files; its cache sweep removes uploads by age only."""
 
     def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
         self.app, self.folder, self.keep = app, folder, keep
@@ -1157,6 +1159,15 @@ class UploadLimits:
         if not length.isdigit() or int(length) > self.max_body:
             limit = self.max_body - MULTIPART_OVERHEAD
             size = f"{limit / 2 ** 20:.0f} MB" if limit >= 2 ** 20 else f"{limit // 2 ** 10} KB"
+            # Answering while the client still sends closes the connection under it: the client gets a broken
+            # pipe or a reset, not the 413. So read and drop the body first, but at most another limit's
+            # worth for at most DRAIN_SECONDS; a longer or slower body is still cut off.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    drained, message = 0, {"more_body": True}
+                    while message.get("more_body") and drained <= self.max_body:
+                        message = await receive()
+                        drained += len(message.get("body", b""))
             return await PlainTextResponse(f"Upload one file of at most {size}.", status_code=413)(
                 scope, receive, send)
 

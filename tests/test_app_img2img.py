@@ -333,24 +333,62 @@ def test_uploads_come_one_bounded_file_a_request_and_are_bounded_in_all(tmp_path
         uploads = [e.path for e in os.scandir(folder) if e.name not in own and e.path != outputs.root]
         assert sum(os.path.getsize(os.path.join(d, f)) for d in uploads for f in os.listdir(d)) <= 2 ** 20
         assert own <= set(os.listdir(folder))  # the page's own files stay
-        big = tmp_path / "big.jpg"
+        stored = set(os.listdir(folder))
+        big = tmp_path / "big.jpg"  # the server reads (and drops) this much of a refused body: the client gets the 413
         big.write_bytes(b"x" * 700 * 2 ** 10)
         with pytest.raises(urllib.error.HTTPError) as refused:
             uploaded(url, str(big))
         assert refused.value.code == 413 and refused.value.read() == b"Upload one file of at most 600 KB."
+        big.write_bytes(b"x" * 4 * 2 ** 20)  # more than it reads: it may close the connection under the client
+        with pytest.raises((urllib.error.URLError, ConnectionError)) as refused:
+            uploaded(url, str(big))
+        error = refused.value
+        assert (error.code == 413 if isinstance(error, urllib.error.HTTPError) else
+                isinstance(getattr(error, "reason", error), ConnectionError)), error
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # no Content-Length: chunked
         connection.putrequest("POST", "/gradio_api/upload")
         connection.putheader("Transfer-Encoding", "chunked")
         connection.putheader("Content-Type", "multipart/form-data; boundary=x")
         connection.endheaders()
         connection.send(b"5\r\nhello\r\n0\r\n\r\n")
-        assert connection.getresponse().status == 413
+        response = connection.getresponse()
+        assert response.status == 413 and response.read() == b"Upload one file of at most 600 KB."
         connection.close()
+        assert set(os.listdir(folder)) == stored  # nothing refused was stored
     finally:
         demo.close()
         server.join(30)
         signal.signal(signal.SIGTERM, sigterm)
     assert not server.is_alive() and not os.path.exists(outputs.root)
+
+
+def test_a_refused_upload_body_is_read_at_most_a_limit_more_for_a_short_while(monkeypatch):
+    """Before its 413, UploadLimits drops at most another limit's worth of a refused body, for at most
+    DRAIN_SECONDS: an endless body or a stalled client is cut off, and none of it reaches Gradio (app=None)."""
+    import asyncio
+
+    monkeypatch.setattr(text_app, "DRAIN_SECONDS", 0.5)
+    limits = text_app.UploadLimits(None, "", set(), max_file_size=2 ** 20, max_bytes=0)
+    scope = dict(type="http", method="POST", path="/gradio_api/upload", headers=[(b"content-length", b"9" * 12)])
+    for stall in (False, True):
+        read, sent = [], []
+
+        async def receive():
+            await asyncio.sleep(0)  # as a server's receive does: the event loop runs (and may time out)
+            if stall and read:  # a client that sends no more for 3 s
+                await asyncio.sleep(3)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            read.append(2 ** 16)
+            return {"type": "http.request", "body": bytes(2 ** 16), "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        started = time.monotonic()
+        asyncio.run(limits(scope, receive, send))
+        assert sent[0]["status"] == 413 and sent[1]["body"] == b"Upload one file of at most 1 MB."
+        assert len(read) == 1 if stall else limits.max_body < sum(read) <= limits.max_body + 2 ** 16
+        assert time.monotonic() - started < 2
 
 
 def uploaded(url: str, source: str = PHOTO) -> str:
