@@ -1,10 +1,11 @@
 """Many images from one command: a prompts file, split across processes by cost, resumable, with a manifest.
 
-    python elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/                    # one GPU
-    accelerate launch --num_processes 8 elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/
+    python batch.py --prompts_file prompts.jsonl --outdir out/                                # one GPU
+    accelerate launch --num_processes 8 batch.py --prompts_file prompts.jsonl --outdir out/
 
-Both command lines (`elastic_diffusion.py`, `elastic_diffusion_w_controlnet.py`) call `run` when
---prompts_file is given. A job, in order:
+`python batch.py` takes elastic_diffusion.py's flags. Both sampler command lines (`elastic_diffusion.py`,
+`elastic_diffusion_w_controlnet.py`) hand a --prompts_file over to `run`; the ControlNet's lines may set its
+inputs too (`control_line_keys`). A job, in order:
 
 1. read the file (`read_prompts_file`): every line an `Item` with its own seed and file names; a file
    that cannot be read, bad JSON, an unknown key or a missing prompt stops the job here, naming the line;
@@ -90,6 +91,21 @@ class LineKeys:
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
     settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
     paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
+
+
+def control_line_keys(controlnet_model: str) -> LineKeys:
+    """What each line may set on the ControlNet command line (its `CONTROL_ARGS`), checked and recorded as its
+    `generate` does."""
+    import elastic_diffusion_w_controlnet as edc  # only a ControlNet job needs the ControlNet's code
+
+    def request(values: dict) -> dict:
+        condition = values["condition"] or edc.default_condition(controlnet_model)
+        return edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
+                                   values["canny_low"], values["canny_high"])
+
+    return LineKeys(check=lambda values, read_files: edc.check_control_request(request(values), read_files),
+                    settings=lambda values: edc.control_settings(controlnet_model, request(values)),
+                    paths=("condition_image",))
 
 
 @dataclass
@@ -780,13 +796,14 @@ class Job:
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable, call_kwargs: dict,
-        extra_outputs: Callable | None = None, line_keys: LineKeys | None = None) -> list[str]:
+        extra_outputs: Callable | None = None) -> list[str]:
     """Run the job of `args.prompts_file` on this process (one of those `accelerate launch` started, or the only
     one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
     from accelerate import PartialState
 
+    line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
     try:
@@ -863,3 +880,17 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
     if any(r["status"] != "ok" for r in records):
         raise SystemExit(1)
     return paths
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """`python batch.py --prompts_file FILE ...`: elastic_diffusion.py's flags, the plain sampler."""
+    parser = ed.build_parser()
+    args = parser.parse_args(argv)
+    if args.prompts_file is None:
+        parser.error("--prompts_file is required")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    return run(parser, args, lambda: ed.ElasticDiffusion(**ed.sampler_kwargs(args)), {})
+
+
+if __name__ == "__main__":
+    main()
