@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -550,7 +549,7 @@ def main_process_of_two(tmp_path):
     os.makedirs(outdir)
     job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
                     argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
-    return items, outdir, job, batch.Progress(outdir, items, 2, show=False)
+    return items, outdir, job, batch.Progress(outdir, items, 2)
 
 
 def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
@@ -568,20 +567,6 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     assert not batch.part_paths(outdir)
 
 
-def test_the_bar_follows_the_other_process_while_the_main_one_is_inside_an_item(tmp_path, monkeypatch):
-    items, outdir, job, progress = main_process_of_two(tmp_path)
-    monkeypatch.setattr(batch, "POLL_S", 0.02)
-    with job.live_progress(progress):  # the main thread calls no refresh in here, as inside a long item
-        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=1)))
-        log.append(batch.item_records(items[1], outdir, "model", 1, "ok"))
-        log.close()
-        deadline = time.monotonic() + 10
-        while progress.text == "0/2 items" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert progress.text == "1/2 items"
-    assert "batch-progress" not in [thread.name for thread in threading.enumerate()]  # stopped on the way out
-
-
 def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
     """The bar's text as records arrive: an item counts once it has a record, and as failed once one is an error."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "num_images": 2}, {"prompt": "c"}],
@@ -590,7 +575,7 @@ def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
                                     {"num_inference_steps": 2})
     batch.plan(items, batch.Native(512, 8, "test"))
     outdir = os.fspath(tmp_path)
-    progress = batch.Progress(outdir, items, 2, show=False)
+    progress = batch.Progress(outdir, items, 2)
     logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
     texts = [progress.text]
     for rank, item, k, status in [(0, 0, 0, "ok"), (1, 1, 0, "ok"), (0, 2, 0, "error"), (1, 1, 1, "error")]:
