@@ -1,10 +1,11 @@
 """Many images from one command: a prompts file, split across processes by cost, resumable, with a manifest.
 
-    python elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/                    # one GPU
-    accelerate launch --num_processes 8 elastic_diffusion.py --prompts_file prompts.jsonl --outdir out/
+    python batch.py --prompts_file prompts.jsonl --outdir out/                                # one GPU
+    accelerate launch --num_processes 8 batch.py --prompts_file prompts.jsonl --outdir out/
 
-Both command lines (`elastic_diffusion.py`, `elastic_diffusion_w_controlnet.py`) call `run` when
---prompts_file is given. A job, in order:
+`python batch.py` takes elastic_diffusion.py's flags. Both sampler command lines (`elastic_diffusion.py`,
+`elastic_diffusion_w_controlnet.py`) hand a --prompts_file over to `run`; the ControlNet's lines may set its
+inputs too (`control_line_keys`). A job, in order:
 
 1. read the file (`read_prompts_file`): every line an `Item` with its own seed and file names; a file
    that cannot be read, bad JSON, an unknown key or a missing prompt stops the job here, naming the line;
@@ -33,7 +34,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -90,6 +90,21 @@ class LineKeys:
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
     settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
     paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
+
+
+def control_line_keys(controlnet_model: str) -> LineKeys:
+    """What each line may set on the ControlNet command line (its `CONTROL_ARGS`), checked and recorded as its
+    `generate` does."""
+    import elastic_diffusion_w_controlnet as edc  # only a ControlNet job needs the ControlNet's code
+
+    def request(values: dict) -> dict:
+        condition = values["condition"] or edc.default_condition(controlnet_model)
+        return edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
+                                   values["canny_low"], values["canny_high"])
+
+    return LineKeys(check=lambda values, read_files: edc.check_control_request(request(values), read_files),
+                    settings=lambda values: edc.control_settings(controlnet_model, request(values)),
+                    paths=("condition_image",))
 
 
 @dataclass
@@ -286,28 +301,11 @@ def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_records(text: str, source: str = "") -> tuple[list[dict], str]:
-    """Complete JSON lines of `text` as records, and the unfinished rest (a line still being written, or one a
-    power loss cut). A line that is not JSON is skipped with a warning."""
-    *lines, rest = text.split("\n")
-    records = []
-    for line in lines:
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("%s: skipped a damaged record: %.80s", source, line)
-    return records, rest
-
-
 def read_records(path: str) -> list[dict]:
     """The records of a manifest file (none if it does not exist)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            records, rest = parse_records(f.read(), path)
-    except FileNotFoundError:
-        return []
-    if rest.strip():
+    reader = RecordReader(path)
+    records = reader.read()
+    if reader.rest.strip():
         logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
     return records
 
@@ -327,12 +325,11 @@ def fold_parts(outdir: str) -> dict[str, dict]:
 
     Records are keyed by image file: the newer record of an image replaces the older one.
     """
-    manifest = os.path.join(outdir, MANIFEST)
-    records = {r["path"]: r for r in read_records(manifest) if isinstance(r, dict) and "path" in r}
-    parts = part_paths(outdir)
+    manifest, parts = os.path.join(outdir, MANIFEST), part_paths(outdir)
+    records = {}
+    for path in [manifest, *parts]:
+        records.update({r["path"]: r for r in read_records(path) if isinstance(r, dict) and "path" in r})
     if parts:
-        for part in parts:
-            records.update({r["path"]: r for r in read_records(part) if isinstance(r, dict) and "path" in r})
         write_manifest(manifest, records)
         for part in parts:  # only once their records are safely in the manifest
             os.unlink(part)
@@ -341,7 +338,7 @@ def fold_parts(outdir: str) -> dict[str, dict]:
 
 class RecordLog:
     """One process's records, appended as they are made (one write per item, flushed to disk), so a stopped
-    job loses none; a reader sees whole lines, or an unfinished last one (`parse_records`). The file is
+    job loses none; a reader sees whole lines, or an unfinished last one (`RecordReader`). The file is
     created with the first record: a process with nothing to do leaves none."""
 
     def __init__(self, path: str):
@@ -362,7 +359,9 @@ class RecordLog:
 
 
 class RecordReader:
-    """Reads a record log as it grows: each `read()` returns the records completed since the last one."""
+    """Reads a record log as it grows: each `read()` returns the records completed since the last one, and keeps
+    in `rest` an unfinished last line (one still being written, or one a power loss cut). A line that is not JSON
+    is skipped with a warning."""
 
     def __init__(self, path: str):
         self.path, self.offset, self.rest = path, 0, b""
@@ -377,7 +376,14 @@ class RecordReader:
         self.offset += len(data) - len(self.rest)
         end = data.rfind(b"\n") + 1  # decode whole lines only: a read may end inside a character
         self.rest = data[end:]
-        return parse_records(data[:end].decode("utf-8", errors="replace"), self.path)[0]
+        records = []
+        for line in data[:end].decode("utf-8", errors="replace").split("\n"):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    logger.warning("%s: skipped a damaged record: %.80s", self.path, line)
+        return records
 
 
 def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
@@ -489,7 +495,7 @@ def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_ou
 class Progress:
     """The job's progress on the main process: every process's records as they arrive, a bar weighted by cost."""
 
-    def __init__(self, outdir: str, items: list[Item], num_processes: int, show: bool):
+    def __init__(self, outdir: str, items: list[Item], num_processes: int):
         from tqdm.auto import tqdm
 
         self.outdir, self.items = outdir, {item.index: item for item in items}
@@ -498,7 +504,7 @@ class Progress:
         self.finished, self.failed = set(), set()  # indexes of items with a record, with an error record
         self.text = ""
         self.expected = sum(item.num_images for item in items)
-        self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not (show and items), dynamic_ncols=True,
+        self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not items, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self._describe()
 
@@ -535,10 +541,6 @@ class Progress:
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
     image in flight is dropped, its temporary file removed, the records so far kept, the lock released."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -627,7 +629,6 @@ class Job:
         self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
         self.last_merge = time.monotonic()
         self.held = contextlib.ExitStack()  # the folder's lock (main process)
-        self.refreshing = threading.Lock()  # `refresh` runs on the main thread and on `live_progress`'s
 
     def claim(self, resume: bool) -> str | None:
         """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
@@ -648,9 +649,6 @@ class Job:
                     settings = {key: value for key, value in record.items() if key not in ed.METADATA_IDENTITY}
                     self.base[name] = item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k]
         return None
-
-    def release(self) -> None:
-        self.held.close()
 
     def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
         """(the job's items left to do, this process's share). Refused items go to the main process, which
@@ -683,32 +681,10 @@ class Job:
 
     def refresh(self, progress: Progress, force: bool = False) -> None:
         """Main process: read the records written since the last call; rewrite the manifest every MERGE_EVERY_S."""
-        with self.refreshing:
-            progress.poll()
-            if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
-                write_manifest(self.manifest, {**self.base, **progress.records})
-                self.last_merge = time.monotonic()
-
-    @contextlib.contextmanager
-    def live_progress(self, progress: Progress | None):
-        """Main process of several: `refresh` every POLL_S on a daemon thread as well, so the bar follows the other
-        processes while this one is inside a long item. The thread is stopped before the folder is released."""
-        if progress is None or self.state.num_processes == 1:
-            yield
-            return
-        stop = threading.Event()
-
-        def keep_refreshing():
-            while not stop.wait(POLL_S):
-                self.refresh(progress)
-
-        thread = threading.Thread(target=keep_refreshing, name="batch-progress", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        progress.poll()
+        if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
+            write_manifest(self.manifest, {**self.base, **progress.records})
+            self.last_merge = time.monotonic()
 
     def finish(self, progress: Progress) -> None:
         """Main process: wait for the other processes' records, then merge them all into the manifest."""
@@ -721,13 +697,14 @@ class Job:
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable, call_kwargs: dict,
-        extra_outputs: Callable | None = None, line_keys: LineKeys | None = None) -> list[str]:
+        extra_outputs: Callable | None = None) -> list[str]:
     """Run the job of `args.prompts_file` on this process (one of those `accelerate launch` started, or the only
     one); returns the paths of the images the job has in `args.outdir`. Exits 2 for a file the job cannot start
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
     from accelerate import PartialState
 
+    line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
     try:
@@ -776,13 +753,12 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
             if refused:
                 fail(1, f"error: {refused}")
             todo, mine = job.assignment(set(done))
-            progress = Progress(args.outdir, todo, state.num_processes, show=True) if main else None
+            progress = Progress(args.outdir, todo, state.num_processes) if main else None
             if args.device is None:  # each process on its own device; make_sampler reads args.device
                 args.device = str(state.device)
-            with job.live_progress(progress):
-                job.work(mine, make_sampler, extra_outputs, progress)
-                if main:
-                    job.finish(progress)
+            job.work(mine, make_sampler, extra_outputs, progress)
+            if main:
+                job.finish(progress)
         except KeyboardInterrupt:
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
                 job.refresh(progress, force=True)
@@ -794,7 +770,7 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
         finally:
             if progress is not None:
                 progress.close()
-            job.release()
+            job.held.close()
     paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
     paths = [path for path in paths if os.path.isfile(path)]
     if not main:
@@ -804,3 +780,17 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
     if any(r["status"] != "ok" for r in records):
         raise SystemExit(1)
     return paths
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """`python batch.py --prompts_file FILE ...`: elastic_diffusion.py's flags, the plain sampler."""
+    parser = ed.build_parser()
+    args = parser.parse_args(argv)
+    if args.prompts_file is None:
+        parser.error("--prompts_file is required")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    return run(parser, args, lambda: ed.ElasticDiffusion(**ed.sampler_kwargs(args)), {})
+
+
+if __name__ == "__main__":
+    main()

@@ -1830,19 +1830,19 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
-            call_kwargs: dict | None = None, extra_outputs: Callable | None = None, line_keys=None) -> list[str]:
+            call_kwargs: dict | None = None, extra_outputs: Callable | None = None) -> list[str]:
     """Load, generate and save PNGs with metadata; shared by both command lines.
 
     `make_sampler()` builds the sampler; `call_kwargs` are extra generate() arguments;
     `extra_outputs(info)` returns more (name, PIL image) pairs to save (the ControlNet's condition map).
-    With --prompts_file the job runs in batch.py, where `line_keys` (a `batch.LineKeys`) lets each line
-    set the `call_kwargs`. Bad input ends as a usage error (exit 2) before anything is written.
+    With --prompts_file the job runs in batch.py, where each line may set the `call_kwargs`. Bad input ends
+    as a usage error (exit 2) before anything is written.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.prompts_file is not None:
         import batch
 
-        return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs, line_keys)
+        return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs)
     for flag in ("resume", "dry_run", "native_px"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag} goes with --prompts_file")
@@ -1885,4 +1885,5 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
+    sys.modules["elastic_diffusion"] = sys.modules[__name__]  # batch.py's `import elastic_diffusion` finds this copy
     main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import threading
 import time
 
@@ -409,22 +410,9 @@ def main(argv=None) -> list[str]:
     make = lambda: ElasticDiffusionControlNet(controlnet_model=args.controlnet_model,  # noqa: E731
                                               depth_model=args.depth_model, **ed.sampler_kwargs(args))
     extra = (lambda info: [("condition", info["condition_image"])]) if args.save_condition else None
-    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra,
-                      batch_line_keys(args.controlnet_model))
-
-
-def batch_line_keys(controlnet_model: str):
-    """What each line of a prompts file may set here (`CONTROL_ARGS`), checked and recorded as `generate` does."""
-    import batch
-
-    def request(values: dict) -> dict:
-        return control_request(values["condition_image"], values["condition"] or default_condition(controlnet_model),
-                               values["controlnet_conditioning_scale"], values["canny_low"], values["canny_high"])
-
-    return batch.LineKeys(check=lambda values, read_files: check_control_request(request(values), read_files),
-                          settings=lambda values: control_settings(controlnet_model, request(values)),
-                          paths=("condition_image",))
+    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra)
 
 
 if __name__ == "__main__":
+    sys.modules["elastic_diffusion_w_controlnet"] = sys.modules[__name__]  # batch.py imports this copy, not another
     main()

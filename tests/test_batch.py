@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -268,6 +267,54 @@ def test_two_processes_under_accelerate_launch_give_the_same_images(baseline, ti
     assert {r["process"] for r in records} == {0, 1}
 
 
+# Run after the script by `python -i`: which module objects hold each of the project's files, and which libraries.
+LOADED = """import json, os, sys
+ours = {}
+for name, module in list(sys.modules.items()):
+    loader = getattr(module, "__loader__", None)
+    path = getattr(module, "__file__", None) or getattr(loader, "path", "")  # after -i, __main__ has no __file__
+    if os.path.isabs(path) and os.path.dirname(path) == os.getcwd():
+        ours.setdefault(os.path.basename(path), {}).setdefault(id(module), []).append(name)
+print("LOADED", json.dumps({"ours": {f: sorted(map(sorted, m.values())) for f, m in ours.items()},
+                            "gradio": "gradio" in sys.modules}))
+"""
+
+
+def loaded_after(argv: list[str]) -> dict:
+    """What `python -i ARGV` (a script or `-c`) has in sys.modules at its end, as `LOADED` prints it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-i", *argv], input=f"exec({LOADED!r})\n", cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    line = [line for line in result.stdout.splitlines() if line.startswith("LOADED ")]
+    assert line, result.stdout + result.stderr
+    return json.loads(line[0][len("LOADED "):])
+
+
+@pytest.mark.parametrize("script, example", [("elastic_diffusion.py", "prompts.jsonl"), ("batch.py", "prompts.txt"),
+                                             ("elastic_diffusion_w_controlnet.py", "controlnet.jsonl")])
+def test_a_prompts_file_run_loads_each_module_once(script, example, tmp_path):
+    """The script runs as __main__ and batch.py imports the sampler by name: one module object, so one
+    `ElasticDiffusion` class, in the process."""
+    loaded = loaded_after([script, "--sd_version", "XL1.0", "--prompts_file", f"docs/examples/{example}",
+                           "--outdir", os.fspath(tmp_path / "out"), "--dry_run"])["ours"]
+    imported_as = [] if script == "batch.py" else [script[:-3]]  # nothing imports batch.py by name here
+    modules = loaded.pop(script)
+    assert len(modules) == 1, modules  # one module object (multiprocessing adds its alias __mp_main__)
+    names = modules[0]
+    assert {"__main__", *imported_as} <= set(names), names
+    assert {"elastic_diffusion.py", "batch.py"} <= {*loaded, script}
+    assert all(len(modules) == 1 for modules in loaded.values()), loaded  # every other file: one module
+
+
+def test_the_sampler_imports_no_module_above_it():
+    """Layers point down: each module, imported alone, loads only the modules below it (so no import cycle)."""
+    below = {"elastic_diffusion": set(), "elastic_diffusion_w_controlnet": {"elastic_diffusion.py"},
+             "batch": {"elastic_diffusion.py"}}
+    for module, expected in below.items():
+        loaded = loaded_after(["-c", f"import {module}"])
+        assert set(loaded["ours"]) == expected | {f"{module}.py"} and not loaded["gradio"], (module, loaded)
+
+
 def test_the_split_is_balanced_by_cost_not_by_count():
     native = ed.Native(1024, 8, "test")
     cost = {size: ed.unet_cost(*size, ed.recommended_settings(*size), native.latent).samples
@@ -502,7 +549,7 @@ def main_process_of_two(tmp_path):
     os.makedirs(outdir)
     job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
                     argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
-    return items, outdir, job, batch.Progress(outdir, items, 2, show=False)
+    return items, outdir, job, batch.Progress(outdir, items, 2)
 
 
 def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
@@ -520,20 +567,6 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     assert not batch.part_paths(outdir)
 
 
-def test_the_bar_follows_the_other_process_while_the_main_one_is_inside_an_item(tmp_path, monkeypatch):
-    items, outdir, job, progress = main_process_of_two(tmp_path)
-    monkeypatch.setattr(batch, "POLL_S", 0.02)
-    with job.live_progress(progress):  # the main thread calls no refresh in here, as inside a long item
-        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=1)))
-        log.append(batch.item_records(items[1], outdir, "model", 1, "ok"))
-        log.close()
-        deadline = time.monotonic() + 10
-        while progress.text == "0/2 items" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert progress.text == "1/2 items"
-    assert "batch-progress" not in [thread.name for thread in threading.enumerate()]  # stopped on the way out
-
-
 def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
     """The bar's text as records arrive: an item counts once it has a record, and as failed once one is an error."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "num_images": 2}, {"prompt": "c"}],
@@ -542,7 +575,7 @@ def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
                                     {"num_inference_steps": 2})
     batch.plan(items, ed.Native(512, 8, "test"))
     outdir = os.fspath(tmp_path)
-    progress = batch.Progress(outdir, items, 2, show=False)
+    progress = batch.Progress(outdir, items, 2)
     logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
     texts = [progress.text]
     for rank, item, k, status in [(0, 0, 0, "ok"), (1, 1, 0, "ok"), (0, 2, 0, "error"), (1, 1, 1, "error")]:
