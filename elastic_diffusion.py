@@ -1830,11 +1830,13 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
-            call_kwargs: dict | None = None, extra_outputs: Callable | None = None) -> list[str]:
+            call_kwargs: dict | None = None, extra_outputs: Callable | None = None,
+            check_call: Callable[[], None] | None = None) -> list[str]:
     """Load, generate and save PNGs with metadata; shared by both command lines.
 
-    `make_sampler()` builds the sampler; `call_kwargs` are extra generate() arguments;
-    `extra_outputs(info)` returns more (name, PIL image) pairs to save (the ControlNet's condition map).
+    `make_sampler()` builds the sampler; `call_kwargs` are extra generate() arguments, checked by `check_call()`
+    (ValueError) before the model loads; `extra_outputs(info)` returns more (name, PIL image) pairs to save (the
+    ControlNet's condition map).
     With --prompts_file the job runs in batch.py, where each line may set the `call_kwargs`. Bad input ends
     as a usage error (exit 2) before anything is written.
     """
@@ -1859,8 +1861,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         check_size(args.height, args.width, px, factor, args.max_scale)
         knobs = knob_flags(args, native.latent if native else None)
         check_number("--num_images", args.num_images, 1, integer=True)
-        if line_keys is not None:
-            line_keys.check(call_kwargs or {}, True)
+        if check_call is not None:
+            check_call()
         pipe = make_sampler()
         pipe.max_scale = args.max_scale
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,

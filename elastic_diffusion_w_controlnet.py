@@ -410,7 +410,10 @@ def main(argv=None) -> list[str]:
     make = lambda: ElasticDiffusionControlNet(controlnet_model=args.controlnet_model,  # noqa: E731
                                               depth_model=args.depth_model, **ed.sampler_kwargs(args))
     extra = (lambda info: [("condition", info["condition_image"])]) if args.save_condition else None
-    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra)
+    request = lambda: control_request(args.condition_image, args.condition or default_condition(  # noqa: E731
+        args.controlnet_model), args.controlnet_conditioning_scale, args.canny_low, args.canny_high)
+    return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra,
+                      check_call=lambda: check_control_request(request(), True))
 
 
 if __name__ == "__main__":
