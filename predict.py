@@ -17,7 +17,6 @@ The checks are the sampler's (`check_size`, `check_prompt`, each knob's row of t
 needs neither Gradio nor the demos.
 """
 import atexit
-import dataclasses
 import os
 import secrets
 import shutil
@@ -35,22 +34,9 @@ MAX_SEED = 2 ** 32 - 1  # the seed Input's `le`, the range the sampler draws a b
 WEBP_LOSSLESS_QUALITY = 100  # output_quality 100 writes lossless WebP; below it, lossy at that quality
 
 
-@dataclasses.dataclass
-class Request:
-    """One checked request: what to generate, with which seed and knobs, and how to write it."""
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    seed: int
-    num_outputs: int
-    knobs: dict  # every method knob by name; None: the resolution-aware preset
-    output_format: str
-    output_quality: int
-
-
-def check_request(inputs: dict, sampler) -> Request:
-    """predict()'s inputs checked, each with a ValueError naming it and what is allowed.
+def check_request(inputs: dict, sampler) -> dict:
+    """predict()'s inputs checked, each with a ValueError naming it and what is allowed; returns the sampler's call
+    (prompts, size, seed, batch, method knobs: None for the resolution-aware preset).
 
     The sampler's size rule (`check_size`), a hosted API's prompt rule (`check_prompt`) and each knob's demo
     range from the knobs table (it bounds a stranger's GPU time), so that a request fails before any work.
@@ -64,10 +50,9 @@ def check_request(inputs: dict, sampler) -> Request:
     ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
     knobs = {k.name: None if inputs[k.name] is None else k.check(inputs[k.name], sampler.native_latent, demo=True)
              for k in ed.method_knobs()}
-    return Request(ed.check_prompt("prompt", inputs["prompt"]),
-                   ed.check_prompt("negative_prompt", inputs["negative_prompt"], required=False), inputs["width"],
-                   inputs["height"], seed, inputs["num_outputs"], knobs, inputs["output_format"],
-                   inputs["output_quality"])
+    return dict(prompt=ed.check_prompt("prompt", inputs["prompt"]), width=inputs["width"], height=inputs["height"],
+                negative_prompt=ed.check_prompt("negative_prompt", inputs["negative_prompt"], required=False),
+                seed=seed, num_images_per_prompt=inputs["num_outputs"], **knobs)
 
 
 def save_webp(image: Image.Image, path: str, metadata: dict[str, str], quality: int) -> str:
@@ -127,39 +112,37 @@ class Predictor(BasePredictor):
         """Generate `num_outputs` images at width x height; their files, each with its settings in the metadata."""
         inputs = dict(locals())  # every input by name (cog passes them all)
         del inputs["self"]
-        return self.generate(self.sampler, check_request(inputs, self.sampler))
+        return self.generate(self.sampler, check_request(inputs, self.sampler), output_format, output_quality)
 
-    def generate(self, sampler, request: Request, record: dict | None = None, **sampler_kwargs) -> list[Path]:
-        """Generate a checked `request` with `sampler` (plus `sampler_kwargs`) and write the files with the run's
-        settings, and `record` on top, in their metadata.
+    def generate(self, sampler, call: dict, output_format: str, quality: int, names: dict | None = None) -> list[Path]:
+        """Generate `sampler(**call)` (a checked request) and write the files with the run's settings, and `names`
+        on top, in their metadata.
 
         Nothing is written for a refused request. The previous prediction's files are removed first: cog has
         sent them by the time the next prediction starts, so the disk holds one prediction's files at most.
         """
-        print(f"Using seed: {request.seed}")
+        print(f"Using seed: {call['seed']}")
         try:
-            images, info = sampler(request.prompt, request.negative_prompt, width=request.width,
-                                   height=request.height, seed=request.seed, num_images_per_prompt=request.num_outputs,
-                                   **request.knobs, **sampler_kwargs)
+            images, info = sampler(**call)
         except torch.OutOfMemoryError as error:
-            raise RuntimeError(f"Out of GPU memory at {request.width}x{request.height} with num_outputs="
-                               f"{request.num_outputs}: try fewer num_outputs, tiled_decoder=true or a smaller "
-                               "width/height") from error
+            raise RuntimeError(f"Out of GPU memory at {call['width']}x{call['height']} with num_outputs="
+                               f"{call['num_images_per_prompt']}: try fewer num_outputs, tiled_decoder=true or a "
+                               "smaller width/height") from error
         info["model"] = ed.public_name(info["model"])  # no server path in the files
         settings = info["settings"]
-        settings.update(record or {})
+        settings.update(names or {})
         print("Settings: " + ", ".join(f"{k.name}={settings[k.name]}" for k in ed.method_knobs()))
         for entry in os.scandir(self.output_root):
             shutil.rmtree(entry.path, ignore_errors=True)
         folder = tempfile.mkdtemp(prefix="prediction_", dir=self.output_root)
         paths = []
         for index, image in enumerate(images):
-            name = f"elastic_seed{request.seed}_{request.width}x{request.height}_{index}.{request.output_format}"
-            metadata = ed.png_metadata(info, request.prompt, request.negative_prompt, index)
+            name = f"elastic_seed{call['seed']}_{call['width']}x{call['height']}_{index}.{output_format}"
+            metadata = ed.png_metadata(info, call["prompt"], call["negative_prompt"], index)
             path = os.path.join(folder, name)
-            if request.output_format == "png":
+            if output_format == "png":
                 ed.save_png(image, path, metadata)
             else:
-                save_webp(image, path, metadata, request.output_quality)
+                save_webp(image, path, metadata, quality)
             paths.append(Path(path))
         return paths

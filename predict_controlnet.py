@@ -88,11 +88,11 @@ class Predictor(predict.Predictor):
         control = {row.name: row.check(inputs.pop(row.name), sampler.native_latent, demo=True)
                    for row in CONTROLNET_KNOBS}
         condition = "image" if inputs.pop("image_is_map") else kind
-        request = predict.check_request(inputs, sampler)  # before the image is decoded (up to 64 MP)
+        call = dict(predict.check_request(inputs, sampler), condition=condition, **control)  # before decoding
         try:
-            image = load_image(source, name="image")
+            call["condition_image"] = load_image(source, name="image")
         except ValueError as error:  # it names the file: by its name only
             raise ValueError(str(error).replace(os.fspath(source), os.path.basename(source))) from None
         names = dict(condition_image=os.path.basename(source),  # no server paths in the files
                      controlnet_model=ed.public_name(sampler.controlnet_model))
-        return self.generate(sampler, request, names, condition_image=image, condition=condition, **control)
+        return self.generate(sampler, call, inputs["output_format"], inputs["output_quality"], names)
