@@ -89,7 +89,8 @@ def source(path: str) -> str:
         return f.read()
 
 
-@pytest.mark.parametrize("path, blocks", [("predict.py", ["method"]), ("predict_controlnet.py", ["method", "controlnet"])])
+@pytest.mark.parametrize("path, blocks", [("predict.py", ["method"]),
+                                          ("predict_controlnet.py", ["method", "controlnet"])])
 def test_knob_inputs_are_the_knobs_tables(path, blocks):
     """Every knob's Input line is the one rendered from its table: after a change, paste `python tests/test_cog.py`."""
     text = source(path)
@@ -97,7 +98,7 @@ def test_knob_inputs_are_the_knobs_tables(path, blocks):
         first, last = BLOCKS[name][:2]
         assert first in text and last in text, f"{path} lost its {name} knob markers"
         block = first + text.split(first, 1)[1].split(last, 1)[0] + last
-        assert block == rendered_block(name), f"{path}: {name} knobs differ from the table: run `python tests/test_cog.py`"
+        assert block == rendered_block(name), f"{path}: {name} knobs differ from the table: run tests/test_cog.py"
 
 
 def predict_parameters(path: str) -> dict[str, ast.arg]:
