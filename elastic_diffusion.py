@@ -336,6 +336,28 @@ def check_settings(settings: dict, native_latent: int) -> None:
             row.check(settings[row.name], native_latent)
 
 
+def check_prompt(subject: str, value, required: bool = True, max_chars: int = 1000) -> str:
+    """`value` stripped, if it is text of at most `max_chars` characters, not blank if `required`; else ValueError
+    naming `subject` and the rule. For requests from strangers (a hosted API): the sampler takes any string."""
+    value = "" if value is None else value
+    if not isinstance(value, str):
+        raise ValueError(f"{subject} must be text; got {type(value).__name__} {value!r}")
+    value = value.strip()
+    if required and not value:
+        raise ValueError(f"{subject} is empty: describe the image you want, e.g. \"a photo of the dolomites\"")
+    if len(value) > max_chars:  # CLIP reads 77 tokens (~300 characters): far longer text is a paste mistake
+        raise ValueError(f"{subject} is {len(value)} characters long; shorten it to at most {max_chars} (the text "
+                         "encoder reads only its first 77 tokens, about 300 characters)")
+    return value
+
+
+def public_name(model) -> str:
+    """A hub id as it is, a local model by its folder or file name: no server paths in what a stranger sees."""
+    name = str(model)
+    is_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    return os.path.basename(os.path.normpath(name)) if is_path else name
+
+
 # --------------------------------------------------------------------------------------------------
 # Geometry: reference size, sub-sampler tables, local views, padding (docs/method.md#reference-size ff.)
 # --------------------------------------------------------------------------------------------------

@@ -1,36 +1,19 @@
-"""Look inside the method: PCA pictures of the two halves of the score, step by step.
+"""Look inside the method: PCA pictures of the two halves of the score, step by step (docs/look-inside.md).
 
-Classifier-free guidance splits the model's prediction into the unconditional score ε(x, ∅) and the
-class direction Δ = ε(x, c) − ε(x, ∅). ElasticDiffusion rests on the observation that Δ carries the
-image's global layout (it follows regions and edges) while ε(x, ∅) is local, pixel-level detail
-(docs/method.md, "The method in one page"). This script records both maps during a generation and draws
-them: each map's latent channels are projected on their first three principal components, shown as red,
-green and blue.
+Classifier-free guidance splits the model's prediction into the unconditional score ε(x, ∅) and the class
+direction Δ = ε(x, c) − ε(x, ∅). ElasticDiffusion rests on the observation that Δ carries the image's global
+layout while ε(x, ∅) is local, pixel-level detail (docs/method.md). This script records both maps during a
+generation and projects each map's latent channels on their first three principal components (red, green, blue):
 
-Two methods:
+* ``plain``: CFG-DDIM directly at the requested size, through diffusers' pipeline on the sampler's modules;
+  ε(x, ∅) and ε(x, c) are read off each step's UNet call by a forward hook.
+* ``elastic``: our sampler; per step the `ScoreEstimate` of the update the step kept, as `callback_on_step_end`
+  receives it (the written-back global direction, its reference-grid form and the windows' unconditional score).
 
-* ``plain``: classifier-free-guided DDIM run directly at the requested size, through diffusers' own
-  pipeline on the sampler's modules. ε(x, ∅) and ε(x, c) are read off the one UNet call of each step by
-  a forward hook. Above the native size this shows why direct generation breaks: Δ loses its layout.
-* ``elastic``: our sampler. Per step it records the global direction as the sampler computed it at full
-  resolution (written back from the reference passes) and on the reference grid (what reduced-resolution
-  guidance reads), and the local unconditional score assembled from the windows: the `ScoreEstimate` of
-  the update the step kept, as `callback_on_step_end` receives it.
+Neither copies a sampling loop, and recording does not change the image (bit for bit). The kept steps' maps stay
+on the CPU in fp16 (`recording_nbytes`): a 2048² SDXL run that keeps all 50 steps holds 90.6 MiB.
 
-Neither copies a sampling loop, and recording does not change the image: the same seed gives the same
-output bit for bit with recording on or off.
-
-Memory: the maps of the kept steps are kept on the CPU at latent resolution in fp16, and the x0 previews
-as 8-bit RGB, `recording_nbytes(K, C, (H, W), (h, w))` = K·(2·C·(3·H·W + h·w) + 3·H·W) bytes for K kept
-steps. A 2048² SDXL run (C = 4, 256² latent, 128² reference) that keeps all 50 steps holds 90.6 MiB. On
-the GPU nothing is added beyond one step's maps, which are copied to the CPU at the end of their step.
-
-Command line (the model, size and knob flags are those of `elastic_diffusion.py`)::
-
-    python pca_diffusion_scores.py --model 1.5 --method plain --width 1024 --height 1024
     python pca_diffusion_scores.py --model 1.5 --method elastic --width 1024 --height 1024 --steps_to_keep every:5
-
-Python::
 
     recording = record_scores(sampler, "a photo of the dolomites", width=2048, height=1024, method="elastic")
     contact_sheet(recording).save("sheet.png")
@@ -188,8 +171,7 @@ class Recording:
         The reference direction is drawn in the full-resolution direction's basis and colour range, so
         a colour means the same vector in both. Computed once per basis.
         """
-        _check_choice("basis", basis, BASES)
-        if basis not in self._pca:
+        if basis not in self._pca:  # pca_maps checks `basis`
             maps = {name: pca_maps(getattr(self, name), basis) for name in MAP_NAMES}
             if self.reference_direction is not None:
                 maps["reference_direction"] = pca_maps(self.reference_direction, basis, fitted=maps["direction"])
@@ -422,8 +404,7 @@ def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, 
 
     Returns mean (C,), components (num_components, C) by decreasing variance and variance
     (num_components,). The axes are the SVD of the channel covariance (fp64, accumulated map by map so
-    no copy of all maps is made); each axis's sign makes its largest entry positive. A map with fewer
-    than `num_components` channels gets zero axes for the rest.
+    no copy of all maps is made); each axis's sign makes its largest entry positive.
     """
     K, C = maps.shape[:2]
     count = K * maps[0, 0].numel()
@@ -437,10 +418,6 @@ def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, 
     components = axes.T[:num_components]
     largest = components.gather(1, components.abs().argmax(1, keepdim=True))
     components = components * torch.where(largest < 0, -1.0, 1.0).to(components)
-    if components.shape[0] < num_components:
-        pad = num_components - components.shape[0]
-        components = torch.cat([components, components.new_zeros(pad, C)])
-        variance = torch.cat([variance, variance.new_zeros(pad)])
     return mean.float(), components.float(), variance[:num_components].float()
 
 
@@ -803,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if args.num_images != 1:
         parser.error(f"--num_images: this script records one image; got {args.num_images}")
     for flag in ("prompts_file", "resume", "dry_run", "native_px"):  # elastic_diffusion.py's batch jobs
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             parser.error(f"--{flag}: this script records one image; jobs of many images are "
                          "elastic_diffusion.py --prompts_file")
     if args.sheet_columns < 1:

@@ -13,77 +13,46 @@ running it, so every `Input(...)` is written out with literal values. The method
 `elastic_diffusion.KNOBS` by `python tests/test_cog.py` and checked against the table by tests/test_cog.py, as
 the README's knob table is. The ControlNet variant is a second entry, `predict_controlnet.py`.
 
-Validation and metadata reuse the Gradio demo's helpers (`app_gradio`: prompt, size and seed rules, metadata
-without server paths) and each knob's own rule from the knobs table.
+The checks are the sampler's (`check_size`, `check_prompt`, each knob's row of the knobs table): a container
+needs neither Gradio nor the demos.
 """
 import atexit
-import dataclasses
 import os
 import secrets
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Optional
 
-import gradio as gr
 import torch
 from cog import BasePredictor, Input, Path
 from PIL import ExifTags, Image
 
-import app_gradio as app
 import elastic_diffusion as ed
 
 MAX_OUTPUTS = 4  # images per request: they run as one batch, so this bounds a request's time and memory
+MAX_SEED = 2 ** 32 - 1  # the seed Input's `le`, the range the sampler draws a blank seed from
 WEBP_LOSSLESS_QUALITY = 100  # output_quality 100 writes lossless WebP; below it, lossy at that quality
 
 
-def model_source() -> str:
-    """The model setup() loads: $MODEL if set, else SDXL."""
-    return os.environ.get("MODEL") or app.DEFAULT_MODEL
+def check_request(inputs: dict, sampler) -> dict:
+    """predict()'s inputs checked, each with a ValueError naming it and what is allowed; returns the sampler's call
+    (prompts, size, seed, batch, method knobs: None for the resolution-aware preset).
 
-
-@dataclasses.dataclass
-class Request:
-    """One checked request: what to generate, with which seed and knobs, and how to write it."""
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    seed: int
-    num_outputs: int
-    knobs: dict  # every method knob by name; None: the resolution-aware preset
-    output_format: str
-    output_quality: int
-
-
-def _as_value_error(check: Callable, *args, **kwargs):
-    """check(*args, **kwargs) of the Gradio demo, its refusal (a gr.Error) as the ValueError cog reports."""
-    try:
-        return check(*args, **kwargs)
-    except gr.Error as error:
-        raise ValueError(str(error.message)) from None
-
-
-def check_request(inputs: dict, sampler) -> Request:
-    """predict()'s inputs checked, each with a ValueError naming it and what is allowed; the seed drawn if blank.
-
-    The demo's rules for the prompts, the size and the seed; each knob's demo range from the knobs table (it
-    bounds a stranger's GPU time). The sampler's own rules run at the start of its call, before any work.
+    The sampler's size rule (`check_size`), a hosted API's prompt rule (`check_prompt`) and each knob's demo
+    range from the knobs table (it bounds a stranger's GPU time), so that a request fails before any work.
     """
-    max_side = sampler.max_scale * sampler.native_px
-    prompt = _as_value_error(app._text, "prompt", inputs["prompt"], required=True)
-    negative_prompt = _as_value_error(app._text, "negative_prompt", inputs["negative_prompt"], required=False)
-    width = _as_value_error(app._size, "width", inputs["width"], max_side)
-    height = _as_value_error(app._size, "height", inputs["height"], max_side)
+    ed.check_size(inputs["height"], inputs["width"], sampler.native_px, sampler.vae_scale_factor, sampler.max_scale)
     seed = inputs["seed"]
-    seed = secrets.randbelow(app.MAX_SEED + 1) if seed is None else ed.check_number("seed", seed, 0, app.MAX_SEED,
-                                                                                     integer=True)
-    num_outputs = ed.check_number("num_outputs", inputs["num_outputs"], 1, MAX_OUTPUTS, integer=True)
+    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else ed.check_number("seed", seed, 0, MAX_SEED, integer=True)
+    ed.check_number("num_outputs", inputs["num_outputs"], 1, MAX_OUTPUTS, integer=True)
     if inputs["output_format"] not in ("png", "webp"):
         raise ValueError(f"output_format must be png or webp; got {inputs['output_format']!r}")
-    quality = ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
+    ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
     knobs = {k.name: None if inputs[k.name] is None else k.check(inputs[k.name], sampler.native_latent, demo=True)
              for k in ed.method_knobs()}
-    return Request(prompt, negative_prompt, width, height, seed, num_outputs, knobs, inputs["output_format"], quality)
+    return dict(prompt=ed.check_prompt("prompt", inputs["prompt"]), width=inputs["width"], height=inputs["height"],
+                negative_prompt=ed.check_prompt("negative_prompt", inputs["negative_prompt"], required=False),
+                seed=seed, num_images_per_prompt=inputs["num_outputs"], **knobs)
 
 
 def save_webp(image: Image.Image, path: str, metadata: dict[str, str], quality: int) -> str:
@@ -106,14 +75,15 @@ class Predictor(BasePredictor):
         self.sampler = self.load_sampler()
         self.output_root = tempfile.mkdtemp(prefix="elastic_diffusion_predictions_")
         atexit.register(shutil.rmtree, self.output_root, True)
-        print(f"Loaded {app.public_name(self.sampler.sd_version)} on {self.sampler.device} "
+        print(f"Loaded {ed.public_name(self.sampler.sd_version)} on {self.sampler.device} "
               f"(native {self.sampler.native_px} px)")
         if self.sampler.device.type == "cpu":
             print("No GPU found: running on the CPU, which is very slow at these sizes")
 
     def load_sampler(self) -> ed.ElasticDiffusion:
-        """The sampler of `model_source()` (subclasses add models to it)."""
-        return ed.ElasticDiffusion(sd_version=model_source())
+        """The sampler of $MODEL, else of the sampler's default model, SDXL (subclasses add models to it)."""
+        model = os.environ.get("MODEL")
+        return ed.ElasticDiffusion(**({"sd_version": model} if model else {}))
 
     def predict(
         self,
@@ -123,7 +93,7 @@ class Predictor(BasePredictor):
         height: int = Input(default=1024, ge=128, le=2048, description="Height in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
         seed: Optional[int] = Input(default=None, ge=0, le=4294967295, description="Random seed: the same seed and settings give the same images. Leave blank for a random one; the seed used is in the logs, the file names and the metadata."),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Images to generate, as one batch from the seed (the metadata's image_index tells them apart)."),
-        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py`; checked by tests/test_cog.py.
+        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py` (tests/test_cog.py checks).
         num_inference_steps: int = Input(default=50, ge=1, le=150, description="DDIM steps; time grows linearly with them (50 is the paper's setting)."),
         guidance_scale: float = Input(default=10.0, ge=1, le=30, description="Classifier-free guidance: how closely the image follows the prompt (it scales the global content direction)."),
         resampling_steps: Optional[int] = Input(default=None, ge=0, le=40, description="Extra passes over the reduced-resolution reference per step: sharper and more coherent, but slower (2 UNet samples per image each). Leave blank for the preset: 0 at or below the native size, 7 above it, 10 from 2.5x the native area."),
@@ -142,45 +112,37 @@ class Predictor(BasePredictor):
         """Generate `num_outputs` images at width x height; their files, each with its settings in the metadata."""
         inputs = dict(locals())  # every input by name (cog passes them all)
         del inputs["self"]
-        return self.generate(self.sampler, check_request(inputs, self.sampler))
+        return self.generate(self.sampler, check_request(inputs, self.sampler), output_format, output_quality)
 
-    def generate(self, sampler, request: Request, record: dict | None = None, **sampler_kwargs) -> list[Path]:
-        """Generate a checked `request` with `sampler` (plus `sampler_kwargs`) and write the files with the run's
-        settings, and `record` on top, in their metadata.
+    def generate(self, sampler, call: dict, output_format: str, quality: int, names: dict | None = None) -> list[Path]:
+        """Generate `sampler(**call)` (a checked request) and write the files with the run's settings, and `names`
+        on top, in their metadata.
 
         Nothing is written for a refused request. The previous prediction's files are removed first: cog has
         sent them by the time the next prediction starts, so the disk holds one prediction's files at most.
         """
-        print(f"Using seed: {request.seed}")
+        print(f"Using seed: {call['seed']}")
         try:
-            images, info = sampler(request.prompt, request.negative_prompt, width=request.width,
-                                   height=request.height, seed=request.seed, num_images_per_prompt=request.num_outputs,
-                                   **request.knobs, **sampler_kwargs)
-        except ValueError as error:  # the sampler's and its extensions' rules: the message names the input
-            raise ValueError(app.scrub_paths(str(error))) from error
+            images, info = sampler(**call)
         except torch.OutOfMemoryError as error:
-            raise RuntimeError(f"Out of GPU memory at {request.width}x{request.height} with num_outputs="
-                               f"{request.num_outputs}: try fewer num_outputs, tiled_decoder=true or a smaller "
-                               "width/height") from error
-        info = app.public_record(info)
+            raise RuntimeError(f"Out of GPU memory at {call['width']}x{call['height']} with num_outputs="
+                               f"{call['num_images_per_prompt']}: try fewer num_outputs, tiled_decoder=true or a "
+                               "smaller width/height") from error
+        info["model"] = ed.public_name(info["model"])  # no server path in the files
         settings = info["settings"]
-        settings.update(record or {})
+        settings.update(names or {})
         print("Settings: " + ", ".join(f"{k.name}={settings[k.name]}" for k in ed.method_knobs()))
-        folder = self.new_output_folder()
-        paths = []
-        for index, image in enumerate(images):
-            name = f"elastic_seed{request.seed}_{request.width}x{request.height}_{index}.{request.output_format}"
-            metadata = ed.png_metadata(info, request.prompt, request.negative_prompt, index)
-            path = os.path.join(folder, name)
-            if request.output_format == "png":
-                ed.save_png(image, path, metadata)
-            else:
-                save_webp(image, path, metadata, request.output_quality)
-            paths.append(Path(path))
-        return paths
-
-    def new_output_folder(self) -> str:
-        """A fresh folder for this prediction's files, after removing those of the earlier predictions."""
         for entry in os.scandir(self.output_root):
             shutil.rmtree(entry.path, ignore_errors=True)
-        return tempfile.mkdtemp(prefix="prediction_", dir=self.output_root)
+        folder = tempfile.mkdtemp(prefix="prediction_", dir=self.output_root)
+        paths = []
+        for index, image in enumerate(images):
+            name = f"elastic_seed{call['seed']}_{call['width']}x{call['height']}_{index}.{output_format}"
+            metadata = ed.png_metadata(info, call["prompt"], call["negative_prompt"], index)
+            path = os.path.join(folder, name)
+            if output_format == "png":
+                ed.save_png(image, path, metadata)
+            else:
+                save_webp(image, path, metadata, quality)
+            paths.append(Path(path))
+        return paths

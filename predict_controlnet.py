@@ -17,7 +17,6 @@ from typing import Optional
 
 from cog import Input, Path
 
-import app_gradio as app
 import elastic_diffusion as ed
 import predict
 from elastic_diffusion_w_controlnet import (
@@ -60,7 +59,7 @@ class Predictor(predict.Predictor):
         height: int = Input(default=1024, ge=128, le=2048, description="Height in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
         seed: Optional[int] = Input(default=None, ge=0, le=4294967295, description="Random seed: the same seed and settings give the same images. Leave blank for a random one; the seed used is in the logs, the file names and the metadata."),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Images to generate, as one batch from the seed (the metadata's image_index tells them apart)."),
-        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py`; checked by tests/test_cog.py.
+        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py` (tests/test_cog.py checks).
         num_inference_steps: int = Input(default=50, ge=1, le=150, description="DDIM steps; time grows linearly with them (50 is the paper's setting)."),
         guidance_scale: float = Input(default=10.0, ge=1, le=30, description="Classifier-free guidance: how closely the image follows the prompt (it scales the global content direction)."),
         resampling_steps: Optional[int] = Input(default=None, ge=0, le=40, description="Extra passes over the reduced-resolution reference per step: sharper and more coherent, but slower (2 UNet samples per image each). Leave blank for the preset: 0 at or below the native size, 7 above it, 10 from 2.5x the native area."),
@@ -89,10 +88,11 @@ class Predictor(predict.Predictor):
         control = {row.name: row.check(inputs.pop(row.name), sampler.native_latent, demo=True)
                    for row in CONTROLNET_KNOBS}
         condition = "image" if inputs.pop("image_is_map") else kind
-        request = predict.check_request(inputs, sampler)  # before the image is decoded (up to 64 MP)
+        call = dict(predict.check_request(inputs, sampler), condition=condition, **control)  # before decoding
         try:
-            image = load_image(source, name="image")
+            call["condition_image"] = load_image(source, name="image")
         except ValueError as error:  # it names the file: by its name only
-            raise ValueError(app.scrub_paths(str(error))) from None
-        return self.generate(sampler, request, record=dict(condition_image=os.path.basename(source)),
-                             condition_image=image, condition=condition, **control)
+            raise ValueError(str(error).replace(os.fspath(source), os.path.basename(source))) from None
+        names = dict(condition_image=os.path.basename(source),  # no server paths in the files
+                     controlnet_model=ed.public_name(sampler.controlnet_model))
+        return self.generate(sampler, call, inputs["output_format"], inputs["output_quality"], names)

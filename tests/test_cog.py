@@ -35,8 +35,8 @@ from elastic_diffusion_w_controlnet import CONTROLNET_KNOBS, DEMO_SCALE  # noqa:
 SDXL_LATENT = 128  # the default model's native latent size: the schema's bound for knobs up to it
 ENTRIES = {"predict.py": "cog.yaml", "predict_controlnet.py": "cog-controlnet.yaml"}  # each entry and its config
 BLOCKS = {  # (first line, last line) of the rendered blocks, the knobs in them and their defaults
-    "method": ("        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py`; "
-               "checked by tests/test_cog.py.", "        # End of the method knobs.", ed.method_knobs(), {}),
+    "method": ("        # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py` "
+               "(tests/test_cog.py checks).", "        # End of the method knobs.", ed.method_knobs(), {}),
     "controlnet": ("        # ControlNet knobs: rendered from elastic_diffusion_w_controlnet.CONTROLNET_KNOBS by "
                    "`python tests/test_cog.py`.", "        # End of the ControlNet knobs.", CONTROLNET_KNOBS,
                    {"controlnet_conditioning_scale": DEMO_SCALE}),  # the CLI's and the demo's default
@@ -89,7 +89,8 @@ def source(path: str) -> str:
         return f.read()
 
 
-@pytest.mark.parametrize("path, blocks", [("predict.py", ["method"]), ("predict_controlnet.py", ["method", "controlnet"])])
+@pytest.mark.parametrize("path, blocks", [("predict.py", ["method"]),
+                                          ("predict_controlnet.py", ["method", "controlnet"])])
 def test_knob_inputs_are_the_knobs_tables(path, blocks):
     """Every knob's Input line is the one rendered from its table: after a change, paste `python tests/test_cog.py`."""
     text = source(path)
@@ -97,7 +98,7 @@ def test_knob_inputs_are_the_knobs_tables(path, blocks):
         first, last = BLOCKS[name][:2]
         assert first in text and last in text, f"{path} lost its {name} knob markers"
         block = first + text.split(first, 1)[1].split(last, 1)[0] + last
-        assert block == rendered_block(name), f"{path}: {name} knobs differ from the table: run `python tests/test_cog.py`"
+        assert block == rendered_block(name), f"{path}: {name} knobs differ from the table: run tests/test_cog.py"
 
 
 def predict_parameters(path: str) -> dict[str, ast.arg]:
@@ -147,6 +148,14 @@ def test_the_two_entries_declare_their_shared_inputs_identically():
 # --------------------------------------------------------------------------------------------------
 # cog.yaml and the schema cog reads
 # --------------------------------------------------------------------------------------------------
+
+
+def test_the_entries_load_neither_gradio_nor_the_demos():
+    """A Replicate container needs the sampler, not the demo: importing both entries loads no Gradio module."""
+    code = ("import sys, predict, predict_controlnet; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('gradio', 'app_gradio', 'app_gradio_img2img')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_cog_yaml_files_parse_and_install_requirements_txt():
@@ -308,8 +317,8 @@ def test_webp_keeps_the_settings_in_exif(predictor):
 
 BAD_INPUTS = [
     (dict(width=1001), "width must be a multiple of 8"),
-    (dict(height=4096), "height must be between 128 and 2048; got 4096"),
-    (dict(width=64), "width must be between 128 and 2048; got 64"),
+    (dict(height=4096), "height must be between 128 and 2048 pixels"),  # the sampler's check_size
+    (dict(width=64), "width must be between 128 and 2048 pixels"),
     (dict(prompt="   "), "prompt is empty"),
     (dict(prompt="x" * 1001), "prompt is 1001 characters long"),
     (dict(seed=-1), "seed must be between 0 and 4294967295; got -1"),
