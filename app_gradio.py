@@ -69,6 +69,7 @@ from elastic_diffusion import (
     HelpFormatter,
     format_number,
     png_metadata,
+    public_name,
     recommended_settings,
     save_png,
 )
@@ -79,7 +80,6 @@ DEFAULT_MODEL = "XL1.0"
 DEFAULT_SIZE = 1024  # the first image people see: fast (R = 0) at SDXL's native size
 DEFAULT_NATIVE_PX = 1024  # SDXL; only used to lay out the widgets when no model could be loaded
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (~300 characters); far longer text is a paste mistake
-MAX_SEED = 2 ** 32 - 1  # the range numpy, the CLI and most image tools accept
 QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused with "queue full"
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
@@ -138,13 +138,6 @@ def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") ->
             f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
             "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
             f"{ed.TINY_MODEL_HINT}.")
-
-
-def public_name(model) -> str:
-    """A hub id as it is, a local model by its folder or file name: no server paths on the page."""
-    name = str(model)
-    is_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
-    return os.path.basename(os.path.normpath(name)) if is_path else name
 
 
 _SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?(?:/[^\s'\"`()<>/]+)+/?")  # not the path part of a URL
@@ -264,7 +257,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
         with gr.Row():
-            w["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+            w["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=ed.MAX_SEED,
                                   info="The same seed and settings give the same image.")
             w["randomize_seed"] = gr.Checkbox(label="Randomize seed", value=True,
                                               info="Draw a new seed for every request (shown with the result).")
@@ -317,9 +310,7 @@ def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_sca
 def preset_updates(width, height, edited: frozenset, names: Sequence[str], native_px: int,
                    max_scale: int = MAX_SCALE) -> list:
     """New values for the knobs `names` at this size: the preset, or gr.skip() for the user's own values."""
-    limit = max_scale * native_px
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit
-               for v in (width, height)):  # a value being typed: leave the knobs alone
+    if not size_ok(width, height, native_px, max_scale):  # a value being typed: leave the knobs alone
         return [gr.skip()] * len(names)
     recommended = preset(int(width), int(height), native_px)
     return [gr.skip() if name in edited else recommended[name] for name in names]
@@ -346,17 +337,7 @@ class GenerationRequest:
 
 
 def _text(label: str, value, required: bool) -> str:
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise refuse(f"{label} must be text; got {type(value).__name__} {value!r}.")
-    value = value.strip()
-    if required and not value:
-        raise refuse(f"{label} is empty: describe the image you want, e.g. \"a photo of the dolomites\".")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise refuse(f"{label} is {len(value)} characters long; shorten it to at most {MAX_PROMPT_CHARS} "
-                     "(the text encoder reads only its first 77 tokens, about 300 characters).")
-    return value
+    return _checked(ed.check_prompt, label, value, required, MAX_PROMPT_CHARS)
 
 
 def _as_number(value, integer: bool):
@@ -372,11 +353,12 @@ def _as_number(value, integer: bool):
 
 
 def _checked(check: Callable, *args, **kwargs):
-    """check(*args, **kwargs), its ValueError as an actionable gr.Error."""
+    """check(*args, **kwargs), its ValueError as an actionable gr.Error (a sentence: capital, full stop)."""
     try:
         return check(*args, **kwargs)
     except ValueError as error:
-        raise refuse(f"{error}.") from None
+        message = str(error)
+        raise refuse(f"{message[:1].upper()}{message[1:]}.") from None
 
 
 def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
@@ -400,13 +382,21 @@ def knob_value(row: ed.Knob, value, native_latent: int):
     return _checked(row.check, value, native_latent, demo=True, subject=row.label)
 
 
-def _size(label: str, value, limit: int) -> int:
-    pixels = _number(label, value, MIN_SIDE_PX, limit, integer=True)
-    if pixels % 8:
-        lower = pixels - pixels % 8
-        raise refuse(f"{label} must be a multiple of 8 (the VAE works on 8x8 pixel blocks): "
-                     f"try {lower} or {lower + 8} instead of {pixels}.")
-    return pixels
+def checked_size(width, height, native_px: int, max_scale: int = MAX_SCALE) -> tuple[int, int]:
+    """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the field."""
+    width, height = (_number(label, value, None, None, integer=True) for label, value in (("Width", width),
+                                                                                          ("Height", height)))
+    _checked(ed.check_size, height, width, native_px, max_scale=max_scale)
+    return width, height
+
+
+def size_ok(width, height, native_px: int, max_scale: int = MAX_SCALE) -> bool:
+    """Whether /generate takes this size: the page leaves the knobs and previews alone while a size is typed."""
+    try:
+        checked_size(width, height, native_px, max_scale)
+    except gr.Error:
+        return False
+    return True
 
 
 def parse_request(values: dict, sampler) -> GenerationRequest:
@@ -415,14 +405,14 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     A knob missing from `values` takes the preset for the size (or its constant default), as the page
     would; a knob sent as null is refused like any other bad value.
     """
-    max_side = getattr(sampler, "max_scale", MAX_SCALE) * sampler.native_px
-    width, height = _size("Width", values.get("width"), max_side), _size("Height", values.get("height"), max_side)
+    width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px,
+                                 getattr(sampler, "max_scale", MAX_SCALE))
     if _flag("Randomize seed", values.get("randomize_seed", False)):
-        seed = secrets.randbelow(MAX_SEED + 1)
+        seed = secrets.randbelow(ed.MAX_SEED + 1)
     elif values.get("seed") in (None, ""):
         raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
     else:
-        seed = _number("Seed", values["seed"], 0, MAX_SEED, integer=True)
+        seed = _number("Seed", values["seed"], 0, ed.MAX_SEED, integer=True)
     defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
     request = GenerationRequest(
@@ -1020,8 +1010,7 @@ class TextToImageApp:
 
     def checked_size(self, width, height) -> tuple[int, int]:
         """(width, height) checked as /generate checks them: a gr.Error naming the field otherwise."""
-        limit = self.max_scale * self.native_px
-        return _size("Width", width, limit), _size("Height", height, limit)
+        return checked_size(width, height, self.native_px, self.max_scale)
 
     def build(self) -> gr.Blocks:
         """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import math
 import os
 import threading
 from typing import Sequence
@@ -37,7 +36,7 @@ from PIL import Image
 
 import app_gradio as base
 from app_gradio import public_name, refuse, scrub_paths, within
-from elastic_diffusion import MIN_SIDE_PX, PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
+from elastic_diffusion import PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
 from elastic_diffusion_w_controlnet import (
     CONDITIONS,
     CONTROLNET_KNOBS,
@@ -310,9 +309,7 @@ class ImageToImageApp(base.TextToImageApp):
         saying why), unchanged while a size is being typed."""
         if image in (None, "") or (isinstance(image, dict) and not image.get("path")):
             return None
-        limit = self.max_scale * self.native_px
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SIDE_PX <= v <= limit and v % 8 == 0
-                   for v in (width, height)):
+        if not base.size_ok(width, height, self.native_px, self.max_scale):
             return gr.skip()
         try:
             return self.condition_map(image, condition, width, height, canny_low, canny_high, PREVIEW_MAX_SIDE)

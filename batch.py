@@ -52,7 +52,6 @@ LOCK = ".elastic_diffusion.lock"
 MERGE_EVERY_S = 30.0  # how stale manifest.jsonl may get while a job runs (each merge rewrites it whole)
 POLL_S = 1.0  # how often the main process reads the other processes' records while it waits for them
 SLUG_CHARS = 40  # the prompt's part of a file name
-MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's largest seed
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
 # Other spellings people will type, and where they belong.
@@ -224,7 +223,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
                 raise ValueError(f"negative_prompt must be a string; got {negative!r}")
             index = len(items)
             # The batch's own integer fields: the plan needs them, so they are checked up front.
-            seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, MAX_SEED, integer=True)
+            seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, ed.MAX_SEED, integer=True)
             count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
         except ValueError as error:
             errors.append(f"{where}: {error}")

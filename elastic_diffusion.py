@@ -93,6 +93,7 @@ DEMO_PRESETS = [
 # quality is not validated.
 MAX_SCALE = 2
 MIN_SIDE_PX = 128  # the demo's smallest size; below it the image is mostly padding
+MAX_SEED = 2 ** 32 - 1  # seeds the CLI, the demos, batch and cog accept (the range a blank seed is drawn from)
 
 # --------------------------------------------------------------------------------------------------
 # The knobs table: every knob's rule, default, CLI flag and demo widget, in one place
@@ -285,7 +286,8 @@ def settings_for(width: int, height: int, native_px: int, **explicit) -> dict:
 
 
 def apply_drop_p(knobs: dict, drop_p: float | None) -> dict:
-    """`knobs` with `new_p` from the official spelling `drop_p` = 1 - new_p (when given); ValueError if both disagree."""
+    """`knobs` with `new_p` from the official spelling `drop_p` = 1 - new_p (when given); ValueError if both
+    disagree."""
     if drop_p is None:
         return knobs
     new_p = knobs.get("new_p")

@@ -31,8 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import elastic_diffusion as ed
 from elastic_diffusion import ElasticDiffusion, Region, Run
 
-# Default ControlNets per condition and base-model family (docs/method.md#controlnet-variant); any other hub id or folder
-# is accepted.
+# Default ControlNets per condition and base-model family (docs/method.md#controlnet-variant); any other hub id or
+# folder is accepted.
 CONTROLNET_IDS = {
     "canny": {"sdxl": "diffusers/controlnet-canny-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-canny"},
     "depth": {"sdxl": "diffusers/controlnet-depth-sdxl-1.0", "sd": "lllyasviel/sd-controlnet-depth"},

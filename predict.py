@@ -30,7 +30,6 @@ from PIL import ExifTags, Image
 import elastic_diffusion as ed
 
 MAX_OUTPUTS = 4  # images per request: they run as one batch, so this bounds a request's time and memory
-MAX_SEED = 2 ** 32 - 1  # the seed Input's `le`, the range the sampler draws a blank seed from
 WEBP_LOSSLESS_QUALITY = 100  # output_quality 100 writes lossless WebP; below it, lossy at that quality
 
 
@@ -43,7 +42,9 @@ def check_request(inputs: dict, sampler) -> dict:
     """
     ed.check_size(inputs["height"], inputs["width"], sampler.native_px, sampler.vae_scale_factor, sampler.max_scale)
     seed = inputs["seed"]
-    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else ed.check_number("seed", seed, 0, MAX_SEED, integer=True)
+    if seed is None:
+        seed = secrets.randbelow(ed.MAX_SEED + 1)
+    ed.check_number("seed", seed, 0, ed.MAX_SEED, integer=True)
     ed.check_number("num_outputs", inputs["num_outputs"], 1, MAX_OUTPUTS, integer=True)
     if inputs["output_format"] not in ("png", "webp"):
         raise ValueError(f"output_format must be png or webp; got {inputs['output_format']!r}")

@@ -204,7 +204,6 @@ def check_knob_inputs(inputs: dict, knobs, defaults: dict) -> None:
 
 
 def test_schema_has_one_input_per_method_knob():
-    import app_gradio as app
     import predict
 
     inputs = cog_schema("predict")
@@ -213,7 +212,7 @@ def test_schema_has_one_input_per_method_knob():
     check_knob_inputs(inputs, ed.method_knobs(), {})
     for side in ("width", "height"):
         assert (inputs[side].ge, inputs[side].le) == (ed.MIN_SIDE_PX, ed.MAX_SCALE * 8 * SDXL_LATENT)
-    assert (inputs["seed"].ge, inputs["seed"].le, inputs["seed"].default) == (0, app.MAX_SEED, None)
+    assert (inputs["seed"].ge, inputs["seed"].le, inputs["seed"].default) == (0, ed.MAX_SEED, None)
     assert (inputs["num_outputs"].ge, inputs["num_outputs"].le) == (1, predict.MAX_OUTPUTS)
     assert inputs["negative_prompt"].default == ed.DEFAULT_NEGATIVE_PROMPT
     assert inputs["prompt"].default in {p["prompt"] for p in ed.DEMO_PRESETS}
