@@ -614,7 +614,7 @@ class GenerationResult:
     gallery: list[tuple[str, str]]  # (PNG path, caption)
     seed: int
     summary: str  # markdown: time, UNet evaluations, settings
-    info: dict
+    info: ed.GenerationInfo
     look_inside: LookInside | None = None
 
     def outputs(self) -> tuple:
@@ -677,12 +677,12 @@ def _free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def public_record(info: dict) -> dict:
+def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
     """The run's info with the model and ControlNet by name, not by server path (for metadata and pages)."""
-    settings = dict(info["settings"])
+    settings = dict(info.settings)
     if "controlnet_model" in settings:
         settings["controlnet_model"] = public_name(settings["controlnet_model"])
-    return dict(info, model=public_name(info["model"]), settings=settings)
+    return dataclasses.replace(info, model=public_name(info.model), settings=settings)
 
 
 def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
@@ -736,7 +736,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
 
     Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
     stages. `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder,
-    request, info)`, if given, runs before the PNGs are written: it may amend `info["settings"]` (the
+    request, info)`, if given, runs before the PNGs are written: it may amend `info.settings` (the
     metadata) and returns more (path, caption) items for the gallery, shown after the image (e.g. a
     condition map).
     """
@@ -764,8 +764,8 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
                 sampler, request.prompt, request.negative_prompt, request.height, request.width, steps,
                 request.knobs["guidance_scale"], request.seed, progress=False,
                 callback_on_step_end=run.steps("Plain generation", steps))
-            plain = (plain_images[0], plain_info["settings"])
-            info["plain_seconds"] = time.perf_counter() - tic
+            plain = (plain_images[0], plain_info.settings)
+            info.timings["plain"] = time.perf_counter() - tic
     except ValueError as error:
         raise refuse(scrub_paths(str(error))) from error
     except torch.OutOfMemoryError as error:
@@ -779,7 +779,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         run.stage("look_inside", 0, 1)
         tic = time.perf_counter()
         look_inside = save_look_inside(folder, request, recording, info)
-        info["timings"]["look_inside"] = time.perf_counter() - tic
+        info.timings["look_inside"] = time.perf_counter() - tic
     result = save_results(folder, request, images[0], info, plain, sampler.native_px)
     result.gallery.extend(extra)
     result.look_inside = look_inside
@@ -793,7 +793,8 @@ def look_inside_steps(num_inference_steps: int) -> str:
     return "all" if every == 1 else f"every:{every}"
 
 
-def save_look_inside(folder: RequestFolder, request: GenerationRequest, recording, info: dict) -> LookInside:
+def save_look_inside(folder: RequestFolder, request: GenerationRequest, recording,
+                     info: ed.GenerationInfo) -> LookInside:
     """Draw a recording (`pca_diffusion_scores.Recording`) into the request's folder: the contact sheet and the
     window overlay as PNGs with the run's metadata (`info`: the public record, no server paths), the
     animation as a WebP; and the caption (docs/look-inside.md)."""
@@ -802,8 +803,8 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
 
     def png(picture, kind: str) -> str:
         path = folder.file(f"look_inside_{kind}_seed{request.seed}_{size}.png")
-        metadata = png_metadata(dict(record, settings=dict(record["settings"], image=kind)), request.prompt,
-                                request.negative_prompt)
+        metadata = png_metadata(dataclasses.replace(record, settings=dict(record.settings, image=kind)),
+                                request.prompt, request.negative_prompt)
         return save_png(picture, path, metadata)
 
     sheet = png(pca.contact_sheet(recording, basis), "sheet")
@@ -820,8 +821,8 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
     return LookInside(sheet, animation, windows, caption)
 
 
-def save_results(folder: RequestFolder, request: GenerationRequest, image, info: dict, plain: tuple | None,
-                 native_px: int) -> GenerationResult:
+def save_results(folder: RequestFolder, request: GenerationRequest, image, info: ed.GenerationInfo,
+                 plain: tuple | None, native_px: int) -> GenerationResult:
     """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
     size = f"{request.width}x{request.height}"
     path = folder.file(f"elastic_seed{request.seed}_{size}.png")
@@ -830,32 +831,32 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
     if plain is not None:
         plain_image, plain_settings = plain
         plain_path = folder.file(f"plain_seed{request.seed}_{size}.png")
-        save_png(plain_image, plain_path, png_metadata(dict(info, settings=plain_settings), request.prompt,
-                                                       request.negative_prompt))
+        save_png(plain_image, plain_path, png_metadata(dataclasses.replace(info, settings=plain_settings),
+                                                       request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
     return GenerationResult(gallery, request.seed, summarize(info, request, native_px), info)
 
 
-def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
+def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
     """Markdown: the time taken (every stage), the UNet evaluations and what they cost next to a plain image."""
-    s, timings = info["settings"], info["timings"]
+    s, timings = info.settings, info.timings
     plain_cost = 2 * s["num_inference_steps"]  # one conditional and one unconditional sample per step
     split = ", ".join(f"{label} {timings[key]:.1f} s" for key, label in TIMING_LABELS.items() if key in timings)
     lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** ({split})",
-             f"**{info['unet_samples']:,} UNet evaluations** (native-size samples) in {info['unet_calls']:,} calls, "
-             f"{info['unet_samples'] / plain_cost:.1f}× a plain {native_px}² image",
+             f"**{info.unet_samples:,} UNet evaluations** (native-size samples) in {info.unet_calls:,} calls, "
+             f"{info.unet_samples / plain_cost:.1f}× a plain {native_px}² image",
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
              f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
              f"view batch {s['view_batch_size']}"]
     if "controlnet_model" in s:  # the ControlNet demo's sampler
         canny = f" {s['canny_low']}/{s['canny_high']}" if s.get("condition") == "canny" else ""
         lines.append(f"ControlNet `{public_name(s['controlnet_model'])}`: {s['condition']}{canny} map, scale "
-                     f"{s['controlnet_conditioning_scale']:g}, {info.get('controlnet_samples', 0):,} ControlNet "
+                     f"{s['controlnet_conditioning_scale']:g}, {getattr(info, 'controlnet_samples', 0):,} ControlNet "
                      f"evaluations; map made in {timings.get('condition', 0):.2f} s")
-    if info.get("peak_memory_gib") is not None:
-        lines.append(f"peak GPU memory {info['peak_memory_gib']:.1f} GiB")
-    if "plain_seconds" in info:
-        lines.append(f"plain comparison: {plain_cost} UNet evaluations at full size, {info['plain_seconds']:.1f} s")
+    if info.peak_memory_gib is not None:
+        lines.append(f"peak GPU memory {info.peak_memory_gib:.1f} GiB")
+    if "plain" in timings:
+        lines.append(f"plain comparison: {plain_cost} UNet evaluations at full size, {timings['plain']:.1f} s")
     if "look_inside" in timings:
         lines.append(f"look inside: pictures drawn in {timings['look_inside']:.1f} s")
     return "  \n".join(lines)

@@ -238,15 +238,15 @@ class ImageToImageApp(base.TextToImageApp):
 
     @staticmethod
     def _save_condition(control: ControlRequest, folder: base.RequestFolder, request,
-                        info: dict) -> list[tuple[str, str]]:
+                        info) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
-        info["settings"]["condition_image"] = control.name  # the sampler saw a decoded image, not a file
-        condition_map = info["condition_image"]
+        info.settings["condition_image"] = control.name  # the sampler saw a decoded image, not a file
+        condition_map = info.condition_image
         if control.condition in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
         path = folder.file(f"condition_{control.condition}_seed{request.seed}_{size}.png")
-        record = dict(info, settings=dict(info["settings"], image="condition map"))
+        record = dataclasses.replace(info, settings=dict(info.settings, image="condition map"))
         save_png(condition_map, path, png_metadata(record, request.prompt, request.negative_prompt))
         thresholds = f" {control.canny_low}/{control.canny_high}" if control.condition == "canny" else ""
         return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]

@@ -87,7 +87,7 @@ class LineKeys:
     `check` reads an item's values and never changes them.
     """
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
-    settings: Callable[[dict], dict]  # values -> what a generation records of them (`info["settings"]`)
+    settings: Callable[[dict], dict]  # values -> what a generation records of them (`info.settings`)
     paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
 
 
@@ -386,13 +386,12 @@ class RecordReader:
 
 
 def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
-    """The PNG record (`elastic_diffusion.metadata_record`) image k of `item` gets, less the memory knobs, which
-    never change an image."""
+    """The PNG record (`GenerationInfo.record`) image k of `item` gets, less the memory knobs, which never change
+    an image."""
     settings = dict(item.settings, width=item.width, height=item.height)
     if line_keys is not None:
         settings.update(line_keys.settings(item.extra))
-    return ed.metadata_record(dict(seed=item.seed, model=model, settings=settings), item.prompt, item.negative_prompt,
-                              k)
+    return ed.GenerationInfo(settings, item.seed, model).record(item.prompt, item.negative_prompt, k)
 
 
 def png_record(path: str) -> dict | None:
@@ -487,8 +486,8 @@ def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_ou
     except Exception as error:  # noqa: BLE001 (one broken item must not end a 10,000-image job)
         logger.exception("item %d (line %d) failed", item.index, item.line)
         return item_records(item, outdir, model, rank, "error", f"{type(error).__name__}: {error}")
-    return item_records(item, outdir, model, rank, "ok", settings=info["settings"],
-                        seconds=time.perf_counter() - tic, unet_samples=info["unet_samples"])
+    return item_records(item, outdir, model, rank, "ok", settings=info.settings,
+                        seconds=time.perf_counter() - tic, unet_samples=info.unet_samples)
 
 
 class Progress:

@@ -641,10 +641,10 @@ def downsample_groups(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 class Cost(NamedTuple):
     """What one generation costs, counted as the sampler counts it (`info`)."""
-    samples: int  # native-size UNet samples: one D x D latent through the UNet (info["unet_samples"])
-    calls: int  # UNet calls (info["unet_calls"])
-    vae_encodes: int  # background strips encoded (info["vae_encodes"])
-    views: int  # V, the local views (info["num_views"])
+    samples: int  # native-size UNet samples: one D x D latent through the UNet (info.unet_samples)
+    calls: int  # UNet calls (info.unet_calls)
+    vae_encodes: int  # background strips encoded (info.vae_encodes)
+    views: int  # V, the local views (info.num_views)
     reference_samples: int  # of `samples`: the reference passes' [neg; pos] pairs
     local_samples: int  # of `samples`: the local views
     samples_per_main_pass: int
@@ -938,6 +938,36 @@ class ScoreEstimate(NamedTuple):
     reference_uncond: torch.Tensor  # eps(x_ref, neg) of the last pass (B, C, h, w)
 
 
+METADATA_IDENTITY = ("prompt", "negative_prompt", "seed", "image_index", "model")  # a record's fields before settings
+
+
+@dataclass
+class GenerationInfo:
+    """What one generation did, as `generate` returns it beside the images: the settings and seed that reproduce
+    it, and its cost. `info["seed"]` reads a field too (the official README's `verbose_info["seed"]`)."""
+    settings: dict  # every method knob used, the size and view_batch_size; an extension's settings after them
+    seed: int | None  # None when the caller passed a generator
+    model: str  # sd_version as given: a key, a hub id or a local path (`public_name` before a stranger sees it)
+    reference_size: tuple[int, int] = (0, 0)  # latent (h, w)
+    num_views: int = 0  # V, the local views
+    unet_samples: int = 0  # native-size latents through the UNet (the cost model's `samples`)
+    unet_calls: int = 0
+    vae_encodes: int = 0  # background strips encoded
+    unet_batch_sizes: dict = field(default_factory=dict)  # samples per call -> calls
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+    peak_memory_gib: float | None = None  # CUDA runs only
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def record(self, prompt: str, negative_prompt: str, index: int = 0) -> dict:
+        """The JSON record that reproduces image `index` (`png_metadata`), also what a batch job expects of a PNG
+        it skips: METADATA_IDENTITY's fields, then `settings`, every method knob in KNOBS' order, the size, the
+        memory knobs, an extension's settings."""
+        return dict(prompt=prompt, negative_prompt=negative_prompt, seed=self.seed, image_index=index,
+                    model=self.model, **self.settings)  # a setting named like one of these is a TypeError
+
+
 class GenerationCancelled(RuntimeError):
     """Raised from `callback_on_step_end` (or when it returns {"cancel": True}) to stop a run."""
 
@@ -1052,6 +1082,8 @@ class ElasticDiffusion:
     `Run`. Several threads may generate with one sampler at once (each gets exactly its
     single-threaded result); low-VRAM runs and `set_low_vram` take the sampler alone.
     """
+
+    info_class = GenerationInfo  # what `generate` returns beside the images; an extension may add fields
 
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
                  view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
@@ -1510,9 +1542,9 @@ class ElasticDiffusion:
                 self.finish_run(run)
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
         run.timings["total"] = time.perf_counter() - t_start
-        info = dict(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
-                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(run.views),
-                    **run.counters, timings=run.timings, peak_memory_gib=peak)
+        info = self.info_class(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
+                               seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(run.views),
+                               **run.counters, timings=run.timings, peak_memory_gib=peak)
         return images, info
 
     @staticmethod
@@ -1697,24 +1729,10 @@ ElasticDiffusion.generate.__doc__ += "\n        Method knobs:\n\n" + "".join(
 # --------------------------------------------------------------------------------------------------
 
 
-METADATA_IDENTITY = ("prompt", "negative_prompt", "seed", "image_index", "model")  # a record's fields before settings
-
-
-def metadata_record(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict:
-    """The JSON record that reproduces an image (`png_metadata`), also what a batch job expects of a PNG it skips.
-
-    The record holds METADATA_IDENTITY's fields (prompt, seed, model, ...), then `info["settings"]`: every
-    method knob of the run in KNOBS' order (as `recommended_settings` lists them), the size, the memory knobs,
-    an extension's settings.
-    """
-    return dict(prompt=prompt, negative_prompt=negative_prompt, seed=info["seed"], image_index=index,
-                model=info["model"], **info["settings"])  # a setting named like one of these is a TypeError
-
-
-def png_metadata(info: dict, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
-    """Text chunks that reproduce an image: the JSON record (`metadata_record`) and an A1111-style 'parameters'
-    line."""
-    record = metadata_record(info, prompt, negative_prompt, index)
+def png_metadata(info: GenerationInfo, prompt: str, negative_prompt: str, index: int = 0) -> dict[str, str]:
+    """Text chunks that reproduce an image: the JSON record (`GenerationInfo.record`) and an A1111-style
+    'parameters' line."""
+    record = info.record(prompt, negative_prompt, index)
     line = f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(
         f"{k}: {v}" for k, v in record.items() if k not in ("prompt", "negative_prompt"))
     return {"elastic_diffusion": json.dumps(record), "parameters": line}
@@ -1755,7 +1773,7 @@ def save_png(image, path: str, metadata: dict[str, str]) -> str:
 
 
 def generate_and_save(pipe, stem: str, prompt: str, negative_prompt: str, extra_outputs: Callable | None = None,
-                      **call) -> tuple[list[str], dict]:
+                      **call) -> tuple[list[str], GenerationInfo]:
     """Generate one request with `pipe(prompt, negative_prompt, **call)` and save image k as `{stem}_{k}.png`,
     each output of `extra_outputs(info)` as `{stem}_{name}.png`, all with the metadata that reproduces them.
 
@@ -1899,8 +1917,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         sys.exit(f"error: {error}")
     for path in paths:
         print(path)
-    logger.info("UNet samples %d in %d calls, timings %s", info["unet_samples"], info["unet_calls"],
-                {k: round(v, 2) for k, v in info["timings"].items()})
+    logger.info("UNet samples %d in %d calls, timings %s", info.unet_samples, info.unet_calls,
+                {k: round(v, 2) for k, v in info.timings.items()})
     return paths
 
 

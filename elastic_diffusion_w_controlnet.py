@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -144,7 +145,7 @@ def check_control_request(c: dict, read_image: bool = True) -> None:
 
 
 def control_settings(controlnet_model: str, c: dict) -> dict:
-    """What a generation records of its ControlNet arguments (`info["settings"]`, the PNG metadata)."""
+    """What a generation records of its ControlNet arguments (`info.settings`, the PNG metadata)."""
     source = os.fspath(c["source"]) if isinstance(c["source"], (str, os.PathLike)) else "PIL image"
     canny = dict(canny_low=c["low"], canny_high=c["high"]) if c["condition"] == "canny" else {}
     return dict(controlnet_model=controlnet_model, condition=c["condition"],
@@ -173,6 +174,17 @@ def _encoded_condition(controlnet, encoded: torch.Tensor):
         controlnet.controlnet_cond_embedding = encoder
 
 
+@dataclasses.dataclass
+class ControlNetInfo(ed.GenerationInfo):
+    """`GenerationInfo` plus the condition map the run followed and the ControlNet's own counts."""
+    condition_image: Image.Image | None = None  # the condition map at the output size
+    controlnet_calls: int = 0
+    controlnet_samples: int = 0  # native-size latents through the ControlNet (as many as through the UNet)
+    controlnet_reference_samples: int = 0
+    controlnet_local_samples: int = 0
+    controlnet_condition_encodings: int = 0  # condition maps embedded (1 for the reference, then one per view)
+
+
 class ElasticDiffusionControlNet(ElasticDiffusion):
     """ElasticDiffusion whose every UNet call gets a ControlNet's residuals for that sample's region.
 
@@ -182,6 +194,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         depth_model: transformers depth-estimation model id or folder for `condition='depth'` (loaded on first
             use, on the CPU in low-VRAM mode), or a ready callable such as a transformers pipeline.
     """
+
+    info_class = ControlNetInfo
 
     def __init__(self, device=None, sd_version: str = "XL1.0", controlnet_model="canny",
                  depth_model=DEFAULT_DEPTH_MODEL, low_vram: bool = False, allow_pickle: bool = False, **kwargs):
@@ -370,15 +384,15 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         condition_image: file path or PIL image (any mode, EXIF orientation applied, at most 64 MP); it is scaled
         to cover the output size and centre-cropped (nothing stretched or letterboxed). condition: 'canny',
         'depth', or 'image'/'none' for a ready-made edge or depth map (default: the ControlNet's type, 'image'
-        for custom ids); it is extracted once, at the output size. `info["condition_image"]` is that map (PIL).
+        for custom ids); it is extracted once, at the output size. `info.condition_image` is that map (PIL).
         """
         control = control_request(condition_image, condition or self.default_condition,
                                   controlnet_conditioning_scale, canny_low, canny_high)
         self.check_control(control)
         images, info = super().generate(prompt, negative_prompt, height, width, *args, extras={"control": control},
                                         **kwargs)
-        info["settings"].update(control_settings(self.controlnet_model, control))
-        info["condition_image"], info["timings"]["condition"] = control["pil"], control["seconds"]
+        info.settings.update(control_settings(self.controlnet_model, control))
+        info.condition_image, info.timings["condition"] = control["pil"], control["seconds"]
         return images, info
 
 
@@ -409,7 +423,7 @@ def main(argv=None) -> list[str]:
     args = parser.parse_args(argv)
     make = lambda: ElasticDiffusionControlNet(controlnet_model=args.controlnet_model,  # noqa: E731
                                               depth_model=args.depth_model, **ed.sampler_kwargs(args))
-    extra = (lambda info: [("condition", info["condition_image"])]) if args.save_condition else None
+    extra = (lambda info: [("condition", info.condition_image)]) if args.save_condition else None
     request = lambda: control_request(args.condition_image, args.condition or default_condition(  # noqa: E731
         args.controlnet_model), args.controlnet_conditioning_scale, args.canny_low, args.canny_high)
     return ed.run_cli(parser, args, make, {name: getattr(args, name) for name in CONTROL_ARGS}, extra,

@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -142,7 +143,7 @@ class Recording:
     reference_direction: torch.Tensor | None
     x0_preview: torch.Tensor
     image_pt: torch.Tensor
-    info: dict
+    info: ed.GenerationInfo
     views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
     reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
     vae_scale_factor: int
@@ -233,9 +234,9 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
             if hook is not None:
                 hook.remove()
     f = sampler.vae_scale_factor
-    info = dict(settings=dict(method="plain DDIM", width=width, height=height,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
-                seed=seed, model=str(sampler.sd_version), reference_size=(height // f, width // f), num_views=0)
+    info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
+                             seed, str(sampler.sd_version), reference_size=(height // f, width // f))
     return images, info
 
 
@@ -344,16 +345,16 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     if method == "plain":
         images, info = _record_plain(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
                                      callback_on_step_end, progress)
-        views, reference = [], info["reference_size"]
+        views, reference = [], info.reference_size
     else:
         images, info = _record_elastic(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
                                        callback_on_step_end, progress, generate_kwargs)
         f = sampler.vae_scale_factor
-        views = ed.local_views(height // f, width // f, sampler.native_latent, info["settings"]["patch_size"])
-        reference = tuple(info["reference_size"])
+        views = ed.local_views(height // f, width // f, sampler.native_latent, info.settings["patch_size"])
+        reference = tuple(info.reference_size)
     image = images[0].float().cpu()
     maps = recorder.maps
-    previews = (decoded_previews(sampler, maps["x0"], bool(info["settings"].get("tiled_decoder")))
+    previews = (decoded_previews(sampler, maps["x0"], bool(info.settings.get("tiled_decoder")))
                 if decode_x0 else linear_previews(maps["x0"], recorder.final_latent, image, sampler.vae_scale_factor))
     return Recording(method=method, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                      timesteps=recorder.timesteps, num_inference_steps=settings["num_inference_steps"],
@@ -550,9 +551,9 @@ def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
 
 
 def sheet_title(recording: Recording, basis: str) -> str:
-    s = recording.info["settings"]
+    s = recording.info.settings
     name = "plain CFG-DDIM" if recording.method == "plain" else "ElasticDiffusion"
-    return f"{name} {s['width']}x{s['height']}\nseed {recording.info['seed']}, PCA basis {basis}"
+    return f"{name} {s['width']}x{s['height']}\nseed {recording.info.seed}, PCA basis {basis}"
 
 
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
@@ -669,7 +670,7 @@ def overlay_legend(views: Sequence, reference_size: tuple[int, int], vae_scale_f
 
 def describe(recording: Recording, basis: str = "shared") -> str:
     """One paragraph saying what the contact sheet and the animation show."""
-    s = recording.info["settings"]
+    s = recording.info.settings
     colours = ("one basis for all steps, so a colour means the same thing from step to step" if basis == "shared"
                else "a basis per step, so colours are not comparable across steps")
     if recording.method == "plain":
@@ -698,10 +699,10 @@ def write_bytes(path: str, data: bytes) -> str:
     return ed.write_atomically(path, lambda f: f.write(data))
 
 
-def pca_record(info: dict, recording: Recording, basis: str) -> dict:
+def pca_record(info: ed.GenerationInfo, recording: Recording, basis: str) -> ed.GenerationInfo:
     """The run's record `info` with what the pictures show added to its settings: method, basis, kept steps."""
-    return dict(info, settings=dict(info["settings"], pca_method=recording.method, pca_basis=basis,
-                                    pca_steps=recording.steps))
+    return dataclasses.replace(info, settings=dict(info.settings, pca_method=recording.method, pca_basis=basis,
+                                                   pca_steps=recording.steps))
 
 
 def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:

@@ -17,6 +17,7 @@ The checks are the sampler's (`check_size`, `check_prompt`, each knob's row of t
 needs neither Gradio nor the demos.
 """
 import atexit
+import dataclasses
 import os
 import secrets
 import shutil
@@ -129,9 +130,9 @@ class Predictor(BasePredictor):
             raise RuntimeError(f"Out of GPU memory at {call['width']}x{call['height']} with num_outputs="
                                f"{call['num_images_per_prompt']}: try fewer num_outputs, tiled_decoder=true or a "
                                "smaller width/height") from error
-        info["model"] = ed.public_name(info["model"])  # no server path in the files
-        settings = info["settings"]
-        settings.update(names or {})
+        info = dataclasses.replace(info, model=ed.public_name(info.model),  # no server path in the files
+                                   settings={**info.settings, **(names or {})})
+        settings = info.settings
         print("Settings: " + ", ".join(f"{k.name}={settings[k.name]}" for k in ed.method_knobs()))
         for entry in os.scandir(self.output_root):
             shutil.rmtree(entry.path, ignore_errors=True)

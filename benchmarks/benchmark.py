@@ -471,7 +471,7 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
     reserved = (torch.cuda.max_memory_reserved(sampler.device) / 2 ** 30
                 if sampler.device.type == "cuda" else None)  # generate reset the peak at its start
 
-    batch_sizes = {int(size): count for size, count in sorted(info["unet_batch_sizes"].items())}
+    batch_sizes = {int(size): count for size, count in sorted(info.unet_batch_sizes.items())}
     graphs = compiled_graphs()
     if costs is not None and not sampler.low_vram:
         per_sample_costs(sampler.unet, sorted(batch_sizes), sampler.device, sampler.dtype, args.floor_iters,
@@ -481,26 +481,26 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
     used_floor = calls_floor(batch_sizes, used)
 
     per_sample = floor["best_per_sample_s"]
-    floor_s = info["unet_samples"] * per_sample
+    floor_s = info.unet_samples * per_sample
     result = dict(
         preset=index, width=width, height=height, resampling_steps=R, new_p=request["new_p"],
         rrg_init_weight=request["rrg_init_weight"], steps=args.steps, batch=args.batch, patch_size=patch,
         view_batch_size=args.view_batch_size, low_vram=bool(sampler.low_vram), compiled=bool(sampler.compiled),
-        num_views=info.get("num_views"), reference_size=list(info.get("reference_size") or ()),
-        unet_samples=info["unet_samples"], unet_calls=info["unet_calls"], vae_encodes=info["vae_encodes"],
+        num_views=info.num_views, reference_size=list(info.reference_size),
+        unet_samples=info.unet_samples, unet_calls=info.unet_calls, vae_encodes=info.vae_encodes,
         unet_batch_sizes={str(size): count for size, count in batch_sizes.items()},
         expected=expected,
-        samples_match=info["unet_samples"] == expected["samples"],
-        calls_match=info["unet_calls"] == expected["calls"],
-        views_match=info.get("num_views") == expected["V"],
-        encodes_match=info["vae_encodes"] == expected["vae_encodes"],
+        samples_match=info.unet_samples == expected["samples"],
+        calls_match=info.unet_calls == expected["calls"],
+        views_match=info.num_views == expected["V"],
+        encodes_match=info.vae_encodes == expected["vae_encodes"],
         warmup_s=warm_s, warmup_graphs_compiled=warm_graphs if sampler.compiled else None,
         graphs_compiled_in_timed_run=timed_graphs if sampler.compiled else None,
         graphs_compiled_timing_the_unet=timing_graphs if sampler.compiled else None,
-        wall_s=wall, timings=info["timings"], decode_s=info["timings"].get("decode"),
-        peak_memory_gib=info["peak_memory_gib"], peak_reserved_gib=reserved,
+        wall_s=wall, timings=info.timings, decode_s=info.timings.get("decode"),
+        peak_memory_gib=info.peak_memory_gib, peak_reserved_gib=reserved,
         floor_s=floor_s, ratio=wall / floor_s if floor_s else None,
-        denoise_ratio=info["timings"]["denoise"] / floor_s if floor_s else None,
+        denoise_ratio=info.timings["denoise"] / floor_s if floor_s else None,
         per_sample_at_used_batches_s={str(size): cost for size, cost in used.items()},
         calls_floor_s=used_floor, ratio_to_calls_floor=wall / used_floor if used_floor else None,
         plain_cfg_samples=expected["plain_cfg_samples"],
@@ -511,14 +511,14 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
         result["plain_cfg_est_s"] = expected["plain_cfg_samples"] * floor["per_sample_s"][two_b]
     if compiled_per_sample is not None:
         result.update(compiled_per_sample_s=compiled_per_sample,
-                      compiled_floor_s=info["unet_samples"] * compiled_per_sample,
-                      ratio_compiled=wall / (info["unet_samples"] * compiled_per_sample))
+                      compiled_floor_s=info.unet_samples * compiled_per_sample,
+                      ratio_compiled=wall / (info.unet_samples * compiled_per_sample))
     reference = REFERENCE_SDXL.get((width, height)) if args.model == "sdxl" else None
     if reference and args.steps == 50 and args.batch == 1 and args.mode == "gpu":
         result["reference_h200"] = reference
     shown_used = ", ".join(f"{size}: {'-' if cost is None else f'{1000 * cost:.2f}'}" for size, cost in used.items())
-    print(f"  samples {info['unet_samples']} (expected {expected['samples']}), calls {info['unet_calls']} "
-          f"(expected {expected['calls']}), VAE encodes {info['vae_encodes']}, wall {wall:.2f} s, "
+    print(f"  samples {info.unet_samples} (expected {expected['samples']}), calls {info.unet_calls} "
+          f"(expected {expected['calls']}), VAE encodes {info.vae_encodes}, wall {wall:.2f} s, "
           f"floor {floor_s:.2f} s, ratio {result['ratio']:.2f}, decode {result['decode_s']:.3f} s", flush=True)
     print(f"  batch sizes {batch_sizes}, ms/sample at them {{{shown_used}}}, calls floor "
           f"{'-' if used_floor is None else f'{used_floor:.2f} s'}", flush=True)

@@ -51,7 +51,7 @@ def synthetic_recording(width: int, height: int, native_px: int, steps: int, see
         reference_direction=maps(4, h, w),
         x0_preview=torch.randint(0, 256, (steps, 3, H, W), generator=generator, dtype=torch.uint8),
         image_pt=torch.rand(3, height, width, generator=generator),
-        info=dict(settings=settings, seed=seed, model="synthetic", timings={}),
+        info=ed.GenerationInfo(settings, seed, "synthetic"),
         views=ed.local_views(H, W, native_latent, settings["patch_size"]), reference_size=(h, w),
         vae_scale_factor=f)
 

@@ -479,7 +479,7 @@ def test_an_image_on_disk_means_its_whole_request_was_saved(tmp_path, monkeypatc
     """The ControlNet's condition map is written before the images: a job stopped between the two leaves no image,
     so --resume redoes the item instead of skipping it without its map."""
     def sampler(prompt, negative_prompt, **call):
-        return [Image.new("RGB", (8, 8))] * 2, dict(seed=call["seed"], model="m", settings={})
+        return [Image.new("RGB", (8, 8))] * 2, ed.GenerationInfo({}, call["seed"], "m")
 
     def stopped_while_saving_the_map(image, path, metadata):
         if path.endswith("_condition.png"):

@@ -317,7 +317,7 @@ def test_webp_keeps_the_settings_in_exif(predictor):
 BAD_INPUTS = [
     (dict(width=1001), "width must be a multiple of 8"),
     (dict(height=4096), "height must be between 128 and 2048 pixels"),  # the sampler's check_size
-    (dict(width=64), "width must be between 128 and 2048 pixels"),
+    (dict(width=64), "width must be at least 128 pixels"),
     (dict(prompt="   "), "prompt is empty"),
     (dict(prompt="x" * 1001), "prompt is 1001 characters long"),
     (dict(seed=-1), "seed must be between 0 and 4294967295; got -1"),

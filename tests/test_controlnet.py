@@ -238,7 +238,7 @@ def test_sdxl_two_prompts(sdxl, sdxl_controlnet):
                         output_type="np", **FAST)
     assert images.shape == (2, 512, 1024, 3) and np.isfinite(images).all()
     ref, local = expected_samples(pipe, info, batch=2)
-    assert (info["controlnet_reference_samples"], info.get("controlnet_local_samples", 0)) == (ref, local) == (8, 0)
+    assert (info["controlnet_reference_samples"], info["controlnet_local_samples"]) == (ref, local) == (8, 0)
     assert info["settings"]["condition"] == "canny" and info["settings"]["controlnet_model"] == sdxl_controlnet
 
 
