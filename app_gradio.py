@@ -30,10 +30,8 @@ except ImportError:
     spaces = None
 
 import argparse
-import asyncio
 import atexit
 import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -44,7 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -52,9 +49,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
-import starlette.middleware
 import torch
-from starlette.responses import PlainTextResponse
 
 import elastic_diffusion as ed
 import pca_diffusion_scores as pca
@@ -99,16 +94,7 @@ LOOK_INSIDE_SECONDS = 2.0
 LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing stays past 65 minutes
-MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
-MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
-MAX_UPLOADS_MB = 1024  # all uploads together; beyond it the oldest go first (--max-uploads-mb)
-MULTIPART_OVERHEAD = 64 * 2 ** 10  # what an upload request adds to its one file (boundaries, headers)
-DRAIN_SECONDS = 5  # how long a refused upload's body is read (and dropped) at most
-READ_SECONDS = 10  # reading one uploaded file
-DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
-UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
-                  "gradio_client.handle_file('photo.jpg')).")
 STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",
                "condition": "Making the condition map",  # the sampler's stages before step 1 (progress text)
                "look_inside": "Drawing the look-inside pictures"}  # the app's own, after the last step
@@ -180,8 +166,6 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
     p.add_argument("--max-output-mb", type=int, default=MAX_OUTPUT_MB,
                    help="most megabytes of results and previews kept on disk; the oldest go first")
-    p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
-                   help="most megabytes of uploaded images kept on disk (apps that take one); the oldest go first")
     p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
                    help="show a preview of the image every N steps (0: no previews)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -522,48 +506,6 @@ class OutputFolders:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path != folder and os.path.commonpath([path, folder]) == folder
-
-
-def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_bytes: int = MAX_UPLOAD_BYTES,
-                seconds: float = READ_SECONDS) -> tuple[bytes, str]:
-    """The bytes of an uploaded file from Gradio's file payload ({"path": ..., "orig_name": ...}), and its name.
-
-    A client can send any path, with or without Gradio's `meta` (without it Gradio checks nothing), so
-    only a regular file whose real path lies inside one of `roots` (this app's upload folder) and
-    outside `excluded` is read: no symlink out, no FIFO, device, /proc entry or folder. It is opened
-    without following a link and without blocking, and read up to `max_bytes` within `seconds`.
-    Anything else gets UPLOAD_REFUSED, the same message whether the path exists or not.
-    """
-    path = value.get("path") if isinstance(value, dict) else None
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise refuse(UPLOAD_REFUSED)
-    real = os.path.realpath(path)
-    if not any(_inside(real, root) for root in roots) or any(_inside(real, folder) for folder in excluded):
-        raise refuse(UPLOAD_REFUSED)
-    chunks, deadline = [], time.monotonic() + seconds
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise refuse(UPLOAD_REFUSED)
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > max_bytes or time.monotonic() > deadline:
-                raise refuse(UPLOAD_REFUSED)
-            chunks.append(chunk)
-    except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
 
 
 def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
@@ -1119,55 +1061,6 @@ def configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO)
 
 
-def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
-    """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
-    `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
-    uploads = [u for u in subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
-    total = sum(size for _, size, _ in uploads)
-    for _, size, path in uploads:
-        if total <= max_bytes:
-            break
-        shutil.rmtree(path, ignore_errors=True)
-        total -= size
-
-
-class UploadLimits:
-    """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
-    (a larger or unsized body is refused with HTTP 413 and never reaches Gradio), and after each upload the
-    oldest uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a
-    request may hold many files; its cache sweep removes uploads by age only."""
-
-    def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
-        self.app, self.folder, self.keep = app, folder, keep
-        self.max_body, self.max_bytes = max_file_size + MULTIPART_OVERHEAD, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > self.max_body:
-            limit = self.max_body - MULTIPART_OVERHEAD
-            size = f"{limit / 2 ** 20:.0f} MB" if limit >= 2 ** 20 else f"{limit // 2 ** 10} KB"
-            # Answering while the client still sends closes the connection under it: the client gets a broken
-            # pipe or a reset, not the 413. So read and drop the body first, but at most another limit's
-            # worth for at most DRAIN_SECONDS; a longer or slower body is still cut off.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DRAIN_SECONDS):
-                    drained, message = 0, {"more_body": True}
-                    while message.get("more_body") and drained <= self.max_body:
-                        message = await receive()
-                        drained += len(message.get("body", b""))
-            return await PlainTextResponse(f"Upload one file of at most {size}.", status_code=413)(
-                scope, receive, send)
-
-        async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
-            if message["type"] == "http.response.start":
-                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
-            await send(message)
-
-        await self.app(scope, receive, send_when_pruned)
-
-
 def private_storage(max_output_mb: int) -> OutputFolders:
     """A folder of this process for Gradio's uploads and cache and the app's outputs, removed on exit.
 
@@ -1183,21 +1076,15 @@ def private_storage(max_output_mb: int) -> OutputFolders:
 
 
 def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
-          max_file_size: int = 0, **launch_kwargs) -> None:
+          max_file_size: int = 0, uploads: str = "none accepted", **launch_kwargs) -> None:
     """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway), launch, and
     serve until SIGTERM or SIGINT (Ctrl+C); then close and remove what the app stored.
 
     `max_file_size` is the upload limit in bytes: 0 (the default) refuses every upload, for apps that take
-    no file.
+    no file; an app that takes files says how it bounds them in `uploads` (the start-up log) and may add
+    middleware through `launch_kwargs` (`app_gradio_img2img.serve`).
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    max_uploads_mb = getattr(args, "max_uploads_mb", MAX_UPLOADS_MB)
-    if max_file_size and outputs is not None:  # the page's own files, made while it was built, are never pruned
-        folder = os.path.dirname(outputs.root)
-        keep = set(os.listdir(folder))
-        middleware = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=keep,
-                                                     max_file_size=max_file_size, max_bytes=max_uploads_mb * 2 ** 20)
-        launch_kwargs["app_kwargs"] = {"middleware": [middleware]}
     signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1213,10 +1100,7 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
         free = shutil.disk_usage(outputs.root).free
         logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
                     "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
-                    outputs.keep_seconds // 60, free / 2 ** 30,
-                    f"at most {max_file_size / 2 ** 20:.0f} MB each and "
-                    f"{max_uploads_mb} MB in all, each kept "
-                    f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
+                    outputs.keep_seconds // 60, free / 2 ** 30, uploads)
     try:
         while not signals and demo.is_running:
             time.sleep(0.2)
