@@ -1,26 +1,10 @@
-"""ElasticDiffusion text-to-image demo (Gradio): locally, on a Hugging Face Space or through a share link.
+"""ElasticDiffusion text-to-image demo (Gradio); docs/app.md says what it offers, stores and serves.
 
     python app_gradio.py                              # SDXL from the hub, http://127.0.0.1:7860
     python app_gradio.py --model /path/to/diffusers/folder --port 7861 --share --low-vram
 
-The model is loaded once at start-up and serves every request; one GPU job runs at a time and the
-others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_settings`) work from
-`gradio_client` (docs/app.md). The knobs' widgets, their validation and /generate's parameters come
-from the sampler's knobs table (`elastic_diffusion.KNOBS`).
-
-A request's path: `TextToImageApp.generate` (Gradio's generator handler) -> `parse_request` (every
-field checked) -> `stream_generation` (the sampler in a thread; previews and progress while it runs;
-cancel between steps) -> `run_generation` (the sampler, the plain comparison, the PNGs, and with "Look
-inside" the recorded scores drawn by `pca_diffusion_scores`: `save_look_inside`).
-
-Every request is treated as coming from a stranger: the text-to-image app takes no uploads, inputs
-are only files this app received (`read_upload`), slow steps are bounded in time (`within`), what the
-app writes is bounded on disk (`OutputFolders`) and removed on exit (`serve`), and nothing a visitor
-sees names a server path (`public_name`, `scrub_paths`).
-
-The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
-`build_parser`, `load_sampler`, `knob_widgets`, `knob_value`, `wire_size_presets`, `stream_generation`,
-`OutputFolders`, `read_upload`, `within`, `on_gpu` and `serve`, and subclasses `TextToImageApp`.
+A request's path: `TextToImageApp.generate` -> `parse_request` -> `stream_generation` -> `run_generation`
+(docs/app.md#how-a-request-runs). The image-to-image demo (`app_gradio_img2img.py`) imports this module.
 """
 from __future__ import annotations
 
@@ -499,11 +483,6 @@ class OutputFolders:
                     shutil.rmtree(path, ignore_errors=True)
                     total -= size
 
-    def size(self) -> int:
-        """Bytes in the outputs now."""
-        return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(self.root)
-                   for name in names)
-
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -781,7 +760,7 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
 def summarize(info: dict, request: GenerationRequest, native_px: int) -> str:
     """Markdown: the time taken (every stage), the UNet evaluations and what they cost next to a plain image."""
     s, timings = info["settings"], info["timings"]
-    plain_cost = 2 * s["num_inference_steps"]  # one conditional and one unconditional sample per step
+    plain_cost = plain_samples(request.knobs["num_inference_steps"])
     split = ", ".join(f"{label} {timings[key]:.1f} s" for key, label in TIMING_LABELS.items() if key in timings)
     lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** ({split})",
              f"**{info['unet_samples']:,} UNet evaluations** (native-size samples) in {info['unet_calls']:,} calls, "
@@ -831,13 +810,19 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
         settings["repaint"] = bool(values.get("repaint", True))
         samples = ed.unet_cost(width, height, settings, native_latent).samples
         if values.get("compare_plain"):
-            samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2
+            samples += plain_samples(settings["num_inference_steps"], width * height / native_px ** 2)
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
         return 30
     seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
     if values.get("look_inside"):
         seconds += look_inside_seconds(width, height)
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
+
+
+def plain_samples(steps: int, area: float = 1) -> float:
+    """Native-size UNet samples of a plain image of `area` times the native one: a conditional and an
+    unconditional sample per step (2 T at the native size)."""
+    return 2 * steps * area
 
 
 def look_inside_seconds(width: int, height: int) -> float:

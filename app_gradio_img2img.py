@@ -1,22 +1,12 @@
-"""ElasticDiffusion + ControlNet image-to-image demo (Gradio): an input image's edges or depth, any output size.
+"""ElasticDiffusion + ControlNet image-to-image demo (Gradio); docs/app.md says what it offers.
 
     python app_gradio_img2img.py                                     # SDXL + canny ControlNet from the hub
     python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
     python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
 
-The page, the queue, the validation, previews, cancel, ZeroGPU, the saved PNGs and "Look inside" are the
-text-to-image demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
-ControlNet scale, the Canny thresholds (rows of `CONTROLNET_KNOBS`) and a preview of the condition map.
-Named API endpoints: `/generate` (the page's inputs, the input image first) and `/condition_preview` (the
-edge or depth map that `/generate` would follow, at the output size); see docs/app.md.
-
-One ControlNet is loaded at start-up and serves every request. The condition type only chooses how the
-map is made from the input (Canny edges, depth estimation, or the image itself as a ready-made map): the
-type is switched first and the map made with it (docs/method.md#fix-condition-type-switch), and nothing
-is rebuilt per request (docs/method.md#fix-low-vram-toggle).
-
-Uploads are bounded (`UploadLimits`), input images are read only from this app's upload folder
-(`read_upload`), decoded and depth-estimated within time limits, and previews are written into the bounded outputs.
+The text-to-image demo (`app_gradio.py`, imported, not copied) plus the input image, the condition, the
+ControlNet knobs (`CONTROLNET_KNOBS`), a live condition map, and what taking uploads needs (`read_upload`,
+`UploadLimits`, `serve`).
 """
 from __future__ import annotations
 
