@@ -79,9 +79,8 @@ LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing stays past 65 minutes
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
-STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",
-               "condition": "Making the condition map",  # the sampler's stages before step 1 (progress text)
-               "look_inside": "Drawing the look-inside pictures"}  # the app's own, after the last step
+STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",  # the sampler's
+               "look_inside": "Drawing the look-inside pictures"}  # stages before step 1; the app's own after the last
 TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
                  "denoise": "denoising", "decode": "decoding"}  # the summary's time split
 PAGE_CSS = """
@@ -554,8 +553,10 @@ class RunProgress:
     """
 
     def __init__(self, progress: Callable | None = None, cancelled: threading.Event | None = None,
-                 on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter):
+                 on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter,
+                 stage_names: dict[str, str] = STAGE_NAMES):
         self.progress, self.cancelled, self.on_x0, self.clock = progress, cancelled, on_x0, clock
+        self.stage_names = stage_names  # the progress text of each stage (a subclass's sampler may add stages)
         self.mark = clock()
 
     def _check(self, where: str) -> None:
@@ -568,7 +569,7 @@ class RunProgress:
 
     def stage(self, stage: str, done: int, total: int) -> None:
         """The sampler's `callback_on_stage`: the preparation before step 1."""
-        name = STAGE_NAMES.get(stage, stage)
+        name = self.stage_names.get(stage, stage)
         self._check(f"while {name.lower()}")
         self.mark = self.clock()
         self._show(done, total, f"{name} ({done}/{total})" if total > 1 else name)
@@ -607,7 +608,8 @@ def public_record(info: dict) -> dict:
 
 
 def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
-                      preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
+                      preview_every: int = PREVIEW_EVERY, stage_names: dict[str, str] = STAGE_NAMES,
+                      **run_kwargs) -> Iterator[tuple]:
     """Run one validated request; yield /generate's outputs (`GenerationResult.outputs`): a preview every
     `preview_every` steps, then the result. `run_kwargs` go to `run_generation`.
 
@@ -627,7 +629,8 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
 
     def work() -> GenerationResult:
         try:
-            return run_generation(sampler, request, folder, RunProgress(progress, cancelled, preview), **run_kwargs)
+            run = RunProgress(progress, cancelled, preview, stage_names=stage_names)
+            return run_generation(sampler, request, folder, run, **run_kwargs)
         finally:
             folder.close()
 
@@ -877,6 +880,7 @@ class TextToImageApp:
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
     plain_comparison = True
     cost_factor = 1.0  # the GPU cost of one UNet sample, relative to the UNet alone (ZeroGPU's duration)
+    stage_names = STAGE_NAMES  # the progress text of the sampler's stages before step 1
     # /generate's parameters around the knobs table's, in the order positional clients send them (new ones
     # are appended, so that older positional calls keep working).
     api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
@@ -917,7 +921,7 @@ class TextToImageApp:
         self._require_model()
         request = parse_request(values, self.sampler)
         yield from stream_generation(self.sampler, request, self.outputs, progress, self.preview_every,
-                                     plain_comparison=self.plain_comparison, **run_kwargs)
+                                     self.stage_names, plain_comparison=self.plain_comparison, **run_kwargs)
 
     def _require_model(self) -> None:
         if self.sampler is None:

@@ -226,6 +226,7 @@ class ImageToImageApp(base.TextToImageApp):
              "size and centre-cropped.")
     plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
     cost_factor = CONTROLNET_COST
+    stage_names = {**base.STAGE_NAMES, "condition": "Making the condition map"}  # the ControlNet sampler's stage
     placeholder = EXAMPLE_PROMPT
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")

@@ -593,3 +593,12 @@ def test_look_inside_works_through_the_controlnet_demo(client):
     assert (meta["image"], meta["condition"], meta["condition_image"], meta["pca_steps"]) == (
         "sheet", "canny", "astronaut.jpg", [0, 1])
     assert opened(windows).width == 1024 and opened(animation).n_frames == 2
+
+
+def test_progress_names_the_controlnets_own_stage():
+    """The condition map is the ControlNet sampler's stage: the image demo names it, the text demo does not know it."""
+    shown = []
+    run = text_app.RunProgress(lambda done_total, desc: shown.append(desc), stage_names=app.ImageToImageApp.stage_names)
+    run.stage("condition", 0, 1)
+    run.stage("encode_prompt", 0, 1)
+    assert shown == ["Making the condition map", "Encoding the prompt"] and "condition" not in text_app.STAGE_NAMES
