@@ -1,26 +1,10 @@
-"""ElasticDiffusion text-to-image demo (Gradio): locally, on a Hugging Face Space or through a share link.
+"""ElasticDiffusion text-to-image demo (Gradio); docs/app.md says what it offers, stores and serves.
 
     python app_gradio.py                              # SDXL from the hub, http://127.0.0.1:7860
     python app_gradio.py --model /path/to/diffusers/folder --port 7861 --share --low-vram
 
-The model is loaded once at start-up and serves every request; one GPU job runs at a time and the
-others wait in a bounded queue. Named API endpoints (`/generate`, `/recommended_settings`) work from
-`gradio_client` (docs/app.md). The knobs' widgets, their validation and /generate's parameters come
-from the sampler's knobs table (`elastic_diffusion.KNOBS`).
-
-A request's path: `TextToImageApp.generate` (Gradio's generator handler) -> `parse_request` (every
-field checked) -> `stream_generation` (the sampler in a thread; previews and progress while it runs;
-cancel between steps) -> `run_generation` (the sampler, the plain comparison, the PNGs, and with "Look
-inside" the recorded scores drawn by `pca_diffusion_scores`: `save_look_inside`).
-
-Every request is treated as coming from a stranger: the text-to-image app takes no uploads, inputs
-are only files this app received (`read_upload`), slow steps are bounded in time (`within`), what the
-app writes is bounded on disk (`OutputFolders`) and removed on exit (`serve`), and nothing a visitor
-sees names a server path (`public_name`, `scrub_paths`).
-
-The ControlNet demo (`app_gradio_img2img.py`) imports the builders below instead of copying them:
-`build_parser`, `load_sampler`, `knob_widgets`, `knob_value`, `wire_size_presets`, `stream_generation`,
-`OutputFolders`, `read_upload`, `within`, `on_gpu` and `serve`, and subclasses `TextToImageApp`.
+A request's path: `TextToImageApp.generate` -> `parse_request` -> `stream_generation` -> `run_generation`
+(docs/app.md#how-a-request-runs). The image-to-image demo (`app_gradio_img2img.py`) imports this module.
 """
 from __future__ import annotations
 
@@ -30,10 +14,8 @@ except ImportError:
     spaces = None
 
 import argparse
-import asyncio
 import atexit
 import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -44,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -52,9 +33,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
-import starlette.middleware
 import torch
-from starlette.responses import PlainTextResponse
 
 import elastic_diffusion as ed
 import pca_diffusion_scores as pca
@@ -99,19 +78,9 @@ LOOK_INSIDE_SECONDS = 2.0
 LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing stays past 65 minutes
-MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
-MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold (the upload limit of the apps that take one)
-MAX_UPLOADS_MB = 1024  # all uploads together; beyond it the oldest go first (--max-uploads-mb)
-MULTIPART_OVERHEAD = 64 * 2 ** 10  # what an upload request adds to its one file (boundaries, headers)
-DRAIN_SECONDS = 5  # how long a refused upload's body is read (and dropped) at most
-READ_SECONDS = 10  # reading one uploaded file
-DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
-UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
-                  "gradio_client.handle_file('photo.jpg')).")
-STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",
-               "condition": "Making the condition map",  # the sampler's stages before step 1 (progress text)
-               "look_inside": "Drawing the look-inside pictures"}  # the app's own, after the last step
+STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",  # the sampler's
+               "look_inside": "Drawing the look-inside pictures"}  # stages before step 1; the app's own after the last
 TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
                  "denoise": "denoising", "decode": "decoding"}  # the summary's time split
 PAGE_CSS = """
@@ -180,8 +149,6 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
     p.add_argument("--max-output-mb", type=int, default=MAX_OUTPUT_MB,
                    help="most megabytes of results and previews kept on disk; the oldest go first")
-    p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
-                   help="most megabytes of uploaded images kept on disk (apps that take one); the oldest go first")
     p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY,
                    help="show a preview of the image every N steps (0: no previews)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -515,55 +482,8 @@ class OutputFolders:
                     shutil.rmtree(path, ignore_errors=True)
                     total -= size
 
-    def size(self) -> int:
-        """Bytes in the outputs now."""
-        return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(self.root)
-                   for name in names)
-
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path != folder and os.path.commonpath([path, folder]) == folder
-
-
-def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_bytes: int = MAX_UPLOAD_BYTES,
-                seconds: float = READ_SECONDS) -> tuple[bytes, str]:
-    """The bytes of an uploaded file from Gradio's file payload ({"path": ..., "orig_name": ...}), and its name.
-
-    A client can send any path, with or without Gradio's `meta` (without it Gradio checks nothing), so
-    only a regular file whose real path lies inside one of `roots` (this app's upload folder) and
-    outside `excluded` is read: no symlink out, no FIFO, device, /proc entry or folder. It is opened
-    without following a link and without blocking, and read up to `max_bytes` within `seconds`.
-    Anything else gets UPLOAD_REFUSED, the same message whether the path exists or not.
-    """
-    path = value.get("path") if isinstance(value, dict) else None
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise refuse(UPLOAD_REFUSED)
-    real = os.path.realpath(path)
-    if not any(_inside(real, root) for root in roots) or any(_inside(real, folder) for folder in excluded):
-        raise refuse(UPLOAD_REFUSED)
-    chunks, deadline = [], time.monotonic() + seconds
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise refuse(UPLOAD_REFUSED)
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > max_bytes or time.monotonic() > deadline:
-                raise refuse(UPLOAD_REFUSED)
-            chunks.append(chunk)
-    except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
 
 
 def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
@@ -633,8 +553,10 @@ class RunProgress:
     """
 
     def __init__(self, progress: Callable | None = None, cancelled: threading.Event | None = None,
-                 on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter):
+                 on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter,
+                 stage_names: dict[str, str] = STAGE_NAMES):
         self.progress, self.cancelled, self.on_x0, self.clock = progress, cancelled, on_x0, clock
+        self.stage_names = stage_names  # the progress text of each stage (a subclass's sampler may add stages)
         self.mark = clock()
 
     def _check(self, where: str) -> None:
@@ -647,7 +569,7 @@ class RunProgress:
 
     def stage(self, stage: str, done: int, total: int) -> None:
         """The sampler's `callback_on_stage`: the preparation before step 1."""
-        name = STAGE_NAMES.get(stage, stage)
+        name = self.stage_names.get(stage, stage)
         self._check(f"while {name.lower()}")
         self.mark = self.clock()
         self._show(done, total, f"{name} ({done}/{total})" if total > 1 else name)
@@ -686,7 +608,8 @@ def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
 
 
 def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
-                      preview_every: int = PREVIEW_EVERY, **run_kwargs) -> Iterator[tuple]:
+                      preview_every: int = PREVIEW_EVERY, stage_names: dict[str, str] = STAGE_NAMES,
+                      **run_kwargs) -> Iterator[tuple]:
     """Run one validated request; yield /generate's outputs (`GenerationResult.outputs`): a preview every
     `preview_every` steps, then the result. `run_kwargs` go to `run_generation`.
 
@@ -706,7 +629,8 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
 
     def work() -> GenerationResult:
         try:
-            return run_generation(sampler, request, folder, RunProgress(progress, cancelled, preview), **run_kwargs)
+            run = RunProgress(progress, cancelled, preview, stage_names=stage_names)
+            return run_generation(sampler, request, folder, run, **run_kwargs)
         finally:
             folder.close()
 
@@ -840,7 +764,7 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
 def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
     """Markdown: the time taken (every stage), the UNet evaluations and what they cost next to a plain image."""
     s, timings = info.settings, info.timings
-    plain_cost = 2 * s["num_inference_steps"]  # one conditional and one unconditional sample per step
+    plain_cost = plain_samples(request.knobs["num_inference_steps"])
     split = ", ".join(f"{label} {timings[key]:.1f} s" for key, label in TIMING_LABELS.items() if key in timings)
     lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** ({split})",
              f"**{info.unet_samples:,} UNet evaluations** (native-size samples) in {info.unet_calls:,} calls, "
@@ -890,13 +814,19 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
         settings["repaint"] = bool(values.get("repaint", True))
         samples = ed.unet_cost(width, height, settings, native_latent).samples
         if values.get("compare_plain"):
-            samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2
+            samples += plain_samples(settings["num_inference_steps"], width * height / native_px ** 2)
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
         return 30
     seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
     if values.get("look_inside"):
         seconds += look_inside_seconds(width, height)
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
+
+
+def plain_samples(steps: int, area: float = 1) -> float:
+    """Native-size UNet samples of a plain image of `area` times the native one: a conditional and an
+    unconditional sample per step (2 T at the native size)."""
+    return 2 * steps * area
 
 
 def look_inside_seconds(width: int, height: int) -> float:
@@ -951,6 +881,7 @@ class TextToImageApp:
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
     plain_comparison = True
     cost_factor = 1.0  # the GPU cost of one UNet sample, relative to the UNet alone (ZeroGPU's duration)
+    stage_names = STAGE_NAMES  # the progress text of the sampler's stages before step 1
     # /generate's parameters around the knobs table's, in the order positional clients send them (new ones
     # are appended, so that older positional calls keep working).
     api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
@@ -991,7 +922,7 @@ class TextToImageApp:
         self._require_model()
         request = parse_request(values, self.sampler)
         yield from stream_generation(self.sampler, request, self.outputs, progress, self.preview_every,
-                                     plain_comparison=self.plain_comparison, **run_kwargs)
+                                     self.stage_names, plain_comparison=self.plain_comparison, **run_kwargs)
 
     def _require_model(self) -> None:
         if self.sampler is None:
@@ -1120,55 +1051,6 @@ def configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO)
 
 
-def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
-    """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
-    `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
-    uploads = [u for u in subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
-    total = sum(size for _, size, _ in uploads)
-    for _, size, path in uploads:
-        if total <= max_bytes:
-            break
-        shutil.rmtree(path, ignore_errors=True)
-        total -= size
-
-
-class UploadLimits:
-    """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
-    (a larger or unsized body is refused with HTTP 413 and never reaches Gradio), and after each upload the
-    oldest uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a
-    request may hold many files; its cache sweep removes uploads by age only."""
-
-    def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
-        self.app, self.folder, self.keep = app, folder, keep
-        self.max_body, self.max_bytes = max_file_size + MULTIPART_OVERHEAD, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > self.max_body:
-            limit = self.max_body - MULTIPART_OVERHEAD
-            size = f"{limit / 2 ** 20:.0f} MB" if limit >= 2 ** 20 else f"{limit // 2 ** 10} KB"
-            # Answering while the client still sends closes the connection under it: the client gets a broken
-            # pipe or a reset, not the 413. So read and drop the body first, but at most another limit's
-            # worth for at most DRAIN_SECONDS; a longer or slower body is still cut off.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DRAIN_SECONDS):
-                    drained, message = 0, {"more_body": True}
-                    while message.get("more_body") and drained <= self.max_body:
-                        message = await receive()
-                        drained += len(message.get("body", b""))
-            return await PlainTextResponse(f"Upload one file of at most {size}.", status_code=413)(
-                scope, receive, send)
-
-        async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
-            if message["type"] == "http.response.start":
-                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
-            await send(message)
-
-        await self.app(scope, receive, send_when_pruned)
-
-
 def private_storage(max_output_mb: int) -> OutputFolders:
     """A folder of this process for Gradio's uploads and cache and the app's outputs, removed on exit.
 
@@ -1184,21 +1066,15 @@ def private_storage(max_output_mb: int) -> OutputFolders:
 
 
 def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
-          max_file_size: int = 0, **launch_kwargs) -> None:
+          max_file_size: int = 0, uploads: str = "none accepted", **launch_kwargs) -> None:
     """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway), launch, and
     serve until SIGTERM or SIGINT (Ctrl+C); then close and remove what the app stored.
 
     `max_file_size` is the upload limit in bytes: 0 (the default) refuses every upload, for apps that take
-    no file.
+    no file; an app that takes files says how it bounds them in `uploads` (the start-up log) and may add
+    middleware through `launch_kwargs` (`app_gradio_img2img.serve`).
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    max_uploads_mb = getattr(args, "max_uploads_mb", MAX_UPLOADS_MB)
-    if max_file_size and outputs is not None:  # the page's own files, made while it was built, are never pruned
-        folder = os.path.dirname(outputs.root)
-        keep = set(os.listdir(folder))
-        middleware = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=keep,
-                                                     max_file_size=max_file_size, max_bytes=max_uploads_mb * 2 ** 20)
-        launch_kwargs["app_kwargs"] = {"middleware": [middleware]}
     signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1214,10 +1090,7 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
         free = shutil.disk_usage(outputs.root).free
         logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
                     "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
-                    outputs.keep_seconds // 60, free / 2 ** 30,
-                    f"at most {max_file_size / 2 ** 20:.0f} MB each and "
-                    f"{max_uploads_mb} MB in all, each kept "
-                    f"{KEEP_OUTPUTS_SECONDS // 60} min" if max_file_size else "none accepted")
+                    outputs.keep_seconds // 60, free / 2 ** 30, uploads)
     try:
         while not signals and demo.is_running:
             time.sleep(0.2)

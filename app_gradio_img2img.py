@@ -1,38 +1,35 @@
-"""ElasticDiffusion + ControlNet image-to-image demo (Gradio): an input image's edges or depth, any output size.
+"""ElasticDiffusion + ControlNet image-to-image demo (Gradio); docs/app.md says what it offers.
 
     python app_gradio_img2img.py                                     # SDXL + canny ControlNet from the hub
     python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
     python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
 
-The page, the queue, the validation, previews, cancel, ZeroGPU, the saved PNGs and "Look inside" are the
-text-to-image demo's (`app_gradio.py`, imported, not copied); this file adds the input image, the condition type, the
-ControlNet scale, the Canny thresholds (rows of `CONTROLNET_KNOBS`) and a preview of the condition map.
-Named API endpoints: `/generate` (the page's inputs, the input image first) and `/condition_preview` (the
-edge or depth map that `/generate` would follow, at the output size); see docs/app.md.
-
-One ControlNet is loaded at start-up and serves every request. The condition type only chooses how the
-map is made from the input (Canny edges, depth estimation, or the image itself as a ready-made map): the
-type is switched first and the map made with it (docs/method.md#fix-condition-type-switch), and nothing
-is rebuilt per request (docs/method.md#fix-low-vram-toggle).
-
-Input images are read only from this app's upload folder (`app_gradio.read_upload`), decoded and
-depth-estimated within time limits, and previews are written into the bounded outputs.
+The text-to-image demo (`app_gradio.py`, imported, not copied) plus the input image, the condition, the
+ControlNet knobs (`CONTROLNET_KNOBS`), a live condition map, and what taking uploads needs (`read_upload`,
+`UploadLimits`, `serve`).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import io
 import os
+import shutil
+import stat
 import threading
+import time
 from typing import Sequence
 
 import gradio as gr
+import starlette.middleware
 import torch
 from PIL import Image
+from starlette.responses import PlainTextResponse
 
 import app_gradio as base
 from app_gradio import public_name, refuse, scrub_paths, within
@@ -57,7 +54,15 @@ CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own 
 CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "your own edge or depth map",
                    "none": "your own edge or depth map"}
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
-MAX_UPLOAD = base.MAX_UPLOAD_BYTES  # larger uploads are refused by the server before any decoding
+MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
+MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold; larger uploads are refused before decoding
+MAX_UPLOADS_MB = 1024  # all uploads together; beyond it the oldest go first (--max-uploads-mb)
+MULTIPART_OVERHEAD = 64 * 2 ** 10  # what an upload request adds to its one file (boundaries, headers)
+DRAIN_SECONDS = 5  # how long a refused upload's body is read (and dropped) at most
+READ_SECONDS = 10  # reading one uploaded file
+DECODE_SECONDS = 30  # decoding one uploaded image (at most 64 MP)
+UPLOAD_REFUSED = ("Input image must be an image file uploaded to this app: upload it again (from Python, pass "
+                  "gradio_client.handle_file('photo.jpg')).")
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names (its JPEG reader also opens phones' MPO files)
 IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
 DEPTH_SECONDS = 120  # loading the depth model from disk, or estimating one depth map
@@ -120,6 +125,97 @@ def trained_condition(sampler) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_bytes: int = MAX_UPLOAD_BYTES,
+                seconds: float = READ_SECONDS) -> tuple[bytes, str]:
+    """The bytes of an uploaded file from Gradio's file payload ({"path": ..., "orig_name": ...}), and its name.
+
+    A client can send any path, with or without Gradio's `meta` (without it Gradio checks nothing), so
+    only a regular file whose real path lies inside one of `roots` (this app's upload folder) and
+    outside `excluded` is read: no symlink out, no FIFO, device, /proc entry or folder. It is opened
+    without following a link and without blocking, and read up to `max_bytes` within `seconds`.
+    Anything else gets UPLOAD_REFUSED, the same message whether the path exists or not.
+    """
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise refuse(UPLOAD_REFUSED)
+    real = os.path.realpath(path)
+    if not any(_inside(real, root) for root in roots) or any(_inside(real, folder) for folder in excluded):
+        raise refuse(UPLOAD_REFUSED)
+    chunks, deadline = [], time.monotonic() + seconds
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise refuse(UPLOAD_REFUSED) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise refuse(UPLOAD_REFUSED)
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes or time.monotonic() > deadline:
+                raise refuse(UPLOAD_REFUSED)
+            chunks.append(chunk)
+    except OSError:
+        raise refuse(UPLOAD_REFUSED) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
+
+
+def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
+    """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
+    `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
+    uploads = [u for u in base.subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
+    total = sum(size for _, size, _ in uploads)
+    for _, size, path in uploads:
+        if total <= max_bytes:
+            break
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+
+
+class UploadLimits:
+    """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
+    (a larger or unsized body is refused with HTTP 413 and never reaches Gradio), and after each upload the
+    oldest uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a
+    request may hold many files; its cache sweep removes uploads by age only."""
+
+    def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
+        self.app, self.folder, self.keep = app, folder, keep
+        self.max_body, self.max_bytes = max_file_size + MULTIPART_OVERHEAD, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit() or int(length) > self.max_body:
+            limit = self.max_body - MULTIPART_OVERHEAD
+            size = f"{limit / 2 ** 20:.0f} MB" if limit >= 2 ** 20 else f"{limit // 2 ** 10} KB"
+            # Answering while the client still sends closes the connection under it: the client gets a broken
+            # pipe or a reset, not the 413. So read and drop the body first, but at most another limit's
+            # worth for at most DRAIN_SECONDS; a longer or slower body is still cut off.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    drained, message = 0, {"more_body": True}
+                    while message.get("more_body") and drained <= self.max_body:
+                        message = await receive()
+                        drained += len(message.get("body", b""))
+            return await PlainTextResponse(f"Upload one file of at most {size}.", status_code=413)(
+                scope, receive, send)
+
+        async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
+            if message["type"] == "http.response.start":
+                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
+            await send(message)
+
+        await self.app(scope, receive, send_when_pruned)
+
+
 class ImageToImageApp(base.TextToImageApp):
     """The ControlNet demo: the text-to-image demo's handlers and widgets plus an input image."""
 
@@ -130,6 +226,7 @@ class ImageToImageApp(base.TextToImageApp):
              "size and centre-cropped.")
     plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
     cost_factor = CONTROLNET_COST
+    stage_names = {**base.STAGE_NAMES, "condition": "Making the condition map"}  # the ControlNet sampler's stage
     placeholder = EXAMPLE_PROMPT
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
@@ -161,18 +258,18 @@ class ImageToImageApp(base.TextToImageApp):
     def input_image(self, value) -> tuple[Image.Image, str]:
         """The uploaded image (gradio's file payload) decoded to RGB, with its own name; gr.Error if unusable.
 
-        Only files this app received are read (`app_gradio.read_upload`): a client sends `handle_file(...)`.
+        Only files this app received are read (`read_upload`): a client sends `handle_file(...)`.
         """
         if value in (None, "") or (isinstance(value, dict) and not value.get("path")):
             raise refuse("Input image is missing: upload a photo (or your own edge or depth map) whose structure "
                          "the image should follow.")
-        data, name = base.read_upload(value, self.upload_roots, self.excluded)
+        data, name = read_upload(value, self.upload_roots, self.excluded)
         key = hashlib.sha256(data).digest()
         with self._images_lock:
             if key in self._images:
                 self._images.move_to_end(key)
                 return self._images[key], name
-        image = within(base.DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
+        image = within(DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
         with self._images_lock:
             self._images[key] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
@@ -375,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for those ControlNets and for ids or folders named after one, else 'image')")
     p.add_argument("--depth-model", "--depth_model", dest="depth_model", default=DEFAULT_DEPTH_MODEL,
                    help="transformers depth-estimation model id or folder, for the 'Depth map' condition")
+    p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
+                   help="most megabytes of uploaded images kept on disk; the oldest go first")
     return p
 
 
@@ -389,7 +488,20 @@ def main(argv: Sequence[str] | None = None):
                    f"(now `{public_name(args.controlnet)}`).")
     app = ImageToImageApp(sampler, status, preview_every=args.preview_every, outputs=outputs,
                           default_condition=args.condition)
-    base.serve(app.build(), args, outputs, max_file_size=MAX_UPLOAD)
+    serve(app.build(), args, outputs)
+
+
+def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: base.OutputFolders,
+          max_file_size: int = MAX_UPLOAD_BYTES) -> None:
+    """`app_gradio.serve` with uploads: one file of at most `max_file_size` a request, all of them under
+    --max-uploads-mb (`UploadLimits` in front of Gradio's upload route)."""
+    folder = os.path.dirname(outputs.root)  # the page's own files, made while it was built, are never pruned
+    limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=set(os.listdir(folder)),
+                                             max_file_size=max_file_size, max_bytes=args.max_uploads_mb * 2 ** 20)
+    uploads = (f"at most {max_file_size / 2 ** 20:.0f} MB each and {args.max_uploads_mb} MB in all, each kept "
+               f"{base.KEEP_OUTPUTS_SECONDS // 60} min")
+    base.serve(demo, args, outputs, max_file_size=max_file_size, uploads=uploads,
+               app_kwargs={"middleware": [limits]})
 
 
 if __name__ == "__main__":

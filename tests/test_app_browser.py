@@ -271,7 +271,8 @@ def test_an_error_message_leaves_the_generate_button_free(app_url, browser):
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a lake")
     set_number(browser, "#width input", 1001)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
-    (toast,) = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
+    # The toast appears before its text is drawn: wait for the text, not just the box.
+    (toast,) = wait.until(lambda d: [t for t in d.find_elements(By.CSS_SELECTOR, ".toast-body") if t.text])
     assert "Width" in toast.text
     button = browser.find_element(By.CSS_SELECTOR, "#generate").rect
     box = toast.rect

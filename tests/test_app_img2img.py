@@ -271,7 +271,7 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
         assert seconds < 5 and "event: error" in stream, name
         with_meta[name] = stream.split("data: ", 1)[-1].strip()
     # One message, whatever the path and whether it exists: nothing to learn about the server's files.
-    ours = json.dumps(dict(error=text_app.UPLOAD_REFUSED, duration=10, visible=True, title="Error"))
+    ours = json.dumps(dict(error=app.UPLOAD_REFUSED, duration=10, visible=True, title="Error"))
     assert set(without_meta.values()) == {ours}, without_meta
     # With `meta`, Gradio refuses paths outside its upload folder itself (no message); the rest reach the app.
     assert set(with_meta.values()) <= {ours, json.dumps(dict(error=None))}, with_meta
@@ -281,7 +281,7 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
               "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200, "look_inside": False}
     for name in ("a server image", "a FIFO", "a pipe held by the server", "a symlink out"):  # /generate alike
         stream, seconds = timed_raw(url, "generate", [{"path": paths[name]}] + [values[n] for n in names[1:]])
-        assert seconds < 5 and text_app.UPLOAD_REFUSED in stream, name
+        assert seconds < 5 and app.UPLOAD_REFUSED in stream, name
     client = Client(url, verbose=False)  # gradio_client sends a plain dict as it is: refused the same way
     with pytest.raises(AppError, match="must be an image file uploaded to this app"):
         client.predict(image={"path": PHOTO}, **dict(condition="canny", width=512, height=512, canny_low=100,
@@ -293,10 +293,10 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
 def test_an_uploads_name_from_the_client_is_cut_to_a_bound(tmp_path):
     """The name comes from the client's payload and goes into every PNG's metadata: bounded."""
     (tmp_path / "a.jpg").write_bytes(b"bytes")
-    data, name = text_app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "n" * 5000 + ".jpg"},
+    data, name = app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "n" * 5000 + ".jpg"},
                                       [str(tmp_path)])
-    assert data == b"bytes" and name == "n" * text_app.MAX_NAME_CHARS
-    assert text_app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "../../x/photo.jpg"},
+    assert data == b"bytes" and name == "n" * app.MAX_NAME_CHARS
+    assert app.read_upload({"path": str(tmp_path / "a.jpg"), "orig_name": "../../x/photo.jpg"},
                                 [str(tmp_path)])[1] == "photo.jpg"
 
 
@@ -315,7 +315,7 @@ def test_uploads_come_one_bounded_file_a_request_and_are_bounded_in_all(tmp_path
     args = app.build_parser().parse_args(["--model", "/no/model", "--port", str(port), "--max-uploads-mb", "1"])
     demo = app.ImageToImageApp(None, "no model", outputs=outputs).build()
     own = set(os.listdir(folder))  # what building the page stored (the example's image)
-    server = threading.Thread(target=text_app.serve, args=(demo, args, outputs),
+    server = threading.Thread(target=app.serve, args=(demo, args, outputs),
                               kwargs=dict(max_file_size=600 * 2 ** 10), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}/"
@@ -367,8 +367,8 @@ def test_a_refused_upload_body_is_read_at_most_a_limit_more_for_a_short_while(mo
     DRAIN_SECONDS: an endless body or a stalled client is cut off, and none of it reaches Gradio (app=None)."""
     import asyncio
 
-    monkeypatch.setattr(text_app, "DRAIN_SECONDS", 0.5)
-    limits = text_app.UploadLimits(None, "", set(), max_file_size=2 ** 20, max_bytes=0)
+    monkeypatch.setattr(app, "DRAIN_SECONDS", 0.5)
+    limits = app.UploadLimits(None, "", set(), max_file_size=2 ** 20, max_bytes=0)
     scope = dict(type="http", method="POST", path="/gradio_api/upload", headers=[(b"content-length", b"9" * 12)])
     for stall in (False, True):
         read, sent = [], []
@@ -409,7 +409,7 @@ def test_a_stalled_decode_times_out_and_the_app_keeps_serving(client, monkeypatc
         time.sleep(3)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(text_app, "DECODE_SECONDS", 0.5)
+    monkeypatch.setattr(app, "DECODE_SECONDS", 0.5)
     monkeypatch.setattr(app, "load_image", stalled)
     slow = tmp_path / "slow.png"
     Image.new("RGB", (32, 32), (10, 20, 30)).save(slow)  # new content: not in the decoded-image cache
@@ -560,7 +560,7 @@ def test_command_line_shares_the_text_apps_flags(monkeypatch, tiny_sdxl_path, tm
         app.main(["--model", "/nonexistent/model", "--controlnet", "canny", "--port", str(free_port())])
     finally:
         signal.signal(signal.SIGTERM, sigterm)
-    assert launched["max_file_size"] == app.MAX_UPLOAD and isinstance(launched["demo"], app.gr.Blocks)
+    assert launched["max_file_size"] == app.MAX_UPLOAD_BYTES and isinstance(launched["demo"], app.gr.Blocks)
     assert os.path.dirname(os.path.dirname(launched["outputs"].root)) == str(tmp_path)
 
 
@@ -593,3 +593,12 @@ def test_look_inside_works_through_the_controlnet_demo(client):
     assert (meta["image"], meta["condition"], meta["condition_image"], meta["pca_steps"]) == (
         "sheet", "canny", "astronaut.jpg", [0, 1])
     assert opened(windows).width == 1024 and opened(animation).n_frames == 2
+
+
+def test_progress_names_the_controlnets_own_stage():
+    """The condition map is the ControlNet sampler's stage: the image demo names it, the text demo does not know it."""
+    shown = []
+    run = text_app.RunProgress(lambda done_total, desc: shown.append(desc), stage_names=app.ImageToImageApp.stage_names)
+    run.stage("condition", 0, 1)
+    run.stage("encode_prompt", 0, 1)
+    assert shown == ["Making the condition map", "Encoding the prompt"] and "condition" not in text_app.STAGE_NAMES
