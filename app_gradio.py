@@ -1,10 +1,6 @@
 """ElasticDiffusion text-to-image demo (Gradio); docs/app.md says what it offers, stores and serves.
 
-    python app_gradio.py                              # SDXL from the hub, http://127.0.0.1:7860
-    python app_gradio.py --model /path/to/diffusers/folder --port 7861 --share --low-vram
-
-A request's path: `TextToImageApp.generate` -> `parse_request` -> `stream_generation` -> `run_generation`
-(docs/app.md#how-a-request-runs). The image-to-image demo (`app_gradio_img2img.py`) imports this module.
+A request's path: `TextToImageApp.generate` -> `parse_request` -> `stream_generation` -> `run_generation`.
 """
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ except ImportError:
 
 import argparse
 import atexit
+import collections
 import concurrent.futures
 import contextvars
 import dataclasses
@@ -63,17 +60,13 @@ QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused wit
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
 HEARTBEAT_SECONDS = 0.5  # a running handler yields at least this often, so a cancel can close it promptly
-# ZeroGPU's reservation per native-size SDXL UNet sample: the eager per-sample time that the authors of this
-# project's method reference measured on an H200 (not yet measured by this project: benchmarks/benchmark.py).
+# ZeroGPU's reservation per native-size SDXL UNet sample: the reference authors' eager time on an H200.
 UNET_SAMPLE_SECONDS = 0.017
-# "Look inside" records every k-th step, k chosen so that at most this many are kept, plus the last
-# (`look_inside_steps`): it bounds the host memory (under 50 MiB at 2048² on SDXL,
-# `pca_diffusion_scores.recording_nbytes`), the drawing time and the animation.
+# "Look inside" keeps at most this many steps plus the last: bounded memory (< 50 MiB at 2048²), time, animation.
 LOOK_INSIDE_STEPS = 25
 LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour means the same at every step
-# ZeroGPU's reservation for drawing the look-inside pictures (PCA, contact sheet, animation, window overlay,
-# PNGs), which runs while the GPU is held: 2 s plus 0.75 s per megapixel of the image, above what
-# `benchmarks/look_inside_cost.py` measured on one CPU thread (benchmarks/RESULTS.md#look-inside-drawing-cpu).
+# ZeroGPU's reservation for drawing the look-inside pictures while the GPU is held: 2 s + 0.75 s per megapixel,
+# above what benchmarks/look_inside_cost.py measured on one CPU thread.
 LOOK_INSIDE_SECONDS = 2.0
 LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
@@ -101,7 +94,7 @@ OUT_OF_MEMORY_ADVICE = (
 
 
 def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") -> str:
-    """Markdown for the banner (and, without the markup, for the Generate button's error); no server paths."""
+    """Markdown for the banner and the Generate button's error; no server paths."""
     return (f"**No model is loaded.** `{public_name(model)}` could not be loaded: {scrub_paths(reason)}\n\n"
             "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
             f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
@@ -122,13 +115,9 @@ def refuse(message: str, **kwargs) -> gr.Error:
     return gr.Error(message, print_exception=False, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line and model
-# --------------------------------------------------------------------------------------------------
-
 
 def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio).") -> argparse.ArgumentParser:
-    """The flags every ElasticDiffusion app shares; an app adds its own to the returned parser."""
+    """The flags both apps share (docs/app.md has the table)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--model", "--sd_version", dest="model", default=os.environ.get("ELASTIC_MODEL", DEFAULT_MODEL),
                    help="'1.5', '2.1', 'XL1.0', any hub id, a local diffusers folder or a .safetensors file")
@@ -158,10 +147,7 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
 
 def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_file: str = "app_gradio.py",
                  **kwargs) -> tuple[Any, str]:
-    """Load the model once; returns (sampler, "") or (None, a message that tells the user what to do).
-
-    `kwargs` go to `sampler_class` (e.g. a ControlNet); `app_file` is the script the advice names.
-    """
+    """Load the model once: (sampler, "") or (None, a message that tells the user what to do)."""
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
         sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram,
@@ -175,14 +161,9 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
     return sampler, ""
 
 
-# --------------------------------------------------------------------------------------------------
-# Widgets
-# --------------------------------------------------------------------------------------------------
-
 
 def preset(width: int, height: int, native_px: int) -> dict:
-    """`recommended_settings` kept inside the ranges the demos accept, so /generate takes every value
-    (λ0 grows with the area and would pass its range above 4x the native size per side)."""
+    """`recommended_settings` clamped to the demos' ranges (λ0 grows with the area), so /generate takes them."""
     settings = recommended_settings(width, height, native_px)
     return {name: ed.knob(name).clamp(value, native_px // 8, demo=True) for name, value in settings.items()}
 
@@ -201,15 +182,7 @@ def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -
 def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width: int = DEFAULT_SIZE,
                  height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE,
                  extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
-    """Size row (visible) and an "Advanced options" accordion with every knob of the table.
-
-    Returns the widgets by name: width, height, swap_size, negative_prompt, seed, randomize_seed, one
-    per row of `elastic_diffusion.KNOBS` (sliders two to a row, then the checkboxes, then the choices;
-    each starts at the preset for this size, or at its constant default) and reset_knobs. Call inside
-    a `gr.Blocks`; an app can add its own widgets before or after, and its own advanced options inside
-    the accordion: `extra_advanced()` is called there (after the seed) and the widgets it returns by
-    name are added to the result.
-    """
+    """Size row and an "Advanced options" accordion with every knob (and `extra_advanced()`'s widgets), by name."""
     limit = max_scale * native_px
     size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
     w = {}
@@ -244,11 +217,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width
 
 
 def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_scale: int = MAX_SCALE) -> gr.State:
-    """Re-apply `recommended_settings` when the size changes, except to knobs the user edited.
-
-    `.input` fires only on the user's own edits (not on example loads or our updates), so it marks a
-    knob as the user's; the reset button forgets the marks. Returns the per-session set of marks.
-    """
+    """Re-apply the preset when the size changes, except to knobs the user edited (`.input` marks those)."""
     names = [k.name for k in ed.method_knobs() if k.name in widgets]
     edited = gr.State(frozenset())
     for name in names:
@@ -283,10 +252,6 @@ def preset_updates(width, height, edited: frozenset, names: Sequence[str], nativ
     return [gr.skip() if name in edited else recommended[name] for name in names]
 
 
-# --------------------------------------------------------------------------------------------------
-# Requests: validation (UI and API alike)
-# --------------------------------------------------------------------------------------------------
-
 
 @dataclasses.dataclass
 class GenerationRequest:
@@ -303,12 +268,8 @@ class GenerationRequest:
     look_inside: bool = False  # also record the scores and draw them (`save_look_inside`)
 
 
-def _text(label: str, value, required: bool) -> str:
-    return _checked(ed.check_prompt, label, value, required, MAX_PROMPT_CHARS)
-
-
 def _as_number(value, integer: bool):
-    """A widget's or API payload's number as Python sees it: numeric text read, 3.0 as 3 for whole numbers."""
+    """A widget's or API payload's number: numeric text read, 3.0 as 3 for whole numbers."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -367,11 +328,7 @@ def size_ok(width, height, native_px: int, max_scale: int = MAX_SCALE) -> bool:
 
 
 def parse_request(values: dict, sampler) -> GenerationRequest:
-    """Validate raw widget or API values, every field with an actionable gr.Error, and pick the seed.
-
-    A knob missing from `values` takes the preset for the size (or its constant default), as the page
-    would; a knob sent as null is refused like any other bad value.
-    """
+    """Validate raw widget or API values (a missing knob takes the size's preset), and pick the seed."""
     width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px,
                                  getattr(sampler, "max_scale", MAX_SCALE))
     if _flag("Randomize seed", values.get("randomize_seed", False)):
@@ -383,8 +340,9 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
     request = GenerationRequest(
-        prompt=_text("Prompt", values.get("prompt"), required=True),
-        negative_prompt=_text("Negative prompt", values.get("negative_prompt"), required=False),
+        prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True, MAX_PROMPT_CHARS),
+        negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False,
+                                 MAX_PROMPT_CHARS),
         width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
         look_inside=_flag("Look inside", values.get("look_inside", False)),
@@ -395,28 +353,19 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     return request
 
 
-# --------------------------------------------------------------------------------------------------
-# Running one request
-# --------------------------------------------------------------------------------------------------
-
 
 class RequestFolder:
-    """One request's folder, made only once the request has something to write (a refused one leaves none).
-
-    While the request runs its folder is never pruned; `close()` when it is done.
-    """
+    """One request's folder, made on first write (a refused request leaves none), never pruned until `close()`."""
 
     def __init__(self, outputs: "OutputFolders"):
         self.outputs, self.path = outputs, None
 
     def file(self, name: str) -> str:
-        """A path for `name` in this request's folder, which is made on first use."""
         if self.path is None:
             self.path = self.outputs.new()
         return os.path.join(self.path, name)
 
     def close(self) -> None:
-        """The request is done: keep the outputs within their bounds, its own files included in the count."""
         if self.path is not None:
             self.outputs.release(self.path)
 
@@ -436,13 +385,7 @@ def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
 
 
 class OutputFolders:
-    """Everything the app writes: a private folder per request under one root, bounded on disk.
-
-    The root lies inside Gradio's cache folder, so Gradio serves the files from where they are
-    instead of copying them: each result is stored once. Request folders older than `keep_seconds`
-    are removed, then the oldest ones until the total is at most `max_bytes`; the root goes when the
-    process exits.
-    """
+    """A folder per request under one root inside Gradio's cache (served, not copied), bounded in age and bytes."""
 
     def __init__(self, keep_seconds: float = KEEP_OUTPUTS_SECONDS, max_bytes: int = MAX_OUTPUT_MB * 2 ** 20,
                  parent: str | None = None):
@@ -458,7 +401,6 @@ class OutputFolders:
         return RequestFolder(self)
 
     def new(self) -> str:
-        """A fresh request folder (after pruning), kept until `release`d."""
         self.prune()
         with self._lock:
             path = tempfile.mkdtemp(prefix="request_", dir=self.root)
@@ -466,14 +408,12 @@ class OutputFolders:
         return path
 
     def release(self, path: str) -> None:
-        """The request writing into `path` is done: prune, keeping `path` itself (the newest result)."""
         with self._lock:
             self._active.discard(path)
         self.prune(keep=path)
 
     def prune(self, keep: str | None = None) -> None:
-        """Remove folders past their age, then the oldest until the total fits `max_bytes`; never `keep` or a
-        folder whose request is still running."""
+        """Remove folders past their age, then the oldest over `max_bytes`; never `keep` or a running request's."""
         with self._lock:
             folders = subfolder_sizes(self.root)
             total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
@@ -501,11 +441,7 @@ def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
 
 
 def within(seconds: float, what: str, fn: Callable, *args):
-    """fn(*args) in a helper thread, waited for at most `seconds`; after that a gr.Error frees the request.
-
-    The helper finishes in the background (Python cannot stop a thread): use it for work that may
-    stall but ends, such as decoding an image or loading and running a depth model.
-    """
+    """fn(*args) in a helper thread, waited for at most `seconds` (then a gr.Error; the thread runs on)."""
     try:
         return in_thread(fn, *args).result(timeout=seconds)
     except concurrent.futures.TimeoutError:
@@ -513,17 +449,8 @@ def within(seconds: float, what: str, fn: Callable, *args):
                      "or try again in a minute if the server is busy.") from None
 
 
-@dataclasses.dataclass
-class LookInside:
-    """The "Look inside" view of one generation: files in the request's folder and what they show."""
-    sheet: str  # contact sheet PNG: x0, direction and unconditional score at up to pca.SHEET_COLUMNS steps
-    animation: str  # animated WebP over every recorded step
-    windows: str  # the image with the local windows, their context and the reference size drawn over it
-    caption: str  # markdown: what the pictures show
-
-    def outputs(self) -> tuple:
-        return self.sheet, self.animation, self.windows, self.caption
-
+# The "Look inside" view of one generation: contact sheet PNG, animated WebP, window overlay PNG, markdown caption.
+LookInside = collections.namedtuple("LookInside", "sheet animation windows caption")
 
 NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
 KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
@@ -539,17 +466,13 @@ class GenerationResult:
 
     def outputs(self) -> tuple:
         """/generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption."""
-        extra = self.look_inside.outputs() if self.look_inside is not None else NO_LOOK_INSIDE
-        return (self.gallery, self.seed, self.summary, *extra)
+        return (self.gallery, self.seed, self.summary, *(self.look_inside or NO_LOOK_INSIDE))
 
 
 class RunProgress:
-    """The sampler's stage and step callbacks for one request: the page's progress bar (`progress`, a
-    gr.Progress), a cancel check between steps and stages, and `on_x0(step, total, x0)` after each step.
+    """The sampler's stage and step callbacks: progress text, a cancel check, `on_x0(step, total, x0)` per step.
 
-    Steps are timed from the end of the preparation (the last stage report), so the time left never
-    counts the padding strips or the condition map as denoising; once two steps are measured the first
-    one (which warms caches up) is left out.
+    Steps are timed from the last stage report; once two are measured the first (warming caches) is left out.
     """
 
     def __init__(self, progress: Callable | None = None, cancelled: threading.Event | None = None,
@@ -593,12 +516,6 @@ class RunProgress:
         return on_step
 
 
-def _free_gpu() -> None:
-    """Hand cached blocks back after a run (a cancelled or failed one included), so the next starts clean."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
     """The run's info with the model and ControlNet by name, not by server path (for metadata and pages)."""
     settings = dict(info.settings)
@@ -610,13 +527,9 @@ def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
 def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
                       preview_every: int = PREVIEW_EVERY, stage_names: dict[str, str] = STAGE_NAMES,
                       **run_kwargs) -> Iterator[tuple]:
-    """Run one validated request; yield /generate's outputs (`GenerationResult.outputs`): a preview every
-    `preview_every` steps, then the result. `run_kwargs` go to `run_generation`.
+    """Run one validated request in a thread; yield /generate's outputs: previews, then the result.
 
-    The sampler runs in a thread, so that this generator can show previews and notice a cancel while it
-    runs: when Gradio closes the generator (Cancel button, `job.cancel()`, a client that went away),
-    `cancelled` is set and the sampler stops at its next step or stage, which frees the GPU. The thread
-    updates Gradio's progress bar itself (it runs in this request's context).
+    When Gradio closes this generator (Cancel, a client gone) the sampler stops at its next step or stage.
     """
     cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), outputs.request()
 
@@ -651,25 +564,16 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
 def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
                    plain_comparison: bool = False, finish: Callable | None = None,
                    **sampler_kwargs) -> GenerationResult:
-    """Generate (cancel-aware through `run`'s callbacks) and write the PNGs with their settings into the
-    request's folder. With `request.look_inside` the same run goes through `pca_diffusion_scores.record_scores`
-    (the sampler with a recorder in its step callback; the image is the same, bit for bit) and its pictures
-    are drawn (`save_look_inside`); without it the sampler is called as it is, with nothing recorded. With
-    `plain_comparison` and `request.compare_plain`, a plain generation from the same starting noise follows
-    (`pca_diffusion_scores.generate_plain`).
+    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs.
 
-    Errors come out as gr.Error with advice; a cancel raises GenerationCancelled between steps or
-    stages. `sampler_kwargs` go to the sampler as they are (e.g. a ControlNet image). `finish(folder,
-    request, info)`, if given, runs before the PNGs are written: it may amend `info.settings` (the
-    metadata) and returns more (path, caption) items for the gallery, shown after the image (e.g. a
-    condition map).
+    `sampler_kwargs` go to the sampler; `finish(folder, request, info)` may amend `info.settings` before the
+    PNGs are written and returns more (path, caption) gallery items (the ControlNet's condition map).
     """
     run = run or RunProgress()
     steps = request.knobs["num_inference_steps"]
     plain = None  # (image, settings) of the plain comparison
     try:
-        # Low VRAM moves modules in place (never a reload, docs/method.md#fix-low-vram-toggle) and waits
-        # for any running generation.
+        # Low VRAM moves modules in place (never a reload) and waits for any running generation.
         sampler.set_low_vram(request.low_vram)
         call = dict(height=request.height, width=request.width, seed=request.seed,
                     view_batch_size=request.view_batch_size, progress=False,
@@ -694,8 +598,9 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         raise refuse(scrub_paths(str(error))) from error
     except torch.OutOfMemoryError as error:
         raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
-    finally:
-        _free_gpu()
+    finally:  # hand cached blocks back after any run, so that the next starts clean
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     info = public_record(info)
     extra = list(finish(folder, request, info)) if finish is not None else []
     look_inside = None
@@ -711,17 +616,14 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
 
 
 def look_inside_steps(num_inference_steps: int) -> str:
-    """The steps "Look inside" records (`pca_diffusion_scores.parse_steps_to_keep`): all of them, or every
-    k-th and the last, at most LOOK_INSIDE_STEPS + 1."""
+    """The steps "Look inside" records: all, or every k-th and the last (at most LOOK_INSIDE_STEPS + 1)."""
     every = math.ceil(num_inference_steps / LOOK_INSIDE_STEPS)
     return "all" if every == 1 else f"every:{every}"
 
 
 def save_look_inside(folder: RequestFolder, request: GenerationRequest, recording,
                      info: ed.GenerationInfo) -> LookInside:
-    """Draw a recording (`pca_diffusion_scores.Recording`) into the request's folder: the contact sheet and the
-    window overlay as PNGs with the run's metadata (`info`: the public record, no server paths), the
-    animation as a WebP; and the caption (docs/look-inside.md)."""
+    """Draw a recording into the request's folder: sheet and windows PNGs with metadata, a WebP, the caption."""
     size, basis = f"{request.width}x{request.height}", LOOK_INSIDE_BASIS
     record = pca.pca_record(info, recording, basis)
 
@@ -793,18 +695,9 @@ def preview_image(sampler, x0: torch.Tensor):
     return sampler.decode(small, tiled=False, output_type="pil")[0]
 
 
-# --------------------------------------------------------------------------------------------------
-# ZeroGPU
-# --------------------------------------------------------------------------------------------------
-
 
 def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
-    """GPU time to reserve on ZeroGPU: the UNet samples of the cost model (`elastic_diffusion.unet_cost`)
-    at UNET_SAMPLE_SECONDS each, plus the plain comparison's, plus drawing the look-inside pictures.
-
-    Knobs missing from `values` (an example's handler takes only some) are the size's preset;
-    `cost_factor` is the cost of one sample relative to the UNet's alone (a ControlNet adds to it).
-    """
+    """GPU seconds to reserve on ZeroGPU: the cost model's UNet samples (x `cost_factor`), plain and look inside."""
     native_latent = native_px // 8
     try:
         width, height = int(values["width"]), int(values["height"])
@@ -824,22 +717,16 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
 
 
 def plain_samples(steps: int, area: float = 1) -> float:
-    """Native-size UNet samples of a plain image of `area` times the native one: a conditional and an
-    unconditional sample per step (2 T at the native size)."""
+    """Native-size UNet samples of a plain image of `area` times the native one: 2 T per native area."""
     return 2 * steps * area
 
 
 def look_inside_seconds(width: int, height: int) -> float:
-    """Time to draw the look-inside pictures of a width x height image (`LOOK_INSIDE_SECONDS_PER_MP`)."""
     return LOOK_INSIDE_SECONDS + LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6
 
 
 def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: Sequence[str] = ()) -> Callable:
-    """`spaces.GPU` with a per-request duration on ZeroGPU Spaces; the handler itself anywhere else.
-
-    The duration reads the request's values from the handler's keyword arguments, and from its positional
-    ones by `names` (an example handler's inputs).
-    """
+    """`spaces.GPU` with a per-request duration (positional values named by `names`) on ZeroGPU; else `handler`."""
     if spaces is None:
         return handler
 
@@ -848,10 +735,6 @@ def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: S
 
     return spaces.GPU(handler, duration=duration)
 
-
-# --------------------------------------------------------------------------------------------------
-# The app
-# --------------------------------------------------------------------------------------------------
 
 
 def _aspect_ratio(width: int, height: int) -> str:
@@ -868,12 +751,7 @@ EXAMPLE_LABELS = [f"{p['width']}×{p['height']} ({_aspect_ratio(p['width'], p['h
 
 
 class TextToImageApp:
-    """The demo's handlers and layout; everything in it is fixed at start-up and shared read-only.
-
-    Other demos subclass it (`app_gradio_img2img.ImageToImageApp`): `title` and `intro` make the header,
-    `plain_comparison` says whether a plain pipeline is set up for the comparison checkbox, `api_inputs()`
-    names /generate's parameters (the widgets' names) and `stream(values, progress)` runs a request.
-    """
+    """The demo's handlers and layout, fixed at start-up; `app_gradio_img2img.ImageToImageApp` subclasses it."""
 
     title = "ElasticDiffusion"
     intro = ("Training-free image generation at any size and aspect ratio with a pretrained Stable Diffusion "
@@ -904,16 +782,11 @@ class TextToImageApp:
         return [*cls.api_before_knobs, *(k.name for k in ed.KNOBS), *cls.api_after_knobs]
 
     def generate(self, progress=gr.Progress(), **values):
-        """/generate: previews while the image is made, then [(PNG, caption)], the seed used and a summary.
-
-        `values` are the raw widget or API values by `api_inputs()` name; they are all checked here.
-        """
+        """/generate: raw values by `api_inputs()` name; previews, then [(PNG, caption)], seed, summary, ..."""
         yield from self.stream(values, progress)
 
     def generate_example(self, *row, progress=gr.Progress()):
-        """One of the examples, `row` in `example_inputs` order (docs/method.md#demo-presets): its own size,
-        R, ρ and λ0, its seed, every other control at the preset for its size; gallery, seed and summary only
-        (no look-inside view: Gradio's example cache cannot store an empty image nor replay an update to one)."""
+        """An example row in `example_inputs` order; gallery, seed and summary only (the cache holds no empty image)."""
         for outputs in self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress):
             yield outputs[:3]
 
@@ -929,23 +802,17 @@ class TextToImageApp:
             raise refuse(self.status.replace("**", "").replace("`", ""), title="No model loaded", duration=None)
 
     def recommended(self, width: int, height: int) -> dict:
-        """The resolution-aware hyper-parameters for a size, named as /generate's parameters.
-
-        The size is checked as /generate checks it, and every value returned is one /generate accepts.
-        """
+        """/recommended_settings: the preset for a size checked as /generate checks it, by /generate's names."""
         return preset(*self.checked_size(width, height), self.native_px)
 
     @property
     def max_scale(self) -> int:
-        """The largest side a request may ask for, as a multiple of the native size (the sampler's)."""
         return getattr(self.sampler, "max_scale", MAX_SCALE)
 
     def checked_size(self, width, height) -> tuple[int, int]:
-        """(width, height) checked as /generate checks them: a gr.Error naming the field otherwise."""
         return checked_size(width, height, self.native_px, self.max_scale)
 
     def build(self) -> gr.Blocks:
-        """The page: prompt row, size, Advanced options, results, presets; named API endpoints."""
         with gr.Blocks(title=self.title, delete_cache=(CACHE_SWEEP_SECONDS, KEEP_OUTPUTS_SECONDS)) as demo:
             self._header()
             widgets = self._inputs()
@@ -1012,8 +879,7 @@ class TextToImageApp:
 
     @staticmethod
     def _result_widgets(widgets: dict) -> list:
-        """/generate's outputs: gallery, seed used (with a button to reuse it), the run's summary, then the
-        "Look inside" view (contact sheet, animation, window overlay, caption), shown while its box is ticked."""
+        """/generate's outputs: gallery, seed used, summary, then the look-inside sheet, animation, windows, caption."""
         gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto", format="png",
                              object_fit="contain", elem_id="gallery", buttons=["download", "fullscreen"])
         with gr.Row(equal_height=True):
@@ -1052,11 +918,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def private_storage(max_output_mb: int) -> OutputFolders:
-    """A folder of this process for Gradio's uploads and cache and the app's outputs, removed on exit.
-
-    Call before the page is built: Gradio reads GRADIO_TEMP_DIR when it makes its components. A
-    GRADIO_TEMP_DIR set by the operator is kept as the place for it.
-    """
+    """A folder of this process for Gradio's files and the outputs, removed on exit (call before building)."""
     folder = tempfile.mkdtemp(prefix="elastic_diffusion_app_", dir=os.environ.get("GRADIO_TEMP_DIR"))
     atexit.register(shutil.rmtree, folder, True)
     if threading.current_thread() is threading.main_thread():  # a SIGTERM while loading also cleans up
@@ -1067,12 +929,9 @@ def private_storage(max_output_mb: int) -> OutputFolders:
 
 def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
           max_file_size: int = 0, uploads: str = "none accepted", **launch_kwargs) -> None:
-    """Queue (bounded; one GPU job at a time: the sampler runs one generation at once anyway), launch, and
-    serve until SIGTERM or SIGINT (Ctrl+C); then close and remove what the app stored.
+    """Queue (one GPU job at a time), launch, serve until SIGTERM or Ctrl+C, then remove what the app stored.
 
-    `max_file_size` is the upload limit in bytes: 0 (the default) refuses every upload, for apps that take
-    no file; an app that takes files says how it bounds them in `uploads` (the start-up log) and may add
-    middleware through `launch_kwargs` (`app_gradio_img2img.serve`).
+    `max_file_size` 0 refuses every upload; an app that takes files says how it bounds them in `uploads`.
     """
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     signals = []  # a plain list: a handler that took a lock could deadlock the main thread it interrupts

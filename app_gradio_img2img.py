@@ -1,12 +1,7 @@
 """ElasticDiffusion + ControlNet image-to-image demo (Gradio); docs/app.md says what it offers.
 
-    python app_gradio_img2img.py                                     # SDXL + canny ControlNet from the hub
-    python app_gradio_img2img.py --model /path/to/sdxl --controlnet /path/to/controlnet --port 7861 --low-vram
-    python app_gradio_img2img.py --controlnet depth --depth-model /path/to/dpt
-
-The text-to-image demo (`app_gradio.py`, imported, not copied) plus the input image, the condition, the
-ControlNet knobs (`CONTROLNET_KNOBS`), a live condition map, and what taking uploads needs (`read_upload`,
-`UploadLimits`, `serve`).
+The text-to-image demo (`app_gradio.py`, imported) plus the input image, the condition, the ControlNet knobs,
+a live condition map, and what taking uploads needs (`read_upload`, `UploadLimits`, `serve`).
 """
 from __future__ import annotations
 
@@ -70,8 +65,7 @@ PREVIEW_MAX_SIDE = 1024  # the page's live condition map (shown 360 px high); th
 KNOB_DEFAULTS = {**{row.name: row.default for row in CONTROLNET_KNOBS}, "controlnet_conditioning_scale": DEMO_SCALE}
 PREVIEW_INPUTS = ("image", "condition", "width", "height", "canny_low", "canny_high")  # /condition_preview's
 
-# The single example (docs/method.md#demo-presets): the official prompt and settings, with the shipped input
-# photograph.
+# The single example: the official prompt and settings, with the shipped input photograph.
 EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high quality."
 EXAMPLE_INPUTS = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps", "new_p",
                   "rrg_init_weight", "seed", "randomize_seed")
@@ -94,26 +88,6 @@ class ControlRequest:
                     controlnet_conditioning_scale=self.scale, canny_low=self.canny_low, canny_high=self.canny_high)
 
 
-def control_widgets(default_condition: str, expects: str) -> dict:
-    """Input image, condition type and ControlNet scale (the first column), by /generate's names."""
-    w = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"], height=360,
-                           elem_id="input-image")}
-    w["condition"] = gr.Dropdown(CONDITION_CHOICES, value=default_condition, label="Condition",
-                                 info=f"What the image follows. {expects}", elem_id="condition")
-    scale = CONTROLNET_KNOBS[0]
-    w[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
-    return w
-
-
-def canny_widgets() -> dict:
-    """The Canny thresholds, for the Advanced options accordion."""
-    w = {}
-    with gr.Row():
-        for row in CONTROLNET_KNOBS[1:]:
-            w[row.name] = base.knob_widget(row, KNOB_DEFAULTS[row.name], 0)
-    return w
-
-
 def trained_condition(sampler) -> str | None:
     """'canny' or 'depth' for the default ControlNets and for ids or folders named after one; else None."""
     if sampler is None:
@@ -131,13 +105,11 @@ def _inside(path: str, folder: str) -> bool:
 
 def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_bytes: int = MAX_UPLOAD_BYTES,
                 seconds: float = READ_SECONDS) -> tuple[bytes, str]:
-    """The bytes of an uploaded file from Gradio's file payload ({"path": ..., "orig_name": ...}), and its name.
+    """The bytes and name of an uploaded file from Gradio's payload ({"path": ..., "orig_name": ...}).
 
-    A client can send any path, with or without Gradio's `meta` (without it Gradio checks nothing), so
-    only a regular file whose real path lies inside one of `roots` (this app's upload folder) and
-    outside `excluded` is read: no symlink out, no FIFO, device, /proc entry or folder. It is opened
-    without following a link and without blocking, and read up to `max_bytes` within `seconds`.
-    Anything else gets UPLOAD_REFUSED, the same message whether the path exists or not.
+    A client can send any path, so only a regular file whose real path lies inside `roots` and outside
+    `excluded` is read (no link out, FIFO, device or folder), up to `max_bytes` within `seconds`; anything
+    else gets UPLOAD_REFUSED, the same message whether the path exists or not.
     """
     path = value.get("path") if isinstance(value, dict) else None
     if not isinstance(path, str) or not path or "\x00" in path:
@@ -168,8 +140,7 @@ def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_b
 
 
 def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
-    """Remove the oldest uploads in `folder` (Gradio's `<hash>/<file>` folders) until they total at most
-    `max_bytes`; folders named in `keep` (the app's outputs, the page's own files from start-up) stay."""
+    """Remove the oldest uploads in `folder` until they total at most `max_bytes`; folders in `keep` stay."""
     uploads = [u for u in base.subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
     total = sum(size for _, size, _ in uploads)
     for _, size, path in uploads:
@@ -180,10 +151,8 @@ def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
 
 
 class UploadLimits:
-    """ASGI middleware on Gradio's upload route: a request may carry one file of at most `max_file_size`
-    (a larger or unsized body is refused with HTTP 413 and never reaches Gradio), and after each upload the
-    oldest uploads go until all of them total at most `max_bytes`. Gradio's own limit is per file, and a
-    request may hold many files; its cache sweep removes uploads by age only."""
+    """ASGI middleware on Gradio's upload route: one file of at most `max_file_size` a request (else HTTP 413),
+    then the oldest uploads go until all total at most `max_bytes` (Gradio bounds per file and by age only)."""
 
     def __init__(self, app, folder: str, keep: set[str], max_file_size: int, max_bytes: int):
         self.app, self.folder, self.keep = app, folder, keep
@@ -256,10 +225,7 @@ class ImageToImageApp(base.TextToImageApp):
     # ------------------------------------------------------------------------------------------ inputs
 
     def input_image(self, value) -> tuple[Image.Image, str]:
-        """The uploaded image (gradio's file payload) decoded to RGB, with its own name; gr.Error if unusable.
-
-        Only files this app received are read (`read_upload`): a client sends `handle_file(...)`.
-        """
+        """The uploaded image decoded to RGB, with its own name; gr.Error if unusable."""
         if value in (None, "") or (isinstance(value, dict) and not value.get("path")):
             raise refuse("Input image is missing: upload a photo (or your own edge or depth map) whose structure "
                          "the image should follow.")
@@ -349,10 +315,7 @@ class ImageToImageApp(base.TextToImageApp):
         return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]
 
     def condition_map(self, image, condition, width, height, canny_low, canny_high, max_side: int | None = None) -> str:
-        """The condition map /generate would follow for these inputs, at the output size (a grey or RGB PNG).
-
-        `max_side` shrinks it to fit (the page's live preview); the file goes into the bounded outputs.
-        """
+        """/condition_preview: the map /generate would follow, at the output size (`max_side` shrinks it)."""
         values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
         control = self.parse_control(values)
         width, height = self.checked_size(width, height)
@@ -402,8 +365,7 @@ class ImageToImageApp(base.TextToImageApp):
             raise gr.Error(base.OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
 
     def preview(self, image, condition, width, height, canny_low, canny_high):
-        """The page's live preview: cleared without an image or when it cannot be made (with a warning
-        saying why), unchanged while a size is being typed."""
+        """The live preview: cleared without an image or on an error (a warning says why), kept while typing."""
         if image in (None, "") or (isinstance(image, dict) and not image.get("path")):
             return None
         if not base.size_ok(width, height, self.native_px, self.max_scale):
@@ -417,10 +379,8 @@ class ImageToImageApp(base.TextToImageApp):
     # ------------------------------------------------------------------------------------------ page
 
     def model_note(self) -> str:
-        if self.sampler is None:
-            return ""
-        return (f" Model: `{base.public_name(self.sampler.sd_version)}`, native {self.native_px} px; ControlNet: "
-                f"`{base.public_name(self.sampler.controlnet_model)}`.")
+        note = super().model_note()
+        return note and f"{note[:-1]}; ControlNet: `{public_name(self.sampler.controlnet_model)}`."
 
     def _expects(self) -> str:
         if self.controlnet_condition is not None:
@@ -432,7 +392,13 @@ class ImageToImageApp(base.TextToImageApp):
         """Input image, condition type and ControlNet scale, beside the live condition map."""
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                widgets = control_widgets(self.default_condition, self._expects())
+                widgets = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                             height=360, elem_id="input-image")}
+                widgets["condition"] = gr.Dropdown(CONDITION_CHOICES, value=self.default_condition, label="Condition",
+                                                   info=f"What the image follows. {self._expects()}",
+                                                   elem_id="condition")
+                scale = CONTROLNET_KNOBS[0]
+                widgets[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
             with gr.Column(scale=1):
                 widgets["condition_map"] = gr.Image(
                     label="Condition map (what the ControlNet follows, at the output size)", type="filepath",
@@ -441,7 +407,9 @@ class ImageToImageApp(base.TextToImageApp):
         return widgets
 
     def _advanced(self) -> dict:
-        return canny_widgets()
+        """The Canny thresholds."""
+        with gr.Row():
+            return {row.name: base.knob_widget(row, KNOB_DEFAULTS[row.name], 0) for row in CONTROLNET_KNOBS[1:]}
 
     def _more_events(self, widgets: dict, outputs: list) -> None:
         """The live condition map (/condition_preview is its API twin), then the example."""
@@ -454,11 +422,6 @@ class ImageToImageApp(base.TextToImageApp):
         gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
                                                         api_name="condition_preview", **preview_options)
         super()._more_events(widgets, outputs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,8 +456,7 @@ def main(argv: Sequence[str] | None = None):
 
 def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: base.OutputFolders,
           max_file_size: int = MAX_UPLOAD_BYTES) -> None:
-    """`app_gradio.serve` with uploads: one file of at most `max_file_size` a request, all of them under
-    --max-uploads-mb (`UploadLimits` in front of Gradio's upload route)."""
+    """`app_gradio.serve` with uploads bounded by `UploadLimits`."""
     folder = os.path.dirname(outputs.root)  # the page's own files, made while it was built, are never pruned
     limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=set(os.listdir(folder)),
                                              max_file_size=max_file_size, max_bytes=args.max_uploads_mb * 2 ** 20)
