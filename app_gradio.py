@@ -115,7 +115,6 @@ def refuse(message: str, **kwargs) -> gr.Error:
     return gr.Error(message, print_exception=False, **kwargs)
 
 
-
 def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio).") -> argparse.ArgumentParser:
     """The flags both apps share (docs/app.md has the table)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
@@ -161,7 +160,6 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
     return sampler, ""
 
 
-
 def preset(width: int, height: int, native_px: int) -> dict:
     """`recommended_settings` clamped to the demos' ranges (λ0 grows with the area), so /generate takes them."""
     settings = recommended_settings(width, height, native_px)
@@ -179,20 +177,18 @@ def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -
     return gr.Slider(low, high, step=row.step, precision=0 if row.type is int else None, **common)
 
 
-def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, width: int = DEFAULT_SIZE,
-                 height: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE,
+def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_scale: int = MAX_SCALE,
                  extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
     """Size row and an "Advanced options" accordion with every knob (and `extra_advanced()`'s widgets), by name."""
     limit = max_scale * native_px
     size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
     w = {}
     with gr.Row(equal_height=True):
-        w["width"] = gr.Number(label="Width", value=width, precision=0, step=8, minimum=MIN_SIDE_PX,
-                               maximum=limit, info=size_info, elem_id="width")
-        w["height"] = gr.Number(label="Height", value=height, precision=0, step=8, minimum=MIN_SIDE_PX,
-                                maximum=limit, info=size_info, elem_id="height")
+        for name in ("width", "height"):
+            w[name] = gr.Number(label=name.title(), value=DEFAULT_SIZE, precision=0, step=8, minimum=MIN_SIDE_PX,
+                                maximum=limit, info=size_info, elem_id=name)
         w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
-    values = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, native_px)}
+    values = {**{k.name: k.default for k in ed.KNOBS}, **preset(DEFAULT_SIZE, DEFAULT_SIZE, native_px)}
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
@@ -252,7 +248,6 @@ def preset_updates(width, height, edited: frozenset, names: Sequence[str], nativ
     return [gr.skip() if name in edited else recommended[name] for name in names]
 
 
-
 @dataclasses.dataclass
 class GenerationRequest:
     """One validated request: what to generate, with which seed, knobs and memory settings."""
@@ -295,9 +290,7 @@ def _number(label: str, value, minimum: float, maximum: float, integer: bool) ->
 
 
 def _flag(label: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
@@ -312,8 +305,7 @@ def knob_value(row: ed.Knob, value, native_latent: int):
 
 def checked_size(width, height, native_px: int, max_scale: int = MAX_SCALE) -> tuple[int, int]:
     """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the field."""
-    width, height = (_number(label, value, None, None, integer=True) for label, value in (("Width", width),
-                                                                                          ("Height", height)))
+    width, height = _number("Width", width, None, None, True), _number("Height", height, None, None, True)
     _checked(ed.check_size, height, width, native_px, max_scale=max_scale)
     return width, height
 
@@ -351,7 +343,6 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
     _checked(sampler.check_inputs, request.height, request.width, settings, None, 1)
     return request
-
 
 
 class RequestFolder:
@@ -461,7 +452,6 @@ class GenerationResult:
     gallery: list[tuple[str, str]]  # (PNG path, caption)
     seed: int
     summary: str  # markdown: time, UNet evaluations, settings
-    info: ed.GenerationInfo
     look_inside: LookInside | None = None
 
     def outputs(self) -> tuple:
@@ -478,7 +468,8 @@ class RunProgress:
     def __init__(self, progress: Callable | None = None, cancelled: threading.Event | None = None,
                  on_x0: Callable | None = None, clock: Callable[[], float] = time.perf_counter,
                  stage_names: dict[str, str] = STAGE_NAMES):
-        self.progress, self.cancelled, self.on_x0, self.clock = progress, cancelled, on_x0, clock
+        self.progress = progress if progress is not None else lambda done_total, desc: None  # gr.Progress is falsy
+        self.cancelled, self.on_x0, self.clock = cancelled, on_x0, clock
         self.stage_names = stage_names  # the progress text of each stage (a subclass's sampler may add stages)
         self.mark = clock()
 
@@ -486,16 +477,12 @@ class RunProgress:
         if self.cancelled is not None and self.cancelled.is_set():
             raise GenerationCancelled(f"cancelled {where}")
 
-    def _show(self, done: int, total: int, text: str) -> None:
-        if self.progress is not None:
-            self.progress((done, total), desc=text)
-
     def stage(self, stage: str, done: int, total: int) -> None:
         """The sampler's `callback_on_stage`: the preparation before step 1."""
         name = self.stage_names.get(stage, stage)
         self._check(f"while {name.lower()}")
         self.mark = self.clock()
-        self._show(done, total, f"{name} ({done}/{total})" if total > 1 else name)
+        self.progress((done, total), desc=f"{name} ({done}/{total})" if total > 1 else name)
 
     def steps(self, phase: str, total: int) -> Callable:
         """A `callback_on_step_end` (the sampler's and diffusers' alike) for the `total` steps of `phase`."""
@@ -508,7 +495,7 @@ class RunProgress:
             self.mark = now
             measured = seconds[1:] or seconds
             left = sum(measured) / len(measured) * (total - step - 1)
-            self._show(step + 1, total, f"{phase}: step {step + 1}/{total}, about {left:.0f} s left")
+            self.progress((step + 1, total), desc=f"{phase}: step {step + 1}/{total}, about {left:.0f} s left")
             if self.on_x0 is not None and tensors.get("x0") is not None:
                 self.on_x0(step + 1, total, tensors["x0"])
             return {}
@@ -660,7 +647,7 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
         save_png(plain_image, plain_path, png_metadata(dataclasses.replace(info, settings=plain_settings),
                                                        request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
-    return GenerationResult(gallery, request.seed, summarize(info, request, native_px), info)
+    return GenerationResult(gallery, request.seed, summarize(info, request, native_px))
 
 
 def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
@@ -693,7 +680,6 @@ def preview_image(sampler, x0: torch.Tensor):
     factor = max(1, math.ceil(max(x0.shape[-2:]) / PREVIEW_LATENT_SIDE))
     small = torch.nn.functional.avg_pool2d(x0[:1], factor) if factor > 1 else x0[:1]  # (1, C, h, w)
     return sampler.decode(small, tiled=False, output_type="pil")[0]
-
 
 
 def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
@@ -734,7 +720,6 @@ def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: S
         return estimate_gpu_seconds({**dict(zip(names, args)), **kwargs}, native_px, cost_factor)
 
     return spaces.GPU(handler, duration=duration)
-
 
 
 def _aspect_ratio(width: int, height: int) -> str:

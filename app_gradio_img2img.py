@@ -222,8 +222,6 @@ class ImageToImageApp(base.TextToImageApp):
         self.upload_roots = [os.path.realpath(gr.utils.get_upload_folder())]
         self.excluded = [os.path.realpath(self.outputs.root)]
 
-    # ------------------------------------------------------------------------------------------ inputs
-
     def input_image(self, value) -> tuple[Image.Image, str]:
         """The uploaded image decoded to RGB, with its own name; gr.Error if unusable."""
         if value in (None, "") or (isinstance(value, dict) and not value.get("path")):
@@ -279,8 +277,6 @@ class ImageToImageApp(base.TextToImageApp):
         image, name = self.input_image(values.get("image"))
         return ControlRequest(image, name, condition, knobs["controlnet_conditioning_scale"], knobs["canny_low"],
                               knobs["canny_high"])
-
-    # ------------------------------------------------------------------------------------------ handlers
 
     def stream(self, values: dict, progress, **run_kwargs):
         """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
@@ -375,8 +371,6 @@ class ImageToImageApp(base.TextToImageApp):
         except gr.Error as error:  # never leave an old map under a new condition's name
             gr.Warning(error.message)
             return None
-
-    # ------------------------------------------------------------------------------------------ page
 
     def model_note(self) -> str:
         note = super().model_note()
