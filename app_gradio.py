@@ -93,15 +93,6 @@ OUT_OF_MEMORY_ADVICE = (
     "request starts with a clean GPU.")
 
 
-def no_model_advice(model: str, reason: str, app_file: str = "app_gradio.py") -> str:
-    """Markdown for the banner and the Generate button's error; no server paths."""
-    return (f"**No model is loaded.** `{public_name(model)}` could not be loaded: {scrub_paths(reason)}\n\n"
-            "To use a model on disk (e.g. on a machine without hub access or without a GPU), start the app "
-            f"with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
-            "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
-            f"{ed.TINY_MODEL_HINT}.")
-
-
 _SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:~|\.{1,2})?(?:/[^\s'\"`()<>/]+)+/?")  # not the path part of a URL
 
 
@@ -154,7 +145,12 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
     except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
         logger.warning("%s could not be loaded: %s", args.model, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
-        return None, no_model_advice(args.model, reason, app_file)
+        # Markdown for the banner and the Generate button's error; no server paths.
+        return None, (f"**No model is loaded.** `{public_name(args.model)}` could not be loaded: {scrub_paths(reason)}"
+                      "\n\nTo use a model on disk (e.g. on a machine without hub access or without a GPU), start the "
+                      f"app with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
+                      "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
+                      f"{ed.TINY_MODEL_HINT}.")
     sampler.max_scale = getattr(args, "max_scale", MAX_SCALE)  # start-up only, as the CLI does
     logger.info("loaded %s on %s (native %d px)", args.model, sampler.device, sampler.native_px)
     return sampler, ""
