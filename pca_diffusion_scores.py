@@ -1,22 +1,12 @@
 """Look inside the method: PCA pictures of the two halves of the score, step by step (docs/look-inside.md).
 
-Classifier-free guidance splits the model's prediction into the unconditional score ε(x, ∅) and the class
-direction Δ = ε(x, c) − ε(x, ∅). ElasticDiffusion rests on the observation that Δ carries the image's global
-layout while ε(x, ∅) is local, pixel-level detail (docs/method.md). This script records both maps during a
-generation and projects each map's latent channels on their first three principal components (red, green, blue):
-
-* ``plain``: CFG-DDIM directly at the requested size, through diffusers' pipeline on the sampler's modules;
-  ε(x, ∅) and ε(x, c) are read off each step's UNet call by a forward hook.
-* ``elastic``: our sampler; per step the `ScoreEstimate` of the update the step kept, as `callback_on_step_end`
-  receives it (the written-back global direction, its reference-grid form and the windows' unconditional score).
-
-Neither copies a sampling loop, and recording does not change the image (bit for bit). The kept steps' maps stay
-on the CPU in fp16 (`recording_nbytes`): a 2048² SDXL run that keeps all 50 steps holds 90.6 MiB.
+Records the class direction Δ = ε(x, c) − ε(x, ∅) and the unconditional score ε(x, ∅) of a generation, `plain`
+(diffusers' CFG-DDIM on the sampler's modules, read by a UNet forward hook) or `elastic` (our sampler's
+`ScoreEstimate` per step, from `callback_on_step_end`), without changing the image by a bit, and draws each map's
+first three principal components as red, green and blue. The kept steps' maps stay on the CPU in fp16
+(`recording_nbytes`): a 2048² SDXL run that keeps all 50 steps holds 90.6 MiB.
 
     python pca_diffusion_scores.py --model 1.5 --method elastic --width 1024 --height 1024 --steps_to_keep every:5
-
-    recording = record_scores(sampler, "a photo of the dolomites", width=2048, height=1024, method="elastic")
-    contact_sheet(recording).save("sheet.png")
 """
 from __future__ import annotations
 
@@ -292,19 +282,13 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
 
 
 def _generate_parameters(sampler) -> set[str]:
-    """Keyword names the sampler's `generate` takes: the knobs of its table, a subclass's own arguments and
-    those it passes on to the base."""
+    """Keyword names the sampler's `generate` takes: those of each `generate` of its classes, and the knobs."""
     import inspect
 
-    names = set()
-    for cls in type(sampler).__mro__:
-        if "generate" in vars(cls):
-            parameters = inspect.signature(vars(cls)["generate"]).parameters
-            names |= {n for n, p in parameters.items()
-                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-            if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-                break
-    return names | set(KNOB_NAMES)
+    names = {name for cls in type(sampler).__mro__ if "generate" in vars(cls)
+             for name, p in inspect.signature(vars(cls)["generate"]).parameters.items()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return (names - {"self"}) | set(KNOB_NAMES)
 
 
 def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: int | None = None,
@@ -315,18 +299,13 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
 
     Args:
         method: 'elastic' (the sampler) or 'plain' (CFG-DDIM at the full size, diffusers' pipeline).
-        steps_to_keep: see `parse_steps_to_keep`; checked against the resolved `num_inference_steps`.
+        steps_to_keep: see `parse_steps_to_keep`.
         seed: seeds the starting noise (the same for both methods); random if None.
-        decode_x0: preview each kept x0 with a VAE decode after sampling (one decode per kept step);
-            otherwise with a linear latent-to-RGB map fitted by least squares to this run's final latent
-            and image (free, and close for Stable Diffusion's VAEs).
-        callback_on_step_end: called after the recorder, as by the sampler (and by diffusers for
-            'plain'); it may cancel.
-        generate_kwargs: the sampler's `generate` arguments (method knobs, `drop_p`, `view_batch_size`,
-            `callback_on_stage`, ...). 'plain' uses `num_inference_steps` and `guidance_scale` of them.
+        decode_x0: preview each kept x0 with a VAE decode instead of `linear_previews` (one decode per kept step).
+        callback_on_step_end: called after the recorder, as by the sampler (and diffusers); it may cancel.
+        generate_kwargs: the sampler's `generate` arguments; 'plain' uses `num_inference_steps` and `guidance_scale`.
 
-    Bad input (size, knobs, steps_to_keep, method) raises ValueError, an unknown keyword TypeError,
-    before anything runs.
+    Bad input raises ValueError (an unknown keyword TypeError) before anything runs.
     """
     _check_choice("method", method, METHODS)
     unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
@@ -339,7 +318,8 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     width = 2 * sampler.native_px if width is None else width
     settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
     sampler.check_inputs(height, width, settings, None, 1)
-    steps = parse_steps_to_keep(steps_to_keep, settings["num_inference_steps"])
+    T = settings["num_inference_steps"]
+    steps = parse_steps_to_keep(steps_to_keep, T)
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)
     if method == "plain":
@@ -357,7 +337,7 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     previews = (decoded_previews(sampler, maps["x0"], bool(info.settings.get("tiled_decoder")))
                 if decode_x0 else linear_previews(maps["x0"], recorder.final_latent, image, sampler.vae_scale_factor))
     return Recording(method=method, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                     timesteps=recorder.timesteps, num_inference_steps=settings["num_inference_steps"],
+                     timesteps=recorder.timesteps, num_inference_steps=T,
                      x0=maps["x0"], direction=maps["direction"], local_uncond=maps["local_uncond"],
                      reference_direction=maps.get("reference_direction"), x0_preview=previews, image_pt=image,
                      info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
@@ -479,14 +459,11 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def row_titles(method: str) -> tuple[str, str, str]:
-    """The contact sheet's row labels, top to bottom: x0 preview, direction, unconditional score.
-
-    Text drawn into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
-    """
-    if method == "plain":
-        return ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)")
-    return ("x0 prediction", "global direction\n(reference,\nwritten back)", "local unconditional\nscore (windows)")
+# The contact sheet's row labels by method, top to bottom: x0 preview, direction, unconditional score. Text drawn
+# into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
+ROW_TITLES = {"plain": ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)"),
+              "elastic": ("x0 prediction", "global direction\n(reference,\nwritten back)",
+                          "local unconditional\nscore (windows)")}
 
 
 def panel_size(latent_size: tuple[int, int], panel_px: int) -> tuple[int, int]:
@@ -550,12 +527,6 @@ def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
     return [steps[round(j * (len(steps) - 1) / (max_columns - 1))] for j in range(max_columns)]
 
 
-def sheet_title(recording: Recording, basis: str) -> str:
-    s = recording.info.settings
-    name = "plain CFG-DDIM" if recording.method == "plain" else "ElasticDiffusion"
-    return f"{name} {s['width']}x{s['height']}\nseed {recording.info.seed}, PCA basis {basis}"
-
-
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
     """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
@@ -575,11 +546,13 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font(font_size)
-    draw.multiline_text((layout.gap, layout.gap), sheet_title(recording, basis), fill="black", font=font, spacing=2)
+    s = recording.info.settings
+    title = (f"{'plain CFG-DDIM' if recording.method == 'plain' else 'ElasticDiffusion'} {s['width']}x{s['height']}\n"
+             f"seed {recording.info.seed}, PCA basis {basis}")
+    draw.multiline_text((layout.gap, layout.gap), title, fill="black", font=font, spacing=2)
     rows = [recording.x0_preview, maps["direction"].rgb, maps["local_uncond"].rgb]
-    for row, (label, images) in enumerate(zip(row_titles(recording.method), rows)):
-        left, top, _, _ = layout.box(row, 0)
-        draw.multiline_text((layout.gap, top), label, fill="black", font=font, spacing=2)
+    for row, (label, images) in enumerate(zip(ROW_TITLES[recording.method], rows)):
+        draw.multiline_text((layout.gap, layout.box(row, 0)[1]), label, fill="black", font=font, spacing=2)
         for column, step in enumerate(steps):
             k = recording.steps.index(step)
             box = layout.box(row, column)
