@@ -678,27 +678,10 @@ def pca_record(info: ed.GenerationInfo, recording: Recording, basis: str) -> ed.
                                                    pca_steps=recording.steps))
 
 
-def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:
-    """The PCA maps as a compressed .npz: per map kind its projections (K, 3, ., .) fp16, RGB images
-    (K, 3, ., .) uint8, mean, components, variance; plus steps, timesteps and the x0 previews."""
-    import numpy as np
-
-    arrays = dict(steps=np.array(recording.steps), timesteps=np.array(recording.timesteps),
-                  x0_preview=recording.x0_preview.numpy(), basis=np.array(basis), method=np.array(recording.method))
-    for name, maps in recording.pca(basis).items():
-        arrays[name] = maps.projections.half().numpy()
-        arrays[f"{name}_rgb"] = _to_uint8(maps.rgb).numpy()
-        for part in ("mean", "components", "variance"):
-            arrays[f"{name}_{part}"] = getattr(maps, part).numpy()
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_columns: int = SHEET_COLUMNS,
                  panel_px: int = 256, animation_format: str = "webp") -> dict[str, str]:
-    """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt>, pca.npz and, for
-    the elastic method, windows.png into `folder` (created). Returns {name: path}."""
+    """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt> and, for the elastic
+    method, windows.png into `folder` (created). Returns {name: path}."""
     os.makedirs(folder, exist_ok=True)
     metadata = ed.png_metadata(pca_record(recording.info, recording, basis), recording.prompt,
                                recording.negative_prompt)
@@ -707,7 +690,6 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     paths["sheet"] = ed.save_png(sheet, os.path.join(folder, "sheet.png"), metadata)
     paths["animation"] = write_bytes(os.path.join(folder, f"animation.{animation_format}"),
                                      animation(recording, basis, animation_format, panel_px))
-    paths["npz"] = write_bytes(os.path.join(folder, "pca.npz"), npz_bytes(recording, basis))
     if recording.method == "elastic":
         overlay = window_overlay(recording.image, recording.views, recording.reference_size, recording.vae_scale_factor)
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
@@ -727,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.prog = "pca_diffusion_scores.py"
     parser.description = ("Record the class direction and the unconditional score during a generation (plain "
                           "CFG-DDIM or ElasticDiffusion) and draw their principal components: a contact sheet, "
-                          "an animation, the final image and the PCA maps (.npz), in one folder per run.")
+                          "an animation and the final image, in one folder per run.")
     parser.set_defaults(outdir="results/pca/")
     g = parser.add_argument_group("score visualisation")
     g.add_argument("--method", choices=METHODS, default="elastic",
