@@ -32,7 +32,6 @@ KNOB_NAMES = tuple(k.name for k in ed.method_knobs())  # the sampler's method kn
 METHODS = ("plain", "elastic")
 BASES = ("shared", "per-step")
 ANIMATION_FORMATS = ("webp", "gif")
-MAP_NAMES = ("direction", "local_uncond")  # the two halves of the score, in the order the sheet shows them
 SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
@@ -97,42 +96,31 @@ def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int]
 
 
 class PCAMaps(NamedTuple):
-    """A 3-component PCA of one kind of map over the kept steps.
-
-    `mean` (N, C), `components` (N, 3, C) and `variance` (N, 3) hold N = 1 basis (shared) or one per
-    step (per-step); `low`/`high` (N, 3) are the ranges that map each component to [0, 1].
-    """
+    """A 3-component PCA of one kind of map over the kept steps, with N = 1 basis (shared) or one per step."""
     projections: torch.Tensor  # (K, 3, H, W) float32: coordinates on the principal axes
     rgb: torch.Tensor  # (K, 3, H, W) float32 in [0, 1]: component 1, 2, 3 as red, green, blue
-    mean: torch.Tensor
-    components: torch.Tensor
-    variance: torch.Tensor
-    low: torch.Tensor
+    mean: torch.Tensor  # (N, C)
+    components: torch.Tensor  # (N, 3, C)
+    variance: torch.Tensor  # (N, 3)
+    low: torch.Tensor  # (N, 3) and high (N, 3): the range each component maps to [0, 1]
     high: torch.Tensor
 
 
 @dataclass(eq=False)
 class Recording:
-    """What `record_scores` kept of one generation, on the CPU (latent maps in fp16).
-
-    Per kept step k (`steps[k]`, timestep `timesteps[k]`): `x0` the predicted clean latent, `direction`
-    the class direction Δ = ε(c) − ε(∅) and `local_uncond` the unconditional score (for the elastic
-    method: the written-back Δ and the score U assembled from the windows), each (K, C, H, W);
-    `reference_direction` (K, C, h, w) Δ on the reference grid (elastic only, else None); `x0_preview`
-    (K, 3, H, W) uint8 RGB. `image_pt` is the final image (3, 8H, 8W) in [0, 1] exactly as generated.
-    """
+    """What `record_scores` kept of one generation, on the CPU; maps (K, ...) by kept step k, fp16."""
     method: str
     prompt: str
     negative_prompt: str
-    steps: list[int]
-    timesteps: list[int]
+    steps: list[int]  # the kept steps, ascending
+    timesteps: list[int]  # the kept steps' timesteps
     num_inference_steps: int
-    x0: torch.Tensor
-    direction: torch.Tensor
-    local_uncond: torch.Tensor
-    reference_direction: torch.Tensor | None
-    x0_preview: torch.Tensor
-    image_pt: torch.Tensor
+    x0: torch.Tensor  # (K, C, H, W) the predicted clean latent
+    direction: torch.Tensor  # (K, C, H, W) Δ = ε(c) − ε(∅); for elastic the written-back global direction
+    local_uncond: torch.Tensor  # (K, C, H, W) ε(∅); for elastic assembled from the windows
+    reference_direction: torch.Tensor | None  # (K, C, h, w) Δ on the reference grid (elastic only)
+    x0_preview: torch.Tensor  # (K, 3, H, W) uint8 RGB
+    image_pt: torch.Tensor  # (3, 8H, 8W) in [0, 1]: the final image exactly as generated
     info: ed.GenerationInfo
     views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
     reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
@@ -157,13 +145,10 @@ class Recording:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def pca(self, basis: str = "shared") -> dict[str, PCAMaps]:
-        """PCA of each recorded map kind ('direction', 'local_uncond' and, for elastic, 'reference_direction').
-
-        The reference direction is drawn in the full-resolution direction's basis and colour range, so
-        a colour means the same vector in both. Computed once per basis.
-        """
+        """PCA of each recorded map kind, once per basis; 'reference_direction' (elastic) in the basis and colour
+        range of 'direction', so a colour means the same vector in both."""
         if basis not in self._pca:  # pca_maps checks `basis`
-            maps = {name: pca_maps(getattr(self, name), basis) for name in MAP_NAMES}
+            maps = {name: pca_maps(getattr(self, name), basis) for name in ("direction", "local_uncond")}
             if self.reference_direction is not None:
                 maps["reference_direction"] = pca_maps(self.reference_direction, basis, fitted=maps["direction"])
             self._pca[basis] = maps
@@ -203,14 +188,9 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
-    """Plain CFG-DDIM at the requested size through diffusers' pipeline, from the sampler's starting noise
-    for `seed` (the noise an ElasticDiffusion run with that seed starts from). Returns (images, info).
-
-    Everything else is diffusers' default, SDXL's size conditioning included (the image size, where the
-    sampler's default is 4x; see `time_ids_scale`).
-
-    `unet_hook(module, args, kwargs, output)` is registered as a forward hook on the UNet for this run only.
-    """
+    """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
+    included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
+    kwargs, output)` is a forward hook on the UNet for this run only."""
     pipe = plain_pipeline(sampler)
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
@@ -354,11 +334,8 @@ def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
 
 def linear_previews(x0: torch.Tensor, final_latent: torch.Tensor, image: torch.Tensor,
                     vae_scale_factor: int) -> torch.Tensor:
-    """x0 (K, C, H, W) -> (K, 3, H, W) uint8 through an affine latent-to-RGB map.
-
-    The map is fitted by least squares to `final_latent` (C, H, W) and `image` (3, fH, fW) averaged
-    over f x f blocks, so it is this model's VAE in linear approximation, at latent resolution.
-    """
+    """x0 (K, C, H, W) -> (K, 3, H, W) uint8 through an affine latent-to-RGB map fitted by least squares to
+    `final_latent` (C, H, W) and `image` (3, fH, fW) averaged over f x f blocks: the VAE, linearised."""
     C = final_latent.shape[0]
     target = torch.nn.functional.avg_pool2d(image[None].double(), vae_scale_factor)[0]  # (3, H, W)
     inputs = torch.cat([final_latent.double().reshape(C, -1), torch.ones(1, target[0].numel(), dtype=torch.double)])
@@ -408,10 +385,8 @@ def project(maps: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) ->
 
 
 def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Each component's [low, high] to [0, 1]; a component with no spread (high == low) is mid-grey, not NaN.
-
-    projections (K, 3, H, W); low/high broadcast against (K, 3, 1, 1).
-    """
+    """Each component of projections (K, 3, H, W) from [low, high] (broadcast to (K, 3, 1, 1)) to [0, 1]; a
+    component with no spread (high == low) is mid-grey, not NaN."""
     spread = high - low
     flat = spread <= 0
     rgb = (projections - low) / torch.where(flat, 1.0, spread)
@@ -419,12 +394,8 @@ def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> 
 
 
 def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None = None) -> PCAMaps:
-    """Three principal components of `maps` (K, C, H, W) as RGB images.
-
-    'shared': one basis and one colour range fitted over all K maps, so a colour means the same vector
-    at every step. 'per-step': a basis and range per map (the official script's behaviour). `fitted`
-    reuses another PCAMaps' bases and ranges (same K) instead of fitting.
-    """
+    """Three principal components of `maps` (K, C, H, W) as RGB images, with one basis and colour range over all
+    K maps ('shared') or one per map ('per-step'); or with `fitted`'s bases and ranges (same K)."""
     _check_choice("basis", basis, BASES)
     if fitted is not None:
         mean, components, variance = fitted.mean, fitted.components, fitted.variance
@@ -582,13 +553,9 @@ WINDOW_TINT = 80  # alpha of a window's fill, out of 255: the image stays visibl
 
 def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_scale_factor: int = 8,
                    legend: bool = True):
-    """The local windows over `image` (PIL): each window tinted and outlined in its colour (neighbours
-    differ), the crop each window is seen in (window plus context, the UNet's input) outlined thinly in
-    the same colour, and the reference size as a white box at the centre; a legend strip below.
-
-    `views` are the sampler's (row window, column window) pairs in latent pixels (`local_views`),
-    `reference_size` the reference latent (h, w). Returns a new image; `image` is not changed.
-    """
+    """A copy of `image` (PIL) with the sampler's `views` (`local_views`, latent pixels) tinted, neighbours in
+    different colours, each one's crop outlined thinly, the reference latent size (h, w) as a white box at the
+    centre, and `overlay_legend` in a strip below."""
     from PIL import Image, ImageDraw
 
     f = vae_scale_factor
