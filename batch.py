@@ -296,10 +296,8 @@ def part_paths(outdir: str) -> list[str]:
 
 
 def fold_parts(outdir: str) -> dict[str, dict]:
-    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed).
-
-    Records are keyed by image file: the newer record of an image replaces the older one.
-    """
+    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed);
+    the newer record of an image file replaces the older one."""
     manifest, parts = os.path.join(outdir, MANIFEST), part_paths(outdir)
     records = {}
     for path in [manifest, *parts]:
@@ -727,10 +725,8 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
                 job.refresh(progress, force=True)
             fail(130, f"stopped; the records so far are in {job.manifest}. Run the same command again to resume.")
-        except ValueError as error:  # the model cannot be loaded, or is not the one planned for
-            parser.exit(2, f"{parser.prog}: error: {error}\n")
-        except torch.OutOfMemoryError as error:  # the model does not fit: nothing to go on with
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        except (ValueError, torch.OutOfMemoryError) as error:  # model not loadable, not the planned one, or too big
+            parser.exit(1 if isinstance(error, torch.OutOfMemoryError) else 2, f"{parser.prog}: error: {error}\n")
         finally:
             if progress is not None:
                 progress.bar.close()

@@ -135,10 +135,6 @@ class Recording:
         return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.image_pt[None]))[0]
 
     @property
-    def latent_size(self) -> tuple[int, int]:
-        return tuple(self.direction.shape[-2:])
-
-    @property
     def nbytes(self) -> int:
         """Host bytes of the recorded maps and previews (`recording_nbytes`)."""
         tensors = [self.x0, self.direction, self.local_uncond, self.reference_direction, self.x0_preview]
@@ -513,7 +509,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     if missing:
         raise ValueError(f"steps: step {missing[0]} was not recorded; recorded steps are {recording.steps}")
     font_size = max(12, min(20, panel_px // 16))
-    layout = SheetLayout.for_panels(panel_size(recording.latent_size, panel_px), 3, len(steps), font_size)
+    layout = SheetLayout.for_panels(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font(font_size)
