@@ -60,9 +60,7 @@ KEY_HINTS = {
 MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
 
-# --------------------------------------------------------------------------------------------------
-# The prompts file
-# --------------------------------------------------------------------------------------------------
+# --- The prompts file ---
 
 
 class PromptsFileError(ValueError):
@@ -239,9 +237,7 @@ def _as_knob_type(name: str, value):
     return value
 
 
-# --------------------------------------------------------------------------------------------------
-# The plan: checks and cost without a model, and the split
-# --------------------------------------------------------------------------------------------------
+# --- The plan: checks and cost without a model, and the split ---
 
 def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
          line_keys: LineKeys | None = None, read_files: bool = False) -> None:
@@ -280,9 +276,7 @@ def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
     return [sorted(part) for part in parts]
 
 
-# --------------------------------------------------------------------------------------------------
-# The output folder: manifest, records, resume, lock
-# --------------------------------------------------------------------------------------------------
+# --- The output folder: manifest, records, resume, lock ---
 
 
 def write_manifest(path: str, records: dict[str, dict]) -> None:
@@ -425,9 +419,7 @@ def folder_lock(outdir: str):
         os.close(fd)
 
 
-# --------------------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------------------
+# --- The job ---
 
 
 def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,

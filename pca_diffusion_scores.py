@@ -35,9 +35,7 @@ ANIMATION_FORMATS = ("webp", "gif")
 SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
-# --------------------------------------------------------------------------------------------------
-# Which steps to keep
-# --------------------------------------------------------------------------------------------------
+# --- Which steps to keep ---
 
 
 def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
@@ -81,9 +79,7 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Recording
-# --------------------------------------------------------------------------------------------------
+# --- Recording ---
 
 
 def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int],
@@ -319,9 +315,7 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                      info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
 
 
-# --------------------------------------------------------------------------------------------------
-# x0 previews
-# --------------------------------------------------------------------------------------------------
+# --- x0 previews ---
 
 
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
@@ -348,9 +342,7 @@ def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Te
     return _to_uint8(torch.stack(previews))
 
 
-# --------------------------------------------------------------------------------------------------
-# PCA
-# --------------------------------------------------------------------------------------------------
+# --- PCA ---
 
 
 def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -411,9 +403,7 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
 
 
-# --------------------------------------------------------------------------------------------------
-# Pictures: contact sheet, animation, window overlay
-# --------------------------------------------------------------------------------------------------
+# --- Pictures: contact sheet, animation, window overlay ---
 
 
 @functools.lru_cache(maxsize=8)
@@ -625,9 +615,7 @@ def describe(recording: Recording, basis: str = "shared") -> str:
             "and the second window by window.")
 
 
-# --------------------------------------------------------------------------------------------------
-# Saving
-# --------------------------------------------------------------------------------------------------
+# --- Saving ---
 
 
 def write_bytes(path: str, data: bytes) -> str:
@@ -659,9 +647,7 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     return paths
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
+# --- Command line ---
 
 ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
 
