@@ -195,7 +195,6 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
     folder = os.path.dirname(path)
     items, errors = [], []
     for number, text in _file_lines(path):
-        where = f"{path}:{number}"
         try:
             values = _json_object(text) if jsonl else {"prompt": text}
             unknown = [key for key in values if key not in allowed]
@@ -213,7 +212,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, ed.MAX_SEED, integer=True)
             count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
         except ValueError as error:
-            errors.append(f"{where}: {error}")
+            errors.append(f"{path}:{number}: {error}")
             continue
         line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
@@ -231,10 +230,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
 
 def _as_knob_type(name: str, value):
     """JSON writes 10 for 10.0: a whole number given for a float knob becomes a float, as the CLI parses it."""
-    row = ed.knob(name)
-    if row.type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return float(value) if ed.knob(name).type is float and type(value) is int else value  # type(): a bool stays a bool
 
 
 # --- The plan: checks and cost without a model, and the split ---
@@ -621,8 +617,7 @@ class Job:
                 if item.error is not None:
                     records = item_records(item, self.outdir, self.model, self.rank, "error", item.error)
                 else:
-                    if pipe is None:
-                        pipe = load_sampler(make_sampler, self.native, self.args.max_scale)
+                    pipe = pipe or load_sampler(make_sampler, self.native, self.args.max_scale)
                     records = generate_item(pipe, item, self.outdir, self.model, self.rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", self.args.prompts_file, item.line, item.index,

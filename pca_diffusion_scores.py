@@ -39,12 +39,8 @@ SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column
 
 
 def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
-    """Step indices to record, ascending and without repeats.
-
-    `spec` is 'all', 'every:K' (steps 0, K, 2K, ... and always the last one, which shows the final
-    maps), a comma-separated list such as '0,10,20,30,40,49', or a sequence of ints. Raises ValueError
-    naming `steps_to_keep` and what is allowed.
-    """
+    """Step indices to record, ascending and without repeats, from 'all', 'every:K' (steps 0, K, 2K, ... and always
+    the last, which shows the final maps), a list such as '0,10,20,49', or a sequence of ints."""
     T = num_inference_steps
     allowed = (f"'all', 'every:K' with K >= 1, or step indices from 0 to {T - 1} separated by commas "
                "(e.g. '0,10,20')")
@@ -346,12 +342,9 @@ def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Te
 
 
 def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps.
-
-    Returns mean (C,), components (num_components, C) by decreasing variance and variance
-    (num_components,). The axes are the SVD of the channel covariance (fp64, accumulated map by map so
-    no copy of all maps is made); each axis's sign makes its largest entry positive.
-    """
+    """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps: mean (C,),
+    components (num_components, C) by decreasing variance, variance (num_components,). The SVD of the channel
+    covariance (fp64, accumulated map by map: no copy of all maps); each axis's largest entry is positive."""
     K, C = maps.shape[:2]
     count = K * maps[0, 0].numel()
     mean = sum(m.double().sum((1, 2)) for m in maps) / count
@@ -717,8 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     folder = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_{args.method}_{args.width}x{args.height}"
                                        f"_seed{seed}")
     paths = save_outputs(recording, folder, args.basis, args.sheet_columns, args.panel_px, args.animation)
-    for path in paths.values():
-        print(path)
+    print("\n".join(paths.values()))
     logger.info("recorded %d steps, %.1f MiB of maps on the CPU", len(recording.steps), recording.nbytes / 2 ** 20)
     return paths
 
