@@ -3,21 +3,15 @@
     python batch.py --prompts_file prompts.jsonl --outdir out/                                # one GPU
     accelerate launch --num_processes 8 batch.py --prompts_file prompts.jsonl --outdir out/
 
-`python batch.py` takes elastic_diffusion.py's flags. Both sampler command lines (`elastic_diffusion.py`,
-`elastic_diffusion_w_controlnet.py`) hand a --prompts_file over to `run`; the ControlNet's lines may set its
-inputs too (`control_line_keys`). A job, in order:
+`python batch.py` takes elastic_diffusion.py's flags; both sampler command lines hand a --prompts_file over to
+`run` (the ControlNet's lines may set its inputs too: `control_line_keys`). A job, in order:
 
-1. read the file (`read_prompts_file`): every line an `Item` with its own seed and file names; a file
-   that cannot be read, bad JSON, an unknown key or a missing prompt stops the job here, naming the line;
-2. check each item with the sampler's own rules, without a model (`plan`), and price it in UNet samples
-   with the cost model (`elastic_diffusion.unet_cost`); an item the sampler would refuse is recorded as
-   an error and the others go on;
-3. on the main process: lock the output folder, fold what a killed job left into the manifest, find the
-   items already done (`done_items`: PNG present, metadata matching), and tell the other processes;
+1. read the file into `Item`s (`read_prompts_file`); a line that cannot become one stops the job, named;
+2. check and price each item without a model (`plan`); one the sampler would refuse is recorded as an error;
+3. main process: lock the folder, fold a killed job's records into the manifest, find what is done (`done_items`);
 4. split what is left by cost (`split_by_cost`): every process computes the same assignment;
-5. each process loads the model once, on its device, generates its items in order and appends one record
-   per image to its own `manifest.process<N>.jsonl`;
-6. the main process shows the job's progress, waits for every record and merges them into `manifest.jsonl`.
+5. each process loads the model once and appends a record per image to its `manifest.process<N>.jsonl`;
+6. the main process shows the progress, waits for every record and merges them into `manifest.jsonl`.
 
 File formats, the manifest's fields, resuming and multi-node runs: docs/batch.md.
 """
@@ -66,9 +60,7 @@ KEY_HINTS = {
 MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
 
-# --------------------------------------------------------------------------------------------------
-# The prompts file
-# --------------------------------------------------------------------------------------------------
+# --- The prompts file ---
 
 
 class PromptsFileError(ValueError):
@@ -81,11 +73,8 @@ class PromptsFileError(ValueError):
 
 @dataclass(frozen=True)
 class LineKeys:
-    """Keys a command line adds to each line of a prompts file (the ControlNet CLI: its input image and knobs).
-
-    The keys are those of the command line's `call_kwargs`, whose values are the defaults of every line.
-    `check` reads an item's values and never changes them.
-    """
+    """Keys a command line adds to each line of a prompts file (the ControlNet's input image and knobs): those of
+    its `call_kwargs`, whose values are every line's defaults. `check` never changes the values."""
     check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
     settings: Callable[[dict], dict]  # values -> what a generation records of them (`info.settings`)
     paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
@@ -193,11 +182,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
                       line_keys: LineKeys | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
 
-    `defaults` holds negative_prompt, width, height, seed (item i gets seed + i unless its line sets one) and
-    num_images; `knobs` the method knobs (None: preset); `extra` the command line's extra call arguments,
-    which lines may set too. Raises PromptsFileError listing every line that cannot become an item (bad
-    JSON, not an object, an unknown key, no prompt, a seed or num_images that is not a whole number in
-    range). Sizes and knob values are the sampler's to refuse: `plan` checks them item by item.
+    `defaults` holds negative_prompt, width, height, seed (item i gets seed + i) and num_images; `knobs` the
+    method knobs (None: preset); `extra` the command line's extra call arguments, which lines may set too.
+    PromptsFileError lists every line that cannot become an item; sizes and knobs are `plan`'s to check.
     """
     extra = extra or {}
     if not path.endswith((".txt", ".jsonl")):
@@ -208,7 +195,6 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
     folder = os.path.dirname(path)
     items, errors = [], []
     for number, text in _file_lines(path):
-        where = f"{path}:{number}"
         try:
             values = _json_object(text) if jsonl else {"prompt": text}
             unknown = [key for key in values if key not in allowed]
@@ -226,7 +212,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, ed.MAX_SEED, integer=True)
             count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
         except ValueError as error:
-            errors.append(f"{where}: {error}")
+            errors.append(f"{path}:{number}: {error}")
             continue
         line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
@@ -244,24 +230,15 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
 
 def _as_knob_type(name: str, value):
     """JSON writes 10 for 10.0: a whole number given for a float knob becomes a float, as the CLI parses it."""
-    row = ed.knob(name)
-    if row.type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return float(value) if ed.knob(name).type is float and type(value) is int else value  # type(): a bool stays a bool
 
 
-# --------------------------------------------------------------------------------------------------
-# The plan: checks and cost without a model, and the split
-# --------------------------------------------------------------------------------------------------
+# --- The plan: checks and cost without a model, and the split ---
 
 def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
          line_keys: LineKeys | None = None, read_files: bool = False) -> None:
-    """Check every item with the sampler's rules and price it, in place: `settings` and `cost`, or `error`.
-
-    The rules are the sampler's own (`check_size`, `settings_for`, `check_settings`, the command line's
-    `LineKeys.check`); `read_files` also reads the files an item names (the ControlNet's input image),
-    which --dry_run does and a job leaves to the sampler.
-    """
+    """Check every item with the sampler's own rules and price it, in place: `settings` and `cost`, or `error`.
+    `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
     for item in items:
         try:
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
@@ -295,18 +272,7 @@ def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
     return [sorted(part) for part in parts]
 
 
-# --------------------------------------------------------------------------------------------------
-# The output folder: manifest, records, resume, lock
-# --------------------------------------------------------------------------------------------------
-
-
-def read_records(path: str) -> list[dict]:
-    """The records of a manifest file (none if it does not exist)."""
-    reader = RecordReader(path)
-    records = reader.read()
-    if reader.rest.strip():
-        logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
-    return records
+# --- The output folder: manifest, records, resume, lock ---
 
 
 def write_manifest(path: str, records: dict[str, dict]) -> None:
@@ -320,14 +286,15 @@ def part_paths(outdir: str) -> list[str]:
 
 
 def fold_parts(outdir: str) -> dict[str, dict]:
-    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed).
-
-    Records are keyed by image file: the newer record of an image replaces the older one.
-    """
+    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed);
+    the newer record of an image file replaces the older one."""
     manifest, parts = os.path.join(outdir, MANIFEST), part_paths(outdir)
     records = {}
     for path in [manifest, *parts]:
-        records.update({r["path"]: r for r in read_records(path) if isinstance(r, dict) and "path" in r})
+        reader = RecordReader(path)
+        records.update({r["path"]: r for r in reader.read() if isinstance(r, dict) and "path" in r})
+        if reader.rest.strip():
+            logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
     if parts:
         write_manifest(manifest, records)
         for part in parts:  # only once their records are safely in the manifest
@@ -448,16 +415,7 @@ def folder_lock(outdir: str):
         os.close(fd)
 
 
-def remove_stale_temporaries(outdir: str) -> None:
-    """Temporary files of writes a power loss cut short (`write_atomically`); only a job holding the lock may."""
-    for pattern in ("*.png.part", "*.jsonl.part"):
-        for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
-            os.unlink(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------------------
+# --- The job ---
 
 
 def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,
@@ -496,11 +454,10 @@ class Progress:
     def __init__(self, outdir: str, items: list[Item], num_processes: int):
         from tqdm.auto import tqdm
 
-        self.outdir, self.items = outdir, {item.index: item for item in items}
+        self.items = {item.index: item for item in items}
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}
         self.finished, self.failed = set(), set()  # indexes of items with a record, with an error record
-        self.text = ""
         self.expected = sum(item.num_images for item in items)
         self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not items, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
@@ -517,32 +474,25 @@ class Progress:
                     if record["status"] != "ok":
                         self.failed.add(item.index)
                     cost, added = cost + item.cost / item.num_images, True
-        if added:
+        if added:  # a log file gets a line per change, not one per poll
             self.bar.n += cost  # drawn below with the new count: bar and text change in one line
-        self._describe(redraw=added)
+            self._describe()
 
-    def _describe(self, redraw: bool = False) -> None:
-        text = f"{len(self.finished)}/{len(self.items)} items" + (f", {len(self.failed)} failed" if self.failed else "")
-        if text != self.text or redraw:  # a log file gets a line per change, not one per poll
-            self.text = text
-            self.bar.set_description_str(text, refresh=True)
+    def _describe(self) -> None:
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        self.text = f"{len(self.finished)}/{len(self.items)} items{failed}"
+        self.bar.set_description_str(self.text, refresh=True)
 
     @property
     def complete(self) -> bool:
         return len(self.records) >= self.expected
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
     image in flight is dropped, its temporary file removed, the records so far kept, the lock released."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         yield
     finally:
@@ -636,7 +586,9 @@ class Job:
             self.held.enter_context(folder_lock(self.outdir))
         except (FolderBusy, OSError) as error:
             return str(error)
-        remove_stale_temporaries(self.outdir)
+        for pattern in ("*.png.part", "*.jsonl.part"):  # writes a power loss cut short (`write_atomically`)
+            for path in glob.glob(os.path.join(glob.escape(self.outdir), pattern)):
+                os.unlink(path)
         self.base = fold_parts(self.outdir)
         self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
         for index, records in self.done.items():  # a done image keeps its ok record; one without (a lost manifest)
@@ -665,8 +617,7 @@ class Job:
                 if item.error is not None:
                     records = item_records(item, self.outdir, self.model, self.rank, "error", item.error)
                 else:
-                    if pipe is None:
-                        pipe = load_sampler(make_sampler, self.native, self.args.max_scale)
+                    pipe = pipe or load_sampler(make_sampler, self.native, self.args.max_scale)
                     records = generate_item(pipe, item, self.outdir, self.model, self.rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", self.args.prompts_file, item.line, item.index,
@@ -761,13 +712,11 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
                 job.refresh(progress, force=True)
             fail(130, f"stopped; the records so far are in {job.manifest}. Run the same command again to resume.")
-        except ValueError as error:  # the model cannot be loaded, or is not the one planned for
-            parser.exit(2, f"{parser.prog}: error: {error}\n")
-        except torch.OutOfMemoryError as error:  # the model does not fit: nothing to go on with
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        except (ValueError, torch.OutOfMemoryError) as error:  # model not loadable, not the planned one, or too big
+            parser.exit(1 if isinstance(error, torch.OutOfMemoryError) else 2, f"{parser.prog}: error: {error}\n")
         finally:
             if progress is not None:
-                progress.close()
+                progress.bar.close()
             job.held.close()
     paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
     paths = [path for path in paths if os.path.isfile(path)]

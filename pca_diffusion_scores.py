@@ -1,22 +1,12 @@
 """Look inside the method: PCA pictures of the two halves of the score, step by step (docs/look-inside.md).
 
-Classifier-free guidance splits the model's prediction into the unconditional score ε(x, ∅) and the class
-direction Δ = ε(x, c) − ε(x, ∅). ElasticDiffusion rests on the observation that Δ carries the image's global
-layout while ε(x, ∅) is local, pixel-level detail (docs/method.md). This script records both maps during a
-generation and projects each map's latent channels on their first three principal components (red, green, blue):
-
-* ``plain``: CFG-DDIM directly at the requested size, through diffusers' pipeline on the sampler's modules;
-  ε(x, ∅) and ε(x, c) are read off each step's UNet call by a forward hook.
-* ``elastic``: our sampler; per step the `ScoreEstimate` of the update the step kept, as `callback_on_step_end`
-  receives it (the written-back global direction, its reference-grid form and the windows' unconditional score).
-
-Neither copies a sampling loop, and recording does not change the image (bit for bit). The kept steps' maps stay
-on the CPU in fp16 (`recording_nbytes`): a 2048² SDXL run that keeps all 50 steps holds 90.6 MiB.
+Records the class direction Δ = ε(x, c) − ε(x, ∅) and the unconditional score ε(x, ∅) of a generation, `plain`
+(diffusers' CFG-DDIM on the sampler's modules, read by a UNet forward hook) or `elastic` (our sampler's
+`ScoreEstimate` per step, from `callback_on_step_end`), without changing the image by a bit, and draws each map's
+first three principal components as red, green and blue. The kept steps' maps stay on the CPU in fp16
+(`recording_nbytes`): a 2048² SDXL run that keeps all 50 steps holds 90.6 MiB.
 
     python pca_diffusion_scores.py --model 1.5 --method elastic --width 1024 --height 1024 --steps_to_keep every:5
-
-    recording = record_scores(sampler, "a photo of the dolomites", width=2048, height=1024, method="elastic")
-    contact_sheet(recording).save("sheet.png")
 """
 from __future__ import annotations
 
@@ -42,22 +32,15 @@ KNOB_NAMES = tuple(k.name for k in ed.method_knobs())  # the sampler's method kn
 METHODS = ("plain", "elastic")
 BASES = ("shared", "per-step")
 ANIMATION_FORMATS = ("webp", "gif")
-MAP_NAMES = ("direction", "local_uncond")  # the two halves of the score, in the order the sheet shows them
 SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
-# --------------------------------------------------------------------------------------------------
-# Which steps to keep
-# --------------------------------------------------------------------------------------------------
+# --- Which steps to keep ---
 
 
 def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
-    """Step indices to record, ascending and without repeats.
-
-    `spec` is 'all', 'every:K' (steps 0, K, 2K, ... and always the last one, which shows the final
-    maps), a comma-separated list such as '0,10,20,30,40,49', or a sequence of ints. Raises ValueError
-    naming `steps_to_keep` and what is allowed.
-    """
+    """Step indices to record, ascending and without repeats, from 'all', 'every:K' (steps 0, K, 2K, ... and always
+    the last, which shows the final maps), a list such as '0,10,20,49', or a sequence of ints."""
     T = num_inference_steps
     allowed = (f"'all', 'every:K' with K >= 1, or step indices from 0 to {T - 1} separated by commas "
                "(e.g. '0,10,20')")
@@ -92,9 +75,7 @@ def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Recording
-# --------------------------------------------------------------------------------------------------
+# --- Recording ---
 
 
 def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int],
@@ -107,42 +88,31 @@ def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int]
 
 
 class PCAMaps(NamedTuple):
-    """A 3-component PCA of one kind of map over the kept steps.
-
-    `mean` (N, C), `components` (N, 3, C) and `variance` (N, 3) hold N = 1 basis (shared) or one per
-    step (per-step); `low`/`high` (N, 3) are the ranges that map each component to [0, 1].
-    """
+    """A 3-component PCA of one kind of map over the kept steps, with N = 1 basis (shared) or one per step."""
     projections: torch.Tensor  # (K, 3, H, W) float32: coordinates on the principal axes
     rgb: torch.Tensor  # (K, 3, H, W) float32 in [0, 1]: component 1, 2, 3 as red, green, blue
-    mean: torch.Tensor
-    components: torch.Tensor
-    variance: torch.Tensor
-    low: torch.Tensor
+    mean: torch.Tensor  # (N, C)
+    components: torch.Tensor  # (N, 3, C)
+    variance: torch.Tensor  # (N, 3)
+    low: torch.Tensor  # (N, 3) and high (N, 3): the range each component maps to [0, 1]
     high: torch.Tensor
 
 
 @dataclass(eq=False)
 class Recording:
-    """What `record_scores` kept of one generation, on the CPU (latent maps in fp16).
-
-    Per kept step k (`steps[k]`, timestep `timesteps[k]`): `x0` the predicted clean latent, `direction`
-    the class direction Δ = ε(c) − ε(∅) and `local_uncond` the unconditional score (for the elastic
-    method: the written-back Δ and the score U assembled from the windows), each (K, C, H, W);
-    `reference_direction` (K, C, h, w) Δ on the reference grid (elastic only, else None); `x0_preview`
-    (K, 3, H, W) uint8 RGB. `image_pt` is the final image (3, 8H, 8W) in [0, 1] exactly as generated.
-    """
+    """What `record_scores` kept of one generation, on the CPU; maps (K, ...) by kept step k, fp16."""
     method: str
     prompt: str
     negative_prompt: str
-    steps: list[int]
-    timesteps: list[int]
+    steps: list[int]  # the kept steps, ascending
+    timesteps: list[int]  # the kept steps' timesteps
     num_inference_steps: int
-    x0: torch.Tensor
-    direction: torch.Tensor
-    local_uncond: torch.Tensor
-    reference_direction: torch.Tensor | None
-    x0_preview: torch.Tensor
-    image_pt: torch.Tensor
+    x0: torch.Tensor  # (K, C, H, W) the predicted clean latent
+    direction: torch.Tensor  # (K, C, H, W) Δ = ε(c) − ε(∅); for elastic the written-back global direction
+    local_uncond: torch.Tensor  # (K, C, H, W) ε(∅); for elastic assembled from the windows
+    reference_direction: torch.Tensor | None  # (K, C, h, w) Δ on the reference grid (elastic only)
+    x0_preview: torch.Tensor  # (K, 3, H, W) uint8 RGB
+    image_pt: torch.Tensor  # (3, 8H, 8W) in [0, 1]: the final image exactly as generated
     info: ed.GenerationInfo
     views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
     reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
@@ -157,23 +127,16 @@ class Recording:
         return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.image_pt[None]))[0]
 
     @property
-    def latent_size(self) -> tuple[int, int]:
-        return tuple(self.direction.shape[-2:])
-
-    @property
     def nbytes(self) -> int:
         """Host bytes of the recorded maps and previews (`recording_nbytes`)."""
         tensors = [self.x0, self.direction, self.local_uncond, self.reference_direction, self.x0_preview]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def pca(self, basis: str = "shared") -> dict[str, PCAMaps]:
-        """PCA of each recorded map kind ('direction', 'local_uncond' and, for elastic, 'reference_direction').
-
-        The reference direction is drawn in the full-resolution direction's basis and colour range, so
-        a colour means the same vector in both. Computed once per basis.
-        """
+        """PCA of each recorded map kind, once per basis; 'reference_direction' (elastic) in the basis and colour
+        range of 'direction', so a colour means the same vector in both."""
         if basis not in self._pca:  # pca_maps checks `basis`
-            maps = {name: pca_maps(getattr(self, name), basis) for name in MAP_NAMES}
+            maps = {name: pca_maps(getattr(self, name), basis) for name in ("direction", "local_uncond")}
             if self.reference_direction is not None:
                 maps["reference_direction"] = pca_maps(self.reference_direction, basis, fitted=maps["direction"])
             self._pca[basis] = maps
@@ -213,14 +176,9 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
-    """Plain CFG-DDIM at the requested size through diffusers' pipeline, from the sampler's starting noise
-    for `seed` (the noise an ElasticDiffusion run with that seed starts from). Returns (images, info).
-
-    Everything else is diffusers' default, SDXL's size conditioning included (the image size, where the
-    sampler's default is 4x; see `time_ids_scale`).
-
-    `unet_hook(module, args, kwargs, output)` is registered as a forward hook on the UNet for this run only.
-    """
+    """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
+    included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
+    kwargs, output)` is a forward hook on the UNet for this run only."""
     pipe = plain_pipeline(sampler)
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
@@ -292,19 +250,13 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
 
 
 def _generate_parameters(sampler) -> set[str]:
-    """Keyword names the sampler's `generate` takes: the knobs of its table, a subclass's own arguments and
-    those it passes on to the base."""
+    """Keyword names the sampler's `generate` takes: those of each `generate` of its classes, and the knobs."""
     import inspect
 
-    names = set()
-    for cls in type(sampler).__mro__:
-        if "generate" in vars(cls):
-            parameters = inspect.signature(vars(cls)["generate"]).parameters
-            names |= {n for n, p in parameters.items()
-                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-            if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-                break
-    return names | set(KNOB_NAMES)
+    names = {name for cls in type(sampler).__mro__ if "generate" in vars(cls)
+             for name, p in inspect.signature(vars(cls)["generate"]).parameters.items()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return (names - {"self"}) | set(KNOB_NAMES)
 
 
 def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: int | None = None,
@@ -315,18 +267,13 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
 
     Args:
         method: 'elastic' (the sampler) or 'plain' (CFG-DDIM at the full size, diffusers' pipeline).
-        steps_to_keep: see `parse_steps_to_keep`; checked against the resolved `num_inference_steps`.
+        steps_to_keep: see `parse_steps_to_keep`.
         seed: seeds the starting noise (the same for both methods); random if None.
-        decode_x0: preview each kept x0 with a VAE decode after sampling (one decode per kept step);
-            otherwise with a linear latent-to-RGB map fitted by least squares to this run's final latent
-            and image (free, and close for Stable Diffusion's VAEs).
-        callback_on_step_end: called after the recorder, as by the sampler (and by diffusers for
-            'plain'); it may cancel.
-        generate_kwargs: the sampler's `generate` arguments (method knobs, `drop_p`, `view_batch_size`,
-            `callback_on_stage`, ...). 'plain' uses `num_inference_steps` and `guidance_scale` of them.
+        decode_x0: preview each kept x0 with a VAE decode instead of `linear_previews` (one decode per kept step).
+        callback_on_step_end: called after the recorder, as by the sampler (and diffusers); it may cancel.
+        generate_kwargs: the sampler's `generate` arguments; 'plain' uses `num_inference_steps` and `guidance_scale`.
 
-    Bad input (size, knobs, steps_to_keep, method) raises ValueError, an unknown keyword TypeError,
-    before anything runs.
+    Bad input raises ValueError (an unknown keyword TypeError) before anything runs.
     """
     _check_choice("method", method, METHODS)
     unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
@@ -339,7 +286,8 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     width = 2 * sampler.native_px if width is None else width
     settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
     sampler.check_inputs(height, width, settings, None, 1)
-    steps = parse_steps_to_keep(steps_to_keep, settings["num_inference_steps"])
+    T = settings["num_inference_steps"]
+    steps = parse_steps_to_keep(steps_to_keep, T)
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)
     if method == "plain":
@@ -357,15 +305,13 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     previews = (decoded_previews(sampler, maps["x0"], bool(info.settings.get("tiled_decoder")))
                 if decode_x0 else linear_previews(maps["x0"], recorder.final_latent, image, sampler.vae_scale_factor))
     return Recording(method=method, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                     timesteps=recorder.timesteps, num_inference_steps=settings["num_inference_steps"],
+                     timesteps=recorder.timesteps, num_inference_steps=T,
                      x0=maps["x0"], direction=maps["direction"], local_uncond=maps["local_uncond"],
                      reference_direction=maps.get("reference_direction"), x0_preview=previews, image_pt=image,
                      info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
 
 
-# --------------------------------------------------------------------------------------------------
-# x0 previews
-# --------------------------------------------------------------------------------------------------
+# --- x0 previews ---
 
 
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
@@ -374,11 +320,8 @@ def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
 
 def linear_previews(x0: torch.Tensor, final_latent: torch.Tensor, image: torch.Tensor,
                     vae_scale_factor: int) -> torch.Tensor:
-    """x0 (K, C, H, W) -> (K, 3, H, W) uint8 through an affine latent-to-RGB map.
-
-    The map is fitted by least squares to `final_latent` (C, H, W) and `image` (3, fH, fW) averaged
-    over f x f blocks, so it is this model's VAE in linear approximation, at latent resolution.
-    """
+    """x0 (K, C, H, W) -> (K, 3, H, W) uint8 through an affine latent-to-RGB map fitted by least squares to
+    `final_latent` (C, H, W) and `image` (3, fH, fW) averaged over f x f blocks: the VAE, linearised."""
     C = final_latent.shape[0]
     target = torch.nn.functional.avg_pool2d(image[None].double(), vae_scale_factor)[0]  # (3, H, W)
     inputs = torch.cat([final_latent.double().reshape(C, -1), torch.ones(1, target[0].numel(), dtype=torch.double)])
@@ -395,18 +338,13 @@ def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Te
     return _to_uint8(torch.stack(previews))
 
 
-# --------------------------------------------------------------------------------------------------
-# PCA
-# --------------------------------------------------------------------------------------------------
+# --- PCA ---
 
 
 def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps.
-
-    Returns mean (C,), components (num_components, C) by decreasing variance and variance
-    (num_components,). The axes are the SVD of the channel covariance (fp64, accumulated map by map so
-    no copy of all maps is made); each axis's sign makes its largest entry positive.
-    """
+    """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps: mean (C,),
+    components (num_components, C) by decreasing variance, variance (num_components,). The SVD of the channel
+    covariance (fp64, accumulated map by map: no copy of all maps); each axis's largest entry is positive."""
     K, C = maps.shape[:2]
     count = K * maps[0, 0].numel()
     mean = sum(m.double().sum((1, 2)) for m in maps) / count
@@ -428,10 +366,8 @@ def project(maps: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) ->
 
 
 def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Each component's [low, high] to [0, 1]; a component with no spread (high == low) is mid-grey, not NaN.
-
-    projections (K, 3, H, W); low/high broadcast against (K, 3, 1, 1).
-    """
+    """Each component of projections (K, 3, H, W) from [low, high] (broadcast to (K, 3, 1, 1)) to [0, 1]; a
+    component with no spread (high == low) is mid-grey, not NaN."""
     spread = high - low
     flat = spread <= 0
     rgb = (projections - low) / torch.where(flat, 1.0, spread)
@@ -439,12 +375,8 @@ def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> 
 
 
 def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None = None) -> PCAMaps:
-    """Three principal components of `maps` (K, C, H, W) as RGB images.
-
-    'shared': one basis and one colour range fitted over all K maps, so a colour means the same vector
-    at every step. 'per-step': a basis and range per map (the official script's behaviour). `fitted`
-    reuses another PCAMaps' bases and ranges (same K) instead of fitting.
-    """
+    """Three principal components of `maps` (K, C, H, W) as RGB images, with one basis and colour range over all
+    K maps ('shared') or one per map ('per-step'); or with `fitted`'s bases and ranges (same K)."""
     _check_choice("basis", basis, BASES)
     if fitted is not None:
         mean, components, variance = fitted.mean, fitted.components, fitted.variance
@@ -464,9 +396,7 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
 
 
-# --------------------------------------------------------------------------------------------------
-# Pictures: contact sheet, animation, window overlay
-# --------------------------------------------------------------------------------------------------
+# --- Pictures: contact sheet, animation, window overlay ---
 
 
 @functools.lru_cache(maxsize=8)
@@ -479,14 +409,11 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def row_titles(method: str) -> tuple[str, str, str]:
-    """The contact sheet's row labels, top to bottom: x0 preview, direction, unconditional score.
-
-    Text drawn into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
-    """
-    if method == "plain":
-        return ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)")
-    return ("x0 prediction", "global direction\n(reference,\nwritten back)", "local unconditional\nscore (windows)")
+# The contact sheet's row labels by method, top to bottom: x0 preview, direction, unconditional score. Text drawn
+# into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
+ROW_TITLES = {"plain": ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)"),
+              "elastic": ("x0 prediction", "global direction\n(reference,\nwritten back)",
+                          "local unconditional\nscore (windows)")}
 
 
 def panel_size(latent_size: tuple[int, int], panel_px: int) -> tuple[int, int]:
@@ -550,12 +477,6 @@ def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
     return [steps[round(j * (len(steps) - 1) / (max_columns - 1))] for j in range(max_columns)]
 
 
-def sheet_title(recording: Recording, basis: str) -> str:
-    s = recording.info.settings
-    name = "plain CFG-DDIM" if recording.method == "plain" else "ElasticDiffusion"
-    return f"{name} {s['width']}x{s['height']}\nseed {recording.info.seed}, PCA basis {basis}"
-
-
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
     """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
@@ -571,15 +492,17 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     if missing:
         raise ValueError(f"steps: step {missing[0]} was not recorded; recorded steps are {recording.steps}")
     font_size = max(12, min(20, panel_px // 16))
-    layout = SheetLayout.for_panels(panel_size(recording.latent_size, panel_px), 3, len(steps), font_size)
+    layout = SheetLayout.for_panels(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font(font_size)
-    draw.multiline_text((layout.gap, layout.gap), sheet_title(recording, basis), fill="black", font=font, spacing=2)
+    s = recording.info.settings
+    title = (f"{'plain CFG-DDIM' if recording.method == 'plain' else 'ElasticDiffusion'} {s['width']}x{s['height']}\n"
+             f"seed {recording.info.seed}, PCA basis {basis}")
+    draw.multiline_text((layout.gap, layout.gap), title, fill="black", font=font, spacing=2)
     rows = [recording.x0_preview, maps["direction"].rgb, maps["local_uncond"].rgb]
-    for row, (label, images) in enumerate(zip(row_titles(recording.method), rows)):
-        left, top, _, _ = layout.box(row, 0)
-        draw.multiline_text((layout.gap, top), label, fill="black", font=font, spacing=2)
+    for row, (label, images) in enumerate(zip(ROW_TITLES[recording.method], rows)):
+        draw.multiline_text((layout.gap, layout.box(row, 0)[1]), label, fill="black", font=font, spacing=2)
         for column, step in enumerate(steps):
             k = recording.steps.index(step)
             box = layout.box(row, column)
@@ -609,13 +532,9 @@ WINDOW_TINT = 80  # alpha of a window's fill, out of 255: the image stays visibl
 
 def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_scale_factor: int = 8,
                    legend: bool = True):
-    """The local windows over `image` (PIL): each window tinted and outlined in its colour (neighbours
-    differ), the crop each window is seen in (window plus context, the UNet's input) outlined thinly in
-    the same colour, and the reference size as a white box at the centre; a legend strip below.
-
-    `views` are the sampler's (row window, column window) pairs in latent pixels (`local_views`),
-    `reference_size` the reference latent (h, w). Returns a new image; `image` is not changed.
-    """
+    """A copy of `image` (PIL) with the sampler's `views` (`local_views`, latent pixels) tinted, neighbours in
+    different colours, each one's crop outlined thinly, the reference latent size (h, w) as a white box at the
+    centre, and `overlay_legend` in a strip below."""
     from PIL import Image, ImageDraw
 
     f = vae_scale_factor
@@ -689,9 +608,7 @@ def describe(recording: Recording, basis: str = "shared") -> str:
             "and the second window by window.")
 
 
-# --------------------------------------------------------------------------------------------------
-# Saving
-# --------------------------------------------------------------------------------------------------
+# --- Saving ---
 
 
 def write_bytes(path: str, data: bytes) -> str:
@@ -705,27 +622,10 @@ def pca_record(info: ed.GenerationInfo, recording: Recording, basis: str) -> ed.
                                                    pca_steps=recording.steps))
 
 
-def npz_bytes(recording: Recording, basis: str = "shared") -> bytes:
-    """The PCA maps as a compressed .npz: per map kind its projections (K, 3, ., .) fp16, RGB images
-    (K, 3, ., .) uint8, mean, components, variance; plus steps, timesteps and the x0 previews."""
-    import numpy as np
-
-    arrays = dict(steps=np.array(recording.steps), timesteps=np.array(recording.timesteps),
-                  x0_preview=recording.x0_preview.numpy(), basis=np.array(basis), method=np.array(recording.method))
-    for name, maps in recording.pca(basis).items():
-        arrays[name] = maps.projections.half().numpy()
-        arrays[f"{name}_rgb"] = _to_uint8(maps.rgb).numpy()
-        for part in ("mean", "components", "variance"):
-            arrays[f"{name}_{part}"] = getattr(maps, part).numpy()
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_columns: int = SHEET_COLUMNS,
                  panel_px: int = 256, animation_format: str = "webp") -> dict[str, str]:
-    """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt>, pca.npz and, for
-    the elastic method, windows.png into `folder` (created). Returns {name: path}."""
+    """Write image.png, sheet.png (both with the main CLI's PNG metadata), animation.<fmt> and, for the elastic
+    method, windows.png into `folder` (created). Returns {name: path}."""
     os.makedirs(folder, exist_ok=True)
     metadata = ed.png_metadata(pca_record(recording.info, recording, basis), recording.prompt,
                                recording.negative_prompt)
@@ -734,16 +634,13 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     paths["sheet"] = ed.save_png(sheet, os.path.join(folder, "sheet.png"), metadata)
     paths["animation"] = write_bytes(os.path.join(folder, f"animation.{animation_format}"),
                                      animation(recording, basis, animation_format, panel_px))
-    paths["npz"] = write_bytes(os.path.join(folder, "pca.npz"), npz_bytes(recording, basis))
     if recording.method == "elastic":
         overlay = window_overlay(recording.image, recording.views, recording.reference_size, recording.vae_scale_factor)
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
     return paths
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
+# --- Command line ---
 
 ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
 
@@ -754,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.prog = "pca_diffusion_scores.py"
     parser.description = ("Record the class direction and the unconditional score during a generation (plain "
                           "CFG-DDIM or ElasticDiffusion) and draw their principal components: a contact sheet, "
-                          "an animation, the final image and the PCA maps (.npz), in one folder per run.")
+                          "an animation and the final image, in one folder per run.")
     parser.set_defaults(outdir="results/pca/")
     g = parser.add_argument_group("score visualisation")
     g.add_argument("--method", choices=METHODS, default="elastic",
@@ -813,8 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     folder = os.path.join(args.outdir, f"{time.strftime('%Y%m%d-%H%M%S')}_{args.method}_{args.width}x{args.height}"
                                        f"_seed{seed}")
     paths = save_outputs(recording, folder, args.basis, args.sheet_columns, args.panel_px, args.animation)
-    for path in paths.values():
-        print(path)
+    print("\n".join(paths.values()))
     logger.info("recorded %d steps, %.1f MiB of maps on the CPU", len(recording.steps), recording.nbytes / 2 ** 20)
     return paths
 
