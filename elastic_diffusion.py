@@ -1047,6 +1047,7 @@ class ElasticDiffusion:
         allow_pickle: allow non-safetensors weights (they can run code when loaded).
         compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
             dimension marked dynamic one compilation serves every image size.
+        max_scale: largest side as a multiple of the native size (`check_size`); above MAX_SCALE is experimental.
 
     The instance holds the models and the configuration only; each call keeps its data in its own
     `Run`. Several threads may generate with one sampler at once (each gets exactly its
@@ -1056,9 +1057,11 @@ class ElasticDiffusion:
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
                  view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
                  torch_dtype: torch.dtype | None = None,
-                 pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
+                 pipe=None, allow_pickle: bool = False, compile_unet: bool = False, max_scale: int = MAX_SCALE,
+                 **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
         self.view_batch_size = knob("view_batch_size").check(view_batch_size, 0)
+        self.max_scale = check_number("max_scale", max_scale, 1, integer=True)
         self.allow_pickle = allow_pickle
         shared = pipe is not None  # the caller's pipeline: its modules are used, never changed
         if shared:
@@ -1108,7 +1111,6 @@ class ElasticDiffusion:
         self.compiled = bool(compile_unet)
         if self.compiled:  # all UNet inputs are D x D: only the batch size varies (marked dynamic)
             self.unet = torch.compile(self.unet)
-        self.max_scale = MAX_SCALE
 
     def attach_models(self) -> None:
         """Extension point: load the models a subclass adds (the ControlNet's).
@@ -1850,7 +1852,7 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
     """Constructor arguments of the sampler from the shared command-line flags."""
     return dict(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
                 low_vram=args.low_vram, torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
-                allow_pickle=args.allow_pickle, compile_unet=args.compile)
+                allow_pickle=args.allow_pickle, compile_unet=args.compile, max_scale=args.max_scale)
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
@@ -1888,7 +1890,6 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         if check_call is not None:
             check_call()
         pipe = make_sampler()
-        pipe.max_scale = args.max_scale
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
                                         height=args.height, width=args.width, seed=seed,
                                         num_images_per_prompt=args.num_images, **knobs,

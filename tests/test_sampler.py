@@ -731,15 +731,16 @@ def test_model_keys_map_to_hub_ids():
 def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
     with pytest.raises(ValueError, match="max_scale"):
         sd1("a city", height=512, width=1536, num_inference_steps=1, progress=False)
-    sd1.max_scale = 3
+    wider = ed.ElasticDiffusion.from_pipe(sd1.pipe, max_scale=3)  # the same modules, a larger size limit
+    assert (sd1.max_scale, wider.max_scale) == (ed.MAX_SCALE, 3)
+    assert ed.sampler_kwargs(ed.build_parser().parse_args(["--max_scale", "3"]))["max_scale"] == 3  # the CLI's flag
+    with pytest.raises(ValueError, match="max_scale must be >= 1; got 0"):
+        ed.ElasticDiffusion.from_pipe(sd1.pipe, max_scale=0)
+    spy = UNetSpy(sd1.unet)
     try:
-        spy = UNetSpy(sd1.unet)
-        try:
-            images, info = sd1("a city", height=512, width=1536, num_inference_steps=2, seed=0, progress=False)
-        finally:
-            spy.remove()
+        images, info = wider("a city", height=512, width=1536, num_inference_steps=2, seed=0, progress=False)
     finally:
-        sd1.max_scale = ed.MAX_SCALE
+        spy.remove()
     # 1536x512 on SD 1 (native 512 px = 64 latent): reference (21, 64), groups of 3 columns
     assert info["reference_size"] == (21, 64) and images[0].size == (1536, 512)
     V = len(ed.local_views(64, 192, 64, 32))
