@@ -725,21 +725,19 @@ def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype,
 TINY_MODEL_HINT = ("To try the project without the hub: `make tiny-model` writes a tiny random-weight model (its "
                    "pictures are noise) to the folder tiny-model; then pass `--model tiny-model`")
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
-_HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
 
 
 def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     """Why models cannot come from the Hugging Face hub now ("HF_HUB_OFFLINE is set", "no network: ..."), or None.
 
     Respects HF_HUB_OFFLINE; otherwise makes one TCP connection to the hub's endpoint, bounded by
-    `timeout` (name resolution included). Without an answer the process works offline from then on:
-    the hub libraries read their local cache at once instead of retrying each file for half a minute.
+    `timeout` (name resolution included). Without an answer a load passes `local_files_only=True`: the hub
+    libraries read their local cache at once instead of retrying each file for half a minute.
     """
     from huggingface_hub import constants
 
-    global _HUB_OFFLINE_REASON
     if constants.HF_HUB_OFFLINE:
-        return _HUB_OFFLINE_REASON or "HF_HUB_OFFLINE is set"
+        return "HF_HUB_OFFLINE is set"
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     outcome = {}
@@ -757,11 +755,8 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     if outcome.get("ok"):
         return None
     error = outcome.get("error")
-    _HUB_OFFLINE_REASON = (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})"
-                           if error else f"no network: no answer from {host} within {timeout:g} s")
-    constants.HF_HUB_OFFLINE = True
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return _HUB_OFFLINE_REASON
+    return (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})" if error
+            else f"no network: no answer from {host} within {timeout:g} s")
 
 
 # Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
@@ -803,8 +798,9 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
             from huggingface_hub import hf_hub_download
 
-            hub_offline_reason()  # without network: read the cache at once instead of retrying
-            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
+            cached = hub_offline_reason() is not None  # without network: read the cache at once, no retries
+            config = lambda name: hf_hub_download(source, "config.json", subfolder=name,  # noqa: E731
+                                                  local_files_only=cached)
         else:
             raise ValueError("not a known key, folder, hub id or .safetensors file")
         factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
@@ -856,9 +852,11 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         raise ValueError(f"sd_version {sd_version!r} is unknown: use {allowed}")
     offline = None if is_path else hub_offline_reason()
 
-    load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **kwargs)
+    load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+                       local_files_only=offline is not None)
+    load_kwargs.update(kwargs)
     try:
-        config = DiffusionPipeline.load_config(source)
+        config = DiffusionPipeline.load_config(source, local_files_only=offline is not None)
         if "safety_checker" in config:  # not used by this sampler: do not download or load it
             load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = from_pretrained_variant(DiffusionPipeline.from_pretrained, source, torch_dtype, **load_kwargs)
