@@ -204,10 +204,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
         if isinstance(model, str):
             source = os.path.expanduser(CONTROLNET_IDS.get(model, {}).get("sdxl" if self.is_sdxl else "sd", model))
+            cached = not os.path.isdir(source) and ed.hub_offline_reason() is not None  # no network: the cache
             try:
                 safetensors_only = None if allow_pickle else True
                 model = ed.from_pretrained_variant(ControlNetModel.from_pretrained, source, self.dtype,
-                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only)
+                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only,
+                                                   local_files_only=cached)
             except (OSError, ValueError) as error:
                 raise ValueError(f"controlnet_model {model!r} ({source}) could not be loaded: {error}") from error
         elif model.dtype != self.dtype:  # a caller's model is used as it is, never converted
