@@ -155,7 +155,6 @@ class Knob:
     default: object  # a constant, or PRESET
     help: str  # one line: the CLI's --help, the demos' widget info, the README
     label: str  # the demos' widget label
-    symbol: str = ""  # the paper's symbol (docs/method.md#notation)
     minimum: float | None = None
     maximum: float | str | None = None
     open_minimum: bool = False  # the minimum itself is not allowed
@@ -201,30 +200,30 @@ class Knob:
 
 KNOBS = (
     Knob("num_inference_steps", int, 50, "DDIM steps; time grows linearly with them (50 is the paper's setting)",
-         "Number of inference steps (T)", "T", minimum=1, maximum=1000, demo_range=(1, 150), aliases=("steps",)),
+         "Number of inference steps (T)", minimum=1, maximum=1000, demo_range=(1, 150), aliases=("steps",)),
     Knob("guidance_scale", float, 10.0, "classifier-free guidance: how closely the image follows the prompt "
-         "(it scales the global content direction)", "Classifier-free guidance scale (ω)", "ω",
+         "(it scales the global content direction)", "Classifier-free guidance scale (ω)",
          demo_range=(1, 30), step=0.5),
     Knob("resampling_steps", int, PRESET, "extra passes over the reduced-resolution reference per step: sharper "
-         "and more coherent, but slower (2 UNet samples per image each)", "Resampling steps (R)", "R",
+         "and more coherent, but slower (2 UNet samples per image each)", "Resampling steps (R)",
          minimum=0, demo_range=(0, 40), preset="0 at or below the native size, 7 above it, 10 from 2.5x the "
          "native area"),
     Knob("new_p", float, 0.3, "fraction of reference pixels drawn from new positions in each resampling pass "
-         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Fraction of newly sampled pixels (ρ)", "ρ",
+         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Fraction of newly sampled pixels (ρ)",
          minimum=0, maximum=1, open_minimum=True, demo_range=(0.05, 1), step=0.05),
     Knob("rrg_init_weight", float, PRESET, "reduced-resolution guidance weight at the first step: higher removes "
          "artefacts such as repeated objects but blurs, too high lets the padding colours bleed in",
-         "Reduced-resolution guidance scale (λ0)", "λ0", minimum=0, demo_range=(0, 10000), step=50,
+         "Reduced-resolution guidance scale (λ0)", minimum=0, demo_range=(0, 10000), step=50,
          aliases=("rrg_scale",), preset="0 at or below the native size, else 500 x the area in native areas "
          "(rounded), at least 1000: the pull at step 0 stays near 0.015"),
     Knob("cosine_scale", float, 10.0, "how fast the reduced-resolution guidance fades over the steps, "
-         "λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner", "Cosine scale (κ)", "κ", minimum=0,
+         "λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner", "Cosine scale (κ)", minimum=0,
          demo_range=(0, 50), step=0.5),
     Knob("rrg_stop_t", float, 0.4, "fraction of the final steps that run without reduced-resolution guidance "
          "(0.4: the official demo's value)", "RRG stop", minimum=0, maximum=1, open_maximum=True,
          demo_range=(0, 0.95), step=0.05),
     Knob("patch_size", int, PRESET, "width of each local window in latent pixels (its context is the rest of "
-         "the native size): larger is faster but may hurt coherence", "Patch size (latent pixels)", "p",
+         "the native size): larger is faster but may hurt coherence", "Patch size (latent pixels)",
          minimum=1, maximum=NATIVE_LATENT, demo_range=(8, NATIVE_LATENT), step=8,
          preset="half the native latent size: 64 on SDXL, 32 on SD 1.x/2.x"),
     Knob("view_batch_size", int, 16, "most native-size samples per UNet call: lower it if the GPU runs out of "
@@ -1003,10 +1002,6 @@ class _ModuleLock:
         self._exclusive = False
         self._waiting = 0
 
-    @property
-    def held(self) -> bool:
-        return self._exclusive or self._shared > 0
-
     @contextlib.contextmanager
     def hold(self, exclusive: bool | Callable[[], bool]):
         """Hold the lock; alone if `exclusive` is true (a callable is asked once no switch is pending)."""
@@ -1116,11 +1111,6 @@ class ElasticDiffusion:
         Called once by the constructor, after the pipeline is loaded and before anything is placed on
         the device, so the memory mode (`place_modules`) is set once, for every model.
         """
-
-    @property
-    def busy(self) -> bool:
-        """True while a generation runs (or someone holds `exclusive()`)."""
-        return self._modules.held
 
     def exclusive(self):
         """`with pipe.exclusive():` use the components alone: waits for running generations, holds off new ones."""

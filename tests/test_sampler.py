@@ -219,6 +219,18 @@ def test_num_images_per_prompt(xl):
 # ------------------------------------------------------------------------------ threads
 
 
+def idle(sampler, seconds: float = 5) -> bool:
+    """No generation holds the sampler: `exclusive()` is granted within `seconds`."""
+    entered = threading.Event()
+
+    def enter():
+        with sampler.exclusive():
+            entered.set()
+
+    threading.Thread(target=enter, daemon=True).start()
+    return entered.wait(seconds)
+
+
 def test_two_threads_do_not_mix_their_runs(xl):
     """Two threads generate at once (they meet at every step, so their UNet calls interleave) with different
     prompts, seeds, sizes and batch sizes: each gets exactly its single-threaded result."""
@@ -289,7 +301,7 @@ def test_low_vram_switch_and_low_vram_runs_take_the_sampler_alone(tiny_sd1_path)
     second.join(30)
     assert events == [("run", 0), ("run", 1), ("first", "done"), ("second", "done")]
     sampler.set_low_vram(False)
-    assert not sampler.busy
+    assert idle(sampler)
 
 
 def test_a_failed_switch_out_of_low_vram_leaves_a_working_low_vram_sampler(tiny_sd1_path, monkeypatch):
@@ -489,7 +501,7 @@ def test_stages_before_the_first_step_are_reported_and_can_cancel(xl):
             xl("x", height=512, width=1024, num_inference_steps=2, seed=0, callback_on_stage=cancel, **QUIET)
     finally:
         hook.remove()
-    assert unet_calls == [] and not xl.busy
+    assert unet_calls == [] and idle(xl)
 
 
 # ------------------------------------------------------------------------------ decode and memory modes
