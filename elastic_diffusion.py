@@ -526,6 +526,33 @@ def background_strips(h: int, w: int, views: list, native: int) -> set[tuple[str
     return set(padding_strips(h, w, native).items()) | set(padding_strips(*crop, native).items())
 
 
+class Layout(NamedTuple):
+    """Where a run's UNet samples come from: what the sampling loop and the cost model (`unet_cost`) both use."""
+    latent_size: tuple[int, int]  # (H, W)
+    reference_size: tuple[int, int]  # (h, w)
+    views: list  # the V local views
+    strips: set  # background strips (`background_strips`)
+
+    def pass_inputs(self, num_passes: int) -> tuple[int, int]:
+        """(reference passes, local views) a pass of `num_passes` reference passes evaluates: when the reference
+        is the latent itself (up to the native size), one [neg; pos] pair serves them all, (1, 0)."""
+        return (1, 0) if self.reference_size == self.latent_size else (num_passes, len(self.views))
+
+
+def layout(height: int, width: int, native_latent: int, patch_size: int, vae_scale_factor: int = 8) -> Layout:
+    """The `Layout` of an image of height x width pixels (docs/method.md#reference-size, #local-views)."""
+    f, D = vae_scale_factor, native_latent
+    H, W = height // f, width // f
+    h, w = reference_size(height, width, D * f, f)
+    views = local_views(H, W, D, patch_size)
+    return Layout((H, W), (h, w), views, background_strips(h, w, views, D))
+
+
+def repaint_passes(settings: dict) -> bool:
+    """Whether each step but the last has a repaint pass: repaint on and R > 0 (docs/method.md#repaint)."""
+    return settings["repaint"] and settings["resampling_steps"] > 0
+
+
 def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.Tensor:
     """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it."""
     n = x.shape[0]
@@ -644,8 +671,6 @@ class Cost(NamedTuple):
     calls: int  # UNet calls (info["unet_calls"])
     vae_encodes: int  # background strips encoded (info["vae_encodes"])
     views: int  # V, the local views (info["num_views"])
-    reference_samples: int  # of `samples`: the reference passes' [neg; pos] pairs
-    local_samples: int  # of `samples`: the local views
     samples_per_main_pass: int
     samples_per_repaint_pass: int  # 0 without repaint
 
@@ -660,20 +685,14 @@ def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch
     reference is the latent itself (images up to the native size) all of a pass's inputs are one
     [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
     """
-    T, R = settings["num_inference_steps"], settings["resampling_steps"]
-    f, D, B = vae_scale_factor, native_latent, batch
-    H, W = height // f, width // f
-    h, w = reference_size(height, width, D * f, f)
-    views = local_views(H, W, D, settings["patch_size"])
-    same_input = (h, w) == (H, W)
-    passes, local = (1, 0) if same_input else (R + 1, len(views))
-    repaints = T - 1 if settings["repaint"] and R > 0 else 0
+    T, R, B = settings["num_inference_steps"], settings["resampling_steps"], batch
+    where = layout(height, width, native_latent, settings["patch_size"], vae_scale_factor)
+    passes, local = where.pass_inputs(R + 1)
+    repaints = T - 1 if repaint_passes(settings) else 0
     main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
-    strips = background_strips(h, w, views, D)
     return Cost(samples=T * main + repaints * repaint,
                 calls=T * -(-main // view_batch_size) + repaints * -(-repaint // view_batch_size),
-                vae_encodes=T * len(strips), views=len(views),
-                reference_samples=2 * B * (T * passes + repaints), local_samples=B * local * (T + repaints),
+                vae_encodes=T * len(where.strips), views=len(where.views),
                 samples_per_main_pass=main, samples_per_repaint_pass=repaint)
 
 
@@ -903,25 +922,19 @@ def share_pipeline(pipe, **replace):
     return shared
 
 
-@dataclass
+@dataclass(frozen=True)
 class Region:
     """Where one UNet sample comes from, for extensions that condition on the image (ControlNet).
 
     kind "reference": the whole reduced reference latent, (rows, cols) = ((0, h), (0, w));
     kind "local": a crop [rows) x [cols) of the full-resolution latent. `padding` is
-    (top, bottom, left, right) in latent pixels around it on the native canvas; `item` is the
-    index of the image in the batch.
+    (top, bottom, left, right) in latent pixels around it on the native canvas. Equal regions have
+    equal pixels (a hashable key for per-region data).
     """
     kind: str
     rows: tuple[int, int]
     cols: tuple[int, int]
     padding: tuple[int, int, int, int]
-    item: int
-
-    @property
-    def key(self) -> tuple:
-        """What sets the region's pixels (not the batch item): kind, rows, cols, padding."""
-        return self.kind, self.rows, self.cols, self.padding
 
 
 class ScoreEstimate(NamedTuple):
@@ -959,8 +972,7 @@ class Run:
     view_batch_size: int
     seed: int | None
     aux_seed: int  # derived from the seed: sub-sampler, re-noising and background strips
-    latent_size: tuple[int, int]  # (H, W)
-    reference_size: tuple[int, int]  # (h, w)
+    layout: Layout  # latent and reference sizes, local views, background strips
     choose_cells: Callable[[int, int], torch.Tensor]
     repaint_noise: Callable[[int, tuple], torch.Tensor]
     extras: dict = field(default_factory=dict)
@@ -968,7 +980,6 @@ class Run:
     embeds: torch.Tensor | None = None  # [neg; pos] text embeddings (2B, 77, d)
     pooled: torch.Tensor | None = None  # SDXL pooled embeddings (2B, d') or None
     time_ids: torch.Tensor | None = None  # SDXL size conditioning (1, 6) or None
-    views: list = field(default_factory=list)  # local views: (row window, column window) pairs
     timesteps: list = field(default_factory=list)  # DDIM timesteps, noisiest first
     timestep_tensors: dict = field(default_factory=dict)  # t -> 0-d tensor on the device
     backgrounds: dict = field(default_factory=dict)  # (strip, size, t) -> noised strip latent (1, C, sh, sw)
@@ -1338,11 +1349,11 @@ class ElasticDiffusion:
         h, w = cells.shape[-2:]
         D = self.native_latent
         rows, cols = source_indices(cells, H, W)  # (S, h, w) each: the source pixel of every cell
-        same_input = (h, w) == (H, W)
-        S = 1 if same_input else cells.shape[0]
+        S, V = run.layout.pass_inputs(cells.shape[0])  # V = 0: the reference pair covers the one view
+        same_input = V == 0
         rows, cols = self._to_device(rows[:S]), self._to_device(cols[:S])
         references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
-        views = [] if same_input else run.views  # V windows; none when the reference pair covers them
+        views = run.layout.views[:V]
         crops = [x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views]  # V x (B, C, ch, cw)
 
         # The batch, in this order: per pass s, [x_ref_s for neg] x B then [x_ref_s for pos] x B; then
@@ -1354,15 +1365,14 @@ class ElasticDiffusion:
         item = torch.arange(B)
         index = [torch.cat([item, item + B]).repeat(S)]  # (S*2B,): b for neg, B + b for pos
         ref_pad = centered_padding(h, w, D)
-        regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
-                   for b in range(B)]
+        regions = [Region("reference", (0, h), (0, w), ref_pad)] * (S * 2 * B)
         if crops:
             ch, cw = crops[0].shape[-2:]  # every crop has the same size
             crop_pad = centered_padding(ch, cw, D)
             batches.append(self._pad(run, torch.cat(crops), t))  # (V*B, C, D, D): sample (v, b) at v*B + b
             index.append(item.repeat(len(views)))  # (V*B,): neg of item b
-            regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
-                        for r, c in views for b in range(B)]
+            regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad)
+                        for r, c in views for _ in range(B)]
         eps = self._evaluate(run, torch.cat(batches), t, self._to_device(torch.cat(index)), regions)  # (N, C, D, D)
 
         # Undo the padding and the flattening, in the order the batch was built.
@@ -1370,7 +1380,7 @@ class ElasticDiffusion:
         ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w]  # (S*2B, C, h, w)
         ref_eps = ref_eps.reshape(S, 2, B, C, h, w)  # [:, 0] = eps(x_ref, neg), [:, 1] = eps(x_ref, pos)
         if same_input:
-            views, local_eps = run.views, ref_eps[:, 0]  # (1, B, C, H, W): the one view is the whole latent
+            views, local_eps = run.layout.views, ref_eps[:, 0]  # (1, B, C, H, W): the one view is the whole latent
         else:
             top, _, left, _ = crop_pad
             local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw]  # (V*B, C, ch, cw)
@@ -1472,16 +1482,16 @@ class ElasticDiffusion:
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds
         # (docs/method.md#precision-randomness-and-memory).
         aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        H, W = height // self.vae_scale_factor, width // self.vae_scale_factor
-        h, w = self.reference_latent_size(H, W)
+        where = layout(height, width, self.native_latent, s["patch_size"], self.vae_scale_factor)
+        (H, W), (h, w) = where.latent_size, where.reference_size
         if cells is None or repaint_noise is None:  # both draw from one generator, in loop order
             aux = torch.Generator().manual_seed(aux_seed)
             counts = candidate_counts(H, W, h, w)
             cells = cells or (lambda step, passes: choose_cells(passes, counts, s["new_p"], aux))
             repaint_noise = repaint_noise or (lambda step, shape: torch.randn(shape, generator=aux))
         run = Run(prompts=prompts, negative_prompts=negatives, height=height, width=width, settings=s,
-                  view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, latent_size=(H, W),
-                  reference_size=(h, w), choose_cells=cells, repaint_noise=repaint_noise,
+                  view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, layout=where,
+                  choose_cells=cells, repaint_noise=repaint_noise,
                   extras=dict(extras or {}), report=callback_on_stage)
         with self._modules.hold(lambda: self.low_vram):  # low-VRAM runs move modules: one at a time
             if self.device.type == "cuda":
@@ -1501,7 +1511,7 @@ class ElasticDiffusion:
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
         run.timings["total"] = time.perf_counter() - t_start
         info = dict(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
-                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(run.views),
+                    seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(where.views),
                     **run.counters, timings=run.timings, peak_memory_gib=peak)
         return images, info
 
@@ -1522,7 +1532,7 @@ class ElasticDiffusion:
         return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
 
     def prepare(self, run: Run) -> None:
-        """A run's per-image data, computed once: embeddings, time ids, views, timesteps, backgrounds.
+        """A run's per-image data, computed once: embeddings, time ids, timesteps, backgrounds.
 
         Extensions that need per-run data of their own (the ControlNet's condition maps) override
         this, call super() and keep theirs in `run.extras`. Stage times go to `run.timings`.
@@ -1537,12 +1547,9 @@ class ElasticDiffusion:
                                         device=self.device, dtype=self.dtype)[None]
         run.timings["encode_prompt"] = self._sync_time(tic)
 
-        tic = time.perf_counter()
-        D, (H, W), (h, w) = self.native_latent, run.latent_size, run.reference_size
-        run.views = local_views(H, W, D, s["patch_size"])
+        tic, strips = time.perf_counter(), run.layout.strips
         run.timesteps = self.timesteps(s["num_inference_steps"])
         run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in run.timesteps}
-        strips = background_strips(h, w, run.views, D)
         run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters,
                                                    report=run.stage)
                            if strips else {})
@@ -1568,7 +1575,7 @@ class ElasticDiffusion:
 
         s, timesteps = run.settings, run.timesteps
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
-        h, w = run.reference_size
+        h, w = run.layout.reference_size
         top_left = torch.zeros(1, h, w, dtype=torch.long)
         steps = enumerate(timesteps)
         if callable(progress):
@@ -1588,7 +1595,7 @@ class ElasticDiffusion:
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
             omega_step = omega
             # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (docs/method.md#repaint).
-            if s["repaint"] and R > 0 and i < T - 1:
+            if repaint_passes(s) and i < T - 1:
                 noise = self._to_device(run.repaint_noise(i, tuple(x.shape)))
                 x = renoise(x_prev, alpha_prev, alpha, noise)
                 scores = self.estimate_scores(run, x, t, top_left)

@@ -283,7 +283,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         saves a second estimate. At ratio 1 both are the same map.
         """
         c, f, tic = run.extras["control"], self.vae_scale_factor, time.perf_counter()
-        (H, W), (h, w) = run.latent_size, run.reference_size
+        (H, W), (h, w) = run.layout.latent_size, run.layout.reference_size
         image = self.condition_map(c, W * f, H * f)
         full = to_tensor(image)  # (1, 3, 8H, 8W)
         if (h, w) == (H, W):
@@ -319,10 +319,9 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         it in every call cost more than the rest of a small ControlNet.
         """
         c, count = run.extras["control"], run.counters
-        keys = [r.key for r in regions]
-        new = {r.key: r for r in regions if r.key not in c["embedded"]}
+        new = list(dict.fromkeys(r for r in regions if r not in c["embedded"]))  # each region once
         if new:
-            conditions = self.control_batch(run, list(new.values()))
+            conditions = self.control_batch(run, new)
             if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
                 conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
             if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
@@ -331,7 +330,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                 encoded = self.controlnet.controlnet_cond_embedding(conditions)
             c["embedded"].update(zip(new, encoded.split(1)))
             count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
-        return torch.cat([c["embedded"][key] for key in keys])
+        return torch.cat([c["embedded"][r] for r in regions])
 
     def unet_extra_kwargs(self, run, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""

@@ -94,7 +94,11 @@ def expected_samples(pipe, info, batch):
     """(reference, local) UNet samples of a finished run, by the cost model (docs/method.md#cost-model)."""
     s = info["settings"]
     cost = ed.unet_cost(s["width"], s["height"], s, pipe.native_latent, batch, s["view_batch_size"])
-    return cost.reference_samples, cost.local_samples
+    T, f = s["num_inference_steps"], pipe.vae_scale_factor
+    passes = T + (T - 1 if s["repaint"] and s["resampling_steps"] > 0 else 0)  # main and repaint passes
+    at_native = info["reference_size"] == (s["height"] // f, s["width"] // f)  # one [neg; pos] pair a pass
+    local = 0 if at_native else passes * batch * info["num_views"]
+    return cost.samples - local, local
 
 
 # --------------------------------------------------------------------------------------------------
