@@ -186,7 +186,7 @@ def test_cached_encodings_give_the_controlnets_own_residuals(sd1, monkeypatch, c
         out = cached(run, latents, t, prompt_embeds, added_cond_kwargs, regions)
         down, mid = sd1.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
                                    controlnet_cond=sd1.control_batch(run, regions),
-                                   conditioning_scale=float(run.extras["control"]["scale"]), return_dict=False)
+                                   conditioning_scale=float(run.extras["control"].scale), return_dict=False)
         torch.testing.assert_close(out["mid_block_additional_residual"], mid)
         for ours, theirs in zip(out["down_block_additional_residuals"], down, strict=True):
             torch.testing.assert_close(ours, theirs)
