@@ -1004,36 +1004,27 @@ class _ModuleLock:
 
     Runs that leave the modules where they are only read them: any number share the lock. The
     memory-mode switch, and low-VRAM runs (whose offload hooks move models between devices on
-    every call), hold it alone. A waiting exclusive holder goes before new shared ones.
+    every call), hold it alone.
     """
 
     def __init__(self):
         self._state = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
+        self._holders = 0  # runs sharing the modules; -1: one holds them alone
 
     @contextlib.contextmanager
     def hold(self, exclusive: bool | Callable[[], bool]):
-        """Hold the lock; alone if `exclusive` is true (a callable is asked once no switch is pending)."""
+        """Hold the lock; alone if `exclusive` is true (a callable is asked once nobody holds it alone)."""
         with self._state:
-            self._state.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._state.wait_for(lambda: self._holders >= 0)
             alone = exclusive() if callable(exclusive) else exclusive
             if alone:
-                self._waiting += 1
-                self._state.wait_for(lambda: not self._exclusive and not self._shared)
-                self._waiting -= 1
-                self._exclusive = True
-            else:
-                self._shared += 1
+                self._state.wait_for(lambda: self._holders == 0)
+            self._holders = -1 if alone else self._holders + 1
         try:
             yield
         finally:
             with self._state:
-                if alone:
-                    self._exclusive = False
-                else:
-                    self._shared -= 1
+                self._holders = 0 if alone else self._holders - 1
                 self._state.notify_all()
 
 
@@ -1079,9 +1070,8 @@ class ElasticDiffusion:
             pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the memory
-            # of an
-            # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
+            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the
+            # memory of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
             # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             vae = (copy.deepcopy(vae) if shared else vae).to(torch.bfloat16 if bf16 else torch.float32)
