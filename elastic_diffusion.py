@@ -1184,11 +1184,6 @@ class ElasticDiffusion:
         scheduler.set_timesteps(num_inference_steps)
         return [int(t) for t in scheduler.timesteps]
 
-    def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
-        """Reference latent size (h, w) for a full-resolution latent of (H, W) (docs/method.md#reference-size)."""
-        f = self.vae_scale_factor
-        return reference_size(H * f, W * f, self.native_px, f)
-
     def alpha(self, t: int) -> float:
         """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha

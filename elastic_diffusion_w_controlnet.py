@@ -309,8 +309,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
         else:
             reference = to_tensor(self.condition_map(c, w * f, h * f))
-        c.pil, c.embedded = image, {}
-        c.full, c.reference = full.to(self.device, self.dtype), reference.to(self.device, self.dtype)
+        c.pil, c.full, c.reference = image, full.to(self.device, self.dtype), reference.to(self.device, self.dtype)
         c.seconds = time.perf_counter() - tic
 
     def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
