@@ -140,8 +140,8 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
     """Load the model once: (sampler, "") or (None, a message that tells the user what to do)."""
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
-        sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram,
-                                torch_dtype=dtype, allow_pickle=args.allow_pickle, **kwargs)
+        sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram, torch_dtype=dtype,
+                                allow_pickle=args.allow_pickle, max_scale=args.max_scale, **kwargs)
     except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
         logger.warning("%s could not be loaded: %s", args.model, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -151,7 +151,6 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
                       f"app with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
                       "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
                       f"{ed.TINY_MODEL_HINT}.")
-    sampler.max_scale = getattr(args, "max_scale", MAX_SCALE)  # start-up only, as the CLI does
     logger.info("loaded %s on %s (native %d px)", args.model, sampler.device, sampler.native_px)
     return sampler, ""
 

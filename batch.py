@@ -510,10 +510,9 @@ def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[
     return defaults, knobs
 
 
-def load_sampler(make_sampler: Callable, native: ed.Native, max_scale: int):
+def load_sampler(make_sampler: Callable, native: ed.Native):
     """The process's sampler, made once; ValueError if its native size is not the one the plan assumed."""
     pipe = make_sampler()
-    pipe.max_scale = max_scale
     if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
         raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor {pipe.vae_scale_factor}), but "
                          f"the plan assumed {native.px} px from {native.source}: pass --native_px {pipe.native_px}")
@@ -617,7 +616,7 @@ class Job:
                 if item.error is not None:
                     records = item_records(item, self.outdir, self.model, self.rank, "error", item.error)
                 else:
-                    pipe = pipe or load_sampler(make_sampler, self.native, self.args.max_scale)
+                    pipe = pipe or load_sampler(make_sampler, self.native)
                     records = generate_item(pipe, item, self.outdir, self.model, self.rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", self.args.prompts_file, item.line, item.index,

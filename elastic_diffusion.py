@@ -155,7 +155,6 @@ class Knob:
     default: object  # a constant, or PRESET
     help: str  # one line: the CLI's --help, the demos' widget info, the README
     label: str  # the demos' widget label
-    symbol: str = ""  # the paper's symbol (docs/method.md#notation)
     minimum: float | None = None
     maximum: float | str | None = None
     open_minimum: bool = False  # the minimum itself is not allowed
@@ -201,30 +200,30 @@ class Knob:
 
 KNOBS = (
     Knob("num_inference_steps", int, 50, "DDIM steps; time grows linearly with them (50 is the paper's setting)",
-         "Number of inference steps (T)", "T", minimum=1, maximum=1000, demo_range=(1, 150), aliases=("steps",)),
+         "Number of inference steps (T)", minimum=1, maximum=1000, demo_range=(1, 150), aliases=("steps",)),
     Knob("guidance_scale", float, 10.0, "classifier-free guidance: how closely the image follows the prompt "
-         "(it scales the global content direction)", "Classifier-free guidance scale (ω)", "ω",
+         "(it scales the global content direction)", "Classifier-free guidance scale (ω)",
          demo_range=(1, 30), step=0.5),
     Knob("resampling_steps", int, PRESET, "extra passes over the reduced-resolution reference per step: sharper "
-         "and more coherent, but slower (2 UNet samples per image each)", "Resampling steps (R)", "R",
+         "and more coherent, but slower (2 UNet samples per image each)", "Resampling steps (R)",
          minimum=0, demo_range=(0, 40), preset="0 at or below the native size, 7 above it, 10 from 2.5x the "
          "native area"),
     Knob("new_p", float, 0.3, "fraction of reference pixels drawn from new positions in each resampling pass "
-         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Fraction of newly sampled pixels (ρ)", "ρ",
+         "(0.3 is the paper's recommendation; drop_p = 1 - new_p)", "Fraction of newly sampled pixels (ρ)",
          minimum=0, maximum=1, open_minimum=True, demo_range=(0.05, 1), step=0.05),
     Knob("rrg_init_weight", float, PRESET, "reduced-resolution guidance weight at the first step: higher removes "
          "artefacts such as repeated objects but blurs, too high lets the padding colours bleed in",
-         "Reduced-resolution guidance scale (λ0)", "λ0", minimum=0, demo_range=(0, 10000), step=50,
+         "Reduced-resolution guidance scale (λ0)", minimum=0, demo_range=(0, 10000), step=50,
          aliases=("rrg_scale",), preset="0 at or below the native size, else 500 x the area in native areas "
          "(rounded), at least 1000: the pull at step 0 stays near 0.015"),
     Knob("cosine_scale", float, 10.0, "how fast the reduced-resolution guidance fades over the steps, "
-         "λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner", "Cosine scale (κ)", "κ", minimum=0,
+         "λ0·(½(1 + cos(πi/S)))^κ: higher releases it sooner", "Cosine scale (κ)", minimum=0,
          demo_range=(0, 50), step=0.5),
     Knob("rrg_stop_t", float, 0.4, "fraction of the final steps that run without reduced-resolution guidance "
          "(0.4: the official demo's value)", "RRG stop", minimum=0, maximum=1, open_maximum=True,
          demo_range=(0, 0.95), step=0.05),
     Knob("patch_size", int, PRESET, "width of each local window in latent pixels (its context is the rest of "
-         "the native size): larger is faster but may hurt coherence", "Patch size (latent pixels)", "p",
+         "the native size): larger is faster but may hurt coherence", "Patch size (latent pixels)",
          minimum=1, maximum=NATIVE_LATENT, demo_range=(8, NATIVE_LATENT), step=8,
          preset="half the native latent size: 64 on SDXL, 32 on SD 1.x/2.x"),
     Knob("view_batch_size", int, 16, "most native-size samples per UNet call: lower it if the GPU runs out of "
@@ -527,6 +526,33 @@ def background_strips(h: int, w: int, views: list, native: int) -> set[tuple[str
     return set(padding_strips(h, w, native).items()) | set(padding_strips(*crop, native).items())
 
 
+class Layout(NamedTuple):
+    """Where a run's UNet samples come from: what the sampling loop and the cost model (`unet_cost`) both use."""
+    latent_size: tuple[int, int]  # (H, W)
+    reference_size: tuple[int, int]  # (h, w)
+    views: list  # the V local views
+    strips: set  # background strips (`background_strips`)
+
+    def pass_inputs(self, num_passes: int) -> tuple[int, int]:
+        """(reference passes, local views) a pass of `num_passes` reference passes evaluates: when the reference
+        is the latent itself (up to the native size), one [neg; pos] pair serves them all, (1, 0)."""
+        return (1, 0) if self.reference_size == self.latent_size else (num_passes, len(self.views))
+
+
+def layout(height: int, width: int, native_latent: int, patch_size: int, vae_scale_factor: int = 8) -> Layout:
+    """The `Layout` of an image of height x width pixels (docs/method.md#reference-size, #local-views)."""
+    f, D = vae_scale_factor, native_latent
+    H, W = height // f, width // f
+    h, w = reference_size(height, width, D * f, f)
+    views = local_views(H, W, D, patch_size)
+    return Layout((H, W), (h, w), views, background_strips(h, w, views, D))
+
+
+def repaint_passes(settings: dict) -> bool:
+    """Whether each step but the last has a repaint pass: repaint on and R > 0 (docs/method.md#repaint)."""
+    return settings["repaint"] and settings["resampling_steps"] > 0
+
+
 def pad_with_strips(x: torch.Tensor, strips: dict[str, torch.Tensor]) -> torch.Tensor:
     """x (N, C, h, w) -> (N, C, D, D) with background strips (1, C, sh, sw) around it."""
     n = x.shape[0]
@@ -645,8 +671,6 @@ class Cost(NamedTuple):
     calls: int  # UNet calls (info.unet_calls)
     vae_encodes: int  # background strips encoded (info.vae_encodes)
     views: int  # V, the local views (info.num_views)
-    reference_samples: int  # of `samples`: the reference passes' [neg; pos] pairs
-    local_samples: int  # of `samples`: the local views
     samples_per_main_pass: int
     samples_per_repaint_pass: int  # 0 without repaint
 
@@ -661,20 +685,14 @@ def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch
     reference is the latent itself (images up to the native size) all of a pass's inputs are one
     [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
     """
-    T, R = settings["num_inference_steps"], settings["resampling_steps"]
-    f, D, B = vae_scale_factor, native_latent, batch
-    H, W = height // f, width // f
-    h, w = reference_size(height, width, D * f, f)
-    views = local_views(H, W, D, settings["patch_size"])
-    same_input = (h, w) == (H, W)
-    passes, local = (1, 0) if same_input else (R + 1, len(views))
-    repaints = T - 1 if settings["repaint"] and R > 0 else 0
+    T, R, B = settings["num_inference_steps"], settings["resampling_steps"], batch
+    where = layout(height, width, native_latent, settings["patch_size"], vae_scale_factor)
+    passes, local = where.pass_inputs(R + 1)
+    repaints = T - 1 if repaint_passes(settings) else 0
     main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
-    strips = background_strips(h, w, views, D)
     return Cost(samples=T * main + repaints * repaint,
                 calls=T * -(-main // view_batch_size) + repaints * -(-repaint // view_batch_size),
-                vae_encodes=T * len(strips), views=len(views),
-                reference_samples=2 * B * (T * passes + repaints), local_samples=B * local * (T + repaints),
+                vae_encodes=T * len(where.strips), views=len(where.views),
                 samples_per_main_pass=main, samples_per_repaint_pass=repaint)
 
 
@@ -725,21 +743,19 @@ def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype,
 TINY_MODEL_HINT = ("To try the project without the hub: `make tiny-model` writes a tiny random-weight model (its "
                    "pictures are noise) to the folder tiny-model; then pass `--model tiny-model`")
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before working offline
-_HUB_OFFLINE_REASON: str | None = None  # why this process works offline, once the probe found no network
 
 
 def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     """Why models cannot come from the Hugging Face hub now ("HF_HUB_OFFLINE is set", "no network: ..."), or None.
 
     Respects HF_HUB_OFFLINE; otherwise makes one TCP connection to the hub's endpoint, bounded by
-    `timeout` (name resolution included). Without an answer the process works offline from then on:
-    the hub libraries read their local cache at once instead of retrying each file for half a minute.
+    `timeout` (name resolution included). Without an answer a load passes `local_files_only=True`: the hub
+    libraries read their local cache at once instead of retrying each file for half a minute.
     """
     from huggingface_hub import constants
 
-    global _HUB_OFFLINE_REASON
     if constants.HF_HUB_OFFLINE:
-        return _HUB_OFFLINE_REASON or "HF_HUB_OFFLINE is set"
+        return "HF_HUB_OFFLINE is set"
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     outcome = {}
@@ -757,11 +773,8 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     if outcome.get("ok"):
         return None
     error = outcome.get("error")
-    _HUB_OFFLINE_REASON = (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})"
-                           if error else f"no network: no answer from {host} within {timeout:g} s")
-    constants.HF_HUB_OFFLINE = True
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return _HUB_OFFLINE_REASON
+    return (f"no network: {host} cannot be reached ({getattr(error, 'strerror', None) or error})" if error
+            else f"no network: no answer from {host} within {timeout:g} s")
 
 
 # Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
@@ -803,8 +816,9 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
             from huggingface_hub import hf_hub_download
 
-            hub_offline_reason()  # without network: read the cache at once instead of retrying
-            config = lambda name: hf_hub_download(source, "config.json", subfolder=name)  # noqa: E731
+            cached = hub_offline_reason() is not None  # without network: read the cache at once, no retries
+            config = lambda name: hf_hub_download(source, "config.json", subfolder=name,  # noqa: E731
+                                                  local_files_only=cached)
         else:
             raise ValueError("not a known key, folder, hub id or .safetensors file")
         factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
@@ -856,9 +870,11 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         raise ValueError(f"sd_version {sd_version!r} is unknown: use {allowed}")
     offline = None if is_path else hub_offline_reason()
 
-    load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **kwargs)
+    load_kwargs = dict(dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+                       local_files_only=offline is not None)
+    load_kwargs.update(kwargs)
     try:
-        config = DiffusionPipeline.load_config(source)
+        config = DiffusionPipeline.load_config(source, local_files_only=offline is not None)
         if "safety_checker" in config:  # not used by this sampler: do not download or load it
             load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = from_pretrained_variant(DiffusionPipeline.from_pretrained, source, torch_dtype, **load_kwargs)
@@ -906,25 +922,19 @@ def share_pipeline(pipe, **replace):
     return shared
 
 
-@dataclass
+@dataclass(frozen=True)
 class Region:
     """Where one UNet sample comes from, for extensions that condition on the image (ControlNet).
 
     kind "reference": the whole reduced reference latent, (rows, cols) = ((0, h), (0, w));
     kind "local": a crop [rows) x [cols) of the full-resolution latent. `padding` is
-    (top, bottom, left, right) in latent pixels around it on the native canvas; `item` is the
-    index of the image in the batch.
+    (top, bottom, left, right) in latent pixels around it on the native canvas. Equal regions have
+    equal pixels (a hashable key for per-region data).
     """
     kind: str
     rows: tuple[int, int]
     cols: tuple[int, int]
     padding: tuple[int, int, int, int]
-    item: int
-
-    @property
-    def key(self) -> tuple:
-        """What sets the region's pixels (not the batch item): kind, rows, cols, padding."""
-        return self.kind, self.rows, self.cols, self.padding
 
 
 class ScoreEstimate(NamedTuple):
@@ -992,8 +1002,7 @@ class Run:
     view_batch_size: int
     seed: int | None
     aux_seed: int  # derived from the seed: sub-sampler, re-noising and background strips
-    latent_size: tuple[int, int]  # (H, W)
-    reference_size: tuple[int, int]  # (h, w)
+    layout: Layout  # latent and reference sizes, local views, background strips
     choose_cells: Callable[[int, int], torch.Tensor]
     repaint_noise: Callable[[int, tuple], torch.Tensor]
     extras: dict = field(default_factory=dict)
@@ -1001,7 +1010,6 @@ class Run:
     embeds: torch.Tensor | None = None  # [neg; pos] text embeddings (2B, 77, d)
     pooled: torch.Tensor | None = None  # SDXL pooled embeddings (2B, d') or None
     time_ids: torch.Tensor | None = None  # SDXL size conditioning (1, 6) or None
-    views: list = field(default_factory=list)  # local views: (row window, column window) pairs
     timesteps: list = field(default_factory=list)  # DDIM timesteps, noisiest first
     timestep_tensors: dict = field(default_factory=dict)  # t -> 0-d tensor on the device
     backgrounds: dict = field(default_factory=dict)  # (strip, size, t) -> noised strip latent (1, C, sh, sw)
@@ -1026,40 +1034,27 @@ class _ModuleLock:
 
     Runs that leave the modules where they are only read them: any number share the lock. The
     memory-mode switch, and low-VRAM runs (whose offload hooks move models between devices on
-    every call), hold it alone. A waiting exclusive holder goes before new shared ones.
+    every call), hold it alone.
     """
 
     def __init__(self):
         self._state = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @property
-    def held(self) -> bool:
-        return self._exclusive or self._shared > 0
+        self._holders = 0  # runs sharing the modules; -1: one holds them alone
 
     @contextlib.contextmanager
     def hold(self, exclusive: bool | Callable[[], bool]):
-        """Hold the lock; alone if `exclusive` is true (a callable is asked once no switch is pending)."""
+        """Hold the lock; alone if `exclusive` is true (a callable is asked once nobody holds it alone)."""
         with self._state:
-            self._state.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._state.wait_for(lambda: self._holders >= 0)
             alone = exclusive() if callable(exclusive) else exclusive
             if alone:
-                self._waiting += 1
-                self._state.wait_for(lambda: not self._exclusive and not self._shared)
-                self._waiting -= 1
-                self._exclusive = True
-            else:
-                self._shared += 1
+                self._state.wait_for(lambda: self._holders == 0)
+            self._holders = -1 if alone else self._holders + 1
         try:
             yield
         finally:
             with self._state:
-                if alone:
-                    self._exclusive = False
-                else:
-                    self._shared -= 1
+                self._holders = 0 if alone else self._holders - 1
                 self._state.notify_all()
 
 
@@ -1077,6 +1072,7 @@ class ElasticDiffusion:
         allow_pickle: allow non-safetensors weights (they can run code when loaded).
         compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
             dimension marked dynamic one compilation serves every image size.
+        max_scale: largest side as a multiple of the native size (`check_size`); above MAX_SCALE is experimental.
 
     The instance holds the models and the configuration only; each call keeps its data in its own
     `Run`. Several threads may generate with one sampler at once (each gets exactly its
@@ -1088,9 +1084,11 @@ class ElasticDiffusion:
     def __init__(self, device: torch.device | str | None = None, sd_version: str = "XL1.0",
                  view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
                  torch_dtype: torch.dtype | None = None,
-                 pipe=None, allow_pickle: bool = False, compile_unet: bool = False, **load_kwargs):
+                 pipe=None, allow_pickle: bool = False, compile_unet: bool = False, max_scale: int = MAX_SCALE,
+                 **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
         self.view_batch_size = knob("view_batch_size").check(view_batch_size, 0)
+        self.max_scale = check_number("max_scale", max_scale, 1, integer=True)
         self.allow_pickle = allow_pickle
         shared = pipe is not None  # the caller's pipeline: its modules are used, never changed
         if shared:
@@ -1104,9 +1102,8 @@ class ElasticDiffusion:
             pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the memory
-            # of an
-            # fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
+            # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the
+            # memory of an fp32 decode (a 2048^2 fp32 decode alone would need ~19 GiB). A shared pipeline's VAE
             # stays as it is: the sampler upcasts a copy (the VAE is small next to the UNet).
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             vae = (copy.deepcopy(vae) if shared else vae).to(torch.bfloat16 if bf16 else torch.float32)
@@ -1140,7 +1137,6 @@ class ElasticDiffusion:
         self.compiled = bool(compile_unet)
         if self.compiled:  # all UNet inputs are D x D: only the batch size varies (marked dynamic)
             self.unet = torch.compile(self.unet)
-        self.max_scale = MAX_SCALE
 
     def attach_models(self) -> None:
         """Extension point: load the models a subclass adds (the ControlNet's).
@@ -1148,11 +1144,6 @@ class ElasticDiffusion:
         Called once by the constructor, after the pipeline is loaded and before anything is placed on
         the device, so the memory mode (`place_modules`) is set once, for every model.
         """
-
-    @property
-    def busy(self) -> bool:
-        """True while a generation runs (or someone holds `exclusive()`)."""
-        return self._modules.held
 
     def exclusive(self):
         """`with pipe.exclusive():` use the components alone: waits for running generations, holds off new ones."""
@@ -1224,11 +1215,6 @@ class ElasticDiffusion:
         scheduler = DDIMScheduler.from_config(self._ddim.config)  # a fresh one: set_timesteps is a mutation
         scheduler.set_timesteps(num_inference_steps)
         return [int(t) for t in scheduler.timesteps]
-
-    def reference_latent_size(self, H: int, W: int) -> tuple[int, int]:
-        """Reference latent size (h, w) for a full-resolution latent of (H, W) (docs/method.md#reference-size)."""
-        f = self.vae_scale_factor
-        return reference_size(H * f, W * f, self.native_px, f)
 
     def alpha(self, t: int) -> float:
         """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
@@ -1380,11 +1366,11 @@ class ElasticDiffusion:
         h, w = cells.shape[-2:]
         D = self.native_latent
         rows, cols = source_indices(cells, H, W)  # (S, h, w) each: the source pixel of every cell
-        same_input = (h, w) == (H, W)
-        S = 1 if same_input else cells.shape[0]
+        S, V = run.layout.pass_inputs(cells.shape[0])  # V = 0: the reference pair covers the one view
+        same_input = V == 0
         rows, cols = self._to_device(rows[:S]), self._to_device(cols[:S])
         references = gather_reference(x, rows, cols)  # (S, B, C, h, w)
-        views = [] if same_input else run.views  # V windows; none when the reference pair covers them
+        views = run.layout.views[:V]
         crops = [x[:, :, r.crop_start:r.crop_end, c.crop_start:c.crop_end] for r, c in views]  # V x (B, C, ch, cw)
 
         # The batch, in this order: per pass s, [x_ref_s for neg] x B then [x_ref_s for pos] x B; then
@@ -1396,15 +1382,14 @@ class ElasticDiffusion:
         item = torch.arange(B)
         index = [torch.cat([item, item + B]).repeat(S)]  # (S*2B,): b for neg, B + b for pos
         ref_pad = centered_padding(h, w, D)
-        regions = [Region("reference", (0, h), (0, w), ref_pad, b) for _ in range(S) for _ in range(2)
-                   for b in range(B)]
+        regions = [Region("reference", (0, h), (0, w), ref_pad)] * (S * 2 * B)
         if crops:
             ch, cw = crops[0].shape[-2:]  # every crop has the same size
             crop_pad = centered_padding(ch, cw, D)
             batches.append(self._pad(run, torch.cat(crops), t))  # (V*B, C, D, D): sample (v, b) at v*B + b
             index.append(item.repeat(len(views)))  # (V*B,): neg of item b
-            regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad, b)
-                        for r, c in views for b in range(B)]
+            regions += [Region("local", (r.crop_start, r.crop_end), (c.crop_start, c.crop_end), crop_pad)
+                        for r, c in views for _ in range(B)]
         eps = self._evaluate(run, torch.cat(batches), t, self._to_device(torch.cat(index)), regions)  # (N, C, D, D)
 
         # Undo the padding and the flattening, in the order the batch was built.
@@ -1412,7 +1397,7 @@ class ElasticDiffusion:
         ref_eps = eps[:S * 2 * B, :, top:top + h, left:left + w]  # (S*2B, C, h, w)
         ref_eps = ref_eps.reshape(S, 2, B, C, h, w)  # [:, 0] = eps(x_ref, neg), [:, 1] = eps(x_ref, pos)
         if same_input:
-            views, local_eps = run.views, ref_eps[:, 0]  # (1, B, C, H, W): the one view is the whole latent
+            views, local_eps = run.layout.views, ref_eps[:, 0]  # (1, B, C, H, W): the one view is the whole latent
         else:
             top, _, left, _ = crop_pad
             local_eps = eps[S * 2 * B:, :, top:top + ch, left:left + cw]  # (V*B, C, ch, cw)
@@ -1514,16 +1499,16 @@ class ElasticDiffusion:
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds
         # (docs/method.md#precision-randomness-and-memory).
         aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        H, W = height // self.vae_scale_factor, width // self.vae_scale_factor
-        h, w = self.reference_latent_size(H, W)
+        where = layout(height, width, self.native_latent, s["patch_size"], self.vae_scale_factor)
+        (H, W), (h, w) = where.latent_size, where.reference_size
         if cells is None or repaint_noise is None:  # both draw from one generator, in loop order
             aux = torch.Generator().manual_seed(aux_seed)
             counts = candidate_counts(H, W, h, w)
             cells = cells or (lambda step, passes: choose_cells(passes, counts, s["new_p"], aux))
             repaint_noise = repaint_noise or (lambda step, shape: torch.randn(shape, generator=aux))
         run = Run(prompts=prompts, negative_prompts=negatives, height=height, width=width, settings=s,
-                  view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, latent_size=(H, W),
-                  reference_size=(h, w), choose_cells=cells, repaint_noise=repaint_noise,
+                  view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, layout=where,
+                  choose_cells=cells, repaint_noise=repaint_noise,
                   extras=dict(extras or {}), report=callback_on_stage)
         with self._modules.hold(lambda: self.low_vram):  # low-VRAM runs move modules: one at a time
             if self.device.type == "cuda":
@@ -1543,7 +1528,7 @@ class ElasticDiffusion:
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
         run.timings["total"] = time.perf_counter() - t_start
         info = self.info_class(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
-                               seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(run.views),
+                               seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(where.views),
                                **run.counters, timings=run.timings, peak_memory_gib=peak)
         return images, info
 
@@ -1564,7 +1549,7 @@ class ElasticDiffusion:
         return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
 
     def prepare(self, run: Run) -> None:
-        """A run's per-image data, computed once: embeddings, time ids, views, timesteps, backgrounds.
+        """A run's per-image data, computed once: embeddings, time ids, timesteps, backgrounds.
 
         Extensions that need per-run data of their own (the ControlNet's condition maps) override
         this, call super() and keep theirs in `run.extras`. Stage times go to `run.timings`.
@@ -1579,12 +1564,9 @@ class ElasticDiffusion:
                                         device=self.device, dtype=self.dtype)[None]
         run.timings["encode_prompt"] = self._sync_time(tic)
 
-        tic = time.perf_counter()
-        D, (H, W), (h, w) = self.native_latent, run.latent_size, run.reference_size
-        run.views = local_views(H, W, D, s["patch_size"])
+        tic, strips = time.perf_counter(), run.layout.strips
         run.timesteps = self.timesteps(s["num_inference_steps"])
         run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in run.timesteps}
-        strips = background_strips(h, w, run.views, D)
         run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters,
                                                    report=run.stage)
                            if strips else {})
@@ -1610,7 +1592,7 @@ class ElasticDiffusion:
 
         s, timesteps = run.settings, run.timesteps
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
-        h, w = run.reference_size
+        h, w = run.layout.reference_size
         top_left = torch.zeros(1, h, w, dtype=torch.long)
         steps = enumerate(timesteps)
         if callable(progress):
@@ -1630,7 +1612,7 @@ class ElasticDiffusion:
             x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
             omega_step = omega
             # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (docs/method.md#repaint).
-            if s["repaint"] and R > 0 and i < T - 1:
+            if repaint_passes(s) and i < T - 1:
                 noise = self._to_device(run.repaint_noise(i, tuple(x.shape)))
                 x = renoise(x_prev, alpha_prev, alpha, noise)
                 scores = self.estimate_scores(run, x, t, top_left)
@@ -1868,7 +1850,7 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
     """Constructor arguments of the sampler from the shared command-line flags."""
     return dict(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
                 low_vram=args.low_vram, torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
-                allow_pickle=args.allow_pickle, compile_unet=args.compile)
+                allow_pickle=args.allow_pickle, compile_unet=args.compile, max_scale=args.max_scale)
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
@@ -1906,7 +1888,6 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         if check_call is not None:
             check_call()
         pipe = make_sampler()
-        pipe.max_scale = args.max_scale
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
                                         height=args.height, width=args.width, seed=seed,
                                         num_images_per_prompt=args.num_images, **knobs,

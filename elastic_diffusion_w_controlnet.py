@@ -5,8 +5,8 @@ extension point `unet_extra_kwargs` (docs/method.md#controlnet-variant; the offi
 docs/method.md#fix-controlnet-cli-model-choice, docs/method.md#fix-controlnet-offload-and-batch). Reference
 samples get the condition map extracted at the reference size, local windows crops of the one extracted at full
 resolution (see `prepare_condition` and `control_batch`). A run's condition lives in its `Run`
-(`run.extras["control"]`). Its knobs (scale, Canny thresholds) are rows of the sampler's knobs table type
-(`CONTROLNET_KNOBS`), which its CLI and the image-to-image demo read. More in docs/controlnet.md.
+(`run.extras["control"]`, a `ControlInputs`). Its knobs (scale, Canny thresholds) are rows of the sampler's knobs
+table type (`CONTROLNET_KNOBS`), which its CLI and the image-to-image demo read. More in docs/controlnet.md.
 
     pipe = ElasticDiffusionControlNet(sd_version="XL1.0", controlnet_model="canny")
     images, info = pipe("an astronaut", condition_image="imgs/input/astronaut.jpg", width=1536, height=1536)
@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -121,35 +122,51 @@ def default_condition(controlnet_model: str) -> str:
     return {"canny": "canny", "depth": "depth", **known}.get(controlnet_model, "image")
 
 
-def control_request(condition_image, condition: str, scale: float, low: int, high: int) -> dict:
+@dataclass(eq=False)
+class ControlInputs:
+    """One call's ControlNet input as its run carries it (`run.extras["control"]`): the request (`control_request`),
+    the image `check_control_request` reads, and the maps `prepare_condition` makes."""
+    source: object  # condition_image: a file path or a PIL image
+    condition: str  # 'canny', 'depth' or 'image'
+    scale: float  # controlnet_conditioning_scale
+    low: int  # canny_low
+    high: int  # canny_high
+    image: Image.Image | None = None  # the input image, RGB
+    pil: Image.Image | None = None  # the condition map at the output size (`info.condition_image`)
+    seconds: float = 0.0  # time spent making the maps
+    full: torch.Tensor | None = None  # the map at the output size (1, 3, 8H, 8W) on the device
+    reference: torch.Tensor | None = None  # the map at the reference size (1, 3, 8h, 8w) on the device
+    embedded: dict = field(default_factory=dict)  # Region -> the ControlNet's encoding of its map (1, C', D, D)
+
+
+def control_request(condition_image, condition: str, scale: float, low: int, high: int) -> ControlInputs:
     """One call's ControlNet arguments as the run carries them (`run.extras["control"]`); 'none' means 'image'."""
-    return dict(source=condition_image, condition="image" if condition == "none" else condition, scale=scale,
-                low=low, high=high)
+    return ControlInputs(condition_image, "image" if condition == "none" else condition, scale, low, high)
 
 
-def check_control_request(c: dict, read_image: bool = True) -> None:
-    """ValueError unless a `control_request` is allowed; `read_image` also reads its input into c["image"].
+def check_control_request(c: ControlInputs, read_image: bool = True) -> None:
+    """ValueError unless a `control_request` is allowed; `read_image` also reads its input into c.image.
 
     Needs no model: a prompts file's lines are checked with it before one is loaded (batch.py).
     """
-    if c["condition"] not in CONDITIONS:
-        raise ValueError(f"condition must be one of {CONDITIONS}; got {c['condition']!r}")
-    for row, value in zip(CONTROLNET_KNOBS, (c["scale"], c["low"], c["high"])):
+    if c.condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}; got {c.condition!r}")
+    for row, value in zip(CONTROLNET_KNOBS, (c.scale, c.low, c.high)):
         row.check(value, 0)  # no bound depends on the model
-    if c["low"] > c["high"]:
-        raise ValueError(f"canny_low and canny_high must satisfy low <= high; got {c['low']}, {c['high']}")
-    if c["source"] is None:
+    if c.low > c.high:
+        raise ValueError(f"canny_low and canny_high must satisfy low <= high; got {c.low}, {c.high}")
+    if c.source is None:
         raise ValueError("condition_image is required: an image file path or a PIL image")
     if read_image:
-        c["image"] = load_image(c["source"])
+        c.image = load_image(c.source)
 
 
-def control_settings(controlnet_model: str, c: dict) -> dict:
+def control_settings(controlnet_model: str, c: ControlInputs) -> dict:
     """What a generation records of its ControlNet arguments (`info.settings`, the PNG metadata)."""
-    source = os.fspath(c["source"]) if isinstance(c["source"], (str, os.PathLike)) else "PIL image"
-    canny = dict(canny_low=c["low"], canny_high=c["high"]) if c["condition"] == "canny" else {}
-    return dict(controlnet_model=controlnet_model, condition=c["condition"],
-                controlnet_conditioning_scale=c["scale"], condition_image=source, **canny)
+    source = os.fspath(c.source) if isinstance(c.source, (str, os.PathLike)) else "PIL image"
+    canny = dict(canny_low=c.low, canny_high=c.high) if c.condition == "canny" else {}
+    return dict(controlnet_model=controlnet_model, condition=c.condition, controlnet_conditioning_scale=c.scale,
+                condition_image=source, **canny)
 
 
 class _Encoded(torch.nn.Module):
@@ -218,10 +235,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
         if isinstance(model, str):
             source = os.path.expanduser(CONTROLNET_IDS.get(model, {}).get("sdxl" if self.is_sdxl else "sd", model))
+            cached = not os.path.isdir(source) and ed.hub_offline_reason() is not None  # no network: the cache
             try:
                 safetensors_only = None if allow_pickle else True
                 model = ed.from_pretrained_variant(ControlNetModel.from_pretrained, source, self.dtype,
-                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only)
+                                                   torch_dtype=self.dtype, use_safetensors=safetensors_only,
+                                                   local_files_only=cached)
             except (OSError, ValueError) as error:
                 raise ValueError(f"controlnet_model {model!r} ({source}) could not be loaded: {error}") from error
         elif model.dtype != self.dtype:  # a caller's model is used as it is, never converted
@@ -267,22 +286,22 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                     raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
             return self._depth_estimator
 
-    def check_control(self, c: dict) -> None:
-        """Validate the ControlNet arguments of one call and read its input image into c["image"].
+    def check_control(self, c: ControlInputs) -> None:
+        """Validate the ControlNet arguments of one call and read its input image into c.image.
 
-        Works on the call's own dict, which the run then carries (`run.extras["control"]`), so the
+        Works on the call's own `ControlInputs`, which the run then carries (`run.extras["control"]`), so the
         base `check_inputs` stays free of per-call state and callable from anywhere.
         """
         check_control_request(c)
-        if c["condition"] == "depth":
+        if c.condition == "depth":
             self.depth_estimator()  # a bad depth_model fails here, before any sampling
 
-    def condition_map(self, c: dict, width: int, height: int) -> Image.Image:
+    def condition_map(self, c: ControlInputs, width: int, height: int) -> Image.Image:
         """The condition map of the call's input at width x height pixels: fitted, then extracted at that size."""
-        image = fit_image(c["image"], width, height)
-        if c["condition"] == "canny":
-            return canny_condition(image, c["low"], c["high"])
-        if c["condition"] == "depth":
+        image = fit_image(c.image, width, height)
+        if c.condition == "canny":
+            return canny_condition(image, c.low, c.high)
+        if c.condition == "depth":
             return depth_condition(image, self.depth_estimator())
         return image
 
@@ -295,17 +314,17 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         saves a second estimate. At ratio 1 both are the same map.
         """
         c, f, tic = run.extras["control"], self.vae_scale_factor, time.perf_counter()
-        (H, W), (h, w) = run.latent_size, run.reference_size
+        (H, W), (h, w) = run.layout.latent_size, run.layout.reference_size
         image = self.condition_map(c, W * f, H * f)
         full = to_tensor(image)  # (1, 3, 8H, 8W)
         if (h, w) == (H, W):
             reference = full
-        elif c["condition"] == "depth":
+        elif c.condition == "depth":
             reference = F.interpolate(full, size=(h * f, w * f), mode="area")  # (1, 3, 8h, 8w), no aliasing
         else:
             reference = to_tensor(self.condition_map(c, w * f, h * f))
-        c.update(pil=image, full=full.to(self.device, self.dtype), reference=reference.to(self.device, self.dtype),
-                 embedded={}, seconds=time.perf_counter() - tic)
+        c.pil, c.full, c.reference = image, full.to(self.device, self.dtype), reference.to(self.device, self.dtype)
+        c.seconds = time.perf_counter() - tic
 
     def control_batch(self, run: Run, regions: list[Region]) -> torch.Tensor:
         """Condition of each sample, zero-padded like its latent: (N, 3, 8D, 8D) in [0, 1]."""
@@ -314,11 +333,11 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         for region in regions:
             (r0, r1), (c0, c1) = region.rows, region.cols
             if region.kind == "reference":
-                source = c["reference"]
+                source = c.reference
                 assert source.shape[-2:] == ((r1 - r0) * f, (c1 - c0) * f), "reference size mismatch"
             else:  # "local": a crop of the full-resolution map, not of an upsampled reduced one
                 assert region.kind == "local", f"no ControlNet condition for region kind {region.kind!r}"
-                source = c["full"][:, :, r0 * f:r1 * f, c0 * f:c1 * f]
+                source = c.full[:, :, r0 * f:r1 * f, c0 * f:c1 * f]
             top, bottom, left, right = (p * f for p in region.padding)
             maps.append(F.pad(source, (left, right, top, bottom)))
         return torch.cat(maps)
@@ -331,19 +350,18 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         it in every call cost more than the rest of a small ControlNet.
         """
         c, count = run.extras["control"], run.counters
-        keys = [r.key for r in regions]
-        new = {r.key: r for r in regions if r.key not in c["embedded"]}
+        new = list(dict.fromkeys(r for r in regions if r not in c.embedded))  # each region once
         if new:
-            conditions = self.control_batch(run, list(new.values()))
+            conditions = self.control_batch(run, new)
             if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
                 conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
             if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
                 self.controlnet.to(self.device)
             with self._controlnet_call:  # another thread's forward may have swapped the encoder out
                 encoded = self.controlnet.controlnet_cond_embedding(conditions)
-            c["embedded"].update(zip(new, encoded.split(1)))
+            c.embedded.update(zip(new, encoded.split(1)))
             count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
-        return torch.cat([c["embedded"][key] for key in keys])
+        return torch.cat([c.embedded[r] for r in regions])
 
     def unet_extra_kwargs(self, run, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
@@ -351,7 +369,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         # The encoder swap is visible to every thread that uses this ControlNet: one call at a time.
         with self._controlnet_call, _encoded_condition(self.controlnet, embedded):
             down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds, controlnet_cond=embedded,
-                                        conditioning_scale=float(run.extras["control"]["scale"]), guess_mode=False,
+                                        conditioning_scale=float(run.extras["control"].scale), guess_mode=False,
                                         added_cond_kwargs=added_cond_kwargs, return_dict=False)
         count = run.counters
         count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
@@ -367,8 +385,8 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
 
     def finish_run(self, run: Run) -> None:
         super().finish_run(run)
-        for key in ("embedded", "full", "reference"):  # device tensors; the PIL map stays for `info`
-            run.extras["control"].pop(key, None)
+        c = run.extras["control"]  # its device tensors go; the PIL map stays for `info`
+        c.full, c.reference, c.embedded = None, None, {}
         self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 
     def decode(self, *args, **kwargs):
@@ -392,7 +410,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         images, info = super().generate(prompt, negative_prompt, height, width, *args, extras={"control": control},
                                         **kwargs)
         info.settings.update(control_settings(self.controlnet_model, control))
-        info.condition_image, info.timings["condition"] = control["pil"], control["seconds"]
+        info.condition_image, info.timings["condition"] = control.pil, control.seconds
         return images, info
 
 

@@ -699,7 +699,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     try:
         sampler = ed.ElasticDiffusion(**ed.sampler_kwargs(args))
-        sampler.max_scale = args.max_scale
         recording = record_scores(sampler, args.prompt, args.negative_prompt, height=args.height, width=args.width,
                                   method=args.method, steps_to_keep=args.steps_to_keep, seed=seed,
                                   decode_x0=args.decode_x0, drop_p=args.drop_p, **knobs)

@@ -37,11 +37,17 @@ KNOBS_BEGIN = "<!-- knobs table: checked against elastic_diffusion.KNOBS by test
 KNOBS_END = "<!-- end of the knobs table -->"
 
 
+# The paper's symbols of the knobs that have one (docs/method.md#notation).
+SYMBOLS = dict(num_inference_steps="T", guidance_scale="ω", resampling_steps="R", new_p="ρ", rrg_init_weight="λ0",
+               cosine_scale="κ", patch_size="p")
+
+
 def knob_table() -> str:
     """The README's knob table, one line per row of `elastic_diffusion.KNOBS`."""
     lines = ["| knob | meaning | default | sampler accepts (demos accept) |", "|---|---|---|---|"]
     for k in ed.KNOBS:
-        name = f"`{k.name}`" + (f" ({k.symbol})" if k.symbol else "") + (", *memory*" if k.memory else "")
+        symbol = SYMBOLS.get(k.name)
+        name = f"`{k.name}`" + (f" ({symbol})" if symbol else "") + (", *memory*" if k.memory else "")
         if k.type is bool:
             default, allowed = ("on" if k.default else "off"), "on or off"
         elif k.choices:

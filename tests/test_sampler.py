@@ -219,6 +219,18 @@ def test_num_images_per_prompt(xl):
 # ------------------------------------------------------------------------------ threads
 
 
+def idle(sampler, seconds: float = 5) -> bool:
+    """No generation holds the sampler: `exclusive()` is granted within `seconds`."""
+    entered = threading.Event()
+
+    def enter():
+        with sampler.exclusive():
+            entered.set()
+
+    threading.Thread(target=enter, daemon=True).start()
+    return entered.wait(seconds)
+
+
 def test_two_threads_do_not_mix_their_runs(xl):
     """Two threads generate at once (they meet at every step, so their UNet calls interleave) with different
     prompts, seeds, sizes and batch sizes: each gets exactly its single-threaded result."""
@@ -289,7 +301,7 @@ def test_low_vram_switch_and_low_vram_runs_take_the_sampler_alone(tiny_sd1_path)
     second.join(30)
     assert events == [("run", 0), ("run", 1), ("first", "done"), ("second", "done")]
     sampler.set_low_vram(False)
-    assert not sampler.busy
+    assert idle(sampler)
 
 
 def test_a_failed_switch_out_of_low_vram_leaves_a_working_low_vram_sampler(tiny_sd1_path, monkeypatch):
@@ -489,7 +501,7 @@ def test_stages_before_the_first_step_are_reported_and_can_cancel(xl):
             xl("x", height=512, width=1024, num_inference_steps=2, seed=0, callback_on_stage=cancel, **QUIET)
     finally:
         hook.remove()
-    assert unet_calls == [] and not xl.busy
+    assert unet_calls == [] and idle(xl)
 
 
 # ------------------------------------------------------------------------------ decode and memory modes
@@ -731,15 +743,16 @@ def test_model_keys_map_to_hub_ids():
 def test_beyond_twice_native_is_refused_by_default_and_runs_when_allowed(sd1):
     with pytest.raises(ValueError, match="max_scale"):
         sd1("a city", height=512, width=1536, num_inference_steps=1, progress=False)
-    sd1.max_scale = 3
+    wider = ed.ElasticDiffusion.from_pipe(sd1.pipe, max_scale=3)  # the same modules, a larger size limit
+    assert (sd1.max_scale, wider.max_scale) == (ed.MAX_SCALE, 3)
+    assert ed.sampler_kwargs(ed.build_parser().parse_args(["--max_scale", "3"]))["max_scale"] == 3  # the CLI's flag
+    with pytest.raises(ValueError, match="max_scale must be >= 1; got 0"):
+        ed.ElasticDiffusion.from_pipe(sd1.pipe, max_scale=0)
+    spy = UNetSpy(sd1.unet)
     try:
-        spy = UNetSpy(sd1.unet)
-        try:
-            images, info = sd1("a city", height=512, width=1536, num_inference_steps=2, seed=0, progress=False)
-        finally:
-            spy.remove()
+        images, info = wider("a city", height=512, width=1536, num_inference_steps=2, seed=0, progress=False)
     finally:
-        sd1.max_scale = ed.MAX_SCALE
+        spy.remove()
     # 1536x512 on SD 1 (native 512 px = 64 latent): reference (21, 64), groups of 3 columns
     assert info["reference_size"] == (21, 64) and images[0].size == (1536, 512)
     V = len(ed.local_views(64, 192, 64, 32))
