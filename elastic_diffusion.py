@@ -70,22 +70,30 @@ DEFAULT_NEGATIVE_PROMPT = "blurry, ugly, duplicate, no details, deformed"
 PRESET_NEGATIVE_PROMPT = "blurry, ugly, poorly drawn, deformed"
 
 # The 14 examples of the official demo (docs/method.md#demo-presets), prompts verbatim (typos included), seed 0.
-DEMO_PRESETS = [
-    dict(prompt="A realistic portrait of a young black woman. she has a Christmas red hat and a red scarf. Her eyes are light brown like they're almost caramel color. Her attire, simple yet dignified.", width=2048, height=2048, resampling_steps=10, new_p=0.3, rrg_init_weight=2000),
-    dict(prompt="Envision a portrait of a horse, framed by a blue headscarf with muted tones of rust and cream. she has brown-colored eyes. Her attire, simple yet dignified", width=1536, height=1536, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="Envision a portrait of a cute corgi, framed by a red headscarf. his eyes are light brown. his attire is simple yet dignified", width=1024, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="Envision an ostrich in the dessert. she has a green scarf wrapping her body. her eyes are dark black. her attire, simple yet dignified", width=2048, height=1024, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="Envision a portrait of a cute cat, her face is framed by a blue headscarf with muted tones of rust and cream. Her eyes are blue like faded denim. Her attire, simple yet dignified", width=1080, height=1920, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="Envision a realistic portrait of a black woman, she has a white headscarf. Her eyes are dark black. her attire, simple yet delightful.", width=1920, height=1080, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="A Cute Puppy with wings, Cartoon Drawings, high details", width=2048, height=1536, resampling_steps=10, new_p=0.3, rrg_init_weight=1500),
-    dict(prompt="Darth Vader playing with raccoon in Mars during sunset.", width=1536, height=2048, resampling_steps=10, new_p=0.3, rrg_init_weight=1500),
-    dict(prompt="A dramatic photo of a volcanic eruption, high details, sharp.", width=768, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="A photo of the dolomites, highly detailed, sharp", width=2048, height=768, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="A professional photo of a rabbit riding a bike on a street in New York", width=768, height=768, resampling_steps=0, new_p=0.3, rrg_init_weight=0),
-    dict(prompt="An illustration of an astronaut riding a horse", width=512, height=512, resampling_steps=0, new_p=0.3, rrg_init_weight=0),
-    dict(prompt="A front view of a beautiful waterfall", width=2048, height=512, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-    dict(prompt="A realistic bird-eye view of a lake with palm tree on the side, simply, high details.", width=512, height=2048, resampling_steps=7, new_p=0.3, rrg_init_weight=1000),
-]
+DEMO_PRESETS = [dict(prompt=prompt, width=w, height=h, resampling_steps=r, new_p=0.3, rrg_init_weight=weight)
+                for w, h, r, weight, prompt in (  # width, height, R, λ0, the prompt
+    (2048, 2048, 10, 2000, "A realistic portrait of a young black woman. she has a Christmas red hat and a red scarf."
+                           " Her eyes are light brown like they're almost caramel color. Her attire, simple yet "
+                           "dignified."),
+    (1536, 1536, 7, 1000, "Envision a portrait of a horse, framed by a blue headscarf with muted tones of rust and "
+                          "cream. she has brown-colored eyes. Her attire, simple yet dignified"),
+    (1024, 2048, 7, 1000, "Envision a portrait of a cute corgi, framed by a red headscarf. his eyes are light brown. "
+                          "his attire is simple yet dignified"),
+    (2048, 1024, 7, 1000, "Envision an ostrich in the dessert. she has a green scarf wrapping her body. her eyes are "
+                          "dark black. her attire, simple yet dignified"),
+    (1080, 1920, 7, 1000, "Envision a portrait of a cute cat, her face is framed by a blue headscarf with muted tones"
+                          " of rust and cream. Her eyes are blue like faded denim. Her attire, simple yet dignified"),
+    (1920, 1080, 7, 1000, "Envision a realistic portrait of a black woman, she has a white headscarf. Her eyes are "
+                          "dark black. her attire, simple yet delightful."),
+    (2048, 1536, 10, 1500, "A Cute Puppy with wings, Cartoon Drawings, high details"),
+    (1536, 2048, 10, 1500, "Darth Vader playing with raccoon in Mars during sunset."),
+    (768, 2048, 7, 1000, "A dramatic photo of a volcanic eruption, high details, sharp."),
+    (2048, 768, 7, 1000, "A photo of the dolomites, highly detailed, sharp"),
+    (768, 768, 0, 0, "A professional photo of a rabbit riding a bike on a street in New York"),
+    (512, 512, 0, 0, "An illustration of an astronaut riding a horse"),
+    (2048, 512, 7, 1000, "A front view of a beautiful waterfall"),
+    (512, 2048, 7, 1000, "A realistic bird-eye view of a lake with palm tree on the side, simply, high details."),
+)]
 
 # The paper's validated range: up to 2x the native size per side (docs/method.md#the-2x-limit). The
 # sub-sampler here is general (groups of up to g = ceil(L / l) source pixels, g*g candidates per cell,
