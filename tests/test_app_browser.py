@@ -258,7 +258,8 @@ def test_a_visitors_first_click_on_a_preset_shows_its_image(app_url, browser, sa
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     click_example(browser, wait, "2048×512 (4:1)")
     (image,) = wait.until(lambda d: error_toasts(d) or finished_images(d))  # an error toast fails here
-    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [2048, 512]
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [2048, 512]
     assert error_toasts(browser) == []
     assert browser.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value").startswith("A front view")
     assert browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == "0"  # the preset's
