@@ -28,7 +28,7 @@ from starlette.responses import PlainTextResponse
 
 import app_gradio as base
 from app_gradio import public_name, refuse, scrub_paths, within
-from elastic_diffusion import PRESET_NEGATIVE_PROMPT, hub_offline_reason, png_metadata, save_png
+from elastic_diffusion import PRESET_NEGATIVE_PROMPT, png_metadata, save_png
 from elastic_diffusion_w_controlnet import (
     CONDITIONS,
     CONTROLNET_KNOBS,
@@ -338,8 +338,6 @@ class ImageToImageApp(base.TextToImageApp):
         if self._depth_failure:
             raise refuse(self._depth_failure)
         model = self.sampler.depth_model
-        if isinstance(model, str) and not os.path.isdir(os.path.expanduser(model)):
-            hub_offline_reason()  # without network, work offline: the load then fails in a second, not 25 s
         try:
             return self.sampler.depth_estimator()
         except ValueError as error:

@@ -278,10 +278,15 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         """The depth-estimation pipeline of `depth_model`, created on first use (once, whatever the threads)."""
         with self._depth_lock:
             if self._depth_estimator is None:
+                from huggingface_hub import snapshot_download
                 from transformers import pipeline
+                model = self.depth_model
                 try:
-                    self._depth_estimator = self.depth_model if callable(self.depth_model) else pipeline(
-                        "depth-estimation", model=self.depth_model, device="cpu" if self.low_vram else self.device)
+                    if isinstance(model, str) and not os.path.isdir(os.path.expanduser(model)) \
+                            and ed.hub_offline_reason() is not None:  # no network: the cache now, not retries
+                        model = snapshot_download(model, local_files_only=True)
+                    self._depth_estimator = model if callable(model) else pipeline(
+                        "depth-estimation", model=model, device="cpu" if self.low_vram else self.device)
                 except (OSError, ValueError) as error:
                     raise ValueError(f"depth_model {self.depth_model!r} could not be loaded: {error}") from error
             return self._depth_estimator
