@@ -149,11 +149,15 @@ def test_repaint_structure(xl):
         spy.calls.clear()
         xl("x", height=1024, width=2048, num_inference_steps=4, resampling_steps=0, seed=0, **QUIET)
         without = [(c["t"], c["shape"][0]) for c in spy.calls]
+        spy.calls.clear()
+        xl("x", height=1024, width=2048, num_inference_steps=4, resampling_steps=1, seed=0, **QUIET)
+        one_pass = [(c["t"], c["shape"][0]) for c in spy.calls]
     finally:
         spy.remove()
     # 2048x1024: V = 4; main pass 2(R+1) + V = 10 samples, repaint pass 2 + V = 6; v = 16 holds each pass
     assert with_repaint == [(751, 10), (751, 6), (501, 10), (501, 6), (251, 10), (251, 6), (1, 10)]
     assert without == [(751, 6), (501, 6), (251, 6), (1, 6)]
+    assert one_pass == [(751, 8), (751, 6), (501, 8), (501, 6), (251, 8), (251, 6), (1, 8)]  # R = 1 repaints too
 
 
 # ------------------------------------------------------------------------------ randomness and batching
