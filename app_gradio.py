@@ -55,7 +55,6 @@ logger = logging.getLogger("app_gradio")
 DEFAULT_MODEL = "XL1.0"
 DEFAULT_SIZE = 1024  # the first image people see: fast (R = 0) at SDXL's native size
 DEFAULT_NATIVE_PX = 1024  # SDXL; only used to lay out the widgets when no model could be loaded
-MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (~300 characters); far longer text is a paste mistake
 QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused with "queue full"
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
@@ -186,7 +185,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_s
     values = {**{k.name: k.default for k in ed.KNOBS}, **preset(DEFAULT_SIZE, DEFAULT_SIZE, native_px)}
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
-                                          max_length=MAX_PROMPT_CHARS, info="What the image should not show.")
+                                          max_length=ed.MAX_PROMPT_CHARS, info="What the image should not show.")
         with gr.Row():
             w["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=ed.MAX_SEED,
                                   info="The same seed and settings give the same image.")
@@ -327,9 +326,8 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
     request = GenerationRequest(
-        prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True, MAX_PROMPT_CHARS),
-        negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False,
-                                 MAX_PROMPT_CHARS),
+        prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True),
+        negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False),
         width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
         look_inside=_flag("Look inside", values.get("look_inside", False)),
@@ -798,7 +796,7 @@ class TextToImageApp:
             widgets = self._inputs()
             with gr.Row(equal_height=True):
                 widgets["prompt"] = gr.Textbox(label="Prompt", placeholder=self.placeholder, lines=2, scale=5,
-                                               max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                                               max_length=ed.MAX_PROMPT_CHARS, elem_id="prompt")
                 with gr.Column(scale=1, min_width=160):
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")

@@ -102,6 +102,7 @@ DEMO_PRESETS = [dict(prompt=prompt, width=w, height=h, resampling_steps=r, new_p
 MAX_SCALE = 2
 MIN_SIDE_PX = 128  # the demo's smallest size; below it the image is mostly padding
 MAX_SEED = 2 ** 32 - 1  # seeds the CLI, the demos, batch and cog accept (the range a blank seed is drawn from)
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (~300 characters): far longer text is a paste mistake
 
 # --------------------------------------------------------------------------------------------------
 # The knobs table: every knob's rule, default, CLI flag and demo widget, in one place
@@ -345,18 +346,19 @@ def check_settings(settings: dict, native_latent: int) -> None:
             row.check(settings[row.name], native_latent)
 
 
-def check_prompt(subject: str, value, required: bool = True, max_chars: int = 1000) -> str:
-    """`value` stripped, if it is text of at most `max_chars` characters, not blank if `required`; else ValueError
-    naming `subject` and the rule. For requests from strangers (a hosted API): the sampler takes any string."""
+def check_prompt(subject: str, value, required: bool = True) -> str:
+    """`value` stripped, if it is text of at most MAX_PROMPT_CHARS characters, not blank if `required`; else
+    ValueError naming `subject` and the rule. For requests from strangers (a hosted API): the sampler takes any
+    string."""
     value = "" if value is None else value
     if not isinstance(value, str):
         raise ValueError(f"{subject} must be text; got {type(value).__name__} {value!r}")
     value = value.strip()
     if required and not value:
         raise ValueError(f"{subject} is empty: describe the image you want, e.g. \"a photo of the dolomites\"")
-    if len(value) > max_chars:  # CLIP reads 77 tokens (~300 characters): far longer text is a paste mistake
-        raise ValueError(f"{subject} is {len(value)} characters long; shorten it to at most {max_chars} (the text "
-                         "encoder reads only its first 77 tokens, about 300 characters)")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{subject} is {len(value)} characters long; shorten it to at most {MAX_PROMPT_CHARS} (the "
+                         "text encoder reads only its first 77 tokens, about 300 characters)")
     return value
 
 
