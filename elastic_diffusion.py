@@ -28,7 +28,6 @@ Command line: ``python elastic_diffusion.py --help``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import hashlib
@@ -989,7 +988,7 @@ class GenerationInfo:
 
 
 class GenerationCancelled(RuntimeError):
-    """Raised from `callback_on_step_end` (or when it returns {"cancel": True}) to stop a run."""
+    """Raised from `callback_on_step_end` or `callback_on_stage` to stop a run."""
 
 
 @dataclass(eq=False)
@@ -1039,35 +1038,6 @@ class Run:
         self.timestep_tensors = {}
 
 
-class _ModuleLock:
-    """Who may use the sampler's modules at once.
-
-    Runs that leave the modules where they are only read them: any number share the lock. The
-    memory-mode switch, and low-VRAM runs (whose offload hooks move models between devices on
-    every call), hold it alone.
-    """
-
-    def __init__(self):
-        self._state = threading.Condition()
-        self._holders = 0  # runs sharing the modules; -1: one holds them alone
-
-    @contextlib.contextmanager
-    def hold(self, exclusive: bool | Callable[[], bool]):
-        """Hold the lock; alone if `exclusive` is true (a callable is asked once nobody holds it alone)."""
-        with self._state:
-            self._state.wait_for(lambda: self._holders >= 0)
-            alone = exclusive() if callable(exclusive) else exclusive
-            if alone:
-                self._state.wait_for(lambda: self._holders == 0)
-            self._holders = -1 if alone else self._holders + 1
-        try:
-            yield
-        finally:
-            with self._state:
-                self._holders = 0 if alone else self._holders - 1
-                self._state.notify_all()
-
-
 class ElasticDiffusion:
     """ElasticDiffusion sampler over a diffusers Stable Diffusion 1.x / 2.x / XL pipeline.
 
@@ -1085,8 +1055,8 @@ class ElasticDiffusion:
         max_scale: largest side as a multiple of the native size (`check_size`); above MAX_SCALE is experimental.
 
     The instance holds the models and the configuration only; each call keeps its data in its own
-    `Run`. Several threads may generate with one sampler at once (each gets exactly its
-    single-threaded result); low-VRAM runs and `set_low_vram` take the sampler alone.
+    `Run`. Threads may share a sampler: generations, `set_low_vram` and `exclusive()` take it one at
+    a time (a demo's queue runs one generation at a time anyway).
     """
 
     info_class = GenerationInfo  # what `generate` returns beside the images; an extension may add fields
@@ -1139,8 +1109,7 @@ class ElasticDiffusion:
         self._ddim = DDIMScheduler.from_config(self.scheduler.config)
         self.alphas_cumprod = self._ddim.alphas_cumprod.double()
         self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
-        self._modules = _ModuleLock()
-        self._vae_lock = threading.Lock()  # one decode at a time: tiling is a switch on the shared VAE
+        self._lock = threading.RLock()  # one user of the modules at a time (`exclusive`)
         self.attach_models()
         self.low_vram = None
         self.set_low_vram(low_vram)  # the one place modules are first put on the device
@@ -1156,8 +1125,8 @@ class ElasticDiffusion:
         """
 
     def exclusive(self):
-        """`with pipe.exclusive():` use the components alone: waits for running generations, holds off new ones."""
-        return self._modules.hold(True)
+        """`with pipe.exclusive():` use the components alone: waits for a running generation, holds off new ones."""
+        return self._lock
 
     def initial_latents(self, height: int, width: int, batch: int = 1,
                         generator: torch.Generator | int | None = None) -> torch.Tensor:
@@ -1178,7 +1147,7 @@ class ElasticDiffusion:
         `from_pipe` switches the shared modules, so the caller's pipeline is offloaded with it.
         """
         low_vram = bool(low_vram)
-        with self._modules.hold(True):
+        with self._lock:
             if low_vram != self.low_vram:
                 try:
                     self.place_modules(low_vram)
@@ -1480,12 +1449,12 @@ class ElasticDiffusion:
         `callback_on_step_end(pipe, step, t, tensors)` gets {"latents": x, "x0": x0, "scores": the
         step's kept ScoreEstimate, "resampled_scores": the one of its R + 1 resampling passes (the
         same unless a repaint pass ran)}; it may return {"latents": ...} to replace the latent, or
-        raise `GenerationCancelled` (or return {"cancel": True}) to stop.
+        raise `GenerationCancelled` to stop.
         `cells(step, num_passes)` and `repaint_noise(step, shape)` replace the two random draws of
         the loop (the sub-sampler's choices and the re-noising noise, see `Run`); `extras` are
         extensions' per-run data (`run.extras`). `callback_on_stage(stage, done, total)` reports the
         preparation before step 1 ("encode_prompt", "backgrounds", ...) and may raise
-        `GenerationCancelled` too. Safe to call from several threads at once.
+        `GenerationCancelled` too. Threads share a sampler one call at a time.
         """
         t_start = time.perf_counter()
         height = 2 * self.native_px if height is None else height
@@ -1520,7 +1489,7 @@ class ElasticDiffusion:
                   view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, layout=where,
                   choose_cells=cells, repaint_noise=repaint_noise,
                   extras=dict(extras or {}), report=callback_on_stage)
-        with self._modules.hold(lambda: self.low_vram):  # low-VRAM runs move modules: one at a time
+        with self._lock:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:
@@ -1636,10 +1605,7 @@ class ElasticDiffusion:
             x = x_prev
             if callback_on_step_end is not None:
                 tensors = {"latents": x, "x0": x0, "scores": scores, "resampled_scores": resampled}
-                result = callback_on_step_end(self, i, t, tensors) or {}
-                if result.get("cancel"):
-                    raise GenerationCancelled(f"cancelled after step {i + 1} of {T}")
-                x = result.get("latents", x)
+                x = (callback_on_step_end(self, i, t, tensors) or {}).get("latents", x)
         return x
 
     # ----------------------------------------------------------- decoding (docs/method.md#decoding)
@@ -1674,7 +1640,7 @@ class ElasticDiffusion:
         return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
     def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
-        with self._vae_lock:  # tiling is a switch on the shared VAE: no other decode may see it flipped
+        with self._lock:  # tiling is a switch on the shared VAE: no other decode may see it flipped
             was_tiling = getattr(self.vae, "use_tiling", False)
             if tiled:
                 self.vae.enable_tiling()

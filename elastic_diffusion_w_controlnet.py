@@ -16,13 +16,11 @@ Command line: ``python elastic_diffusion_w_controlnet.py --help``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -136,7 +134,6 @@ class ControlInputs:
     seconds: float = 0.0  # time spent making the maps
     full: torch.Tensor | None = None  # the map at the output size (1, 3, 8H, 8W) on the device
     reference: torch.Tensor | None = None  # the map at the reference size (1, 3, 8h, 8w) on the device
-    embedded: dict = field(default_factory=dict)  # Region -> the ControlNet's encoding of its map (1, C', D, D)
 
 
 def control_request(condition_image, condition: str, scale: float, low: int, high: int) -> ControlInputs:
@@ -169,29 +166,7 @@ def control_settings(controlnet_model: str, c: ControlInputs) -> dict:
                 condition_image=source, **canny)
 
 
-class _Encoded(torch.nn.Module):
-    """Stands in for a ControlNet's condition encoder: returns the encoding it was given."""
-
-    def __init__(self, encoded: torch.Tensor):
-        super().__init__()
-        self.encoded = encoded
-
-    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
-        return self.encoded
-
-
-@contextlib.contextmanager
-def _encoded_condition(controlnet, encoded: torch.Tensor):
-    """Run `controlnet` with its condition encoder's output fixed to `encoded` (N, C', D, D)."""
-    encoder = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = _Encoded(encoded)
-    try:
-        yield
-    finally:
-        controlnet.controlnet_cond_embedding = encoder
-
-
-@dataclasses.dataclass
+@dataclass
 class ControlNetInfo(ed.GenerationInfo):
     """`GenerationInfo` plus the condition map the run followed and the ControlNet's own counts."""
     condition_image: Image.Image | None = None  # the condition map at the output size
@@ -199,7 +174,6 @@ class ControlNetInfo(ed.GenerationInfo):
     controlnet_samples: int = 0  # native-size latents through the ControlNet (as many as through the UNet)
     controlnet_reference_samples: int = 0
     controlnet_local_samples: int = 0
-    controlnet_condition_encodings: int = 0  # condition maps embedded (1 for the reference, then one per view)
 
 
 class ElasticDiffusionControlNet(ElasticDiffusion):
@@ -218,7 +192,6 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
                  depth_model=DEFAULT_DEPTH_MODEL, low_vram: bool = False, allow_pickle: bool = False, **kwargs):
         self.controlnet, self._controlnet_hook, self._controlnet_source = None, None, controlnet_model
         self.depth_model, self._depth_estimator, self._depth_lock = depth_model, None, threading.Lock()
-        self._controlnet_call = threading.Lock()
         # The base constructor loads the pipeline, then `attach_models` loads the ControlNet, then the
         # memory mode is set once for both: in low-VRAM mode nothing is ever moved to the GPU whole.
         super().__init__(device=device, sd_version=sd_version, low_vram=low_vram, allow_pickle=allow_pickle, **kwargs)
@@ -347,35 +320,12 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
             maps.append(F.pad(source, (left, right, top, bottom)))
         return torch.cat(maps)
 
-    def embedded_conditions(self, run: Run, regions: list[Region]) -> torch.Tensor:
-        """The ControlNet's encoding of each sample's condition, (N, C', D, D), once per region and run.
-
-        The condition encoder (a few convolutions over the 8D x 8D pixel map) sees only the condition,
-        neither the latent nor the timestep, so a region's encoding serves every step and pass; encoding
-        it in every call cost more than the rest of a small ControlNet.
-        """
-        c, count = run.extras["control"], run.counters
-        new = list(dict.fromkeys(r for r in regions if r not in c.embedded))  # each region once
-        if new:
-            conditions = self.control_batch(run, new)
-            if self.controlnet.config.get("controlnet_conditioning_channel_order") == "bgr":
-                conditions = conditions.flip(1)  # what the ControlNet's forward does before its encoder
-            if self._controlnet_hook is not None:  # low VRAM: to the GPU now, as its hook would at the call
-                self.controlnet.to(self.device)
-            with self._controlnet_call:  # another thread's forward may have swapped the encoder out
-                encoded = self.controlnet.controlnet_cond_embedding(conditions)
-            c.embedded.update(zip(new, encoded.split(1)))
-            count["controlnet_condition_encodings"] = count.get("controlnet_condition_encodings", 0) + len(new)
-        return torch.cat([c.embedded[r] for r in regions])
-
     def unet_extra_kwargs(self, run, latents, t, prompt_embeds, added_cond_kwargs, regions) -> dict:
         """The ControlNet's residuals for this UNet call: the UNet's own inputs plus each sample's condition."""
-        embedded = self.embedded_conditions(run, regions)
-        # The encoder swap is visible to every thread that uses this ControlNet: one call at a time.
-        with self._controlnet_call, _encoded_condition(self.controlnet, embedded):
-            down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds, controlnet_cond=embedded,
-                                        conditioning_scale=float(run.extras["control"].scale), guess_mode=False,
-                                        added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        down, mid = self.controlnet(latents, t, encoder_hidden_states=prompt_embeds,
+                                    controlnet_cond=self.control_batch(run, regions),
+                                    conditioning_scale=float(run.extras["control"].scale), guess_mode=False,
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
         count = run.counters
         count["controlnet_calls"] = count.get("controlnet_calls", 0) + 1
         for key in [f"controlnet_{r.kind}_samples" for r in regions] + ["controlnet_samples"] * len(regions):
@@ -391,7 +341,7 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
     def finish_run(self, run: Run) -> None:
         super().finish_run(run)
         c = run.extras["control"]  # its device tensors go; the PIL map stays for `info`
-        c.full, c.reference, c.embedded = None, None, {}
+        c.full, c.reference = None, None
         self.offload_controlnet()  # low-VRAM: the ControlNet is not needed until the next run
 
     def decode(self, *args, **kwargs):
