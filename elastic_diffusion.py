@@ -28,6 +28,7 @@ Command line: ``python elastic_diffusion.py --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -47,7 +48,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger("elastic_diffusion")
 
@@ -369,6 +372,84 @@ def public_name(model) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Input images: the ControlNet's condition and the image-to-image start (docs/method.md#image-to-image)
+# --------------------------------------------------------------------------------------------------
+
+MAX_INPUT_PIXELS = 8192 * 8192  # 64 MP: larger inputs are refused before they are decoded
+DEFAULT_STRENGTH = 0.5  # image-to-image: half the steps keep the layout and colours and redo the detail
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a PIL image of any mode: alpha composited on white, 16-bit and float maps min-max scaled."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # e.g. a 16-bit depth map
+        a = np.asarray(image, dtype=np.float32)
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+        image = Image.fromarray((a * 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def load_image(image, name: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """A path, PIL image or H x W x 3 uint8 array -> RGB PIL image, EXIF orientation applied; ValueError naming
+    `name` if it is unusable."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        try:
+            with Image.open(path) as opened:  # reads the header; pixels are decoded after the size check
+                return load_image(opened, name, max_pixels)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{name}: {path!r} is too large ({error}); the limit is {max_pixels} pixels") from error
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{name}: {path!r} is not a readable image file ({error})") from error
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{name} as an array must be H x W x 3 uint8; got {image.shape} {image.dtype}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be an image file path, a PIL image or an H x W x 3 uint8 array; got "
+                         f"{type(image).__name__}")
+    w, h = image.size
+    if w * h == 0 or w * h > max_pixels:
+        raise ValueError(f"{name} has no pixels ({w}x{h})" if w * h == 0 else
+                         f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP); at most {max_pixels / 1e6:.0f} MP "
+                         "are accepted, downscale it first")
+    try:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data, unsupported mode
+        raise ValueError(f"{name} could not be decoded ({error})") from error
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The resize rule of every input image: Lanczos-scale to cover width x height (aspect kept), then centre-crop
+    the overflow (nothing stretched or letterboxed)."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def image_size(image: Image.Image, upscale: float | None = None, height: int | None = None,
+               width: int | None = None, vae_scale_factor: int = 8) -> tuple[int, int]:
+    """(height, width) of an image-to-image run: those given, else the image's size times `upscale` (default 1)
+    rounded down to a multiple of the VAE factor; ValueError naming `upscale` unless it is a number > 0."""
+    upscale = 1 if upscale is None else check_number("upscale", upscale, 0, open_minimum=True)
+    f = vae_scale_factor
+    return tuple(int(side * upscale) // f * f if given is None else given
+                 for side, given in ((image.height, height), (image.width, width)))
+
+
+def image_hash(image: Image.Image) -> str:
+    """A short hash of an image's size and pixels: what a record keeps of its input image (never its path)."""
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:16]
+
+
+def run_steps(num_inference_steps: int, strength: float = 1.0) -> int:
+    """How many steps an image-to-image run does: the last int(T * strength) of the T-step schedule (diffusers'
+    rule); text-to-image (strength 1) does all T."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+# --------------------------------------------------------------------------------------------------
 # Geometry: reference size, sub-sampler tables, local views, padding (docs/method.md#reference-size ff.)
 # --------------------------------------------------------------------------------------------------
 
@@ -685,19 +766,19 @@ class Cost(NamedTuple):
 
 
 def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch: int = 1,
-              view_batch_size: int = 16, vae_scale_factor: int = 8) -> Cost:
+              view_batch_size: int = 16, vae_scale_factor: int = 8, strength: float = 1.0) -> Cost:
     """The UNet samples, calls and VAE encodes of one generation (docs/method.md#cost-model).
 
-    `settings` holds the run's num_inference_steps (T), resampling_steps (R), patch_size and repaint
-    (e.g. `recommended_settings`' output). A main pass evaluates 2B(R + 1) reference samples and B·V
-    local ones, a repaint pass (R > 0, repaint on, every step but the last) 2B + B·V. When the
-    reference is the latent itself (images up to the native size) all of a pass's inputs are one
-    [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
+    `settings` holds the run's num_inference_steps, resampling_steps (R), patch_size and repaint
+    (e.g. `recommended_settings`' output); `strength` < 1 runs only T = `run_steps` of the steps. A main pass
+    evaluates 2B(R + 1) reference samples and B·V local ones, a repaint pass (R > 0, repaint on, every step but
+    the last) 2B + B·V. When the reference is the latent itself (images up to the native size) all of a pass's
+    inputs are one [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
     """
-    T, R, B = settings["num_inference_steps"], settings["resampling_steps"], batch
+    T, R, B = run_steps(settings["num_inference_steps"], strength), settings["resampling_steps"], batch
     where = layout(height, width, native_latent, settings["patch_size"], vae_scale_factor)
     passes, local = where.pass_inputs(R + 1)
-    repaints = T - 1 if repaint_passes(settings) else 0
+    repaints = max(T - 1, 0) if repaint_passes(settings) else 0
     main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
     return Cost(samples=T * main + repaints * repaint,
                 calls=T * -(-main // view_batch_size) + repaints * -(-repaint // view_batch_size),
@@ -1014,12 +1095,13 @@ class Run:
     layout: Layout  # latent and reference sizes, local views, background strips
     choose_cells: Callable[[int, int], torch.Tensor]
     repaint_noise: Callable[[int, tuple], torch.Tensor]
+    first_step: int = 0  # image-to-image starts late in the schedule (`run_steps`); steps keep their index
     extras: dict = field(default_factory=dict)
     # Filled by `prepare`:
     embeds: torch.Tensor | None = None  # [neg; pos] text embeddings (2B, 77, d)
     pooled: torch.Tensor | None = None  # SDXL pooled embeddings (2B, d') or None
     time_ids: torch.Tensor | None = None  # SDXL size conditioning (1, 6) or None
-    timesteps: list = field(default_factory=list)  # DDIM timesteps, noisiest first
+    timesteps: list = field(default_factory=list)  # the whole schedule's DDIM timesteps, noisiest first
     timestep_tensors: dict = field(default_factory=dict)  # t -> 0-d tensor on the device
     backgrounds: dict = field(default_factory=dict)  # (strip, size, t) -> noised strip latent (1, C, sh, sw)
     counters: dict = field(default_factory=lambda: {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0,
@@ -1438,9 +1520,16 @@ class ElasticDiffusion:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", callback_on_step_end: Callable | None = None,
                  progress: bool | Callable = True, callback_on_stage: Callable | None = None,
-                 drop_p: float | None = None, view_batch_size: int | None = None, cells: Callable | None = None,
+                 drop_p: float | None = None, view_batch_size: int | None = None, image=None,
+                 strength: float | None = None, upscale: float | None = None, cells: Callable | None = None,
                  repaint_noise: Callable | None = None, extras: dict | None = None, **knobs):
         """Generate images; returns (images, info).
+
+        `image` (a path, PIL image or H x W x 3 uint8 array) starts the run from that image instead of noise
+        (docs/method.md#image-to-image): the image is fitted to height x width (default: its own size times
+        `upscale`, default 1), encoded by the VAE and noised to the level of the last `run_steps(T, strength)`
+        steps, which then run as in text-to-image. `strength` (default DEFAULT_STRENGTH) 0 returns the VAE round
+        trip of the fitted image; 1 runs every step.
 
         `knobs` are the method's knobs of KNOBS, by name (listed below); those left out or None come
         from `recommended_settings(width, height)`. `drop_p` is the complement of `new_p` (the official
@@ -1457,6 +1546,18 @@ class ElasticDiffusion:
         `GenerationCancelled` too. Threads share a sampler one call at a time.
         """
         t_start = time.perf_counter()
+        source = None
+        if image is not None:
+            source = load_image(image)
+            height, width = image_size(source, upscale, height, width, self.vae_scale_factor)
+            try:
+                check_size(height, width, self.native_px, self.vae_scale_factor, self.max_scale)
+            except ValueError as error:
+                raise ValueError(f"image is {source.width}x{source.height} pixels and upscale {upscale or 1} makes "
+                                 f"it {width}x{height}: {error}") from None
+            strength = DEFAULT_STRENGTH if strength is None else check_number("strength", strength, 0, 1)
+        elif strength is not None or upscale is not None:
+            raise ValueError("strength and upscale go with image: pass the image to start from")
         height = 2 * self.native_px if height is None else height
         width = 2 * self.native_px if width is None else width
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
@@ -1485,9 +1586,11 @@ class ElasticDiffusion:
             counts = candidate_counts(H, W, h, w)
             cells = cells or (lambda step, passes: choose_cells(passes, counts, s["new_p"], aux))
             repaint_noise = repaint_noise or (lambda step, shape: torch.randn(shape, generator=aux))
+        T = s["num_inference_steps"]
         run = Run(prompts=prompts, negative_prompts=negatives, height=height, width=width, settings=s,
                   view_batch_size=view_batch_size, seed=seed, aux_seed=aux_seed, layout=where,
                   choose_cells=cells, repaint_noise=repaint_noise,
+                  first_step=T - run_steps(T, strength) if source else 0,
                   extras=dict(extras or {}), report=callback_on_stage)
         with self._lock:
             if self.device.type == "cuda":
@@ -1495,6 +1598,8 @@ class ElasticDiffusion:
             try:
                 self.prepare(run)
                 tic = time.perf_counter()
+                if source is not None:
+                    x = self.image_start(run, fit_image(source, width, height), x)
                 x = self.sample(run, x, callback_on_step_end, progress)
                 run.timings["denoise"] = self._sync_time(tic)
                 tic = time.perf_counter()
@@ -1506,7 +1611,10 @@ class ElasticDiffusion:
                 self.finish_run(run)
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
         run.timings["total"] = time.perf_counter() - t_start
-        info = self.info_class(settings=dict(s, width=width, height=height, view_batch_size=view_batch_size),
+        settings = dict(s, width=width, height=height, view_batch_size=view_batch_size)
+        if source is not None:  # the image by its hash: a record never holds a path
+            settings.update(strength=strength, upscale=upscale or 1, image_hash=image_hash(source))
+        info = self.info_class(settings=settings,
                                seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(where.views),
                                **run.counters, timings=run.timings, peak_memory_gib=peak)
         return images, info
@@ -1545,10 +1653,10 @@ class ElasticDiffusion:
 
         tic, strips = time.perf_counter(), run.layout.strips
         run.timesteps = self.timesteps(s["num_inference_steps"])
-        run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in run.timesteps}
-        run.backgrounds = (self.prepare_backgrounds(strips, run.timesteps, run.aux_seed, run.counters,
-                                                   report=run.stage)
-                           if strips else {})
+        steps = run.timesteps[run.first_step:]
+        run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in steps}
+        run.backgrounds = (self.prepare_backgrounds(strips, steps, run.aux_seed, run.counters, report=run.stage)
+                           if strips and steps else {})
         run.timings["backgrounds"] = self._sync_time(tic)
 
     def finish_run(self, run: Run) -> None:
@@ -1564,6 +1672,17 @@ class ElasticDiffusion:
             # text encoders. diffusers' pipelines end each call the same way.
             self.pipe.maybe_free_model_hooks()
 
+    def image_start(self, run: Run, image: Image.Image, noise: torch.Tensor) -> torch.Tensor:
+        """The SDEdit start (docs/method.md#image-to-image): the image's latent (`encode_image`) noised forward to
+        the level of the run's first step with the seed's noise (B, C, H, W); the latent itself if no step runs."""
+        tic = time.perf_counter()
+        tiled = run.settings["tiled_decoder"] or (self.low_vram and max(noise.shape[-2:]) > self.native_latent)
+        z = self.encode_image(image, tiled).expand_as(noise)
+        if run.first_step < len(run.timesteps):
+            z = renoise(z, 1.0, self.alpha(run.timesteps[run.first_step]), noise)
+        run.timings["encode_image"] = self._sync_time(tic)
+        return z
+
     def sample(self, run: Run, x: torch.Tensor, callback_on_step_end: Callable | None = None,
                progress: bool | Callable = True) -> torch.Tensor:
         """The sampling loop (docs/method.md#sampling-loop), one iteration per DDIM timestep."""
@@ -1573,11 +1692,11 @@ class ElasticDiffusion:
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
         h, w = run.layout.reference_size
         top_left = torch.zeros(1, h, w, dtype=torch.long)
-        steps = enumerate(timesteps)
+        steps = list(enumerate(timesteps))[run.first_step:]  # step i keeps its place in the whole schedule
         if callable(progress):
             steps = progress(steps)
         elif progress:
-            steps = tqdm(steps, total=T, desc="ElasticDiffusion")
+            steps = tqdm(steps, desc="ElasticDiffusion")
         for i, t in steps:
             # The schedule's own next level (the final one after the last step), whatever its spacing.
             alpha, alpha_prev = self.alpha(t), self.alpha(timesteps[i + 1] if i + 1 < T else -1)
@@ -1635,21 +1754,35 @@ class ElasticDiffusion:
         array = images.permute(0, 2, 3, 1).numpy()
         if output_type == "np":
             return array
-        from PIL import Image
-
         return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
-    def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
-        with self._lock:  # tiling is a switch on the shared VAE: no other decode may see it flipped
+    @contextlib.contextmanager
+    def _vae_tiling(self, tiled: bool):
+        """Use the VAE with diffusers' tiling on if `tiled`; tiling is a switch on the shared VAE, so one user at
+        a time."""
+        with self._lock:
             was_tiling = getattr(self.vae, "use_tiling", False)
             if tiled:
                 self.vae.enable_tiling()
             try:
-                image = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
+                yield self.vae
             finally:
                 if tiled and not was_tiling:
                     self.vae.disable_tiling()
+
+    def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+        with self._vae_tiling(tiled) as vae:
+            image = vae.decode(z.to(self.device, vae.dtype)).sample
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, tiled: bool = False) -> torch.Tensor:
+        """An RGB image's latent as the UNet sees it: the VAE posterior's mean (no sampling), scaled, (1, C, H, W)
+        fp32 for an image of 8H x 8W pixels; `tiled`: diffusers' tiled encode."""
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with self._vae_tiling(tiled) as vae:
+            mean = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean.float()
+        return (mean - (vae.config.get("shift_factor") or 0)) * vae.config.scaling_factor
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host-to-device copy that does not make the CPU wait for the GPU (pinned, non-blocking)."""

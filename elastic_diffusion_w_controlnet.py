@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 import elastic_diffusion as ed
-from elastic_diffusion import ElasticDiffusion, Region, Run
+from elastic_diffusion import MAX_INPUT_PIXELS, ElasticDiffusion, Region, Run, fit_image, load_image, to_rgb  # noqa: F401 (TODO app)
 
 # Default ControlNets per condition and base-model family (docs/method.md#controlnet-variant); any other hub id or
 # folder is accepted.
@@ -40,7 +40,6 @@ CONTROLNET_IDS = {
 CONDITIONS = ("canny", "depth", "image", "none")  # 'image' and 'none': the input already is the condition map
 CONTROL_ARGS = ("condition_image", "condition", "controlnet_conditioning_scale", "canny_low", "canny_high")
 DEFAULT_DEPTH_MODEL = "Intel/dpt-large"  # transformers' default depth-estimation model, as the official code
-MAX_INPUT_PIXELS = 8192 * 8192  # 64 MP: larger inputs are refused before they are decoded
 DEFAULT_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imgs", "input", "astronaut.jpg")
 DEFAULT_PROMPT = "A portrait photo of a smiling astronaut in an orange spacesuit, highly detailed, sharp"
 DEMO_SCALE = 0.5  # the official demo's ControlNet scale: the CLI's and the demo's default (Python's is 1.0)
@@ -53,48 +52,6 @@ CONTROLNET_KNOBS = (
     ed.Knob("canny_high", int, 200, "Canny high threshold: edges stronger than this are always kept; raise it to "
             "keep only strong edges (Canny edges only)", "Canny high threshold", minimum=0, demo_range=(0, 255)),
 )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image of any mode: alpha composited on white, 16-bit and float maps min-max scaled."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # e.g. a 16-bit depth map
-        a = np.asarray(image, dtype=np.float32)
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-        image = Image.fromarray((a * 255).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def load_image(image, name: str = "condition_image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """A path or PIL image -> RGB PIL image, EXIF orientation applied; ValueError naming `name` if unusable."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with Image.open(path) as opened:  # reads the header; pixels are decoded after the size check
-                return load_image(opened, name, max_pixels)
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{name}: {path!r} is too large ({error}); the limit is {max_pixels} pixels") from error
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"{name}: {path!r} is not a readable image file ({error})") from error
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"{name} must be an image file path or a PIL image; got {type(image).__name__}")
-    w, h = image.size
-    if w * h == 0 or w * h > max_pixels:
-        raise ValueError(f"{name} has no pixels ({w}x{h})" if w * h == 0 else
-                         f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP); at most {max_pixels / 1e6:.0f} MP "
-                         "are accepted, downscale it first")
-    try:
-        image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data, unsupported mode
-        raise ValueError(f"{name} could not be decoded ({error})") from error
-
-
-def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The resize rule: scale to cover width x height (aspect kept), then centre-crop the overflow."""
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
 def canny_condition(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -155,7 +112,7 @@ def check_control_request(c: ControlInputs, read_image: bool = True) -> None:
     if c.source is None:
         raise ValueError("condition_image is required: an image file path or a PIL image")
     if read_image:
-        c.image = load_image(c.source)
+        c.image = load_image(c.source, "condition_image")
 
 
 def control_settings(controlnet_model: str, c: ControlInputs) -> dict:
