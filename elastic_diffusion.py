@@ -1921,8 +1921,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=DEMO_PRESETS[0]["prompt"], help="text prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt ('' is encoded too)")
-    p.add_argument("--width", type=int, default=2048, help="image width in pixels, a multiple of 8")
-    p.add_argument("--height", type=int, default=2048, help="image height in pixels, a multiple of 8")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: 2048, or --image's "
+                   "width times --upscale)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: 2048, or --image's "
+                   "height times --upscale)")
+    p.set_defaults(default_px=2048)  # the side of a text-to-image run's default size
+    p.add_argument("--image", metavar="PATH", help="start from this image (image-to-image, docs/method.md#image-to-"
+                   "image): refine it, or upscale it with --upscale")
+    p.add_argument("--strength", type=float, help=f"with --image: how much to redo, 0 (the image as it is) to 1 "
+                   f"(every step) (default: {DEFAULT_STRENGTH})")
+    p.add_argument("--upscale", type=float, help="with --image: the output size as a multiple of the image's "
+                   "(default: 1; 2 doubles each side)")
     p.add_argument("--seed", type=int, default=0, help="random seed (a random one is used if negative)")
     p.add_argument("--num_images", "--num_sampled", type=int, default=1, help="images to generate for the prompt")
     p.add_argument("--outdir", default="results/", help="folder for the PNGs (created if missing)")
@@ -1974,6 +1983,10 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     as a usage error (exit 2) before anything is written.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.image is None:
+        if args.strength is not None or args.upscale is not None:
+            parser.error("--strength and --upscale go with --image")
+        args.width, args.height = args.width or args.default_px, args.height or args.default_px
     if args.prompts_file is not None:
         import batch
 
@@ -1991,6 +2004,13 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         except ValueError:
             native = None
         px, factor = (native.px, native.vae_scale_factor) if native else (None, 8)
+        image = None
+        if args.image is not None:
+            image = load_image(args.image, "--image")
+            args.height, args.width = image_size(image, args.upscale, args.height, args.width, factor)
+            if args.strength is not None:
+                check_number("--strength", args.strength, 0, 1)
+            image_call = dict(image=image, strength=args.strength, upscale=args.upscale)
         check_size(args.height, args.width, px, factor, args.max_scale)
         knobs = knob_flags(args, native.latent if native else None)
         check_number("--num_images", args.num_images, 1, integer=True)
@@ -2000,7 +2020,7 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
                                         height=args.height, width=args.width, seed=seed,
                                         num_images_per_prompt=args.num_images, **knobs,
-                                        **(call_kwargs or {}))
+                                        **(image_call if image else {}), **(call_kwargs or {}))
     except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except torch.OutOfMemoryError as error:

@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ed.build_parser()
     p.description = ("ElasticDiffusion with a ControlNet: any size and aspect ratio, following an input image's "
                      "edges or depth. The input is scaled to cover the output size and centre-cropped.")
-    p.set_defaults(prompt=DEFAULT_PROMPT, width=1536, height=1536)
+    p.set_defaults(prompt=DEFAULT_PROMPT, default_px=1536)
     g = p.add_argument_group("ControlNet")
     g.add_argument("--condition_image", default=DEFAULT_INPUT, help="input image (any mode, at most 64 MP)")
     g.add_argument("--condition", choices=CONDITIONS, default=None,

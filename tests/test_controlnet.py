@@ -195,6 +195,18 @@ def test_scale_zero_equals_the_base_sampler(sd1):
     assert (on - base).abs().max() > 0.1 and (on - photo).abs().max() > 0.1  # the condition map matters
 
 
+def test_a_starting_image_combines_with_the_condition(sd1):
+    """image= and strength= go through the ControlNet sampler too: the condition comes from condition_image, the
+    start from image, and only the last int(T * strength) steps run, each with the ControlNet's residuals."""
+    kwargs = dict(condition_image=PHOTO, condition="canny", width=1024, height=512, output_type="latent", **FAST)
+    x, info = sd1("a cat", image=PHOTO, strength=0.5, **dict(kwargs, num_inference_steps=4))
+    cost = ed.unet_cost(1024, 512, info["settings"], sd1.native_latent, strength=0.5)
+    assert info["controlnet_samples"] == info["unet_samples"] == cost.samples > 0
+    assert info["settings"]["strength"] == 0.5 and info["settings"]["condition"] == "canny"
+    text, _ = sd1("a cat", **dict(kwargs, num_inference_steps=4))
+    assert not torch.equal(x, text)
+
+
 def test_sdxl_two_prompts(sdxl, sdxl_controlnet):
     pipe = sdxl
     assert pipe.is_sdxl and pipe.default_condition == "image"  # a custom folder: no preprocessing by default

@@ -137,3 +137,35 @@ def test_an_unreadable_file_is_named(sd1, tmp_path):
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="image: .*broken.png' is not a readable image file"):
         sd1("a cat", image=str(broken), **QUIET)
+
+
+def test_cli_upscales_an_image_file_and_records_no_path(tiny_sd1_path, tmp_path):
+    import json
+
+    source = tmp_path / "private" / "holiday.png"
+    source.parent.mkdir()
+    Image.fromarray(PICTURE).save(source)
+    paths = ed.main(["--sd_version", tiny_sd1_path, "--image", str(source), "--upscale", "2", "--strength", "0.3",
+                     "--steps", "4", "--seed", "1", "--outdir", str(tmp_path / "out")])
+    picture = Image.open(paths[0])
+    assert picture.size == (768, 512)
+    record = json.loads(picture.text["elastic_diffusion"])
+    assert (record["strength"], record["upscale"], record["width"]) == (0.3, 2.0, 768)
+    assert record["image_hash"] == ed.image_hash(Image.fromarray(PICTURE))
+    assert "private" not in picture.text["elastic_diffusion"] + picture.text["parameters"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strength", "0.5"], "--strength and --upscale go with --image"),
+    (["--image", "/no/such.png"], "--image: '/no/such.png' is not a readable image file"),
+    (["--image", "PICTURE", "--strength", "2"], "--strength must be between 0 and 1; got 2"),
+    (["--image", "PICTURE", "--upscale", "4"], "width must be between 128 and 1024 pixels for this model"),
+])
+def test_cli_bad_image_flags_exit_before_loading(tiny_sd1_path, tmp_path, capsys, argv, message):
+    Image.fromarray(PICTURE).save(tmp_path / "p.png")
+    argv = [str(tmp_path / "p.png") if a == "PICTURE" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        ed.main(["--sd_version", tiny_sd1_path, "--outdir", str(tmp_path / "never"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
