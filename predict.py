@@ -57,6 +57,14 @@ def check_request(inputs: dict, sampler) -> dict:
                 seed=seed, num_images_per_prompt=inputs["num_outputs"], **knobs)
 
 
+def read_image(path) -> Image.Image:
+    """An uploaded image, read (`load_image`); a ValueError names the file by its name only (no server path)."""
+    try:
+        return ed.load_image(path, "image")
+    except ValueError as error:
+        raise ValueError(str(error).replace(os.fspath(path), os.path.basename(path))) from None
+
+
 def save_webp(image: Image.Image, path: str, metadata: dict[str, str], quality: int) -> str:
     """A WebP with the PNG's two text records in EXIF: the JSON record as ImageDescription (ASCII: the JSON
     escapes the rest) and the A1111-style 'parameters' line as UserComment (UTF-16, the tag's Unicode form)."""
@@ -95,6 +103,8 @@ class Predictor(BasePredictor):
         height: int = Input(default=1024, ge=128, le=2048, description="Height in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
         seed: Optional[int] = Input(default=None, ge=0, le=4294967295, description="Random seed: the same seed and settings give the same images. Leave blank for a random one; the seed used is in the logs, the file names and the metadata."),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Images to generate, as one batch from the seed (the metadata's image_index tells them apart)."),
+        image: Optional[Path] = Input(default=None, description="Image-to-image: a picture to refine or upscale (any format and mode Pillow reads, at most 64 MP), scaled to cover width x height and centre-cropped."),
+        strength: Optional[float] = Input(default=None, ge=0, le=1, description="Image-to-image: start from the input image and redo this fraction of the steps, 0 (keep it) to 1 (every step); the time grows with it. Leave blank for 0.5 when predict.py gets an image; the ControlNet entry then starts from noise."),
         # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py` (tests/test_cog.py checks).
         num_inference_steps: int = Input(default=50, ge=1, le=150, description="DDIM steps; time grows linearly with them (50 is the paper's setting)."),
         guidance_scale: float = Input(default=10.0, ge=1, le=30, description="Classifier-free guidance: how closely the image follows the prompt (it scales the global content direction)."),
@@ -114,7 +124,13 @@ class Predictor(BasePredictor):
         """Generate `num_outputs` images at width x height; their files, each with its settings in the metadata."""
         inputs = dict(locals())  # every input by name (cog passes them all)
         del inputs["self"]
-        return self.generate(self.sampler, check_request(inputs, self.sampler), output_format, output_quality)
+        source, strength = inputs.pop("image"), inputs.pop("strength")
+        call = check_request(inputs, self.sampler)
+        if source is not None:
+            call.update(image=read_image(source), strength=strength)
+        elif strength is not None:
+            raise ValueError("strength goes with image: give the picture to start from")
+        return self.generate(self.sampler, call, output_format, output_quality)
 
     def generate(self, sampler, call: dict, output_format: str, quality: int, names: dict | None = None) -> list[Path]:
         """Generate `sampler(**call)` (a checked request) and write the files with the run's settings, and `names`

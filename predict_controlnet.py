@@ -23,7 +23,6 @@ from elastic_diffusion_w_controlnet import (
     CONTROLNET_KNOBS,
     DEFAULT_DEPTH_MODEL,
     ElasticDiffusionControlNet,
-    load_image,
 )
 
 CONTROLNETS = ("canny", "depth")  # the `controlnet` input's choices: one ControlNet each, loaded at setup
@@ -59,6 +58,7 @@ class Predictor(predict.Predictor):
         height: int = Input(default=1024, ge=128, le=2048, description="Height in pixels: a multiple of 8, from 128 to twice the model's native size (2048 on SDXL)."),
         seed: Optional[int] = Input(default=None, ge=0, le=4294967295, description="Random seed: the same seed and settings give the same images. Leave blank for a random one; the seed used is in the logs, the file names and the metadata."),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Images to generate, as one batch from the seed (the metadata's image_index tells them apart)."),
+        strength: Optional[float] = Input(default=None, ge=0, le=1, description="Image-to-image: start from the input image and redo this fraction of the steps, 0 (keep it) to 1 (every step); the time grows with it. Leave blank for 0.5 when predict.py gets an image; the ControlNet entry then starts from noise."),
         # Method knobs: rendered from elastic_diffusion.KNOBS by `python tests/test_cog.py` (tests/test_cog.py checks).
         num_inference_steps: int = Input(default=50, ge=1, le=150, description="DDIM steps; time grows linearly with them (50 is the paper's setting)."),
         guidance_scale: float = Input(default=10.0, ge=1, le=30, description="Classifier-free guidance: how closely the image follows the prompt (it scales the global content direction)."),
@@ -88,11 +88,11 @@ class Predictor(predict.Predictor):
         control = {row.name: row.check(inputs.pop(row.name), sampler.native_latent, demo=True)
                    for row in CONTROLNET_KNOBS}
         condition = "image" if inputs.pop("image_is_map") else kind
+        strength = inputs.pop("strength")
         call = dict(predict.check_request(inputs, sampler), condition=condition, **control)  # before decoding
-        try:
-            call["condition_image"] = load_image(source, name="image")
-        except ValueError as error:  # it names the file: by its name only
-            raise ValueError(str(error).replace(os.fspath(source), os.path.basename(source))) from None
+        call["condition_image"] = predict.read_image(source)
+        if strength is not None:  # the same picture is the start too
+            call.update(image=call["condition_image"], strength=strength)
         names = dict(condition_image=os.path.basename(source),  # no server paths in the files
                      controlnet_model=ed.public_name(sampler.controlnet_model))
         return self.generate(sampler, call, inputs["output_format"], inputs["output_quality"], names)

@@ -136,7 +136,7 @@ def test_inputs_are_literals_for_cogs_static_parser(path):
 def test_the_two_entries_declare_their_shared_inputs_identically():
     text, control_text = source("predict.py"), source("predict_controlnet.py")
     plain, control = predict_parameters("predict.py"), predict_parameters("predict_controlnet.py")
-    shared = [name for name in plain if name != "prompt"]  # the ControlNet entry's prompt has no default
+    shared = [name for name in plain if name not in ("prompt", "image")]  # the ControlNet's are required
     assert set(shared) <= set(control)
     for name in shared:
         declared = ast.get_source_segment(text, plain[name]) + ast.get_source_segment(text, plain[name].default)
@@ -335,6 +335,9 @@ BAD_INPUTS = [
     (dict(patch_size=129), "patch_size must be between 8 and 128"),
     (dict(repaint="yes"), "repaint must be true or false"),
     (dict(time_ids_scale=2), "time_ids_scale must be 1 or 4; got 2"),
+    (dict(strength=0.5), "strength goes with image"),
+    (dict(image=__file__), "image: 'test_cog.py' is not a readable image file"),  # by its name, not its path
+    (dict(image=PHOTO, strength=1.5), "strength must be between 0 and 1; got 1.5"),
 ]
 
 
@@ -346,6 +349,21 @@ def test_bad_inputs_are_refused_by_name(predictor, bad, message):
         run(predictor, **bad)
     assert message in str(refused.value)
     assert sorted(os.listdir(predictor.output_root)) == before  # nothing written, nothing removed
+
+
+def test_predict_refines_an_image(predictor):
+    paths = run(predictor, image=PHOTO, strength=0.5, width=512, height=768, seed=4)
+    meta = record(paths[0])
+    assert (meta["width"], meta["height"], meta["strength"], meta["upscale"]) == (512, 768, 0.5, 1)
+    assert len(meta["image_hash"]) == 16 and ROOT not in json.dumps(meta)
+    blank = record(run(predictor, image=PHOTO, width=512, height=512, seed=4)[0])
+    assert blank["strength"] == ed.DEFAULT_STRENGTH
+
+
+def test_controlnet_predict_can_start_from_its_image(controlnet_predictor):
+    meta = record(run(controlnet_predictor, image=PHOTO, prompt="an astronaut", strength=0.3, width=512, height=512,
+                      seed=4)[0])
+    assert meta["strength"] == 0.3 and meta["condition"] == "canny" and meta["condition_image"] == "astronaut.jpg"
 
 
 def test_the_next_request_works_after_an_error_and_only_the_latest_files_stay(predictor):
