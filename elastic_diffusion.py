@@ -1926,8 +1926,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: 2048, or --image's "
                    "height times --upscale)")
     p.set_defaults(default_px=2048)  # the side of a text-to-image run's default size
-    p.add_argument("--image", metavar="PATH", help="start from this image (image-to-image, docs/method.md#image-to-"
-                   "image): refine it, or upscale it with --upscale")
+    p.add_argument("--image", metavar="PATH", help="start from this image (docs/method.md#image-to-image): refine "
+                   "it, or upscale it with --upscale")
     p.add_argument("--strength", type=float, help=f"with --image: how much to redo, 0 (the image as it is) to 1 "
                    f"(every step) (default: {DEFAULT_STRENGTH})")
     p.add_argument("--upscale", type=float, help="with --image: the output size as a multiple of the image's "
