@@ -63,14 +63,6 @@ MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadat
 # --- The prompts file ---
 
 
-class PromptsFileError(ValueError):
-    """A prompts file the job cannot start from; each message is "FILE:LINE: what is wrong"."""
-
-    def __init__(self, messages: list[str]):
-        super().__init__("\n".join(messages))
-        self.messages = messages
-
-
 @dataclass(frozen=True)
 class LineKeys:
     """Keys a command line adds to each line of a prompts file (the ControlNet's input image and knobs): those of
@@ -131,29 +123,6 @@ def slug(prompt: str, limit: int = SLUG_CHARS) -> str:
     return text or (words[0][:limit] if words else "prompt")
 
 
-def _file_lines(path: str) -> list[tuple[int, str]]:
-    """(line number, text) of every line that is not blank or a # comment; PromptsFileError if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise PromptsFileError([f"{path}: cannot be read ({error.strerror or error})"]) from None
-    lines, errors = [], []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        try:
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError as error:
-            errors.append(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})")
-            continue
-        if text and not text.startswith("#"):
-            lines.append((number, text))
-    if errors:
-        raise PromptsFileError(errors)
-    if not lines:
-        raise PromptsFileError([f"{path}: no prompts (the file is empty, or only blank lines and # comments)"])
-    return lines
-
-
 def _json_object(text: str) -> dict:
     """A JSON object; ValueError for bad JSON, another type, or a key given twice."""
     def unique(pairs):
@@ -184,18 +153,26 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
 
     `defaults` holds negative_prompt, width, height, seed (item i gets seed + i) and num_images; `knobs` the
     method knobs (None: preset); `extra` the command line's extra call arguments, which lines may set too.
-    PromptsFileError lists every line that cannot become an item; sizes and knobs are `plan`'s to check.
+    A ValueError lists every line that cannot become an item, one "FILE:LINE: what is wrong" a line; sizes and
+    knobs are `plan`'s to check. Blank lines and # comments are skipped.
     """
     extra = extra or {}
     if not path.endswith((".txt", ".jsonl")):
-        raise PromptsFileError([f"{path}: a prompts file is .txt (one prompt a line) or .jsonl (one JSON object a "
-                                "line)"])
+        raise ValueError(f"{path}: a prompts file is .txt (one prompt a line) or .jsonl (one JSON object a line)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
     jsonl = path.endswith(".jsonl")
     allowed = [*ITEM_KEYS, *(row.name for row in ed.method_knobs()), *extra]
     folder = os.path.dirname(path)
     items, errors = [], []
-    for number, text in _file_lines(path):
+    for number, raw in enumerate(data.splitlines(), start=1):
         try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            if not text or text.startswith("#"):
+                continue
             values = _json_object(text) if jsonl else {"prompt": text}
             unknown = [key for key in values if key not in allowed]
             if unknown:
@@ -211,6 +188,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             # The batch's own integer fields: the plan needs them, so they are checked up front.
             seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, ed.MAX_SEED, integer=True)
             count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
+        except UnicodeDecodeError as error:
+            errors.append(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})")
+            continue
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
             continue
@@ -223,8 +203,10 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
         items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative,
                           width=values.get("width", defaults["width"]), height=values.get("height", defaults["height"]),
                           seed=seed, num_images=count, knobs={**knobs, **line_knobs}, extra=line_extra))
+    if not items and not errors:
+        errors.append(f"{path}: no prompts (the file is empty, or only blank lines and # comments)")
     if errors:
-        raise PromptsFileError(errors)
+        raise ValueError("\n".join(errors))
     return items
 
 
@@ -675,7 +657,7 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
         native = ed.native_size(args.sd_version, args.native_px)
         defaults, knobs = command_line_defaults(args, native)
         items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
-    except ValueError as error:  # PromptsFileError included: every line that cannot be read, with its number
+    except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
         fail(2, f"error: {error}")
     plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
     job = Job(args, state, items, native, line_keys)
