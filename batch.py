@@ -545,52 +545,45 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
-    try:
-        return _run_on(state, parser, args, make_sampler, call_kwargs, extra_outputs, line_keys)
-    finally:  # however the job ends (a dry run, a bad file, a busy folder, a stop, an error)
-        state.destroy_process_group()  # this process is done with the others (a no-op on one process)
-
-
-def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
-            call_kwargs: dict, extra_outputs: Callable | None, line_keys: LineKeys | None) -> list[str]:
-    """`run` on this process's accelerate `PartialState`."""
-    from accelerate.utils import broadcast_object_list
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     main, rank, outdir, model = state.is_main_process, state.process_index, args.outdir, args.sd_version
     manifest = os.path.join(outdir, MANIFEST)
 
     def fail(status: int, message: str):  # the main process says why; the others end quietly with it
         parser.exit(status, f"{parser.prog}: {message}\n" if main else None)
 
-    try:
-        native = ed.native_size(model, args.native_px)
-        defaults, knobs = command_line_defaults(args, native)
-        items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
-    except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
-        fail(2, f"error: {error}")
-    plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
-    resume = args.resume if args.resume is not None else (os.path.isfile(manifest) or bool(part_paths(outdir)))
+    with contextlib.ExitStack() as held:  # released however the job ends (a dry run, a bad file, a stop, an error):
+        held.callback(state.destroy_process_group)  # the process group (a no-op on one process); later the lock
+        try:
+            native = ed.native_size(model, args.native_px)
+            defaults, knobs = command_line_defaults(args, native)
+            items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
+        except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
+            fail(2, f"error: {error}")
+        plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
+        resume = args.resume if args.resume is not None else (os.path.isfile(manifest) or bool(part_paths(outdir)))
 
-    if args.dry_run is not None:
-        done = done_items(items, outdir, model, line_keys) if resume else {}
-        todo, parts = share_out(items, done, args.dry_run or state.num_processes)
+        if args.dry_run is not None:
+            done = done_items(items, outdir, model, line_keys) if resume else {}
+            todo, parts = share_out(items, done, args.dry_run or state.num_processes)
+            if main:
+                print(format_plan(args.prompts_file, items, todo, done, parts, native, model, args.verbose))
+            refused = sum(item.error is not None for item in items)
+            if refused:
+                fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
+            return []
+
         if main:
-            print(format_plan(args.prompts_file, items, todo, done, parts, native, model, args.verbose))
-        refused = sum(item.error is not None for item in items)
-        if refused:
-            fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
-        return []
-
-    tic, progress, mine, held = time.perf_counter(), None, [], contextlib.ExitStack()
-    # SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
-    # image in flight is dropped, its temporary file removed, the records so far kept, the lock released.
-    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with held, logging_redirect_tqdm() if main else contextlib.nullcontext():  # logs above the bar
+            held.enter_context(logging_redirect_tqdm())  # logs above the bar
+        tic, progress, mine = time.perf_counter(), None, []
+        # SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
+        # image in flight is dropped, its temporary file removed, the records so far kept, the lock released.
+        sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             busy, base, done = claim(outdir, items, model, line_keys, resume, held) if main else (None, {}, {})
             busy, done = broadcast_object_list([(busy, set(done))])[0]  # every process: the same view
@@ -628,15 +621,14 @@ def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, ma
             signal.signal(signal.SIGTERM, sigterm)
             if progress is not None:
                 progress.bar.close()
-    paths = [item.path(outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
-    paths = [path for path in paths if os.path.isfile(path)]
-    if not main:
+        paths = [item.path(outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
+        paths = [path for path in paths if os.path.isfile(path)]
+        if main:
+            records = list(progress.records.values())
+            print(summary(outdir, args.prompts_file, items, done, records, time.perf_counter() - tic))
+            if any(r["status"] != "ok" for r in records):
+                raise SystemExit(1)
         return paths
-    records = list(progress.records.values())
-    print(summary(outdir, args.prompts_file, items, done, records, time.perf_counter() - tic))
-    if any(r["status"] != "ok" for r in records):
-        raise SystemExit(1)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> list[str]:
