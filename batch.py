@@ -8,10 +8,10 @@
 
 1. read the file into `Item`s (`read_prompts_file`); a line that cannot become one stops the job, named;
 2. check and price each item without a model (`plan`); one the sampler would refuse is recorded as an error;
-3. main process: lock the folder, fold a killed job's records into the manifest, find what is done (`done_items`);
+3. main process: lock the folder, fold a killed job's records into the manifest, find what is done (`claim`);
 4. split what is left by cost (`split_by_cost`): every process computes the same assignment;
 5. each process loads the model once and appends a record per image to its `manifest.process<N>.jsonl`;
-6. the main process shows the progress, waits for every record and merges them into `manifest.jsonl`.
+6. the main process shows the progress, waits for every record and merges them into `manifest.jsonl` (`Progress`).
 
 File formats, the manifest's fields, resuming and multi-node runs: docs/batch.md.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import elastic_diffusion as ed
 
@@ -45,7 +45,6 @@ PART = "manifest.process{rank}.jsonl"  # one per process while a job runs, merge
 LOCK = ".elastic_diffusion.lock"
 MERGE_EVERY_S = 30.0  # how stale manifest.jsonl may get while a job runs (each merge rewrites it whole)
 POLL_S = 1.0  # how often the main process reads the other processes' records while it waits for them
-SLUG_CHARS = 40  # the prompt's part of a file name
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
 # Other spellings people will type, and where they belong.
@@ -54,8 +53,7 @@ KEY_HINTS = {
     "num_sampled": "the key is called 'num_images'", "drop_p": "give new_p = 1 - drop_p",
     **{row.name: f"{row.name} is a memory setting of the whole job: give --{row.name} on the command line"
        for row in ed.KNOBS if row.memory},
-    "sd_version": "one model per job: give --sd_version on the command line",
-    "model": "one model per job: give --sd_version on the command line",
+    **dict.fromkeys(("sd_version", "model"), "one model per job: give --sd_version on the command line"),
 }
 MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
@@ -112,7 +110,7 @@ class Item:
         return f"{self.stem(outdir)}_{k}.png"
 
 
-def slug(prompt: str, limit: int = SLUG_CHARS) -> str:
+def slug(prompt: str, limit: int = 40) -> str:
     """A file-name part from a prompt: lower-case ASCII words joined by '-', whole words up to `limit` characters."""
     words = re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower())
     text = ""
@@ -303,12 +301,11 @@ class RecordReader:
         self.path, self.offset, self.rest = path, 0, b""
 
     def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
+        if not os.path.isfile(self.path):  # a process's log is created with its first record
             return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
         end = data.rfind(b"\n") + 1  # decode whole lines only: a read may end inside a character
         self.offset, self.rest = self.offset + end, data[end:]
         records = []
@@ -335,7 +332,7 @@ def png_record(path: str) -> dict | None:
         with Image.open(path) as image:
             record = json.loads(image.info["elastic_diffusion"])
             size = image.size
-    except (OSError, UnidentifiedImageError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         return None
     return record if isinstance(record, dict) and size == (record.get("width"), record.get("height")) else None
 
@@ -453,10 +450,8 @@ def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
                          f"same images); got {args.seed}")
-    knobs = ed.knob_flags(args, native.latent)
-    defaults = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-                    num_images=args.num_images)
-    return defaults, knobs
+    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
+                num_images=args.num_images), ed.knob_flags(args, native.latent)
 
 
 def load_sampler(make_sampler: Callable, native: ed.Native):
