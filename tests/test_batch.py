@@ -366,6 +366,11 @@ def test_unreadable_or_misnamed_files_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             run_job("1.5", os.fspath(path), tmp_path / "out", "--dry_run")
         assert exit_info.value.code == 2 and f"{path}" in (err := capsys.readouterr().err) and message in err
+    (tmp_path / "latin1.txt").write_bytes("a\ncaf\xe9\n# caf\xe9\n".encode("latin-1"))  # every bad line, numbered
+    with pytest.raises(SystemExit):
+        run_job("1.5", os.fspath(tmp_path / "latin1.txt"), tmp_path / "out", "--dry_run")
+    err = capsys.readouterr().err
+    assert err.count("latin1.txt:") == 2 and "latin1.txt:2: not UTF-8 text" in err and "latin1.txt:3: not" in err
 
 
 def test_dry_run_checks_every_size_and_knob_and_prints_the_plan(tmp_path, monkeypatch, capsys):
@@ -547,9 +552,8 @@ def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch
     progress = batch.Progress(outdir, items, 2)  # the main process of two: an item for each process
     for rank, item in enumerate(items):
         records = batch.item_records(item, outdir, "model", rank, "ok", unet_samples=item.cost)
-        late = threading.Timer(0.5 * rank, batch.append_records, (os.path.join(outdir, batch.PART.format(rank=rank)),
-                                                                   records))
-        late.start()
+        part = os.path.join(outdir, batch.PART.format(rank=rank))
+        threading.Timer(0.5 * rank, batch.append_records, (part, records)).start()
     monkeypatch.setattr(batch, "POLL_S", 0.05)
     progress.finish()
     assert [(r["path"], r["process"]) for r in manifest(outdir)] == \
