@@ -8,10 +8,10 @@
 
 1. read the file into `Item`s (`read_prompts_file`); a line that cannot become one stops the job, named;
 2. check and price each item without a model (`plan`); one the sampler would refuse is recorded as an error;
-3. main process: lock the folder, fold a killed job's records into the manifest, find what is done (`done_items`);
+3. main process: lock the folder, fold a killed job's records into the manifest, find what is done (`claim`);
 4. split what is left by cost (`split_by_cost`): every process computes the same assignment;
 5. each process loads the model once and appends a record per image to its `manifest.process<N>.jsonl`;
-6. the main process shows the progress, waits for every record and merges them into `manifest.jsonl`.
+6. the main process shows the progress, waits for every record and merges them into `manifest.jsonl` (`Progress`).
 
 File formats, the manifest's fields, resuming and multi-node runs: docs/batch.md.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import elastic_diffusion as ed
 
@@ -45,7 +45,6 @@ PART = "manifest.process{rank}.jsonl"  # one per process while a job runs, merge
 LOCK = ".elastic_diffusion.lock"
 MERGE_EVERY_S = 30.0  # how stale manifest.jsonl may get while a job runs (each merge rewrites it whole)
 POLL_S = 1.0  # how often the main process reads the other processes' records while it waits for them
-SLUG_CHARS = 40  # the prompt's part of a file name
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
 # Other spellings people will type, and where they belong.
@@ -54,21 +53,12 @@ KEY_HINTS = {
     "num_sampled": "the key is called 'num_images'", "drop_p": "give new_p = 1 - drop_p",
     **{row.name: f"{row.name} is a memory setting of the whole job: give --{row.name} on the command line"
        for row in ed.KNOBS if row.memory},
-    "sd_version": "one model per job: give --sd_version on the command line",
-    "model": "one model per job: give --sd_version on the command line",
+    **dict.fromkeys(("sd_version", "model"), "one model per job: give --sd_version on the command line"),
 }
 MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
 
 # --- The prompts file ---
-
-
-class PromptsFileError(ValueError):
-    """A prompts file the job cannot start from; each message is "FILE:LINE: what is wrong"."""
-
-    def __init__(self, messages: list[str]):
-        super().__init__("\n".join(messages))
-        self.messages = messages
 
 
 @dataclass(frozen=True)
@@ -120,7 +110,7 @@ class Item:
         return f"{self.stem(outdir)}_{k}.png"
 
 
-def slug(prompt: str, limit: int = SLUG_CHARS) -> str:
+def slug(prompt: str, limit: int = 40) -> str:
     """A file-name part from a prompt: lower-case ASCII words joined by '-', whole words up to `limit` characters."""
     words = re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower())
     text = ""
@@ -129,29 +119,6 @@ def slug(prompt: str, limit: int = SLUG_CHARS) -> str:
             break
         text = f"{text}-{word}" if text else word
     return text or (words[0][:limit] if words else "prompt")
-
-
-def _file_lines(path: str) -> list[tuple[int, str]]:
-    """(line number, text) of every line that is not blank or a # comment; PromptsFileError if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise PromptsFileError([f"{path}: cannot be read ({error.strerror or error})"]) from None
-    lines, errors = [], []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        try:
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError as error:
-            errors.append(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})")
-            continue
-        if text and not text.startswith("#"):
-            lines.append((number, text))
-    if errors:
-        raise PromptsFileError(errors)
-    if not lines:
-        raise PromptsFileError([f"{path}: no prompts (the file is empty, or only blank lines and # comments)"])
-    return lines
 
 
 def _json_object(text: str) -> dict:
@@ -184,18 +151,26 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
 
     `defaults` holds negative_prompt, width, height, seed (item i gets seed + i) and num_images; `knobs` the
     method knobs (None: preset); `extra` the command line's extra call arguments, which lines may set too.
-    PromptsFileError lists every line that cannot become an item; sizes and knobs are `plan`'s to check.
+    A ValueError lists every line that cannot become an item, one "FILE:LINE: what is wrong" a line; sizes and
+    knobs are `plan`'s to check. Blank lines and # comments are skipped.
     """
     extra = extra or {}
     if not path.endswith((".txt", ".jsonl")):
-        raise PromptsFileError([f"{path}: a prompts file is .txt (one prompt a line) or .jsonl (one JSON object a "
-                                "line)"])
+        raise ValueError(f"{path}: a prompts file is .txt (one prompt a line) or .jsonl (one JSON object a line)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
     jsonl = path.endswith(".jsonl")
     allowed = [*ITEM_KEYS, *(row.name for row in ed.method_knobs()), *extra]
     folder = os.path.dirname(path)
     items, errors = [], []
-    for number, text in _file_lines(path):
+    for number, raw in enumerate(data.splitlines(), start=1):
         try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            if not text or text.startswith("#"):
+                continue
             values = _json_object(text) if jsonl else {"prompt": text}
             unknown = [key for key in values if key not in allowed]
             if unknown:
@@ -211,6 +186,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             # The batch's own integer fields: the plan needs them, so they are checked up front.
             seed = ed.check_number("seed", values.get("seed", defaults["seed"] + index), 0, ed.MAX_SEED, integer=True)
             count = ed.check_number("num_images", values.get("num_images", defaults["num_images"]), 1, integer=True)
+        except UnicodeDecodeError as error:
+            errors.append(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})")
+            continue
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
             continue
@@ -223,8 +201,10 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
         items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative,
                           width=values.get("width", defaults["width"]), height=values.get("height", defaults["height"]),
                           seed=seed, num_images=count, knobs={**knobs, **line_knobs}, extra=line_extra))
+    if not items and not errors:
+        errors.append(f"{path}: no prompts (the file is empty, or only blank lines and # comments)")
     if errors:
-        raise PromptsFileError(errors)
+        raise ValueError("\n".join(errors))
     return items
 
 
@@ -302,26 +282,14 @@ def fold_parts(outdir: str) -> dict[str, dict]:
     return records
 
 
-class RecordLog:
-    """One process's records, appended as they are made (one write per item, flushed to disk), so a stopped
-    job loses none; a reader sees whole lines, or an unfinished last one (`RecordReader`). The file is
-    created with the first record: a process with nothing to do leaves none."""
-
-    def __init__(self, path: str):
-        self.path, self.fd = path, None
-
-    def append(self, records: list[dict]) -> None:
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        data = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
-        while data:
-            data = data[os.write(self.fd, data):]
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+def append_records(path: str, records: list[dict]) -> None:
+    """Append an item's records to a process's log (`PART`) in one write, flushed to disk, so a stopped job loses
+    none; a reader sees whole lines, or an unfinished last one (`RecordReader`). The log is created with the first
+    record: a process with nothing to do leaves none."""
+    with open(path, "ab") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class RecordReader:
@@ -333,22 +301,19 @@ class RecordReader:
         self.path, self.offset, self.rest = path, 0, b""
 
     def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = self.rest + f.read()
-        except FileNotFoundError:
+        if not os.path.isfile(self.path):  # a process's log is created with its first record
             return []
-        self.offset += len(data) - len(self.rest)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
         end = data.rfind(b"\n") + 1  # decode whole lines only: a read may end inside a character
-        self.rest = data[end:]
+        self.offset, self.rest = self.offset + end, data[end:]
         records = []
-        for line in data[:end].decode("utf-8", errors="replace").split("\n"):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    logger.warning("%s: skipped a damaged record: %.80s", self.path, line)
+        for line in filter(str.strip, data[:end].decode("utf-8", errors="replace").split("\n")):  # blank: skipped
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s: skipped a damaged record: %.80s", self.path, line)
         return records
 
 
@@ -367,7 +332,7 @@ def png_record(path: str) -> dict | None:
         with Image.open(path) as image:
             record = json.loads(image.info["elastic_diffusion"])
             size = image.size
-    except (OSError, UnidentifiedImageError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         return None
     return record if isinstance(record, dict) and size == (record.get("width"), record.get("height")) else None
 
@@ -376,43 +341,30 @@ def done_items(items: list[Item], outdir: str, model: str, line_keys: LineKeys |
     """Items whose every image exists with the metadata this job would write: index -> the images' PNG records."""
     done = {}
     for item in items:
-        if item.error is not None:
-            continue
-        records = []
-        for k in range(item.num_images):
-            record = png_record(item.path(outdir, k))
-            if record is None or {key: v for key, v in record.items() if key not in MEMORY_KEYS} != \
-                    expected_metadata(item, k, model, line_keys):
-                break
-            records.append(record)
-        else:
+        records = [png_record(item.path(outdir, k)) for k in range(item.num_images)]
+        if item.error is None and all(
+                record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
+                expected_metadata(item, k, model, line_keys) for k, record in enumerate(records)):
             done[item.index] = records
     return done
-
-
-class FolderBusy(RuntimeError):
-    """Another job holds the output folder's lock."""
 
 
 @contextlib.contextmanager
 def folder_lock(outdir: str):
     """Hold the output folder for one job (an flock on `outdir/.elastic_diffusion.lock`, released when the
-    process ends however it ends); FolderBusy naming the holder if another job has it."""
-    path = os.path.join(outdir, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    process ends however it ends); OSError naming the holder if another job has it."""
+    with open(os.path.join(outdir, LOCK), "a+b") as f:  # "a": created if missing, not emptied before it is ours
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip() or "holder unknown"
-            raise FolderBusy(f"{outdir} is in use by another job ({holder}); wait for it to end or choose another "
-                             "--outdir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+            f.seek(0)
+            holder = f.read(200).decode("utf-8", errors="replace").strip() or "holder unknown"
+            raise OSError(f"{outdir} is in use by another job ({holder}); wait for it to end or choose another "
+                          "--outdir") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        f.flush()
         yield
-    finally:
-        os.close(fd)
 
 
 # --- The job ---
@@ -449,54 +401,48 @@ def generate_item(pipe, item: Item, outdir: str, model: str, rank: int, extra_ou
 
 
 class Progress:
-    """The job's progress on the main process: every process's records as they arrive, a bar weighted by cost."""
+    """The main process's view of the job: every process's records as they arrive, a bar weighted by cost, and
+    the manifest (`base`, the records the job found, updated with them)."""
 
-    def __init__(self, outdir: str, items: list[Item], num_processes: int):
+    def __init__(self, outdir: str, items: list[Item], num_processes: int, base: dict | None = None):
         from tqdm.auto import tqdm
 
-        self.items = {item.index: item for item in items}
+        self.outdir, self.items, self.base = outdir, {item.index: item for item in items}, base or {}
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
-        self.records: dict[str, dict] = {}
-        self.finished, self.failed = set(), set()  # indexes of items with a record, with an error record
-        self.expected = sum(item.num_images for item in items)
+        self.records: dict[str, dict] = {}  # file name -> record, of this job's images
+        self.last_merge = time.monotonic()
         self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not items, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self._describe()
 
-    def poll(self) -> None:
-        cost, added = 0.0, False
-        for reader in self.readers:
-            for record in reader.read():
-                item = self.items.get(record.get("index"))
-                if item is not None and record["path"] not in self.records:
-                    self.records[record["path"]] = record
-                    self.finished.add(item.index)
-                    if record["status"] != "ok":
-                        self.failed.add(item.index)
-                    cost, added = cost + item.cost / item.num_images, True
-        if added:  # a log file gets a line per change, not one per poll
-            self.bar.n += cost  # drawn below with the new count: bar and text change in one line
+    def poll(self, merge: bool = False) -> None:
+        """Read the records written since the last call; rewrite the manifest every MERGE_EVERY_S (now: `merge`)."""
+        count = len(self.records)
+        for record in (record for reader in self.readers for record in reader.read()):
+            item = self.items.get(record.get("index"))
+            if item is not None and record["path"] not in self.records:
+                self.records[record["path"]] = record
+                self.bar.n += item.cost / item.num_images  # drawn below with the new count: one line per change
+        if len(self.records) > count:  # a log file gets a line per change, not one per poll
             self._describe()
+        if merge or time.monotonic() - self.last_merge > MERGE_EVERY_S:
+            write_manifest(os.path.join(self.outdir, MANIFEST), {**self.base, **self.records})
+            self.last_merge = time.monotonic()
 
     def _describe(self) -> None:
-        failed = f", {len(self.failed)} failed" if self.failed else ""
-        self.text = f"{len(self.finished)}/{len(self.items)} items{failed}"
+        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
+        self.text = f"{len({r['index'] for r in self.records.values()})}/{len(self.items)} items" + \
+            (f", {len(failed)} failed" if failed else "")
         self.bar.set_description_str(self.text, refresh=True)
 
-    @property
-    def complete(self) -> bool:
-        return len(self.records) >= self.expected
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
-    image in flight is dropped, its temporary file removed, the records so far kept, the lock released."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def finish(self) -> None:
+        """Wait for the other processes' records, then merge them all into the manifest and remove the logs."""
+        while len(self.records) < sum(item.num_images for item in self.items.values()):
+            time.sleep(POLL_S)
+            self.poll()
+        self.poll(merge=True)
+        for part in part_paths(self.outdir):  # every record is in the manifest now
+            os.unlink(part)
 
 
 def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[dict, dict]:
@@ -504,10 +450,8 @@ def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
                          f"same images); got {args.seed}")
-    knobs = ed.knob_flags(args, native.latent)
-    defaults = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-                    num_images=args.num_images)
-    return defaults, knobs
+    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
+                num_images=args.num_images), ed.knob_flags(args, native.latent)
 
 
 def load_sampler(make_sampler: Callable, native: ed.Native):
@@ -550,7 +494,7 @@ def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, part
     return "\n".join(lines)
 
 
-def summary(outdir: str, path: str, items: list[Item], done: dict, records: list[dict], seconds: float) -> str:
+def summary(outdir: str, path: str, items: list[Item], done, records: list[dict], seconds: float) -> str:
     """The job's last words: what was generated, skipped and failed, and where the manifest is."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = {r["index"]: r for r in records if r["status"] != "ok"}
@@ -565,83 +509,28 @@ def summary(outdir: str, path: str, items: list[Item], done: dict, records: list
     return "\n".join(lines)
 
 
-class Job:
-    """One process's share of a job: its items, its record log, and (on the main process) the whole job's view."""
-
-    def __init__(self, args: argparse.Namespace, state, items: list[Item], native: ed.Native, line_keys):
-        self.args, self.state, self.items, self.native, self.line_keys = args, state, items, native, line_keys
-        self.outdir, self.model, self.rank = args.outdir, args.sd_version, state.process_index
-        self.manifest = os.path.join(self.outdir, MANIFEST)
-        self.base: dict[str, dict] = {}  # path -> record: the manifest as the job found it (main process)
-        self.done: dict[int, list[dict]] = {}  # items already done (`done_items`; main process)
-        self.last_merge = time.monotonic()
-        self.held = contextlib.ExitStack()  # the folder's lock (main process)
-
-    def claim(self, resume: bool) -> str | None:
-        """Main process: lock the folder, fold a stopped job's records into the manifest, find what is done.
-        Returns why the folder cannot be used, or None."""
-        try:
-            os.makedirs(self.outdir, exist_ok=True)
-            self.held.enter_context(folder_lock(self.outdir))
-        except (FolderBusy, OSError) as error:
-            return str(error)
-        for pattern in ("*.png.part", "*.jsonl.part"):  # writes a power loss cut short (`write_atomically`)
-            for path in glob.glob(os.path.join(glob.escape(self.outdir), pattern)):
-                os.unlink(path)
-        self.base = fold_parts(self.outdir)
-        self.done = done_items(self.items, self.outdir, self.model, self.line_keys) if resume else {}
-        for index, records in self.done.items():  # a done image keeps its ok record; one without (a lost manifest)
-            item = self.items[index]  # or with an error an earlier job recorded for its line, gets one from its PNG
-            for k, record in enumerate(records):
-                name = os.path.basename(item.path(self.outdir, k))
-                if self.base.get(name, {}).get("status") != "ok":
-                    settings = {key: value for key, value in record.items() if key not in ed.METADATA_IDENTITY}
-                    self.base[name] = item_records(item, self.outdir, self.model, None, "ok", settings=settings)[k]
-        return None
-
-    def assignment(self, done: set[int]) -> tuple[list[Item], list[Item]]:
-        """(the job's items left to do, this process's share). Refused items go to the main process, which
-        records them first: no model is loaded for them."""
-        runnable, parts = share_out(self.items, done, self.state.num_processes)
-        refused = [item for item in self.items if item.index not in done and item.error is not None]
-        mine = [runnable[i] for i in parts[self.rank]]
-        return refused + runnable, refused + mine if self.state.is_main_process else mine
-
-    def work(self, mine: list[Item], make_sampler: Callable, extra_outputs, progress: Progress | None) -> None:
-        """Generate this process's items in order, appending each item's records to this process's log."""
-        log = RecordLog(os.path.join(self.outdir, PART.format(rank=self.rank)))
-        pipe = None
-        try:
-            for item in mine:
-                if item.error is not None:
-                    records = item_records(item, self.outdir, self.model, self.rank, "error", item.error)
-                else:
-                    pipe = pipe or load_sampler(make_sampler, self.native)
-                    records = generate_item(pipe, item, self.outdir, self.model, self.rank, extra_outputs)
-                if records[0]["status"] != "ok":
-                    logger.warning("%s:%d (item %d): %s", self.args.prompts_file, item.line, item.index,
-                                   records[0]["message"])
-                log.append(records)
-                if progress is not None:
-                    self.refresh(progress)
-        finally:
-            log.close()
-
-    def refresh(self, progress: Progress, force: bool = False) -> None:
-        """Main process: read the records written since the last call; rewrite the manifest every MERGE_EVERY_S."""
-        progress.poll()
-        if force or time.monotonic() - self.last_merge > MERGE_EVERY_S:
-            write_manifest(self.manifest, {**self.base, **progress.records})
-            self.last_merge = time.monotonic()
-
-    def finish(self, progress: Progress) -> None:
-        """Main process: wait for the other processes' records, then merge them all into the manifest."""
-        while not progress.complete:
-            time.sleep(POLL_S)
-            self.refresh(progress)
-        self.refresh(progress, force=True)
-        for part in part_paths(self.outdir):  # every record is in the manifest now
-            os.unlink(part)
+def claim(outdir: str, items: list[Item], model: str, line_keys: LineKeys | None, resume: bool,
+          held: contextlib.ExitStack) -> tuple[str | None, dict, dict]:
+    """Main process: lock the folder (until `held` closes), fold a stopped job's records into the manifest, find
+    what is done. Returns (why the folder cannot be used or None, the manifest's records by file name, `done_items`)."""
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        held.enter_context(folder_lock(outdir))
+    except OSError as error:  # not a folder, or another job holds it
+        return str(error), {}, {}
+    for pattern in ("*.png.part", "*.jsonl.part"):  # writes a power loss cut short (`write_atomically`)
+        for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
+            os.unlink(path)
+    base = fold_parts(outdir)
+    done = done_items(items, outdir, model, line_keys) if resume else {}
+    for index, records in done.items():  # a done image keeps its ok record; one without (a lost manifest) or with
+        item = items[index]  # an error an earlier job recorded for its line gets one from its PNG
+        for k, record in enumerate(records):
+            name = os.path.basename(item.path(outdir, k))
+            if base.get(name, {}).get("status") != "ok":
+                settings = {key: value for key, value in record.items() if key not in ed.METADATA_IDENTITY}
+                base[name] = item_records(item, outdir, model, None, "ok", settings=settings)[k]
+    return None, base, done
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable, call_kwargs: dict,
@@ -651,81 +540,90 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     from (and for a --dry_run that finds refused items), 1 when an item failed or another job holds the folder,
     130 when stopped."""
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
-    try:
-        return _run_on(state, parser, args, make_sampler, call_kwargs, extra_outputs, line_keys)
-    finally:  # however the job ends (a dry run, a bad file, a busy folder, a stop, an error)
-        state.destroy_process_group()  # this process is done with the others (a no-op on one process)
-
-
-def _run_on(state, parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,
-            call_kwargs: dict, extra_outputs: Callable | None, line_keys: LineKeys | None) -> list[str]:
-    """`run` on this process's accelerate `PartialState`."""
-    from accelerate.utils import broadcast_object_list
-
-    main = state.is_main_process
+    main, rank, outdir, model = state.is_main_process, state.process_index, args.outdir, args.sd_version
+    manifest = os.path.join(outdir, MANIFEST)
 
     def fail(status: int, message: str):  # the main process says why; the others end quietly with it
         parser.exit(status, f"{parser.prog}: {message}\n" if main else None)
 
-    try:
-        native = ed.native_size(args.sd_version, args.native_px)
-        defaults, knobs = command_line_defaults(args, native)
-        items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
-    except ValueError as error:  # PromptsFileError included: every line that cannot be read, with its number
-        fail(2, f"error: {error}")
-    plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
-    job = Job(args, state, items, native, line_keys)
-    resume = args.resume if args.resume is not None else (os.path.isfile(job.manifest) or bool(part_paths(args.outdir)))
-
-    if args.dry_run is not None:
-        done = done_items(items, args.outdir, job.model, line_keys) if resume else {}
-        todo, parts = share_out(items, done, args.dry_run or state.num_processes)
-        if main:
-            print(format_plan(args.prompts_file, items, todo, done, parts, native, job.model, args.verbose))
-        refused = sum(item.error is not None for item in items)
-        if refused:
-            fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
-        return []
-
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    tic, progress, mine = time.perf_counter(), None, []
-    with sigterm_as_interrupt(), logging_redirect_tqdm() if main else contextlib.nullcontext():  # logs above the bar
+    with contextlib.ExitStack() as held:  # released however the job ends (a dry run, a bad file, a stop, an error):
+        held.callback(state.destroy_process_group)  # the process group (a no-op on one process); later the lock
         try:
-            refused = job.claim(resume) if main else None
-            refused, done = broadcast_object_list([(refused, sorted(job.done))])[0]  # every process: the same view
+            native = ed.native_size(model, args.native_px)
+            defaults, knobs = command_line_defaults(args, native)
+            items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
+        except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
+            fail(2, f"error: {error}")
+        plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
+        resume = args.resume if args.resume is not None else (os.path.isfile(manifest) or bool(part_paths(outdir)))
+
+        if args.dry_run is not None:
+            done = done_items(items, outdir, model, line_keys) if resume else {}
+            todo, parts = share_out(items, done, args.dry_run or state.num_processes)
+            if main:
+                print(format_plan(args.prompts_file, items, todo, done, parts, native, model, args.verbose))
+            refused = sum(item.error is not None for item in items)
             if refused:
-                fail(1, f"error: {refused}")
-            todo, mine = job.assignment(set(done))
-            progress = Progress(args.outdir, todo, state.num_processes) if main else None
+                fail(2, f"error: {refused} item{'s' if refused > 1 else ''} would be refused (listed above)")
+            return []
+
+        if main:
+            held.enter_context(logging_redirect_tqdm())  # logs above the bar
+        tic, progress, mine = time.perf_counter(), None, []
+        # SIGTERM (a scheduler's or torchrun's stop) raises KeyboardInterrupt, so a job stops as after Ctrl-C: the
+        # image in flight is dropped, its temporary file removed, the records so far kept, the lock released.
+        sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            busy, base, done = claim(outdir, items, model, line_keys, resume, held) if main else (None, {}, {})
+            busy, done = broadcast_object_list([(busy, set(done))])[0]  # every process: the same view
+            if busy:
+                fail(1, f"error: {busy}")
+            runnable, parts = share_out(items, done, state.num_processes)
+            # Refused items go to the main process, which records them first: no model is loaded for them.
+            refused = [item for item in items if item.index not in done and item.error is not None]
+            mine = (refused if main else []) + [runnable[i] for i in parts[rank]]
+            progress = Progress(outdir, refused + runnable, state.num_processes, base) if main else None
             if args.device is None:  # each process on its own device; make_sampler reads args.device
                 args.device = str(state.device)
-            job.work(mine, make_sampler, extra_outputs, progress)
+            pipe, log = None, os.path.join(outdir, PART.format(rank=rank))
+            for item in mine:  # in file order, each item's records appended to this process's log
+                if item.error is not None:
+                    records = item_records(item, outdir, model, rank, "error", item.error)
+                else:
+                    pipe = pipe or load_sampler(make_sampler, native)
+                    records = generate_item(pipe, item, outdir, model, rank, extra_outputs)
+                if records[0]["status"] != "ok":
+                    logger.warning("%s:%d (item %d): %s", args.prompts_file, item.line, item.index,
+                                   records[0]["message"])
+                append_records(log, records)
+                if progress is not None:
+                    progress.poll()
             if main:
-                job.finish(progress)
+                progress.finish()
         except KeyboardInterrupt:
             if progress is not None:  # keep what is recorded; the parts stay too: a stopping process may still write
-                job.refresh(progress, force=True)
-            fail(130, f"stopped; the records so far are in {job.manifest}. Run the same command again to resume.")
+                progress.poll(merge=True)
+            fail(130, f"stopped; the records so far are in {manifest}. Run the same command again to resume.")
         except (ValueError, torch.OutOfMemoryError) as error:  # model not loadable, not the planned one, or too big
             parser.exit(1 if isinstance(error, torch.OutOfMemoryError) else 2, f"{parser.prog}: error: {error}\n")
         finally:
+            signal.signal(signal.SIGTERM, sigterm)
             if progress is not None:
                 progress.bar.close()
-            job.held.close()
-    paths = [item.path(args.outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
-    paths = [path for path in paths if os.path.isfile(path)]
-    if not main:
+        paths = [item.path(outdir, k) for item in (items if main else mine) for k in range(item.num_images)]
+        paths = [path for path in paths if os.path.isfile(path)]
+        if main:
+            records = list(progress.records.values())
+            print(summary(outdir, args.prompts_file, items, done, records, time.perf_counter() - tic))
+            if any(r["status"] != "ok" for r in records):
+                raise SystemExit(1)
         return paths
-    records = list(progress.records.values())
-    print(summary(args.outdir, args.prompts_file, items, job.done, records, time.perf_counter() - tic))
-    if any(r["status"] != "ok" for r in records):
-        raise SystemExit(1)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -1,6 +1,5 @@
 """Batch jobs (`--prompts_file`, batch.py) on the tiny SD 1 model: files, seeds, resume, interruptions, several
 processes under `accelerate launch`, bad input, the folder lock and the ControlNet command line."""
-import argparse
 import contextlib
 import fcntl
 import json
@@ -367,6 +366,11 @@ def test_unreadable_or_misnamed_files_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             run_job("1.5", os.fspath(path), tmp_path / "out", "--dry_run")
         assert exit_info.value.code == 2 and f"{path}" in (err := capsys.readouterr().err) and message in err
+    (tmp_path / "latin1.txt").write_bytes("a\ncaf\xe9\n# caf\xe9\n".encode("latin-1"))  # every bad line, numbered
+    with pytest.raises(SystemExit):
+        run_job("1.5", os.fspath(tmp_path / "latin1.txt"), tmp_path / "out", "--dry_run")
+    err = capsys.readouterr().err
+    assert err.count("latin1.txt:") == 2 and "latin1.txt:2: not UTF-8 text" in err and "latin1.txt:3: not" in err
 
 
 def test_dry_run_checks_every_size_and_knob_and_prints_the_plan(tmp_path, monkeypatch, capsys):
@@ -515,9 +519,8 @@ def test_the_manifest_is_replaced_atomically(tmp_path, monkeypatch):
 
 def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     outdir = os.fspath(tmp_path)
-    log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=1)))
-    log.append([{"path": "00000_a_seed0_0.png", "status": "ok"}, {"path": "00001_b_seed1_0.png", "status": "ok"}])
-    log.close()
+    written = [{"path": "00000_a_seed0_0.png", "status": "ok"}, {"path": "00001_b_seed1_0.png", "status": "ok"}]
+    batch.append_records(os.path.join(outdir, batch.PART.format(rank=1)), written)
     with open(os.path.join(outdir, batch.PART.format(rank=1)), "a", encoding="utf-8") as f:
         f.write('{"path": "00002_c_seed2_0.png", "sta')  # the power went off mid-write
     reader = batch.RecordReader(os.path.join(outdir, batch.PART.format(rank=1)))
@@ -538,30 +541,21 @@ def test_records_cut_by_a_power_loss_are_skipped_and_the_rest_kept(tmp_path):
     assert reader.read() == [{"path": "00003_cafe_seed3_0.png", "prompt": "café ☕"}]
 
 
-def main_process_of_two(tmp_path):
-    """(items, output folder, Job, Progress) of the main process of a two-process job: an item for each process."""
+def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
+    """The manifest is merged once every process's records are in, however late they come."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "mine"}, {"prompt": "theirs", "num_images": 2}], comment=False)
     defaults = dict(negative_prompt="", width=512, height=512, seed=0, num_images=1)
     items = batch.read_prompts_file(path, defaults, {"num_inference_steps": 2})
-    native = ed.Native(512, 8, "test")
-    batch.plan(items, native)
+    batch.plan(items, ed.Native(512, 8, "test"))
     outdir = os.fspath(tmp_path / "out")
     os.makedirs(outdir)
-    job = batch.Job(argparse.Namespace(outdir=outdir, sd_version="model"),
-                    argparse.Namespace(process_index=0, num_processes=2, is_main_process=True), items, native, None)
-    return items, outdir, job, batch.Progress(outdir, items, 2)
-
-
-def test_the_main_process_waits_for_every_processs_records(tmp_path, monkeypatch):
-    """The manifest is merged once every process's records are in, however late they come."""
-    items, outdir, job, progress = main_process_of_two(tmp_path)
+    progress = batch.Progress(outdir, items, 2)  # the main process of two: an item for each process
     for rank, item in enumerate(items):
-        log = batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank)))
         records = batch.item_records(item, outdir, "model", rank, "ok", unet_samples=item.cost)
-        late = threading.Timer(0.5 * rank, lambda log=log, records=records: (log.append(records), log.close()))
-        late.start()
+        part = os.path.join(outdir, batch.PART.format(rank=rank))
+        threading.Timer(0.5 * rank, batch.append_records, (part, records)).start()
     monkeypatch.setattr(batch, "POLL_S", 0.05)
-    job.finish(progress)
+    progress.finish()
     assert [(r["path"], r["process"]) for r in manifest(outdir)] == \
         [("00000_mine_seed0_0.png", 0), ("00001_theirs_seed1_0.png", 1), ("00001_theirs_seed1_1.png", 1)]
     assert not batch.part_paths(outdir)
@@ -576,17 +570,15 @@ def test_the_progress_bar_counts_finished_and_failed_items(tmp_path):
     batch.plan(items, ed.Native(512, 8, "test"))
     outdir = os.fspath(tmp_path)
     progress = batch.Progress(outdir, items, 2)
-    logs = [batch.RecordLog(os.path.join(outdir, batch.PART.format(rank=rank))) for rank in range(2)]
     texts = [progress.text]
     for rank, item, k, status in [(0, 0, 0, "ok"), (1, 1, 0, "ok"), (0, 2, 0, "error"), (1, 1, 1, "error")]:
-        logs[rank].append([batch.item_records(items[item], outdir, "model", rank, status)[k]])
+        batch.append_records(os.path.join(outdir, batch.PART.format(rank=rank)),
+                             [batch.item_records(items[item], outdir, "model", rank, status)[k]])
         progress.poll()
         progress.poll()  # a poll with nothing new changes nothing
         texts.append(progress.text)
     assert texts == ["0/3 items", "1/3 items", "2/3 items", "3/3 items, 1 failed", "3/3 items, 2 failed"]
-    assert progress.complete
-    for log in logs:
-        log.close()
+    assert len(progress.records) == 4
 
 
 def test_txt_files_lines_and_defaults(tmp_path):
