@@ -11,6 +11,7 @@ first three principal components as red, green and blue. The kept steps' maps st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import logging
@@ -178,19 +179,15 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    unet_hook: Callable | None = None):
     """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
     included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
-    kwargs, output)` is a forward hook on the UNet for this run only."""
+    output)` is a forward hook on the UNet for this run only."""
     pipe = plain_pipeline(sampler)
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
     with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
-        hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True) if unet_hook is not None else None
-        try:
+        with pipe.unet.register_forward_hook(unet_hook) if unet_hook is not None else contextlib.nullcontext():
             images = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
                           output_type=output_type, callback_on_step_end=callback_on_step_end).images
-        finally:
-            if hook is not None:
-                hook.remove()
     f = sampler.vae_scale_factor
     info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
@@ -207,20 +204,17 @@ def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, hei
                          f"unconditional branch otherwise, so there is no direction to record); got {omega}")
     last_call = {}
 
-    def keep_unet_call(module, args, kwargs, output):
-        last_call["x"] = args[0] if args else kwargs["sample"]  # [x; x]: the unconditional and conditional halves
-        last_call["t"] = args[1] if len(args) > 1 else kwargs["timestep"]
-        last_call["out"] = output[0] if isinstance(output, tuple) else output.sample
+    def keep_unet_call(module, args, output):  # diffusers calls unet(x, t, ...) on [x; x]: unconditional, conditional
+        last_call.update(x=args[0], out=output[0])
 
     def on_step(pipe, i, t, tensors):
         if i in recorder:
-            x, alpha = last_call["x"], sampler.alpha(int(last_call["t"]))
+            x, alpha = last_call["x"], sampler.alpha(int(t))
             eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
             uncond, cond = eps.chunk(2)
             direction = cond - uncond
             x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
             recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
-        last_call.clear()
         if i == T - 1:
             recorder.final_latent = tensors["latents"][0].float().cpu()
         return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
