@@ -354,20 +354,6 @@ def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, 
     return mean.float(), components.float(), variance[:num_components].float()
 
 
-def project(maps: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """(K, C, H, W) -> (K, q, H, W): the mean-centred maps' coordinates on the q principal axes."""
-    return torch.einsum("qc,kchw->kqhw", components, maps.float() - mean[:, None, None])
-
-
-def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Each component of projections (K, 3, H, W) from [low, high] (broadcast to (K, 3, 1, 1)) to [0, 1]; a
-    component with no spread (high == low) is mid-grey, not NaN."""
-    spread = high - low
-    flat = spread <= 0
-    rgb = (projections - low) / torch.where(flat, 1.0, spread)
-    return torch.where(flat, 0.5, rgb).clamp(0, 1)
-
-
 def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None = None) -> PCAMaps:
     """Three principal components of `maps` (K, C, H, W) as RGB images, with one basis and colour range over all
     K maps ('shared') or one per map ('per-step'); or with `fitted`'s bases and ranges (same K)."""
@@ -378,15 +364,17 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
         mean, components, variance = (t[None] for t in fit_pca(maps))
     else:
         mean, components, variance = (torch.stack(t) for t in zip(*(fit_pca(m[None]) for m in maps)))
-    which = (lambda k: k) if mean.shape[0] > 1 else (lambda k: 0)  # the step's own basis, or the shared one
-    projections = torch.cat([project(m[None], mean[which(k)], components[which(k)]) for k, m in enumerate(maps)])
+    bases = range(len(maps)) if len(mean) > 1 else [0] * len(maps)  # the step's own basis, or the shared one
+    projections = torch.cat([torch.einsum("qc,kchw->kqhw", components[n], m[None].float() - mean[n, :, None, None])
+                             for n, m in zip(bases, maps)])  # map by map: no float copy of all maps
     if fitted is not None:
         low, high = fitted.low, fitted.high
-    elif basis == "shared":
-        low, high = projections.amin((0, 2, 3))[None], projections.amax((0, 2, 3))[None]
     else:
-        low, high = projections.amin((2, 3)), projections.amax((2, 3))
-    rgb = to_rgb(projections, low[:, :, None, None], high[:, :, None, None])
+        dims = (0, 2, 3) if basis == "shared" else (2, 3)
+        low, high = projections.amin(dims).reshape(-1, 3), projections.amax(dims).reshape(-1, 3)
+    spread = (high - low)[:, :, None, None]
+    flat = spread <= 0  # a component with no spread is mid-grey, not NaN
+    rgb = torch.where(flat, 0.5, (projections - low[:, :, None, None]) / torch.where(flat, 1.0, spread)).clamp(0, 1)
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
 
 
