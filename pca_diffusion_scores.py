@@ -123,9 +123,7 @@ class Recording:
     @functools.cached_property
     def image(self):
         """The final image as a PIL image (the same pixels the sampler's 'pil' output gives)."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.image_pt[None]))[0]
+        return _pil(self.image_pt)
 
     @property
     def nbytes(self) -> int:
@@ -405,49 +403,48 @@ def panel_size(latent_size: tuple[int, int], panel_px: int) -> tuple[int, int]:
     return max(1, round(W * scale)), max(1, round(H * scale))
 
 
-def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
-    """(3, H, W) RGB (float in [0, 1] or uint8) -> PIL image of `size`.
-
-    Enlarged with nearest neighbours, so each latent pixel stays one visible block (the unconditional
-    score is pixel-level detail, which smoothing would hide); reduced with box averaging.
-    """
+def _pil(rgb: torch.Tensor):
+    """(3, H, W) RGB, float in [0, 1] or uint8 -> PIL image."""
     from PIL import Image
 
     pixels = rgb if rgb.dtype == torch.uint8 else _to_uint8(rgb)
-    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-    upscale = size[0] >= image.width
-    return image.resize(size, Image.Resampling.NEAREST if upscale else Image.Resampling.BOX)
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+
+
+def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
+    """(3, H, W) RGB (float in [0, 1] or uint8) -> PIL image of `size`, enlarged with nearest neighbours, so each
+    latent pixel stays one visible block (the unconditional score is pixel-level detail, which smoothing would
+    hide), or reduced with box averaging."""
+    from PIL import Image
+
+    image = _pil(rgb)
+    return image.resize(size, Image.Resampling.NEAREST if size[0] >= image.width else Image.Resampling.BOX)
 
 
 class SheetLayout(NamedTuple):
-    """Where everything sits on a contact sheet (pixels)."""
-    label_width: int
-    title_height: int
-    header_height: int
+    """Where everything sits on a contact sheet (pixels): the title and the step labels above the panels, each
+    three font sizes high, the row labels in 11 font sizes on the left. A column is at least 5 font sizes wide, so
+    a step label fits above a narrow (tall-image) panel."""
     panel: tuple[int, int]  # (width, height)
-    column_width: int  # at least the panel's, so a step label fits above a narrow (tall-image) panel
-    gap: int
     rows: int
     columns: int
-
-    @classmethod
-    def for_panels(cls, panel: tuple[int, int], rows: int, columns: int, font_size: int) -> "SheetLayout":
-        return cls(label_width=11 * font_size, title_height=3 * font_size, header_height=3 * font_size,
-                   panel=panel, column_width=max(panel[0], 5 * font_size), gap=max(2, font_size // 4),
-                   rows=rows, columns=columns)
+    font_size: int
 
     @property
-    def size(self) -> tuple[int, int]:
-        h = self.panel[1]
-        return (self.label_width + self.columns * (self.column_width + self.gap) + self.gap,
-                self.title_height + self.header_height + self.rows * (h + self.gap) + self.gap)
+    def gap(self) -> int:
+        return max(2, self.font_size // 4)
 
     def box(self, row: int, column: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the panel at `row`, `column`."""
-        w, h = self.panel
-        left = self.label_width + self.gap + column * (self.column_width + self.gap)
-        top = self.title_height + self.header_height + self.gap + row * (h + self.gap)
+        (w, h), f = self.panel, self.font_size
+        left = 11 * f + self.gap + column * (max(w, 5 * f) + self.gap)
+        top = 6 * f + self.gap + row * (h + self.gap)
         return left, top, left + w, top + h
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height): up to where a panel past the last row and column would start."""
+        return self.box(self.rows, self.columns)[:2]
 
 
 def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
@@ -474,7 +471,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     if missing:
         raise ValueError(f"steps: step {missing[0]} was not recorded; recorded steps are {recording.steps}")
     font_size = max(12, min(20, panel_px // 16))
-    layout = SheetLayout.for_panels(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
+    layout = SheetLayout(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font(font_size)
@@ -490,7 +487,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
             box = layout.box(row, column)
             sheet.paste(map_panel(images[k], layout.panel), box[:2])
             if row == 0:
-                draw.multiline_text((box[0], layout.title_height), f"step {step}\nt={recording.timesteps[k]}",
+                draw.multiline_text((box[0], 3 * font_size), f"step {step}\nt={recording.timesteps[k]}",
                                     fill="black", font=font, spacing=2)
     return sheet
 
