@@ -36,9 +36,6 @@ ANIMATION_FORMATS = ("webp", "gif")
 SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
-# --- Which steps to keep ---
-
-
 def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
     """Step indices to record, ascending and without repeats, from 'all', 'every:K' (steps 0, K, 2K, ... and always
     the last, which shows the final maps), a list such as '0,10,20,49', or a sequence of ints."""
@@ -74,9 +71,6 @@ def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> 
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-# --- Recording ---
 
 
 def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int],
@@ -303,9 +297,6 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                      info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
 
 
-# --- x0 previews ---
-
-
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -328,9 +319,6 @@ def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Te
     f = sampler.vae_scale_factor
     previews = [torch.nn.functional.avg_pool2d(sampler.decode(z[None].float(), tiled, "pt"), f)[0] for z in x0]
     return _to_uint8(torch.stack(previews))
-
-
-# --- PCA ---
 
 
 def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,9 +362,6 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
     flat = spread <= 0  # a component with no spread is mid-grey, not NaN
     rgb = torch.where(flat, 0.5, (projections - low[:, :, None, None]) / torch.where(flat, 1.0, spread)).clamp(0, 1)
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
-
-
-# --- Pictures: contact sheet, animation, window overlay ---
 
 
 @functools.lru_cache(maxsize=8)
@@ -587,9 +572,6 @@ def describe(recording: Recording, basis: str = "shared") -> str:
             "and the second window by window.")
 
 
-# --- Saving ---
-
-
 def write_bytes(path: str, data: bytes) -> str:
     """Write `data` to `path` atomically (`elastic_diffusion.write_atomically`): never a half-written file."""
     return ed.write_atomically(path, lambda f: f.write(data))
@@ -618,8 +600,6 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
     return paths
 
-
-# --- Command line ---
 
 ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
 
