@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import inspect
 import io
 import logging
 import os
 import random
 import sys
 import time
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -42,23 +42,18 @@ def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> 
     T = num_inference_steps
     allowed = (f"'all', 'every:K' with K >= 1, or step indices from 0 to {T - 1} separated by commas "
                "(e.g. '0,10,20')")
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            return list(range(T))
-        try:
-            if text.startswith("every:"):
-                every = int(text.removeprefix("every:"))
-                if every < 1:
-                    raise ValueError
-                return sorted(set(range(0, T, every)) | {T - 1})
-            steps = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}") from None
-    else:
-        steps = list(spec)
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}")
+    text = (spec if isinstance(spec, str) else ",".join(map(str, spec))).strip().lower()  # a sequence as a list
+    if text == "all":
+        return list(range(T))
+    try:
+        if text.startswith("every:"):
+            every = int(text.removeprefix("every:"))
+            if every < 1:
+                raise ValueError
+            return sorted(set(range(0, T, every)) | {T - 1})
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}") from None
     if not steps:
         raise ValueError(f"steps_to_keep names no step; use {allowed}")
     wrong = [s for s in steps if not 0 <= s < T]
@@ -93,7 +88,7 @@ class PCAMaps(NamedTuple):
     high: torch.Tensor
 
 
-@dataclass(eq=False)
+@dataclasses.dataclass(eq=False)
 class Recording:
     """What `record_scores` kept of one generation, on the CPU; maps (K, ...) by kept step k, fp16."""
     method: str
@@ -112,7 +107,7 @@ class Recording:
     views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
     reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
     vae_scale_factor: int
-    _pca: dict = field(default_factory=dict, repr=False)
+    _pca: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def image(self):
@@ -144,9 +139,6 @@ class _StepRecorder:
         self.timesteps = [0] * len(steps)
         self.maps: dict[str, torch.Tensor] = {}
         self.final_latent = None
-
-    def __contains__(self, step: int) -> bool:
-        return step in self.slot
 
     def record(self, step: int, t, **maps: torch.Tensor) -> None:
         """Store each map (C, ., .) of `step` (a kept step) at its slot."""
@@ -200,7 +192,7 @@ def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, hei
         last_call.update(x=args[0], out=output[0])
 
     def on_step(pipe, i, t, tensors):
-        if i in recorder:
+        if i in recorder.slot:
             x, alpha = last_call["x"], sampler.alpha(int(t))
             eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
             uncond, cond = eps.chunk(2)
@@ -221,7 +213,7 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
     T = settings["num_inference_steps"]
 
     def on_step(pipe, i, t, tensors):
-        if i in recorder:
+        if i in recorder.slot:
             scores = tensors["scores"]
             h, w = scores.reference_latent.shape[-2:]
             recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
@@ -237,8 +229,6 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
 
 def _generate_parameters(sampler) -> set[str]:
     """Keyword names the sampler's `generate` takes: those of each `generate` of its classes, and the knobs."""
-    import inspect
-
     names = {name for cls in type(sampler).__mro__ if "generate" in vars(cls)
              for name, p in inspect.signature(vars(cls)["generate"]).parameters.items()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -249,18 +239,12 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                   width: int | None = None, method: str = "elastic", steps_to_keep: str | Sequence[int] = "all",
                   seed: int | None = None, decode_x0: bool = False, callback_on_step_end: Callable | None = None,
                   progress: bool = True, **generate_kwargs) -> Recording:
-    """Generate one image with `sampler` (an `ElasticDiffusion`) and record its scores at the kept steps.
-
-    Args:
-        method: 'elastic' (the sampler) or 'plain' (CFG-DDIM at the full size, diffusers' pipeline).
-        steps_to_keep: see `parse_steps_to_keep`.
-        seed: seeds the starting noise (the same for both methods); random if None.
-        decode_x0: preview each kept x0 with a VAE decode instead of `linear_previews` (one decode per kept step).
-        callback_on_step_end: called after the recorder, as by the sampler (and diffusers); it may cancel.
-        generate_kwargs: the sampler's `generate` arguments; 'plain' uses `num_inference_steps` and `guidance_scale`.
-
-    Bad input raises ValueError (an unknown keyword TypeError) before anything runs.
-    """
+    """Generate one image with `sampler` (an `ElasticDiffusion`) by `method`, 'elastic' (the sampler) or 'plain'
+    (`generate_plain`), from the starting noise of `seed` (random if None), and record its scores at the steps of
+    `parse_steps_to_keep`. `decode_x0` previews each kept x0 with a VAE decode, not `linear_previews`. The
+    `callback_on_step_end` runs after the recorder and may cancel; `generate_kwargs` are the sampler's `generate`
+    arguments, of which 'plain' reads `num_inference_steps` and `guidance_scale`. Bad input raises ValueError (an
+    unknown keyword TypeError) before anything runs."""
     _check_choice("method", method, METHODS)
     unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
     if unknown:  # 'plain' would otherwise ignore a misspelt knob without a word
