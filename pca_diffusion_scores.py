@@ -391,9 +391,8 @@ def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
 
 
 class SheetLayout(NamedTuple):
-    """Where everything sits on a contact sheet (pixels): the title and the step labels above the panels, each
-    three font sizes high, the row labels in 11 font sizes on the left. A column is at least 5 font sizes wide, so
-    a step label fits above a narrow (tall-image) panel."""
+    """Where the panels sit on a contact sheet (pixels): below the title and the step labels (3 font sizes high
+    each), right of the row labels (11); a column is 5 font sizes wide at least, for the step label."""
     panel: tuple[int, int]  # (width, height)
     rows: int
     columns: int
@@ -427,11 +426,8 @@ def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
 
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
-    """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
-
-    `steps` (kept steps) default to `sheet_steps(recording.steps, max_columns)`. Panels have the
-    latent's aspect with the longer side `panel_px`. Returns a PIL image.
-    """
+    """The recording as one PIL picture: rows x0 preview, direction, unconditional score; one labelled column per
+    kept step of `steps` (default `sheet_steps(recording.steps, max_columns)`), panels `panel_size`d."""
     from PIL import Image, ImageDraw
 
     maps = recording.pca(basis)
@@ -489,13 +485,10 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     base = image.convert("RGB")
     tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(tint)
-    row_starts = sorted({r.own_start for r, _ in views})
-    column_starts = sorted({c.own_start for _, c in views})
+    rows, columns = sorted({r.own_start for r, _ in views}), sorted({c.own_start for _, c in views})
+    colours = [WINDOW_COLOURS[2 * (rows.index(r.own_start) % 2) + columns.index(c.own_start) % 2] for r, c in views]
     line = max(2, base.width // 512)
-    colours = []
-    for r, c in views:
-        colour = WINDOW_COLOURS[2 * (row_starts.index(r.own_start) % 2) + column_starts.index(c.own_start) % 2]
-        colours.append(colour)
+    for (r, c), colour in zip(views, colours):
         draw.rectangle([c.own_start * f, r.own_start * f, c.own_end * f - 1, r.own_end * f - 1],
                        fill=colour + (WINDOW_TINT,), outline=colour + (255,), width=line)
     out = Image.alpha_composite(base.convert("RGBA"), tint).convert("RGB")
@@ -510,12 +503,10 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     if not legend:
         return out
     font_size = max(12, base.width // 90)
-    text = overlay_legend(views, reference_size, f)
-    strip = Image.new("RGB", (base.width, 3 * font_size + 4 * line), "white")
-    ImageDraw.Draw(strip).multiline_text((line, line), text, fill="black", font=_font(font_size), spacing=2)
-    canvas = Image.new("RGB", (base.width, base.height + strip.height), "white")
+    canvas = Image.new("RGB", (base.width, base.height + 3 * font_size + 4 * line), "white")  # the legend below
     canvas.paste(out, (0, 0))
-    canvas.paste(strip, (0, base.height))
+    ImageDraw.Draw(canvas).multiline_text((line, base.height + line), overlay_legend(views, reference_size, f),
+                                          fill="black", font=_font(font_size), spacing=2)
     return canvas
 
 
