@@ -11,15 +11,16 @@ first three principal components as red, green and blue. The kept steps' maps st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
+import inspect
 import io
 import logging
 import os
 import random
 import sys
 import time
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -35,32 +36,24 @@ ANIMATION_FORMATS = ("webp", "gif")
 SHEET_COLUMNS = 6  # steps on a contact sheet unless told otherwise: each column stays readable on a screen
 
 
-# --- Which steps to keep ---
-
-
 def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> list[int]:
     """Step indices to record, ascending and without repeats, from 'all', 'every:K' (steps 0, K, 2K, ... and always
     the last, which shows the final maps), a list such as '0,10,20,49', or a sequence of ints."""
     T = num_inference_steps
     allowed = (f"'all', 'every:K' with K >= 1, or step indices from 0 to {T - 1} separated by commas "
                "(e.g. '0,10,20')")
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
-            return list(range(T))
-        try:
-            if text.startswith("every:"):
-                every = int(text.removeprefix("every:"))
-                if every < 1:
-                    raise ValueError
-                return sorted(set(range(0, T, every)) | {T - 1})
-            steps = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}") from None
-    else:
-        steps = list(spec)
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-            raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}")
+    text = (spec if isinstance(spec, str) else ",".join(map(str, spec))).strip().lower()  # a sequence as a list
+    if text == "all":
+        return list(range(T))
+    try:
+        if text.startswith("every:"):
+            every = int(text.removeprefix("every:"))
+            if every < 1:
+                raise ValueError
+            return sorted(set(range(0, T, every)) | {T - 1})
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"steps_to_keep must be {allowed}; got {spec!r}") from None
     if not steps:
         raise ValueError(f"steps_to_keep names no step; use {allowed}")
     wrong = [s for s in steps if not 0 <= s < T]
@@ -73,9 +66,6 @@ def parse_steps_to_keep(spec: str | Sequence[int], num_inference_steps: int) -> 
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-# --- Recording ---
 
 
 def recording_nbytes(num_steps: int, channels: int, latent_size: tuple[int, int],
@@ -98,7 +88,7 @@ class PCAMaps(NamedTuple):
     high: torch.Tensor
 
 
-@dataclass(eq=False)
+@dataclasses.dataclass(eq=False)
 class Recording:
     """What `record_scores` kept of one generation, on the CPU; maps (K, ...) by kept step k, fp16."""
     method: str
@@ -117,14 +107,12 @@ class Recording:
     views: list  # the sampler's local views, (row window, column window) pairs; [] for plain
     reference_size: tuple[int, int]  # latent (h, w); the latent size itself for plain
     vae_scale_factor: int
-    _pca: dict = field(default_factory=dict, repr=False)
+    _pca: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def image(self):
         """The final image as a PIL image (the same pixels the sampler's 'pil' output gives)."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.image_pt[None]))[0]
+        return _pil(self.image_pt)
 
     @property
     def nbytes(self) -> int:
@@ -152,9 +140,6 @@ class _StepRecorder:
         self.maps: dict[str, torch.Tensor] = {}
         self.final_latent = None
 
-    def __contains__(self, step: int) -> bool:
-        return step in self.slot
-
     def record(self, step: int, t, **maps: torch.Tensor) -> None:
         """Store each map (C, ., .) of `step` (a kept step) at its slot."""
         k = self.slot[step]
@@ -178,19 +163,15 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    unet_hook: Callable | None = None):
     """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
     included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
-    kwargs, output)` is a forward hook on the UNet for this run only."""
+    output)` is a forward hook on the UNet for this run only."""
     pipe = plain_pipeline(sampler)
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
     with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
-        hook = pipe.unet.register_forward_hook(unet_hook, with_kwargs=True) if unet_hook is not None else None
-        try:
+        with pipe.unet.register_forward_hook(unet_hook) if unet_hook is not None else contextlib.nullcontext():
             images = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
                           output_type=output_type, callback_on_step_end=callback_on_step_end).images
-        finally:
-            if hook is not None:
-                hook.remove()
     f = sampler.vae_scale_factor
     info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
@@ -207,20 +188,17 @@ def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, hei
                          f"unconditional branch otherwise, so there is no direction to record); got {omega}")
     last_call = {}
 
-    def keep_unet_call(module, args, kwargs, output):
-        last_call["x"] = args[0] if args else kwargs["sample"]  # [x; x]: the unconditional and conditional halves
-        last_call["t"] = args[1] if len(args) > 1 else kwargs["timestep"]
-        last_call["out"] = output[0] if isinstance(output, tuple) else output.sample
+    def keep_unet_call(module, args, output):  # diffusers calls unet(x, t, ...) on [x; x]: unconditional, conditional
+        last_call.update(x=args[0], out=output[0])
 
     def on_step(pipe, i, t, tensors):
-        if i in recorder:
-            x, alpha = last_call["x"], sampler.alpha(int(last_call["t"]))
+        if i in recorder.slot:
+            x, alpha = last_call["x"], sampler.alpha(int(t))
             eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
             uncond, cond = eps.chunk(2)
             direction = cond - uncond
             x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
             recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
-        last_call.clear()
         if i == T - 1:
             recorder.final_latent = tensors["latents"][0].float().cpu()
         return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
@@ -235,7 +213,7 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
     T = settings["num_inference_steps"]
 
     def on_step(pipe, i, t, tensors):
-        if i in recorder:
+        if i in recorder.slot:
             scores = tensors["scores"]
             h, w = scores.reference_latent.shape[-2:]
             recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
@@ -251,8 +229,6 @@ def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, h
 
 def _generate_parameters(sampler) -> set[str]:
     """Keyword names the sampler's `generate` takes: those of each `generate` of its classes, and the knobs."""
-    import inspect
-
     names = {name for cls in type(sampler).__mro__ if "generate" in vars(cls)
              for name, p in inspect.signature(vars(cls)["generate"]).parameters.items()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -263,18 +239,12 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                   width: int | None = None, method: str = "elastic", steps_to_keep: str | Sequence[int] = "all",
                   seed: int | None = None, decode_x0: bool = False, callback_on_step_end: Callable | None = None,
                   progress: bool = True, **generate_kwargs) -> Recording:
-    """Generate one image with `sampler` (an `ElasticDiffusion`) and record its scores at the kept steps.
-
-    Args:
-        method: 'elastic' (the sampler) or 'plain' (CFG-DDIM at the full size, diffusers' pipeline).
-        steps_to_keep: see `parse_steps_to_keep`.
-        seed: seeds the starting noise (the same for both methods); random if None.
-        decode_x0: preview each kept x0 with a VAE decode instead of `linear_previews` (one decode per kept step).
-        callback_on_step_end: called after the recorder, as by the sampler (and diffusers); it may cancel.
-        generate_kwargs: the sampler's `generate` arguments; 'plain' uses `num_inference_steps` and `guidance_scale`.
-
-    Bad input raises ValueError (an unknown keyword TypeError) before anything runs.
-    """
+    """Generate one image with `sampler` (an `ElasticDiffusion`) by `method`, 'elastic' (the sampler) or 'plain'
+    (`generate_plain`), from the starting noise of `seed` (random if None), and record its scores at the steps of
+    `parse_steps_to_keep`. `decode_x0` previews each kept x0 with a VAE decode, not `linear_previews`. The
+    `callback_on_step_end` runs after the recorder and may cancel; `generate_kwargs` are the sampler's `generate`
+    arguments, of which 'plain' reads `num_inference_steps` and `guidance_scale`. Bad input raises ValueError (an
+    unknown keyword TypeError) before anything runs."""
     _check_choice("method", method, METHODS)
     unknown = sorted(set(generate_kwargs) - _generate_parameters(sampler))
     if unknown:  # 'plain' would otherwise ignore a misspelt knob without a word
@@ -311,9 +281,6 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                      info=info, views=views, reference_size=reference, vae_scale_factor=sampler.vae_scale_factor)
 
 
-# --- x0 previews ---
-
-
 def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -338,9 +305,6 @@ def decoded_previews(sampler, x0: torch.Tensor, tiled: bool = False) -> torch.Te
     return _to_uint8(torch.stack(previews))
 
 
-# --- PCA ---
-
-
 def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Principal axes of the C-vectors at every pixel of `maps` (K, C, H, W), pooled over the K maps: mean (C,),
     components (num_components, C) by decreasing variance, variance (num_components,). The SVD of the channel
@@ -360,20 +324,6 @@ def fit_pca(maps: torch.Tensor, num_components: int = 3) -> tuple[torch.Tensor, 
     return mean.float(), components.float(), variance[:num_components].float()
 
 
-def project(maps: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """(K, C, H, W) -> (K, q, H, W): the mean-centred maps' coordinates on the q principal axes."""
-    return torch.einsum("qc,kchw->kqhw", components, maps.float() - mean[:, None, None])
-
-
-def to_rgb(projections: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Each component of projections (K, 3, H, W) from [low, high] (broadcast to (K, 3, 1, 1)) to [0, 1]; a
-    component with no spread (high == low) is mid-grey, not NaN."""
-    spread = high - low
-    flat = spread <= 0
-    rgb = (projections - low) / torch.where(flat, 1.0, spread)
-    return torch.where(flat, 0.5, rgb).clamp(0, 1)
-
-
 def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None = None) -> PCAMaps:
     """Three principal components of `maps` (K, C, H, W) as RGB images, with one basis and colour range over all
     K maps ('shared') or one per map ('per-step'); or with `fitted`'s bases and ranges (same K)."""
@@ -384,19 +334,18 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
         mean, components, variance = (t[None] for t in fit_pca(maps))
     else:
         mean, components, variance = (torch.stack(t) for t in zip(*(fit_pca(m[None]) for m in maps)))
-    which = (lambda k: k) if mean.shape[0] > 1 else (lambda k: 0)  # the step's own basis, or the shared one
-    projections = torch.cat([project(m[None], mean[which(k)], components[which(k)]) for k, m in enumerate(maps)])
+    bases = range(len(maps)) if len(mean) > 1 else [0] * len(maps)  # the step's own basis, or the shared one
+    projections = torch.cat([torch.einsum("qc,kchw->kqhw", components[n], m[None].float() - mean[n, :, None, None])
+                             for n, m in zip(bases, maps)])  # map by map: no float copy of all maps
     if fitted is not None:
         low, high = fitted.low, fitted.high
-    elif basis == "shared":
-        low, high = projections.amin((0, 2, 3))[None], projections.amax((0, 2, 3))[None]
     else:
-        low, high = projections.amin((2, 3)), projections.amax((2, 3))
-    rgb = to_rgb(projections, low[:, :, None, None], high[:, :, None, None])
+        dims = (0, 2, 3) if basis == "shared" else (2, 3)
+        low, high = projections.amin(dims).reshape(-1, 3), projections.amax(dims).reshape(-1, 3)
+    spread = (high - low)[:, :, None, None]
+    flat = spread <= 0  # a component with no spread is mid-grey, not NaN
+    rgb = torch.where(flat, 0.5, (projections - low[:, :, None, None]) / torch.where(flat, 1.0, spread)).clamp(0, 1)
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
-
-
-# --- Pictures: contact sheet, animation, window overlay ---
 
 
 @functools.lru_cache(maxsize=8)
@@ -423,49 +372,47 @@ def panel_size(latent_size: tuple[int, int], panel_px: int) -> tuple[int, int]:
     return max(1, round(W * scale)), max(1, round(H * scale))
 
 
-def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
-    """(3, H, W) RGB (float in [0, 1] or uint8) -> PIL image of `size`.
-
-    Enlarged with nearest neighbours, so each latent pixel stays one visible block (the unconditional
-    score is pixel-level detail, which smoothing would hide); reduced with box averaging.
-    """
+def _pil(rgb: torch.Tensor):
+    """(3, H, W) RGB, float in [0, 1] or uint8 -> PIL image."""
     from PIL import Image
 
     pixels = rgb if rgb.dtype == torch.uint8 else _to_uint8(rgb)
-    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-    upscale = size[0] >= image.width
-    return image.resize(size, Image.Resampling.NEAREST if upscale else Image.Resampling.BOX)
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+
+
+def map_panel(rgb: torch.Tensor, size: tuple[int, int]):
+    """(3, H, W) RGB (float in [0, 1] or uint8) -> PIL image of `size`, enlarged with nearest neighbours, so each
+    latent pixel stays one visible block (the unconditional score is pixel-level detail, which smoothing would
+    hide), or reduced with box averaging."""
+    from PIL import Image
+
+    image = _pil(rgb)
+    return image.resize(size, Image.Resampling.NEAREST if size[0] >= image.width else Image.Resampling.BOX)
 
 
 class SheetLayout(NamedTuple):
-    """Where everything sits on a contact sheet (pixels)."""
-    label_width: int
-    title_height: int
-    header_height: int
+    """Where the panels sit on a contact sheet (pixels): below the title and the step labels (3 font sizes high
+    each), right of the row labels (11); a column is 5 font sizes wide at least, for the step label."""
     panel: tuple[int, int]  # (width, height)
-    column_width: int  # at least the panel's, so a step label fits above a narrow (tall-image) panel
-    gap: int
     rows: int
     columns: int
-
-    @classmethod
-    def for_panels(cls, panel: tuple[int, int], rows: int, columns: int, font_size: int) -> "SheetLayout":
-        return cls(label_width=11 * font_size, title_height=3 * font_size, header_height=3 * font_size,
-                   panel=panel, column_width=max(panel[0], 5 * font_size), gap=max(2, font_size // 4),
-                   rows=rows, columns=columns)
+    font_size: int
 
     @property
-    def size(self) -> tuple[int, int]:
-        h = self.panel[1]
-        return (self.label_width + self.columns * (self.column_width + self.gap) + self.gap,
-                self.title_height + self.header_height + self.rows * (h + self.gap) + self.gap)
+    def gap(self) -> int:
+        return max(2, self.font_size // 4)
 
     def box(self, row: int, column: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the panel at `row`, `column`."""
-        w, h = self.panel
-        left = self.label_width + self.gap + column * (self.column_width + self.gap)
-        top = self.title_height + self.header_height + self.gap + row * (h + self.gap)
+        (w, h), f = self.panel, self.font_size
+        left = 11 * f + self.gap + column * (max(w, 5 * f) + self.gap)
+        top = 6 * f + self.gap + row * (h + self.gap)
         return left, top, left + w, top + h
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height): up to where a panel past the last row and column would start."""
+        return self.box(self.rows, self.columns)[:2]
 
 
 def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
@@ -479,11 +426,8 @@ def sheet_steps(steps: Sequence[int], max_columns: int) -> list[int]:
 
 def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[int] | None = None,
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
-    """The recording as one picture: rows x0 preview, direction, unconditional score; one labelled column per step.
-
-    `steps` (kept steps) default to `sheet_steps(recording.steps, max_columns)`. Panels have the
-    latent's aspect with the longer side `panel_px`. Returns a PIL image.
-    """
+    """The recording as one PIL picture: rows x0 preview, direction, unconditional score; one labelled column per
+    kept step of `steps` (default `sheet_steps(recording.steps, max_columns)`), panels `panel_size`d."""
     from PIL import Image, ImageDraw
 
     maps = recording.pca(basis)
@@ -492,7 +436,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     if missing:
         raise ValueError(f"steps: step {missing[0]} was not recorded; recorded steps are {recording.steps}")
     font_size = max(12, min(20, panel_px // 16))
-    layout = SheetLayout.for_panels(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
+    layout = SheetLayout(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font(font_size)
@@ -508,7 +452,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
             box = layout.box(row, column)
             sheet.paste(map_panel(images[k], layout.panel), box[:2])
             if row == 0:
-                draw.multiline_text((box[0], layout.title_height), f"step {step}\nt={recording.timesteps[k]}",
+                draw.multiline_text((box[0], 3 * font_size), f"step {step}\nt={recording.timesteps[k]}",
                                     fill="black", font=font, spacing=2)
     return sheet
 
@@ -541,13 +485,10 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     base = image.convert("RGB")
     tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(tint)
-    row_starts = sorted({r.own_start for r, _ in views})
-    column_starts = sorted({c.own_start for _, c in views})
+    rows, columns = sorted({r.own_start for r, _ in views}), sorted({c.own_start for _, c in views})
+    colours = [WINDOW_COLOURS[2 * (rows.index(r.own_start) % 2) + columns.index(c.own_start) % 2] for r, c in views]
     line = max(2, base.width // 512)
-    colours = []
-    for r, c in views:
-        colour = WINDOW_COLOURS[2 * (row_starts.index(r.own_start) % 2) + column_starts.index(c.own_start) % 2]
-        colours.append(colour)
+    for (r, c), colour in zip(views, colours):
         draw.rectangle([c.own_start * f, r.own_start * f, c.own_end * f - 1, r.own_end * f - 1],
                        fill=colour + (WINDOW_TINT,), outline=colour + (255,), width=line)
     out = Image.alpha_composite(base.convert("RGBA"), tint).convert("RGB")
@@ -562,12 +503,10 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     if not legend:
         return out
     font_size = max(12, base.width // 90)
-    text = overlay_legend(views, reference_size, f)
-    strip = Image.new("RGB", (base.width, 3 * font_size + 4 * line), "white")
-    ImageDraw.Draw(strip).multiline_text((line, line), text, fill="black", font=_font(font_size), spacing=2)
-    canvas = Image.new("RGB", (base.width, base.height + strip.height), "white")
+    canvas = Image.new("RGB", (base.width, base.height + 3 * font_size + 4 * line), "white")  # the legend below
     canvas.paste(out, (0, 0))
-    canvas.paste(strip, (0, base.height))
+    ImageDraw.Draw(canvas).multiline_text((line, base.height + line), overlay_legend(views, reference_size, f),
+                                          fill="black", font=_font(font_size), spacing=2)
     return canvas
 
 
@@ -608,9 +547,6 @@ def describe(recording: Recording, basis: str = "shared") -> str:
             "and the second window by window.")
 
 
-# --- Saving ---
-
-
 def write_bytes(path: str, data: bytes) -> str:
     """Write `data` to `path` atomically (`elastic_diffusion.write_atomically`): never a half-written file."""
     return ed.write_atomically(path, lambda f: f.write(data))
@@ -639,8 +575,6 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
     return paths
 
-
-# --- Command line ---
 
 ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
 

@@ -280,7 +280,7 @@ def test_bad_input_is_refused_before_anything_runs(sd1):
 def test_contact_sheet_rows_are_x0_direction_uncond_and_columns_the_steps(elastic_2x):
     sheet = pca.contact_sheet(elastic_2x, steps=[0, 2], panel_px=128)
     maps = elastic_2x.pca("shared")
-    layout = pca.SheetLayout.for_panels((128, 64), 3, 2, 12)
+    layout = pca.SheetLayout((128, 64), 3, 2, 12)
     assert sheet.size == layout.size
     rows = [elastic_2x.x0_preview, maps["direction"].rgb, maps["local_uncond"].rgb]
     for row, images in enumerate(rows):
@@ -375,7 +375,7 @@ def test_cli_writes_sheet_animation_image_and_windows(request, tmp_path, kind, m
     image, sheet = Image.open(paths["image"]), Image.open(paths["sheet"])
     assert image.size == (width, height)
     panel = pca.panel_size((H, W), 96)
-    assert sheet.size == pca.SheetLayout.for_panels(panel, 3, 2, 12).size
+    assert sheet.size == pca.SheetLayout(panel, 3, 2, 12).size
     assert Image.open(paths["animation"]).n_frames == 2
     record = json.loads(image.text["elastic_diffusion"])
     assert record["prompt"] == "a lighthouse" and record["seed"] == 4 and record["model"] == model
