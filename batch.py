@@ -47,6 +47,7 @@ MERGE_EVERY_S = 30.0  # how stale manifest.jsonl may get while a job runs (each 
 POLL_S = 1.0  # how often the main process reads the other processes' records while it waits for them
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
+IMAGE_KEYS = ("image", "strength", "upscale")  # image-to-image: a line's own, or the command line's --image ...
 # Other spellings people will type, and where they belong.
 KEY_HINTS = {
     **{alias: f"the knob is called {row.name!r}" for row in ed.KNOBS for alias in row.aliases},
@@ -97,7 +98,8 @@ class Item:
     seed: int
     num_images: int
     knobs: dict  # method knobs as given (None: the resolution-aware preset)
-    extra: dict = field(default_factory=dict)  # the command line's extra call arguments (ControlNet input)
+    extra: dict = field(default_factory=dict)  # more call arguments: IMAGE_KEYS, the ControlNet's input
+    image_hash: str | None = None  # of extra["image"] (`plan`): part of the item's identity for resume
     settings: dict | None = None  # resolved method knobs (`plan`); None while unchecked or refused
     error: str | None = None  # why the sampler would refuse the item (`plan`)
     cost: int = 0  # estimated native-size UNet samples (`elastic_diffusion.unet_cost`)
@@ -149,8 +151,9 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
                       line_keys: LineKeys | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
 
-    `defaults` holds negative_prompt, width, height, seed (item i gets seed + i) and num_images; `knobs` the
-    method knobs (None: preset); `extra` the command line's extra call arguments, which lines may set too.
+    `defaults` holds negative_prompt, width, height (None: default_px, or an image's size), seed (item i gets
+    seed + i) and num_images; `knobs` the method knobs (None: preset); `extra` the command line's extra call
+    arguments (IMAGE_KEYS and the ControlNet's), which lines may set too.
     A ValueError lists every line that cannot become an item, one "FILE:LINE: what is wrong" a line; sizes and
     knobs are `plan`'s to check. Blank lines and # comments are skipped.
     """
@@ -194,12 +197,14 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             continue
         line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
-        for key in line_keys.paths if line_keys else ():
+        for key in ("image", *(line_keys.paths if line_keys else ())):
             value = values.get(key)
             if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
                 line_extra[key] = os.path.normpath(os.path.join(folder, value))
-        items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative,
-                          width=values.get("width", defaults["width"]), height=values.get("height", defaults["height"]),
+        size = {side: values.get(side, defaults[side]) for side in ("width", "height")}
+        if line_extra.get("image") is None:  # an image's size is `plan`'s to read
+            size = {side: value or defaults["default_px"] for side, value in size.items()}
+        items.append(Item(index=index, line=number, prompt=values["prompt"], negative_prompt=negative, **size,
                           seed=seed, num_images=count, knobs={**knobs, **line_knobs}, extra=line_extra))
     if not items and not errors:
         errors.append(f"{path}: no prompts (the file is empty, or only blank lines and # comments)")
@@ -221,6 +226,14 @@ def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, vi
     `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
     for item in items:
         try:
+            strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
+            if item.extra.get("image") is not None:  # read now: its size and hash
+                picture = ed.load_image(item.extra["image"])
+                item.height, item.width = ed.image_size(picture, upscale, item.height, item.width)
+                item.image_hash = ed.image_hash(picture)
+                strength = ed.DEFAULT_STRENGTH if strength is None else ed.check_number("strength", strength, 0, 1)
+            elif strength is not None or upscale is not None:
+                raise ValueError("strength and upscale go with image: give the image to start from")
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)
@@ -231,7 +244,7 @@ def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, vi
             continue
         item.settings, item.error = settings, None
         item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
-                                 native.vae_scale_factor).samples
+                                 native.vae_scale_factor, 1.0 if strength is None else strength).samples
 
 
 def share_out(items: list[Item], done, num_processes: int) -> tuple[list[Item], list[list[int]]]:
@@ -321,6 +334,10 @@ def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None
     """The PNG record (`GenerationInfo.record`) image k of `item` gets, less the memory knobs, which never change
     an image."""
     settings = dict(item.settings, width=item.width, height=item.height)
+    if item.image_hash is not None:
+        strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
+        settings.update(strength=ed.DEFAULT_STRENGTH if strength is None else strength, upscale=upscale or 1,
+                        image_hash=item.image_hash)
     if line_keys is not None:
         settings.update(line_keys.settings(item.extra))
     return ed.GenerationInfo(settings, item.seed, model).record(item.prompt, item.negative_prompt, k)
@@ -451,7 +468,7 @@ def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[
         raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
                          f"same images); got {args.seed}")
     return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-                num_images=args.num_images), ed.knob_flags(args, native.latent)
+                num_images=args.num_images, default_px=args.default_px), ed.knob_flags(args, native.latent)
 
 
 def load_sampler(make_sampler: Callable, native: ed.Native):
@@ -557,7 +574,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
         try:
             native = ed.native_size(model, args.native_px)
             defaults, knobs = command_line_defaults(args, native)
-            items = read_prompts_file(args.prompts_file, defaults, knobs, call_kwargs, line_keys)
+            image_keys = {key: getattr(args, key) for key in IMAGE_KEYS}
+            items = read_prompts_file(args.prompts_file, defaults, knobs, {**image_keys, **call_kwargs}, line_keys)
         except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
             fail(2, f"error: {error}")
         plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)

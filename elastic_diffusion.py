@@ -1983,14 +1983,14 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
     as a usage error (exit 2) before anything is written.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.prompts_file is not None:  # --image, --strength, --upscale are its lines' defaults there
+        import batch
+
+        return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs)
     if args.image is None:
         if args.strength is not None or args.upscale is not None:
             parser.error("--strength and --upscale go with --image")
         args.width, args.height = args.width or args.default_px, args.height or args.default_px
-    if args.prompts_file is not None:
-        import batch
-
-        return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs)
     for flag in ("resume", "dry_run", "native_px"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag} goes with --prompts_file")

@@ -615,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         if getattr(args, flag, None) is not None:
             parser.error(f"--{flag}: this script records one image; jobs of many images are "
                          "elastic_diffusion.py --prompts_file")
+    if args.image is not None:
+        parser.error("--image: this script records text-to-image runs")
+    args.width, args.height = args.width or args.default_px, args.height or args.default_px
     if args.sheet_columns < 1:
         parser.error(f"--sheet_columns must be at least 1; got {args.sheet_columns}")
     if not 16 <= args.panel_px <= 4096:

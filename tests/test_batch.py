@@ -655,3 +655,48 @@ def test_controlnet_lines_name_their_own_condition_image(tiny_sd1_path, sd1_cont
     with UNetSamples() as unet, pytest.raises(SystemExit):  # the two done items are skipped, the broken one fails
         run_job(tiny_sd1_path, path, tmp_path / "out", *cli, cli=edc)
     assert unet.samples == 0 and "2 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_a_job_mixing_text_and_image_lines_resumes(tiny_sd1_path, tmp_path, capsys):
+    """Lines may start from an image (relative to the prompts file) with their own strength and upscale; the image's
+    hash is part of the item's identity: an edited picture is made again, an unchanged job is skipped."""
+    (tmp_path / "inputs").mkdir()
+    picture = np.zeros((128, 192, 3), np.uint8)
+    picture[:, :96] = (200, 40, 40)
+    Image.fromarray(picture).save(tmp_path / "inputs" / "flag.png")
+    rows = [{"prompt": "a fox", "width": 256, "height": 256},
+            {"prompt": "a flag", "image": "inputs/flag.png", "upscale": 2, "strength": 0.5},
+            {"prompt": "a flag, refined", "image": "inputs/flag.png", "width": 256, "height": 128}]
+    job = write_jsonl(tmp_path / "job.jsonl", rows, comment=False)
+    outdir = tmp_path / "out"
+    with UNetSamples() as unet:
+        paths = run_job(tiny_sd1_path, job, outdir)
+    records = manifest(outdir)
+    assert [r["status"] for r in records] == ["ok"] * 3 and unet.samples == sum(r["unet_samples"] for r in records)
+    sizes = [Image.open(p).size for p in paths]
+    assert sizes == [(256, 256), (384, 256), (256, 128)]  # the image's size times upscale, or the line's
+    meta = [json.loads(Image.open(p).info["elastic_diffusion"]) for p in paths]
+    assert "strength" not in meta[0] and (meta[1]["strength"], meta[1]["upscale"]) == (0.5, 2)
+    assert meta[2]["strength"] == ed.DEFAULT_STRENGTH and meta[1]["image_hash"] == meta[2]["image_hash"]
+    assert str(tmp_path) not in json.dumps(meta)  # the picture by its hash, never its path
+    # Half the steps: the cost model's count at strength 0.5, and fewer samples than the text-to-image run.
+    native = ed.native_size(tiny_sd1_path)
+    settings = ed.settings_for(384, 256, native.px, num_inference_steps=2)
+    assert records[1]["unet_samples"] == ed.unet_cost(384, 256, settings, native.latent, strength=0.5).samples
+    with UNetSamples() as unet:
+        run_job(tiny_sd1_path, job, outdir)
+    assert unet.samples == 0 and "3 already done" in capsys.readouterr().out
+    picture[:, 96:] = (40, 40, 200)  # the same file name, another picture: both image items are made again
+    Image.fromarray(picture).save(tmp_path / "inputs" / "flag.png")
+    with UNetSamples() as unet:
+        run_job(tiny_sd1_path, job, outdir)
+    assert unet.samples == records[1]["unet_samples"] + records[2]["unet_samples"]
+    assert "1 already done" in capsys.readouterr().out
+
+
+def test_strength_without_an_image_is_refused_by_line(tiny_sd1_path, tmp_path, capsys):
+    job = write_jsonl(tmp_path / "job.jsonl", [{"prompt": "a fox", "width": 256, "height": 256, "strength": 0.3}],
+                      comment=False)
+    with pytest.raises(SystemExit):
+        run_job(tiny_sd1_path, job, tmp_path / "out", "--dry_run")
+    assert "job.jsonl:1: strength and upscale go with image" in capsys.readouterr().out
