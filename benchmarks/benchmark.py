@@ -403,8 +403,8 @@ def measure_floor(unet, batches, device, dtype, iters: int, warmup: int, known: 
 # --------------------------------------------------------------------------------------------------
 
 
-def generate(sampler, request: dict, steps: int, batch: int, patch: int, seed: int):
-    kwargs = dict(request)
+def generate(sampler, request: dict, steps: int, batch: int, patch: int, seed: int, **image_kwargs):
+    kwargs = dict(request, **image_kwargs)
     prompt = kwargs.pop("prompt")
     synchronize(sampler.device)
     tic = time.perf_counter()
@@ -436,6 +436,26 @@ def calls_floor(batch_sizes: dict, per_sample: dict) -> float | None:
     if any(per_sample.get(size) is None for size in batch_sizes):
         return None
     return sum(count * size * per_sample[size] for size, count in batch_sizes.items())
+
+
+def run_upscale(sampler, request: dict, args, patch: int, text_info, text_wall: float) -> dict:
+    """The 2x upscale to the preset's size (docs/method.md#image-to-image): a half-size picture, its image-to-image
+    run at `args.upscale_strength`, its UNet samples against the cost model and beside text-to-image's."""
+    import numpy as np
+
+    width, height, strength = request["width"], request["height"], args.upscale_strength
+    picture = np.random.default_rng(args.seed).integers(0, 256, (height // 2, width // 2, 3), dtype=np.uint8)
+    _, info, wall = generate(sampler, request, args.steps, args.batch, patch, args.seed, image=picture,
+                             strength=strength)
+    expected = ed.unet_cost(width, height, info.settings, sampler.native_latent, args.batch, args.view_batch_size,
+                            sampler.vae_scale_factor, strength).samples
+    print(f"  2x upscale from {width // 2}x{height // 2} at strength {strength}: samples {info.unet_samples} "
+          f"(expected {expected}; text-to-image {text_info.unet_samples}), wall {wall:.2f} s "
+          f"(text-to-image {text_wall:.2f} s)", flush=True)
+    return dict(strength=strength, from_size=[width // 2, height // 2], unet_samples=info.unet_samples,
+                expected_samples=expected, samples_match=info.unet_samples == expected, wall_s=wall,
+                timings=info.timings, text_unet_samples=text_info.unet_samples, text_wall_s=text_wall,
+                wall_vs_text=wall / text_wall if text_wall else None)
 
 
 def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: float | None,
@@ -516,6 +536,8 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
     reference = REFERENCE_SDXL.get((width, height)) if args.model == "sdxl" else None
     if reference and args.steps == 50 and args.batch == 1 and args.mode == "gpu":
         result["reference_h200"] = reference
+    if args.upscale_strength is not None:
+        result["upscale"] = run_upscale(sampler, request, args, patch, info, wall)
     shown_used = ", ".join(f"{size}: {'-' if cost is None else f'{1000 * cost:.2f}'}" for size, cost in used.items())
     print(f"  samples {info.unet_samples} (expected {expected['samples']}), calls {info.unet_calls} "
           f"(expected {expected['calls']}), VAE encodes {info.vae_encodes}, wall {wall:.2f} s, "
@@ -563,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default 1 in tiny mode: robust on a shared CPU; torch's default otherwise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--upscale_strength", type=float, default=None,
+                   help="also time a 2x upscale to each preset's size (image-to-image at this strength)")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     return p
 
@@ -667,6 +691,9 @@ def check_results(results: list[dict]) -> list[str]:
                                            ("views", "num_views", "V", r["views_match"]),
                                            ("VAE encodes", "vae_encodes", "vae_encodes", r["encodes_match"]))
                 if not ok]
+    failures += [f"preset {r['preset']}: 2x upscale samples {r['upscale']['unet_samples']} != expected "
+                 f"{r['upscale']['expected_samples']}" for r in results
+                 if "upscale" in r and not r["upscale"]["samples_match"]]
     failures += [f"preset {r['preset']}: {r['graphs_compiled_in_timed_run']} graph(s) compiled inside the timed run"
                  for r in results if r.get("graphs_compiled_in_timed_run")]
     failures += [f"preset {r['preset']}: timing the compiled UNet alone compiled {r['graphs_compiled_timing_the_unet']} "

@@ -5,6 +5,7 @@ Run it through `benchmarks/gpu_check.sh` (which installs the carried wheels firs
 file has the exact device call. Stages run in the order given (`--stages`, default all, in this order):
 
     table          eager sampler, presets 1 (2048x2048, R = 10) and 3 (1024x2048, R = 7), v = 16, T = 50;
+                   and beside each a 2x upscale to its size (image-to-image, strength 0.5);
                    first the eager UNet floor, timed also at every batch size those runs use at v = 16
                    and at the wide view batch (40: one call per pass)
     tests          tests/test_gpu.py except the compile check
@@ -51,7 +52,7 @@ STAGES = ("table", "tests", "low_vram", "compile", "tests_compile", "view_batch"
 # imports, the model build and the floor (13 batch sizes), paid by the first stage that needs the
 # models. tests_compile compiles the UNet again: about 75 s with the compile stage's graphs in
 # inductor's on-disk cache, a full compilation (COLD_COMPILE_S) more without.
-ESTIMATE_S = dict(setup=45, table=95, tests=75, low_vram=65, compile=230, tests_compile=75, view_batch=80)
+ESTIMATE_S = dict(setup=45, table=135, tests=75, low_vram=65, compile=230, tests_compile=75, view_batch=80)
 COLD_COMPILE_S = 150
 COMPILE_TEST = "compiled"  # pytest -k expression that selects test_gpu.py's compile check
 TARGETS = dict(ratio=1.15, speedup_vs_reference=2.0, peak_2048_gib=12.0, peak_2048_low_vram_gib=8.0)
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_s", type=float, default=None,
                    help="seconds this process may take; stages whose estimate does not fit are skipped")
     p.add_argument("--presets", default="1,3", help="presets of the table, compile and view_batch stages")
+    p.add_argument("--upscale_strength", type=float, default=0.5,
+                   help="the table stage also times a 2x upscale to each preset's size at this strength (0: off)")
     p.add_argument("--low_vram_presets", default="1", help="presets of the low_vram stage")
     p.add_argument("--steps", type=int, default=None, help="T (default 50 gpu, 2 tiny)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
@@ -190,7 +193,7 @@ class Session:
         if self.tiny or self.built is None:
             return 0.0
         per_sample = self.report["floor"]["best_per_sample_s"]
-        samples = self.expected(index, args.view_batch_size)["samples"]
+        samples = self.expected(index, args.view_batch_size)["samples"] * (1 + (args.upscale_strength or 0))
         warmup = args.warmup_steps / args.steps if args.warmup else 0.0
         return samples * per_sample * 1.25 * (1 + warmup) + 10
 
@@ -220,7 +223,9 @@ class Session:
 
 def stage_table(s: Session) -> dict:
     sampler = s.sampler(view_batch_size=s.args.view_batch_size)
-    skipped = s.run_presets("table", sampler, s.presets, s.bench_args, s.eager_costs)
+    args = copy.copy(s.bench_args)
+    args.upscale_strength = s.args.upscale_strength or None  # the 2x upscale beside each preset, in this stage only
+    skipped = s.run_presets("table", sampler, s.presets, args, s.eager_costs)
     s.report["view_batch_comparison"] = view_batch_comparison(s)
     return dict(skipped_presets=skipped)
 

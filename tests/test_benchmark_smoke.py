@@ -46,7 +46,8 @@ def test_tiny_mode_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, SCRIPT, "--mode", "tiny", "--presets", "3", "--steps", "2",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--upscale_strength", "0.5", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     (result,) = report["results"]
@@ -56,6 +57,10 @@ def test_tiny_mode_end_to_end(tmp_path):
     assert result["unet_calls"] == result["expected"]["calls"] == 5
     assert result["vae_encodes"] == result["expected"]["vae_encodes"] == 2 * 2  # left/right strips, 2 steps
     assert result["num_views"] == 4
+    # The 2x upscale to the same size at strength 0.5 runs the last of the 2 steps: one main pass, no repaint.
+    upscale = result["upscale"]
+    assert upscale["unet_samples"] == upscale["expected_samples"] == 2 * 8 + 4 and upscale["from_size"] == [512, 1024]
+    assert upscale["text_unet_samples"] == 46 and upscale["wall_s"] > 0
     assert result["peak_memory_gib"] is None  # no GPU
     assert report["all_checks_passed"] and not report["failures"]
     for key in ("command", "date", "versions", "card", "floor", "params_m", "table"):
