@@ -53,8 +53,7 @@ from elastic_diffusion import (
 logger = logging.getLogger("app_gradio")
 
 DEFAULT_MODEL = "XL1.0"
-DEFAULT_SIZE = 1024  # the first image people see: fast (R = 0) at SDXL's native size
-DEFAULT_NATIVE_PX = 1024  # SDXL; only used to lay out the widgets when no model could be loaded
+DEFAULT_SIZE = 1024  # SDXL's native size: the first image (fast, R = 0), and the layout when no model could be loaded
 QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused with "queue full"
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
@@ -73,8 +72,8 @@ CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",  # the sampler's
                "look_inside": "Drawing the look-inside pictures"}  # stages before step 1; the app's own after the last
-TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
-                 "denoise": "denoising", "decode": "decoding"}  # the summary's time split
+TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "denoise": "denoising",
+                 "decode": "decoding"}  # the summary's time split
 PAGE_CSS = """
 #gallery .fixed-height { max-height: none; min-height: 0; }
 #gallery .grid-wrap { overflow-y: visible; height: auto; }
@@ -171,7 +170,7 @@ def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -
     return gr.Slider(low, high, step=row.step, precision=0 if row.type is int else None, **common)
 
 
-def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_scale: int = MAX_SCALE,
+def knob_widgets(native_px: int = DEFAULT_SIZE, is_sdxl: bool = True, max_scale: int = MAX_SCALE,
                  extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
     """Size row and an "Advanced options" accordion with every knob (and `extra_advanced()`'s widgets), by name."""
     limit = max_scale * native_px
@@ -206,7 +205,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_s
     return w
 
 
-def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_scale: int = MAX_SCALE) -> gr.State:
+def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: int = MAX_SCALE) -> gr.State:
     """Re-apply the preset when the size changes, except to knobs the user edited (`.input` marks those)."""
     names = [k.name for k in ed.method_knobs() if k.name in widgets]
     edited = gr.State(frozenset())
@@ -257,16 +256,19 @@ class GenerationRequest:
     look_inside: bool = False  # also record the scores and draw them (`save_look_inside`)
 
 
-def _as_number(value, integer: bool):
-    """A widget's or API payload's number: numeric text read, 3.0 as 3 for whole numbers."""
+def _read(value, kind: type):
+    """A widget's or API payload's value as `kind` where it reads as one (numeric text, 3.0 as 3, "true", 0 or 1);
+    else as it is, for the sampler's check to refuse with its rule."""
     if isinstance(value, str):
+        if kind is bool:
+            return {"true": True, "false": False}.get(value.strip().lower(), value)
         try:
             value = float(value.strip())
         except ValueError:
-            return value  # refused, with the rule, by the check
-    if integer and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+            return value
+    if kind is bool:
+        return bool(value) if isinstance(value, (int, float)) and value in (0, 1) else value
+    return int(value) if kind is int and isinstance(value, float) and value.is_integer() else value
 
 
 def _checked(check: Callable, *args, **kwargs):
@@ -278,28 +280,21 @@ def _checked(check: Callable, *args, **kwargs):
         raise refuse(f"{message[:1].upper()}{message[1:]}.") from None
 
 
-def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
-    """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
-    return _checked(ed.check_number, label, _as_number(value, integer), minimum, maximum, integer)
-
-
 def _flag(label: str, value) -> bool:
-    if isinstance(value, (bool, int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise refuse(f"{label} must be true or false; got {value!r}.")
+    value = _read(value, bool)
+    if not isinstance(value, bool):
+        raise refuse(f"{label} must be true or false; got {value!r}.")
+    return value
 
 
 def knob_value(row: ed.Knob, value, native_latent: int):
-    """One knob's raw widget or API value, read and checked against the demo's range (gr.Error naming its label)."""
-    value = _flag(row.label, value) if row.type is bool else _as_number(value, row.type is int)
-    return _checked(row.check, value, native_latent, demo=True, subject=row.label)
+    """One knob's raw widget or API value, checked by its row in the demo's range (gr.Error naming its label)."""
+    return _checked(row.check, _read(value, row.type), native_latent, demo=True, subject=row.label)
 
 
 def checked_size(width, height, native_px: int, max_scale: int = MAX_SCALE) -> tuple[int, int]:
-    """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the field."""
-    width, height = _number("Width", width, None, None, True), _number("Height", height, None, None, True)
+    """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the side."""
+    width, height = _read(width, int), _read(height, int)
     _checked(ed.check_size, height, width, native_px, max_scale=max_scale)
     return width, height
 
@@ -314,28 +309,24 @@ def size_ok(width, height, native_px: int, max_scale: int = MAX_SCALE) -> bool:
 
 
 def parse_request(values: dict, sampler) -> GenerationRequest:
-    """Validate raw widget or API values (a missing knob takes the size's preset), and pick the seed."""
-    width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px,
-                                 getattr(sampler, "max_scale", MAX_SCALE))
+    """Raw widget or API values checked by the sampler's rules in the demo's ranges before the request waits for
+    the GPU (a missing knob takes the size's preset), and the seed picked."""
+    width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px, sampler.max_scale)
     if _flag("Randomize seed", values.get("randomize_seed", False)):
         seed = secrets.randbelow(ed.MAX_SEED + 1)
     elif values.get("seed") in (None, ""):
         raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
     else:
-        seed = _number("Seed", values["seed"], 0, ed.MAX_SEED, integer=True)
+        seed = _checked(ed.check_number, "Seed", _read(values["seed"], int), 0, ed.MAX_SEED, integer=True)
     defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
-    request = GenerationRequest(
+    return GenerationRequest(
         prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True),
         negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False),
         width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
         look_inside=_flag("Look inside", values.get("look_inside", False)),
         knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
-    # The sampler's own rules (its ranges, the size for this model), before the request waits for the GPU.
-    settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
-    _checked(sampler.check_inputs, request.height, request.width, settings, None, 1)
-    return request
 
 
 class RequestFolder:
@@ -354,8 +345,9 @@ class RequestFolder:
             self.outputs.release(self.path)
 
 
-def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
-    """(mtime, bytes of its files, path) of each folder in `root`, oldest first: what the prunes remove from."""
+def prune(root: str, max_bytes: int, keep=(), cutoff: float = 0) -> None:
+    """Remove the folders in `root` last changed before `cutoff` (a time), then the oldest while all of them hold
+    more than `max_bytes`; never a folder in `keep` (full paths)."""
     folders = []
     for entry in os.scandir(root):
         try:  # Gradio's cache sweep may remove a file or folder while this looks at it
@@ -365,7 +357,11 @@ def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
                 folders.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
         except OSError:
             continue
-    return sorted(folders)
+    total = sum(size for _, size, _ in folders)
+    for mtime, size, path in sorted(folders):
+        if path not in keep and (mtime < cutoff or total > max_bytes):
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
 
 
 class OutputFolders:
@@ -399,12 +395,7 @@ class OutputFolders:
     def prune(self, keep: str | None = None) -> None:
         """Remove folders past their age, then the oldest over `max_bytes`; never `keep` or a running request's."""
         with self._lock:
-            folders = subfolder_sizes(self.root)
-            total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
-            for mtime, size, path in folders:
-                if path != keep and path not in self._active and (mtime < cutoff or total > self.max_bytes):
-                    shutil.rmtree(path, ignore_errors=True)
-                    total -= size
+            prune(self.root, self.max_bytes, self._active | {keep}, time.time() - self.keep_seconds)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -438,18 +429,6 @@ LookInside = collections.namedtuple("LookInside", "sheet animation windows capti
 
 NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
 KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    gallery: list[tuple[str, str]]  # (PNG path, caption)
-    seed: int
-    summary: str  # markdown: time, UNet evaluations, settings
-    look_inside: LookInside | None = None
-
-    def outputs(self) -> tuple:
-        """/generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption."""
-        return (self.gallery, self.seed, self.summary, *(self.look_inside or NO_LOOK_INSIDE))
 
 
 class RunProgress:
@@ -497,10 +476,8 @@ class RunProgress:
 
 
 def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
-    """The run's info with the model and ControlNet by name, not by server path (for metadata and pages)."""
-    settings = dict(info.settings)
-    if "controlnet_model" in settings:
-        settings["controlnet_model"] = public_name(settings["controlnet_model"])
+    """The run's info with every model (any setting that is a path) by name, not by server path."""
+    settings = {name: public_name(value) if isinstance(value, str) else value for name, value in info.settings.items()}
     return dataclasses.replace(info, model=public_name(info.model), settings=settings)
 
 
@@ -520,7 +497,7 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
             preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
             previews.put([(path, f"Preview, step {step}/{total}")])
 
-    def work() -> GenerationResult:
+    def work() -> tuple:
         try:
             run = RunProgress(progress, cancelled, preview, stage_names=stage_names)
             return run_generation(sampler, request, folder, run, **run_kwargs)
@@ -538,13 +515,14 @@ def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolder
         result = job.result()
     finally:
         cancelled.set()  # no-op after a normal end; otherwise the sampler stops between two steps
-    yield result.outputs()
+    yield result
 
 
 def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
                    plain_comparison: bool = False, finish: Callable | None = None,
-                   **sampler_kwargs) -> GenerationResult:
-    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs.
+                   **sampler_kwargs) -> tuple:
+    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs; returns
+    /generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption.
 
     `sampler_kwargs` go to the sampler; `finish(folder, request, info)` may amend `info.settings` before the
     PNGs are written and returns more (path, caption) gallery items (the ControlNet's condition map).
@@ -582,17 +560,15 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     info = public_record(info)
-    extra = list(finish(folder, request, info)) if finish is not None else []
-    look_inside = None
+    extra = finish(folder, request, info) if finish is not None else []
+    look_inside = NO_LOOK_INSIDE
     if recording is not None:
         run.stage("look_inside", 0, 1)
         tic = time.perf_counter()
         look_inside = save_look_inside(folder, request, recording, info)
         info.timings["look_inside"] = time.perf_counter() - tic
-    result = save_results(folder, request, images[0], info, plain, sampler.native_px)
-    result.gallery.extend(extra)
-    result.look_inside = look_inside
-    return result
+    gallery = save_results(folder, request, images[0], info, plain) + extra
+    return gallery, request.seed, summarize(info, request, sampler.native_px), *look_inside
 
 
 def look_inside_steps(num_inference_steps: int) -> str:
@@ -628,8 +604,8 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
 
 
 def save_results(folder: RequestFolder, request: GenerationRequest, image, info: ed.GenerationInfo,
-                 plain: tuple | None, native_px: int) -> GenerationResult:
-    """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
+                 plain: tuple | None) -> list[tuple[str, str]]:
+    """Full-resolution PNGs with the settings in their text chunks: the gallery's (path, caption)s."""
     size = f"{request.width}x{request.height}"
     path = folder.file(f"elastic_seed{request.seed}_{size}.png")
     save_png(image, path, png_metadata(info, request.prompt, request.negative_prompt))
@@ -640,7 +616,7 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
         save_png(plain_image, plain_path, png_metadata(dataclasses.replace(info, settings=plain_settings),
                                                        request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
-    return GenerationResult(gallery, request.seed, summarize(info, request, native_px))
+    return gallery
 
 
 def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
@@ -654,11 +630,8 @@ def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: in
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
              f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
              f"view batch {s['view_batch_size']}"]
-    if "controlnet_model" in s:  # the ControlNet demo's sampler
-        canny = f" {s['canny_low']}/{s['canny_high']}" if s.get("condition") == "canny" else ""
-        lines.append(f"ControlNet `{public_name(s['controlnet_model'])}`: {s['condition']}{canny} map, scale "
-                     f"{s['controlnet_conditioning_scale']:g}, {getattr(info, 'controlnet_samples', 0):,} ControlNet "
-                     f"evaluations; map made in {timings.get('condition', 0):.2f} s")
+    if hasattr(info, "summary"):  # an extension's own line (the ControlNet's)
+        lines.append(info.summary())
     if info.peak_memory_gib is not None:
         lines.append(f"peak GPU memory {info.peak_memory_gib:.1f} GiB")
     if "plain" in timings:
@@ -681,7 +654,7 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
     try:
         width, height = int(values["width"]), int(values["height"])
         settings = {**preset(width, height, native_px), **values}
-        settings = {name: ed.knob(name).check(_as_number(settings[name], True), native_latent, demo=True)
+        settings = {name: ed.knob(name).check(_read(settings[name], int), native_latent, demo=True)
                     for name in ("num_inference_steps", "resampling_steps", "patch_size")}
         settings["repaint"] = bool(values.get("repaint", True))
         samples = ed.unet_cost(width, height, settings, native_latent).samples
@@ -752,7 +725,7 @@ class TextToImageApp:
         self.status = status if sampler is None else ""
         self.preview_every = preview_every
         self.outputs = outputs or OutputFolders()
-        self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
+        self.native_px = sampler.native_px if sampler is not None else DEFAULT_SIZE
 
     @classmethod
     def api_inputs(cls) -> list[str]:

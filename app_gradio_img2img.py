@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import os
-import shutil
 import stat
 import threading
 import time
@@ -73,21 +72,6 @@ EXAMPLE_ROWS = [[DEFAULT_INPUT, EXAMPLE_PROMPT, PRESET_NEGATIVE_PROMPT, "canny",
 EXAMPLE_LABELS = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT]
 
 
-@dataclasses.dataclass
-class ControlRequest:
-    """The validated ControlNet part of a request."""
-    image: Image.Image  # RGB, EXIF orientation applied
-    name: str  # the upload's own file name (never a server path), for messages and metadata
-    condition: str  # 'canny', 'depth' or 'image'
-    scale: float
-    canny_low: int
-    canny_high: int
-
-    def sampler_kwargs(self) -> dict:
-        return dict(condition_image=self.image, condition=self.condition,
-                    controlnet_conditioning_scale=self.scale, canny_low=self.canny_low, canny_high=self.canny_high)
-
-
 def trained_condition(sampler) -> str | None:
     """'canny' or 'depth' for the default ControlNets and for ids or folders named after one; else None."""
     if sampler is None:
@@ -139,17 +123,6 @@ def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_b
     return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
 
 
-def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
-    """Remove the oldest uploads in `folder` until they total at most `max_bytes`; folders in `keep` stay."""
-    uploads = [u for u in base.subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
-    total = sum(size for _, size, _ in uploads)
-    for _, size, path in uploads:
-        if total <= max_bytes:
-            break
-        shutil.rmtree(path, ignore_errors=True)
-        total -= size
-
-
 class UploadLimits:
     """ASGI middleware on Gradio's upload route: one file of at most `max_file_size` a request (else HTTP 413),
     then the oldest uploads go until all total at most `max_bytes` (Gradio bounds per file and by age only)."""
@@ -179,7 +152,7 @@ class UploadLimits:
 
         async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
             if message["type"] == "http.response.start":
-                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
+                await asyncio.to_thread(base.prune, self.folder, self.max_bytes, self.keep)
             await send(message)
 
         await self.app(scope, receive, send_when_pruned)
@@ -266,27 +239,26 @@ class ImageToImageApp(base.TextToImageApp):
         labels = ", ".join(f"'{v}' ({label})" for label, v in CONDITION_CHOICES)
         raise refuse(f"Condition must be one of {labels}; got {value!r}.")
 
-    def parse_control(self, values: dict) -> ControlRequest:
-        """Validate the ControlNet inputs (UI and API alike), each with an actionable gr.Error."""
-        condition = self.condition_type(values.get("condition"))
-        knobs = {row.name: base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), self.native_px // 8)
-                 for row in CONTROLNET_KNOBS}
-        if knobs["canny_low"] > knobs["canny_high"]:
-            raise refuse(f"Canny low threshold ({knobs['canny_low']}) must not be above the Canny high threshold "
-                         f"({knobs['canny_high']}).")
-        image, name = self.input_image(values.get("image"))
-        return ControlRequest(image, name, condition, knobs["controlnet_conditioning_scale"], knobs["canny_low"],
-                              knobs["canny_high"])
+    def parse_control(self, values: dict) -> tuple[str, dict]:
+        """The ControlNet inputs (UI and API alike), each checked with an actionable gr.Error: the upload's own name
+        (never a server path) and the sampler's keyword arguments, the image decoded."""
+        control = dict(condition=self.condition_type(values.get("condition")))
+        for row in CONTROLNET_KNOBS:
+            control[row.name] = base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), 0)
+        if control["canny_low"] > control["canny_high"]:
+            raise refuse(f"Canny low threshold ({control['canny_low']}) must not be above the Canny high threshold "
+                         f"({control['canny_high']}).")
+        control["condition_image"], name = self.input_image(values.get("image"))
+        return name, control
 
     def stream(self, values: dict, progress, **run_kwargs):
         """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
         self._require_model()
-        control = self.parse_control(values)
-        if control.condition == "depth":  # load the depth model now, bounded, or fail at once with advice
+        name, control = self.parse_control(values)
+        if control["condition"] == "depth":  # load the depth model now, bounded, or fail at once with advice
             within(DEPTH_SECONDS, "Loading the depth model", self._locked_depth, self._depth_estimator)
-        self._warn_if_mismatched(control.condition)
-        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, control),
-                                  **control.sampler_kwargs())
+        self._warn_if_mismatched(control["condition"])
+        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, name), **control)
 
     def _warn_if_mismatched(self, condition: str) -> None:
         expected = self.controlnet_condition
@@ -296,29 +268,30 @@ class ImageToImageApp(base.TextToImageApp):
                        f"with --controlnet {condition}.")
 
     @staticmethod
-    def _save_condition(control: ControlRequest, folder: base.RequestFolder, request,
-                        info) -> list[tuple[str, str]]:
+    def _save_condition(name: str, folder: base.RequestFolder, request, info) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
-        info.settings["condition_image"] = control.name  # the sampler saw a decoded image, not a file
+        s = info.settings
+        s["condition_image"] = name  # the sampler saw a decoded image, not a file
         condition_map = info.condition_image
-        if control.condition in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
+        if s["condition"] in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
-        path = folder.file(f"condition_{control.condition}_seed{request.seed}_{size}.png")
-        record = dataclasses.replace(info, settings=dict(info.settings, image="condition map"))
+        path = folder.file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
+        record = dataclasses.replace(info, settings=dict(s, image="condition map"))
         save_png(condition_map, path, png_metadata(record, request.prompt, request.negative_prompt))
-        thresholds = f" {control.canny_low}/{control.canny_high}" if control.condition == "canny" else ""
-        return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]
+        thresholds = f" {s['canny_low']}/{s['canny_high']}" if s["condition"] == "canny" else ""
+        return [(path, f"Condition map ({s['condition']}{thresholds}), {size}")]
 
     def condition_map(self, image, condition, width, height, canny_low, canny_high, max_side: int | None = None) -> str:
         """/condition_preview: the map /generate would follow, at the output size (`max_side` shrinks it)."""
-        values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
-        control = self.parse_control(values)
+        _, control = self.parse_control(dict(image=image, condition=condition, canny_low=canny_low,
+                                             canny_high=canny_high))
+        condition = control["condition"]
         width, height = self.checked_size(width, height)
-        fitted = fit_image(control.image, width, height)  # the sampler's resize rule
-        if control.condition == "canny":
-            result = canny_condition(fitted, control.canny_low, control.canny_high).convert("L")
-        elif control.condition == "depth":
+        fitted = fit_image(control["condition_image"], width, height)  # the sampler's resize rule
+        if condition == "canny":
+            result = canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
+        elif condition == "depth":
             self._require_model()
             result = self._depth_map(fitted).convert("L")
         else:
@@ -327,7 +300,7 @@ class ImageToImageApp(base.TextToImageApp):
             result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
         folder = self.outputs.request()
         try:
-            path = folder.file(f"condition_{control.condition}_{width}x{height}.png")
+            path = folder.file(f"condition_{condition}_{width}x{height}.png")
             result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
         finally:
             folder.close()
@@ -450,7 +423,8 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: base.OutputFolders
           max_file_size: int = MAX_UPLOAD_BYTES) -> None:
     """`app_gradio.serve` with uploads bounded by `UploadLimits`."""
     folder = os.path.dirname(outputs.root)  # the page's own files, made while it was built, are never pruned
-    limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=set(os.listdir(folder)),
+    own = {entry.path for entry in os.scandir(folder)}
+    limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=own,
                                              max_file_size=max_file_size, max_bytes=args.max_uploads_mb * 2 ** 20)
     uploads = (f"at most {max_file_size / 2 ** 20:.0f} MB each and {args.max_uploads_mb} MB in all, each kept "
                f"{base.KEEP_OUTPUTS_SECONDS // 60} min")

@@ -89,7 +89,8 @@ def record(image: Image.Image) -> dict:
 
 def stored_bytes(outputs: app.OutputFolders) -> int:
     """Bytes in the outputs now, as the prune counts them."""
-    return sum(size for _, size, _ in app.subfolder_sizes(outputs.root))
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(outputs.root)
+               for name in names)
 
 
 def test_generate_returns_full_size_png_with_settings(client):
@@ -129,8 +130,8 @@ def test_recommended_settings_endpoint_feeds_generate(client):
 
 @pytest.mark.parametrize("width,height,message", [
     (1001, 1024, "Width must be a multiple of 8"), (1024, 4096, "Height must be between 128 and 2048"),
-    (64, 1024, "Width must be at least 128 pixels"), ("abc", 1024, "Width must be a whole number"),
-    (1024, 512.5, "Height must be a whole number"), (None, 1024, "Width must be a whole number"),
+    (64, 1024, "Width must be at least 128 pixels"), ("abc", 1024, "Width must be an integer number of pixels"),
+    (1024, 512.5, "Height must be an integer number of pixels"), (None, 1024, "Width must be an integer number of pixels"),
 ])
 def test_recommended_settings_validates_sizes_like_generate(client, width, height, message):
     with pytest.raises(AppError, match=message):
@@ -139,7 +140,7 @@ def test_recommended_settings_validates_sizes_like_generate(client, width, heigh
 
 def test_recommended_settings_refuses_non_finite_json(server):
     stream = call_raw(server[1], '{"data": [NaN, 1024]}', "recommended_settings")
-    assert "event: error" in stream and "Width must be a whole number" in stream
+    assert "event: error" in stream and "Width must be an integer number of pixels" in stream
 
 
 def test_recommended_settings_are_always_accepted_by_generate(sampler, monkeypatch):
@@ -186,7 +187,7 @@ BAD_INPUTS = [
     (dict(width=1001), "multiple of 8"),
     (dict(width=4096), "between 128 and 2048"),
     (dict(height=64), "Height must be at least 128 pixels"),
-    (dict(height="tall"), "Height must be a whole number"),
+    (dict(height="tall"), "Height must be an integer number of pixels"),
     (dict(seed="abc", randomize_seed=False), "Seed must be a whole number"),
     (dict(seed=-1), "Seed must be between 0"),
     (dict(seed=app.ed.MAX_SEED + 1), "between 0 and 4294967295; got 4294967296"),  # limits as written, not 4.29e+09
@@ -640,9 +641,9 @@ def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatc
     images = {}
     for look_inside in (False, True):
         request = app.parse_request(dict(values, look_inside=look_inside), sampler)
-        result = app.run_generation(sampler, request, outputs.request())
-        images[look_inside] = np.asarray(Image.open(result.gallery[0][0]))
-        assert (result.look_inside is None) is (not look_inside)
+        gallery, *_, caption = app.run_generation(sampler, request, outputs.request())
+        images[look_inside] = np.asarray(Image.open(gallery[0][0]))
+        assert (caption == "") is (not look_inside)
         if not look_inside:
             assert recordings == []
     off, on = calls
