@@ -55,11 +55,10 @@ EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high qual
 
 
 def trained_condition(sampler) -> str | None:
-    """'canny' or 'depth' for the default ControlNets and for ids or folders named after one; else None."""
+    """'canny' or 'depth' for the default ControlNets (their ids name their condition) and for ids or folders
+    named after one; else None."""
     if sampler is None:
         return "canny"  # the default ControlNet's
-    if sampler.default_condition in ("canny", "depth"):
-        return sampler.default_condition
     name = os.path.basename(os.path.normpath(str(sampler.controlnet_model))).lower()
     found = [kind for kind in ("canny", "depth") if kind in name]
     return found[0] if len(found) == 1 else None
