@@ -1,6 +1,6 @@
 """ElasticDiffusion text-to-image demo (Gradio); docs/app.md says what it offers, stores and serves.
 
-A request's path: `TextToImageApp.generate` -> `parse_request` -> `stream_generation` -> `run_generation`.
+A request's path: `TextToImageApp.generate` -> `stream` (`parse_request`, then a thread) -> `run_generation`.
 """
 from __future__ import annotations
 
@@ -27,34 +27,18 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 import torch
 
 import elastic_diffusion as ed
 import pca_diffusion_scores as pca
-from elastic_diffusion import (
-    DEFAULT_NEGATIVE_PROMPT,
-    DEMO_PRESETS,
-    MAX_SCALE,
-    MIN_SIDE_PX,
-    PRESET_NEGATIVE_PROMPT,
-    ElasticDiffusion,
-    GenerationCancelled,
-    HelpFormatter,
-    format_number,
-    png_metadata,
-    public_name,
-    recommended_settings,
-    save_png,
-)
 
 logger = logging.getLogger("app_gradio")
 
 DEFAULT_MODEL = "XL1.0"
-DEFAULT_SIZE = 1024  # the first image people see: fast (R = 0) at SDXL's native size
-DEFAULT_NATIVE_PX = 1024  # SDXL; only used to lay out the widgets when no model could be loaded
+DEFAULT_SIZE = 1024  # SDXL's native size: the first image (fast, R = 0), and the layout when no model could be loaded
 QUEUE_SIZE = 16  # requests waiting behind the running one; more are refused with "queue full"
 PREVIEW_EVERY = 10  # decode x0 every this many steps (5 previews over the default 50 steps)
 PREVIEW_LATENT_SIDE = 64  # previews decode at most 64 latent pixels (512 px) per side: cheap next to a step
@@ -73,8 +57,8 @@ CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
 STAGE_NAMES = {"encode_prompt": "Encoding the prompt", "backgrounds": "Encoding the padding strips",  # the sampler's
                "look_inside": "Drawing the look-inside pictures"}  # stages before step 1; the app's own after the last
-TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "condition": "condition map",
-                 "denoise": "denoising", "decode": "decoding"}  # the summary's time split
+TIMING_LABELS = {"encode_prompt": "prompt", "backgrounds": "padding strips", "denoise": "denoising",
+                 "decode": "decoding"}  # the summary's time split
 PAGE_CSS = """
 #gallery .fixed-height { max-height: none; min-height: 0; }
 #gallery .grid-wrap { overflow-y: visible; height: auto; }
@@ -107,7 +91,7 @@ def refuse(message: str, **kwargs) -> gr.Error:
 
 def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio).") -> argparse.ArgumentParser:
     """The flags both apps share (docs/app.md has the table)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=ed.HelpFormatter)
     p.add_argument("--model", "--sd_version", dest="model", default=os.environ.get("ELASTIC_MODEL", DEFAULT_MODEL),
                    help="'1.5', '2.1', 'XL1.0', any hub id, a local diffusers folder or a .safetensors file")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="HTTP port")
@@ -122,7 +106,7 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
                    help="weight dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
                    help="allow non-safetensors (pickle) weights; only for checkpoints you trust")
-    p.add_argument("--max-scale", "--max_scale", dest="max_scale", type=int, default=MAX_SCALE,
+    p.add_argument("--max-scale", "--max_scale", dest="max_scale", type=int, default=ed.MAX_SCALE,
                    help="largest size as a multiple of the model's native size per side; above 2 is experimental")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
     p.add_argument("--max-output-mb", type=int, default=MAX_OUTPUT_MB,
@@ -134,7 +118,7 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     return p
 
 
-def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_file: str = "app_gradio.py",
+def load_sampler(args: argparse.Namespace, sampler_class=ed.ElasticDiffusion, app_file: str = "app_gradio.py",
                  **kwargs) -> tuple[Any, str]:
     """Load the model once: (sampler, "") or (None, a message that tells the user what to do)."""
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
@@ -145,7 +129,8 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
         logger.warning("%s could not be loaded: %s", args.model, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
         # Markdown for the banner and the Generate button's error; no server paths.
-        return None, (f"**No model is loaded.** `{public_name(args.model)}` could not be loaded: {scrub_paths(reason)}"
+        return None, (f"**No model is loaded.** `{ed.public_name(args.model)}` could not be loaded: "
+                      f"{scrub_paths(reason)}"
                       "\n\nTo use a model on disk (e.g. on a machine without hub access or without a GPU), start the "
                       f"app with `python {app_file} --model /path/to/diffusers/folder` (a folder saved with diffusers' "
                       "`save_pretrained`, with `model_index.json` in it) or `--model /path/to/checkpoint.safetensors`. "
@@ -156,7 +141,7 @@ def load_sampler(args: argparse.Namespace, sampler_class=ElasticDiffusion, app_f
 
 def preset(width: int, height: int, native_px: int) -> dict:
     """`recommended_settings` clamped to the demos' ranges (λ0 grows with the area), so /generate takes them."""
-    settings = recommended_settings(width, height, native_px)
+    settings = ed.recommended_settings(width, height, native_px)
     return {name: ed.knob(name).clamp(value, native_px // 8, demo=True) for name, value in settings.items()}
 
 
@@ -171,20 +156,20 @@ def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -
     return gr.Slider(low, high, step=row.step, precision=0 if row.type is int else None, **common)
 
 
-def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_scale: int = MAX_SCALE,
+def knob_widgets(native_px: int = DEFAULT_SIZE, is_sdxl: bool = True, max_scale: int = ed.MAX_SCALE,
                  extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
     """Size row and an "Advanced options" accordion with every knob (and `extra_advanced()`'s widgets), by name."""
     limit = max_scale * native_px
-    size_info = f"pixels, a multiple of 8, {MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
+    size_info = f"pixels, a multiple of 8, {ed.MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
     w = {}
     with gr.Row(equal_height=True):
         for name in ("width", "height"):
-            w[name] = gr.Number(label=name.title(), value=DEFAULT_SIZE, precision=0, step=8, minimum=MIN_SIDE_PX,
+            w[name] = gr.Number(label=name.title(), value=DEFAULT_SIZE, precision=0, step=8, minimum=ed.MIN_SIDE_PX,
                                 maximum=limit, info=size_info, elem_id=name)
         w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
     values = {**{k.name: k.default for k in ed.KNOBS}, **preset(DEFAULT_SIZE, DEFAULT_SIZE, native_px)}
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-        w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE_PROMPT, lines=2,
+        w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=ed.DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=ed.MAX_PROMPT_CHARS, info="What the image should not show.")
         with gr.Row():
             w["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=ed.MAX_SEED,
@@ -206,7 +191,7 @@ def knob_widgets(native_px: int = DEFAULT_NATIVE_PX, is_sdxl: bool = True, max_s
     return w
 
 
-def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_scale: int = MAX_SCALE) -> gr.State:
+def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: int = ed.MAX_SCALE) -> None:
     """Re-apply the preset when the size changes, except to knobs the user edited (`.input` marks those)."""
     names = [k.name for k in ed.method_knobs() if k.name in widgets]
     edited = gr.State(frozenset())
@@ -217,24 +202,20 @@ def wire_size_presets(widgets: dict, native_px: int = DEFAULT_NATIVE_PX, max_sca
     def follow_size(width, height, marks):
         return preset_updates(width, height, marks, names, native_px, max_scale)
 
-    def reset(width, height):
-        marks = frozenset()
-        return [marks] + follow_size(width, height, marks)
-
     size = [widgets["width"], widgets["height"]]
     knob_outputs = [widgets[name] for name in names]
     # Raw values (preprocess=False): sizes being typed ("2", "20", ...) are not errors here.
     gr.on([widgets["width"].change, widgets["height"].change], follow_size, inputs=size + [edited],
           outputs=knob_outputs, queue=False, show_progress="hidden", api_visibility="private", preprocess=False)
-    widgets["reset_knobs"].click(reset, inputs=size, outputs=[edited] + knob_outputs, queue=False,
-                                 api_visibility="private", preprocess=False)
+    widgets["reset_knobs"].click(lambda width, height: [frozenset(), *follow_size(width, height, frozenset())],
+                                 inputs=size, outputs=[edited] + knob_outputs, queue=False, api_visibility="private",
+                                 preprocess=False)
     widgets["swap_size"].click(lambda width, height: (height, width), inputs=size, outputs=size, queue=False,
                                api_visibility="private", preprocess=False)
-    return edited
 
 
 def preset_updates(width, height, edited: frozenset, names: Sequence[str], native_px: int,
-                   max_scale: int = MAX_SCALE) -> list:
+                   max_scale: int = ed.MAX_SCALE) -> list:
     """New values for the knobs `names` at this size: the preset, or gr.skip() for the user's own values."""
     if not size_ok(width, height, native_px, max_scale):  # a value being typed: leave the knobs alone
         return [gr.skip()] * len(names)
@@ -257,16 +238,19 @@ class GenerationRequest:
     look_inside: bool = False  # also record the scores and draw them (`save_look_inside`)
 
 
-def _as_number(value, integer: bool):
-    """A widget's or API payload's number: numeric text read, 3.0 as 3 for whole numbers."""
+def _read(value, kind: type):
+    """A widget's or API payload's value as `kind` where it reads as one (numeric text, 3.0 as 3, "true", 0 or 1);
+    else as it is, for the sampler's check to refuse with its rule."""
     if isinstance(value, str):
+        if kind is bool:
+            return {"true": True, "false": False}.get(value.strip().lower(), value)
         try:
             value = float(value.strip())
         except ValueError:
-            return value  # refused, with the rule, by the check
-    if integer and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+            return value
+    if kind is bool:
+        return bool(value) if isinstance(value, (int, float)) and value in (0, 1) else value
+    return int(value) if kind is int and isinstance(value, float) and value.is_integer() else value
 
 
 def _checked(check: Callable, *args, **kwargs):
@@ -278,33 +262,26 @@ def _checked(check: Callable, *args, **kwargs):
         raise refuse(f"{message[:1].upper()}{message[1:]}.") from None
 
 
-def _number(label: str, value, minimum: float, maximum: float, integer: bool) -> float | int:
-    """A finite number in [minimum, maximum] from a widget or an API payload (numbers or numeric text)."""
-    return _checked(ed.check_number, label, _as_number(value, integer), minimum, maximum, integer)
-
-
 def _flag(label: str, value) -> bool:
-    if isinstance(value, (bool, int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise refuse(f"{label} must be true or false; got {value!r}.")
+    value = _read(value, bool)
+    if not isinstance(value, bool):
+        raise refuse(f"{label} must be true or false; got {value!r}.")
+    return value
 
 
 def knob_value(row: ed.Knob, value, native_latent: int):
-    """One knob's raw widget or API value, read and checked against the demo's range (gr.Error naming its label)."""
-    value = _flag(row.label, value) if row.type is bool else _as_number(value, row.type is int)
-    return _checked(row.check, value, native_latent, demo=True, subject=row.label)
+    """One knob's raw widget or API value, checked by its row in the demo's range (gr.Error naming its label)."""
+    return _checked(row.check, _read(value, row.type), native_latent, demo=True, subject=row.label)
 
 
-def checked_size(width, height, native_px: int, max_scale: int = MAX_SCALE) -> tuple[int, int]:
-    """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the field."""
-    width, height = _number("Width", width, None, None, True), _number("Height", height, None, None, True)
+def checked_size(width, height, native_px: int, max_scale: int = ed.MAX_SCALE) -> tuple[int, int]:
+    """(width, height) from widget or API values, checked by the sampler's size rule; gr.Error naming the side."""
+    width, height = _read(width, int), _read(height, int)
     _checked(ed.check_size, height, width, native_px, max_scale=max_scale)
     return width, height
 
 
-def size_ok(width, height, native_px: int, max_scale: int = MAX_SCALE) -> bool:
+def size_ok(width, height, native_px: int, max_scale: int = ed.MAX_SCALE) -> bool:
     """Whether /generate takes this size: the page leaves the knobs and previews alone while a size is typed."""
     try:
         checked_size(width, height, native_px, max_scale)
@@ -314,28 +291,24 @@ def size_ok(width, height, native_px: int, max_scale: int = MAX_SCALE) -> bool:
 
 
 def parse_request(values: dict, sampler) -> GenerationRequest:
-    """Validate raw widget or API values (a missing knob takes the size's preset), and pick the seed."""
-    width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px,
-                                 getattr(sampler, "max_scale", MAX_SCALE))
+    """Raw widget or API values checked by the sampler's rules in the demo's ranges before the request waits for
+    the GPU (a missing knob takes the size's preset), and the seed picked."""
+    width, height = checked_size(values.get("width"), values.get("height"), sampler.native_px, sampler.max_scale)
     if _flag("Randomize seed", values.get("randomize_seed", False)):
         seed = secrets.randbelow(ed.MAX_SEED + 1)
     elif values.get("seed") in (None, ""):
         raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
     else:
-        seed = _number("Seed", values["seed"], 0, ed.MAX_SEED, integer=True)
+        seed = _checked(ed.check_number, "Seed", _read(values["seed"], int), 0, ed.MAX_SEED, integer=True)
     defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
-    request = GenerationRequest(
+    return GenerationRequest(
         prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True),
         negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False),
         width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
         look_inside=_flag("Look inside", values.get("look_inside", False)),
         knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
-    # The sampler's own rules (its ranges, the size for this model), before the request waits for the GPU.
-    settings = _checked(sampler.resolve_settings, request.width, request.height, **request.knobs)
-    _checked(sampler.check_inputs, request.height, request.width, settings, None, 1)
-    return request
 
 
 class RequestFolder:
@@ -354,8 +327,9 @@ class RequestFolder:
             self.outputs.release(self.path)
 
 
-def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
-    """(mtime, bytes of its files, path) of each folder in `root`, oldest first: what the prunes remove from."""
+def prune(root: str, max_bytes: int, keep=(), cutoff: float = 0) -> None:
+    """Remove the folders in `root` last changed before `cutoff` (a time), then the oldest while all of them hold
+    more than `max_bytes`; never a folder in `keep` (full paths)."""
     folders = []
     for entry in os.scandir(root):
         try:  # Gradio's cache sweep may remove a file or folder while this looks at it
@@ -365,7 +339,11 @@ def subfolder_sizes(root: str) -> list[tuple[float, int, str]]:
                 folders.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
         except OSError:
             continue
-    return sorted(folders)
+    total = sum(size for _, size, _ in folders)
+    for mtime, size, path in sorted(folders):
+        if path not in keep and (mtime < cutoff or total > max_bytes):
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
 
 
 class OutputFolders:
@@ -399,12 +377,7 @@ class OutputFolders:
     def prune(self, keep: str | None = None) -> None:
         """Remove folders past their age, then the oldest over `max_bytes`; never `keep` or a running request's."""
         with self._lock:
-            folders = subfolder_sizes(self.root)
-            total, cutoff = sum(size for _, size, _ in folders), time.time() - self.keep_seconds
-            for mtime, size, path in folders:
-                if path != keep and path not in self._active and (mtime < cutoff or total > self.max_bytes):
-                    shutil.rmtree(path, ignore_errors=True)
-                    total -= size
+            prune(self.root, self.max_bytes, self._active | {keep}, time.time() - self.keep_seconds)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -429,7 +402,7 @@ def within(seconds: float, what: str, fn: Callable, *args):
     try:
         return in_thread(fn, *args).result(timeout=seconds)
     except concurrent.futures.TimeoutError:
-        raise refuse(f"{what} took longer than {format_number(seconds)} s and was given up: try a smaller image, "
+        raise refuse(f"{what} took longer than {ed.format_number(seconds)} s and was given up: try a smaller image, "
                      "or try again in a minute if the server is busy.") from None
 
 
@@ -438,18 +411,6 @@ LookInside = collections.namedtuple("LookInside", "sheet animation windows capti
 
 NO_LOOK_INSIDE = (None, None, None, "")  # /generate's look-inside outputs when the option is off
 KEEP_LOOK_INSIDE = (gr.skip(),) * len(NO_LOOK_INSIDE)  # while a request runs: the page keeps what it shows
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    gallery: list[tuple[str, str]]  # (PNG path, caption)
-    seed: int
-    summary: str  # markdown: time, UNet evaluations, settings
-    look_inside: LookInside | None = None
-
-    def outputs(self) -> tuple:
-        """/generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption."""
-        return (self.gallery, self.seed, self.summary, *(self.look_inside or NO_LOOK_INSIDE))
 
 
 class RunProgress:
@@ -468,7 +429,7 @@ class RunProgress:
 
     def _check(self, where: str) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
-            raise GenerationCancelled(f"cancelled {where}")
+            raise ed.GenerationCancelled(f"cancelled {where}")
 
     def stage(self, stage: str, done: int, total: int) -> None:
         """The sampler's `callback_on_stage`: the preparation before step 1."""
@@ -497,54 +458,16 @@ class RunProgress:
 
 
 def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
-    """The run's info with the model and ControlNet by name, not by server path (for metadata and pages)."""
-    settings = dict(info.settings)
-    if "controlnet_model" in settings:
-        settings["controlnet_model"] = public_name(settings["controlnet_model"])
-    return dataclasses.replace(info, model=public_name(info.model), settings=settings)
-
-
-def stream_generation(sampler, request: GenerationRequest, outputs: OutputFolders, progress=None,
-                      preview_every: int = PREVIEW_EVERY, stage_names: dict[str, str] = STAGE_NAMES,
-                      **run_kwargs) -> Iterator[tuple]:
-    """Run one validated request in a thread; yield /generate's outputs: previews, then the result.
-
-    When Gradio closes this generator (Cancel, a client gone) the sampler stops at its next step or stage.
-    """
-    cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), outputs.request()
-
-    def preview(step: int, total: int, x0: torch.Tensor) -> None:
-        # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
-        if preview_every and not request.low_vram and step % preview_every == 0 and step < total:
-            path = folder.file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
-            preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
-            previews.put([(path, f"Preview, step {step}/{total}")])
-
-    def work() -> GenerationResult:
-        try:
-            run = RunProgress(progress, cancelled, preview, stage_names=stage_names)
-            return run_generation(sampler, request, folder, run, **run_kwargs)
-        finally:
-            folder.close()
-
-    job = in_thread(work)
-    try:
-        yield gr.skip(), gr.skip(), "", *KEEP_LOOK_INSIDE  # clear the last summary: the progress bar is drawn over it
-        while not job.done():
-            try:
-                yield previews.get(timeout=HEARTBEAT_SECONDS), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
-            except queue.Empty:  # lets Gradio close this generator between two events
-                yield gr.skip(), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
-        result = job.result()
-    finally:
-        cancelled.set()  # no-op after a normal end; otherwise the sampler stops between two steps
-    yield result.outputs()
+    """The run's info with every model (any setting that is a path) by name, not by server path."""
+    settings = {name: ed.public_name(v) if isinstance(v, str) else v for name, v in info.settings.items()}
+    return dataclasses.replace(info, model=ed.public_name(info.model), settings=settings)
 
 
 def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
                    plain_comparison: bool = False, finish: Callable | None = None,
-                   **sampler_kwargs) -> GenerationResult:
-    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs.
+                   **sampler_kwargs) -> tuple:
+    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs; returns
+    /generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption.
 
     `sampler_kwargs` go to the sampler; `finish(folder, request, info)` may amend `info.settings` before the
     PNGs are written and returns more (path, caption) gallery items (the ControlNet's condition map).
@@ -582,17 +505,15 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     info = public_record(info)
-    extra = list(finish(folder, request, info)) if finish is not None else []
-    look_inside = None
+    extra = finish(folder, request, info) if finish is not None else []
+    look_inside = NO_LOOK_INSIDE
     if recording is not None:
         run.stage("look_inside", 0, 1)
         tic = time.perf_counter()
         look_inside = save_look_inside(folder, request, recording, info)
         info.timings["look_inside"] = time.perf_counter() - tic
-    result = save_results(folder, request, images[0], info, plain, sampler.native_px)
-    result.gallery.extend(extra)
-    result.look_inside = look_inside
-    return result
+    gallery = save_results(folder, request, images[0], info, plain) + extra
+    return gallery, request.seed, summarize(info, request, sampler.native_px), *look_inside
 
 
 def look_inside_steps(num_inference_steps: int) -> str:
@@ -609,9 +530,9 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
 
     def png(picture, kind: str) -> str:
         path = folder.file(f"look_inside_{kind}_seed{request.seed}_{size}.png")
-        metadata = png_metadata(dataclasses.replace(record, settings=dict(record.settings, image=kind)),
+        metadata = ed.png_metadata(dataclasses.replace(record, settings=dict(record.settings, image=kind)),
                                 request.prompt, request.negative_prompt)
-        return save_png(picture, path, metadata)
+        return ed.save_png(picture, path, metadata)
 
     sheet = png(pca.contact_sheet(recording, basis), "sheet")
     animation = folder.file(f"look_inside_steps_seed{request.seed}_{size}.webp")
@@ -628,19 +549,19 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
 
 
 def save_results(folder: RequestFolder, request: GenerationRequest, image, info: ed.GenerationInfo,
-                 plain: tuple | None, native_px: int) -> GenerationResult:
-    """Full-resolution PNGs with the settings in their text chunks, and the gallery captions."""
+                 plain: tuple | None) -> list[tuple[str, str]]:
+    """Full-resolution PNGs with the settings in their text chunks: the gallery's (path, caption)s."""
     size = f"{request.width}x{request.height}"
     path = folder.file(f"elastic_seed{request.seed}_{size}.png")
-    save_png(image, path, png_metadata(info, request.prompt, request.negative_prompt))
+    ed.save_png(image, path, ed.png_metadata(info, request.prompt, request.negative_prompt))
     gallery = [(path, f"ElasticDiffusion {size}, seed {request.seed}")]
     if plain is not None:
         plain_image, plain_settings = plain
         plain_path = folder.file(f"plain_seed{request.seed}_{size}.png")
-        save_png(plain_image, plain_path, png_metadata(dataclasses.replace(info, settings=plain_settings),
+        ed.save_png(plain_image, plain_path, ed.png_metadata(dataclasses.replace(info, settings=plain_settings),
                                                        request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
-    return GenerationResult(gallery, request.seed, summarize(info, request, native_px))
+    return gallery
 
 
 def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
@@ -654,11 +575,8 @@ def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: in
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
              f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
              f"view batch {s['view_batch_size']}"]
-    if "controlnet_model" in s:  # the ControlNet demo's sampler
-        canny = f" {s['canny_low']}/{s['canny_high']}" if s.get("condition") == "canny" else ""
-        lines.append(f"ControlNet `{public_name(s['controlnet_model'])}`: {s['condition']}{canny} map, scale "
-                     f"{s['controlnet_conditioning_scale']:g}, {getattr(info, 'controlnet_samples', 0):,} ControlNet "
-                     f"evaluations; map made in {timings.get('condition', 0):.2f} s")
+    if hasattr(info, "summary"):  # an extension's own line (the ControlNet's)
+        lines.append(info.summary())
     if info.peak_memory_gib is not None:
         lines.append(f"peak GPU memory {info.peak_memory_gib:.1f} GiB")
     if "plain" in timings:
@@ -681,7 +599,7 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
     try:
         width, height = int(values["width"]), int(values["height"])
         settings = {**preset(width, height, native_px), **values}
-        settings = {name: ed.knob(name).check(_as_number(settings[name], True), native_latent, demo=True)
+        settings = {name: ed.knob(name).check(_read(settings[name], int), native_latent, demo=True)
                     for name in ("num_inference_steps", "resampling_steps", "patch_size")}
         settings["repaint"] = bool(values.get("repaint", True))
         samples = ed.unet_cost(width, height, settings, native_latent).samples
@@ -720,14 +638,6 @@ def _aspect_ratio(width: int, height: int) -> str:
     return f"{width // divisor}:{height // divisor}"
 
 
-EXAMPLE_INPUTS = ("prompt", "negative_prompt", "width", "height", "resampling_steps", "new_p", "rrg_init_weight",
-                  "seed", "randomize_seed")
-EXAMPLE_ROWS = [[p["prompt"], PRESET_NEGATIVE_PROMPT, p["width"], p["height"], p["resampling_steps"], p["new_p"],
-                 p["rrg_init_weight"], 0, False] for p in DEMO_PRESETS]
-EXAMPLE_LABELS = [f"{p['width']}×{p['height']} ({_aspect_ratio(p['width'], p['height'])}): {p['prompt'][:70]}"
-                  + ("…" if len(p["prompt"]) > 70 else "") for p in DEMO_PRESETS]
-
-
 class TextToImageApp:
     """The demo's handlers and layout, fixed at start-up; `app_gradio_img2img.ImageToImageApp` subclasses it."""
 
@@ -742,8 +652,13 @@ class TextToImageApp:
     # are appended, so that older positional calls keep working).
     api_before_knobs = ("prompt", "negative_prompt", "width", "height", "seed", "randomize_seed", "compare_plain")
     api_after_knobs: tuple[str, ...] = ("look_inside",)
-    example_inputs = EXAMPLE_INPUTS  # the fields an example sets, in its rows' order
-    example_rows, example_labels = EXAMPLE_ROWS, EXAMPLE_LABELS
+    # The examples: the fields an example sets, its rows in that order, their labels.
+    example_inputs = ("prompt", "negative_prompt", "width", "height", "resampling_steps", "new_p", "rrg_init_weight",
+                      "seed", "randomize_seed")
+    example_rows = [[p["prompt"], ed.PRESET_NEGATIVE_PROMPT, p["width"], p["height"], p["resampling_steps"], p["new_p"],
+                     p["rrg_init_weight"], 0, False] for p in ed.DEMO_PRESETS]
+    example_labels = [f"{p['width']}×{p['height']} ({_aspect_ratio(p['width'], p['height'])}): {p['prompt'][:70]}"
+                      + ("…" if len(p["prompt"]) > 70 else "") for p in ed.DEMO_PRESETS]
     examples_title = "Presets of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = PREVIEW_EVERY,
@@ -752,7 +667,8 @@ class TextToImageApp:
         self.status = status if sampler is None else ""
         self.preview_every = preview_every
         self.outputs = outputs or OutputFolders()
-        self.native_px = sampler.native_px if sampler is not None else DEFAULT_NATIVE_PX
+        self.native_px = sampler.native_px if sampler is not None else DEFAULT_SIZE
+        self.max_scale = getattr(sampler, "max_scale", ed.MAX_SCALE)
 
     @classmethod
     def api_inputs(cls) -> list[str]:
@@ -769,11 +685,41 @@ class TextToImageApp:
             yield outputs[:3]
 
     def stream(self, values: dict, progress, **run_kwargs):
-        """Check a request, then run it (`stream_generation`); `run_kwargs` go to `run_generation`."""
+        """Check a request, then run it in a thread; yield /generate's outputs: previews, then the result.
+
+        `run_kwargs` go to `run_generation`. When Gradio closes this generator (Cancel, a client gone) the
+        sampler stops at its next step or stage.
+        """
         self._require_model()
         request = parse_request(values, self.sampler)
-        yield from stream_generation(self.sampler, request, self.outputs, progress, self.preview_every,
-                                     self.stage_names, plain_comparison=self.plain_comparison, **run_kwargs)
+        cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), self.outputs.request()
+
+        def preview(step: int, total: int, x0: torch.Tensor) -> None:
+            # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
+            if self.preview_every and not request.low_vram and step % self.preview_every == 0 and step < total:
+                path = folder.file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
+                preview_image(self.sampler, x0).save(path, format="PNG", compress_level=1)
+                previews.put([(path, f"Preview, step {step}/{total}")])
+
+        def work() -> tuple:
+            try:
+                run = RunProgress(progress, cancelled, preview, stage_names=self.stage_names)
+                return run_generation(self.sampler, request, folder, run, self.plain_comparison, **run_kwargs)
+            finally:
+                folder.close()
+
+        job = in_thread(work)
+        try:
+            yield gr.skip(), gr.skip(), "", *KEEP_LOOK_INSIDE  # clear the summary: the progress bar is drawn over it
+            while not job.done():
+                try:
+                    yield previews.get(timeout=HEARTBEAT_SECONDS), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
+                except queue.Empty:  # lets Gradio close this generator between two events
+                    yield gr.skip(), gr.skip(), gr.skip(), *KEEP_LOOK_INSIDE
+            result = job.result()
+        finally:
+            cancelled.set()  # no-op after a normal end; otherwise the sampler stops between two steps
+        yield result
 
     def _require_model(self) -> None:
         if self.sampler is None:
@@ -783,16 +729,14 @@ class TextToImageApp:
         """/recommended_settings: the preset for a size checked as /generate checks it, by /generate's names."""
         return preset(*self.checked_size(width, height), self.native_px)
 
-    @property
-    def max_scale(self) -> int:
-        return getattr(self.sampler, "max_scale", MAX_SCALE)
-
     def checked_size(self, width, height) -> tuple[int, int]:
         return checked_size(width, height, self.native_px, self.max_scale)
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title=self.title, delete_cache=(CACHE_SWEEP_SECONDS, KEEP_OUTPUTS_SECONDS)) as demo:
-            self._header()
+            gr.Markdown(f"# {self.title}\n{self.intro}{self.model_note()}")
+            if self.sampler is None:
+                gr.Markdown(f"⚠️ {self.status}", elem_id="status-banner", container=True)
             widgets = self._inputs()
             with gr.Row(equal_height=True):
                 widgets["prompt"] = gr.Textbox(label="Prompt", placeholder=self.placeholder, lines=2, scale=5,
@@ -848,12 +792,7 @@ class TextToImageApp:
         """The header's sentence about the loaded model(s)."""
         if self.sampler is None:
             return ""
-        return f" Model: `{public_name(self.sampler.sd_version)}`, native {self.native_px} px."
-
-    def _header(self) -> None:
-        gr.Markdown(f"# {self.title}\n{self.intro}{self.model_note()}")
-        if self.sampler is None:
-            gr.Markdown(f"⚠️ {self.status}", elem_id="status-banner", container=True)
+        return f" Model: `{ed.public_name(self.sampler.sd_version)}`, native {self.native_px} px."
 
     @staticmethod
     def _result_widgets(widgets: dict) -> list:
@@ -905,8 +844,8 @@ def private_storage(max_output_mb: int) -> OutputFolders:
     return OutputFolders(max_bytes=max_output_mb * 2 ** 20, parent=folder)
 
 
-def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | None = None,
-          max_file_size: int = 0, uploads: str = "none accepted", **launch_kwargs) -> None:
+def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders, max_file_size: int = 0,
+          uploads: str = "none accepted", **launch_kwargs) -> None:
     """Queue (one GPU job at a time), launch, serve until SIGTERM or Ctrl+C, then remove what the app stored.
 
     `max_file_size` 0 refuses every upload; an app that takes files says how it bounds them in `uploads`.
@@ -923,19 +862,16 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: OutputFolders | No
     logger.info("Running on %s%s", local_url, f" and on the public link {share_url}" if share_url else
                 " (no public link: it could not be made, see above)" if args.share else
                 " (pass --share for a temporary public link)")
-    if outputs is not None:
-        free = shutil.disk_usage(outputs.root).free
-        logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
-                    "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
-                    outputs.keep_seconds // 60, free / 2 ** 30, uploads)
+    logger.info("Storing results and previews in %s: at most %d MB, each kept %d min, all removed on exit; "
+                "%.1f GiB free on that disk. Uploads: %s.", outputs.root, outputs.max_bytes // 2 ** 20,
+                outputs.keep_seconds // 60, shutil.disk_usage(outputs.root).free / 2 ** 30, uploads)
     try:
         while not signals and demo.is_running:
             time.sleep(0.2)
     finally:
         logger.info("Stopping: closing the server and removing the app's files.")
         demo.close(verbose=False)
-        if outputs is not None:
-            outputs.remove()
+        outputs.remove()
 
 
 def main(argv: Sequence[str] | None = None):

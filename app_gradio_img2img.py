@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import os
-import shutil
 import stat
 import threading
 import time
@@ -27,27 +26,12 @@ from PIL import Image
 from starlette.responses import PlainTextResponse
 
 import app_gradio as base
-from app_gradio import public_name, refuse, scrub_paths, within
-from elastic_diffusion import PRESET_NEGATIVE_PROMPT, png_metadata, save_png
-from elastic_diffusion_w_controlnet import (
-    CONDITIONS,
-    CONTROLNET_KNOBS,
-    DEFAULT_DEPTH_MODEL,
-    DEMO_SCALE,
-    DEFAULT_INPUT,
-    MAX_INPUT_PIXELS,
-    ElasticDiffusionControlNet,
-    canny_condition,
-    depth_condition,
-    fit_image,
-    load_image,
-)
+import elastic_diffusion as ed
+import elastic_diffusion_w_controlnet as edc
 
 APP_FILE = "app_gradio_img2img.py"
-DEFAULT_CONDITION = "canny"  # the condition of the default ControlNet
 CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own edge or depth map", "image")]
-CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map", "image": "your own edge or depth map",
-                   "none": "your own edge or depth map"}
+CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map"}  # what a ControlNet may have been trained on
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
 MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
 MAX_UPLOAD_BYTES = 50 * 2 ** 20  # the most an input file may hold; larger uploads are refused before decoding
@@ -62,38 +46,19 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names (its JPEG reader also
 IMAGE_CACHE_SIZE = 4  # decoded input images kept for the previews and the next generation
 DEPTH_SECONDS = 120  # loading the depth model from disk, or estimating one depth map
 PREVIEW_MAX_SIDE = 1024  # the page's live condition map (shown 360 px high); the API's is full size
-KNOB_DEFAULTS = {**{row.name: row.default for row in CONTROLNET_KNOBS}, "controlnet_conditioning_scale": DEMO_SCALE}
+KNOB_DEFAULTS = {**{row.name: row.default for row in edc.CONTROLNET_KNOBS},
+                 "controlnet_conditioning_scale": edc.DEMO_SCALE}
 PREVIEW_INPUTS = ("image", "condition", "width", "height", "canny_low", "canny_high")  # /condition_preview's
 
 # The single example: the official prompt and settings, with the shipped input photograph.
 EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high quality."
-EXAMPLE_INPUTS = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps", "new_p",
-                  "rrg_init_weight", "seed", "randomize_seed")
-EXAMPLE_ROWS = [[DEFAULT_INPUT, EXAMPLE_PROMPT, PRESET_NEGATIVE_PROMPT, "canny", 1536, 1536, 7, 0.3, 1000, 0, False]]
-EXAMPLE_LABELS = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT]
-
-
-@dataclasses.dataclass
-class ControlRequest:
-    """The validated ControlNet part of a request."""
-    image: Image.Image  # RGB, EXIF orientation applied
-    name: str  # the upload's own file name (never a server path), for messages and metadata
-    condition: str  # 'canny', 'depth' or 'image'
-    scale: float
-    canny_low: int
-    canny_high: int
-
-    def sampler_kwargs(self) -> dict:
-        return dict(condition_image=self.image, condition=self.condition,
-                    controlnet_conditioning_scale=self.scale, canny_low=self.canny_low, canny_high=self.canny_high)
 
 
 def trained_condition(sampler) -> str | None:
-    """'canny' or 'depth' for the default ControlNets and for ids or folders named after one; else None."""
+    """'canny' or 'depth' for the default ControlNets (their ids name their condition) and for ids or folders
+    named after one; else None."""
     if sampler is None:
-        return DEFAULT_CONDITION
-    if sampler.default_condition in ("canny", "depth"):
-        return sampler.default_condition
+        return "canny"  # the default ControlNet's
     name = os.path.basename(os.path.normpath(str(sampler.controlnet_model))).lower()
     found = [kind for kind in ("canny", "depth") if kind in name]
     return found[0] if len(found) == 1 else None
@@ -113,41 +78,25 @@ def read_upload(value, roots: Sequence[str], excluded: Sequence[str] = (), max_b
     """
     path = value.get("path") if isinstance(value, dict) else None
     if not isinstance(path, str) or not path or "\x00" in path:
-        raise refuse(UPLOAD_REFUSED)
+        raise base.refuse(UPLOAD_REFUSED)
     real = os.path.realpath(path)
     if not any(_inside(real, root) for root in roots) or any(_inside(real, folder) for folder in excluded):
-        raise refuse(UPLOAD_REFUSED)
-    chunks, deadline = [], time.monotonic() + seconds
+        raise base.refuse(UPLOAD_REFUSED)
+    chunks, size, deadline = [], 0, time.monotonic() + seconds
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        with open(os.open(real, flags), "rb", buffering=0) as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                raise base.refuse(UPLOAD_REFUSED)
+            while chunk := file.read(1 << 20):
+                size += len(chunk)
+                if size > max_bytes or time.monotonic() > deadline:
+                    raise base.refuse(UPLOAD_REFUSED)
+                chunks.append(chunk)
     except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise refuse(UPLOAD_REFUSED)
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > max_bytes or time.monotonic() > deadline:
-                raise refuse(UPLOAD_REFUSED)
-            chunks.append(chunk)
-    except OSError:
-        raise refuse(UPLOAD_REFUSED) from None
-    finally:
-        os.close(fd)
+        raise base.refuse(UPLOAD_REFUSED) from None
     return b"".join(chunks), os.path.basename(str(value.get("orig_name") or path))[:MAX_NAME_CHARS]
-
-
-def prune_uploads(folder: str, keep: set[str], max_bytes: int) -> None:
-    """Remove the oldest uploads in `folder` until they total at most `max_bytes`; folders in `keep` stay."""
-    uploads = [u for u in base.subfolder_sizes(folder) if os.path.basename(u[2]) not in keep]
-    total = sum(size for _, size, _ in uploads)
-    for _, size, path in uploads:
-        if total <= max_bytes:
-            break
-        shutil.rmtree(path, ignore_errors=True)
-        total -= size
 
 
 class UploadLimits:
@@ -179,7 +128,7 @@ class UploadLimits:
 
         async def send_when_pruned(message):  # the file is stored once Gradio answers: prune before it does
             if message["type"] == "http.response.start":
-                await asyncio.to_thread(prune_uploads, self.folder, self.keep, self.max_bytes)
+                await asyncio.to_thread(base.prune, self.folder, self.max_bytes, self.keep)
             await send(message)
 
         await self.app(scope, receive, send_when_pruned)
@@ -200,19 +149,19 @@ class ImageToImageApp(base.TextToImageApp):
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
     api_after_knobs = ("canny_low", "canny_high", *base.TextToImageApp.api_after_knobs)  # then look_inside
-    example_inputs, example_rows, example_labels = EXAMPLE_INPUTS, EXAMPLE_ROWS, EXAMPLE_LABELS
+    example_inputs = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps",
+                      "new_p", "rrg_init_weight", "seed", "randomize_seed")
+    example_rows = [[edc.DEFAULT_INPUT, EXAMPLE_PROMPT, ed.PRESET_NEGATIVE_PROMPT, "canny", 1536, 1536, 7, 0.3, 1000, 0,
+                     False]]
+    example_labels = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT]
     examples_title = "Example of the paper's demo (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = base.PREVIEW_EVERY,
                  outputs: base.OutputFolders | None = None, default_condition: str | None = None):
         super().__init__(sampler, status, preview_every, outputs)
         # What the loaded ControlNet was trained on (None: unknown), and where the condition menu starts.
-        if default_condition is None:
-            self.controlnet_condition = trained_condition(sampler)
-            self.default_condition = self.controlnet_condition or "image"
-        else:
-            self.default_condition = self.condition_type(default_condition)
-            self.controlnet_condition = self.default_condition if self.default_condition != "image" else None
+        self.default_condition = self.condition_type(default_condition or trained_condition(sampler) or "image")
+        self.controlnet_condition = None if self.default_condition == "image" else self.default_condition
         self._images: collections.OrderedDict = collections.OrderedDict()  # file digest -> RGB image
         self._images_lock = threading.Lock()
         self._depth_lock = threading.Lock()  # one depth model load or estimate at a time outside generations
@@ -225,15 +174,15 @@ class ImageToImageApp(base.TextToImageApp):
     def input_image(self, value) -> tuple[Image.Image, str]:
         """The uploaded image decoded to RGB, with its own name; gr.Error if unusable."""
         if value in (None, "") or (isinstance(value, dict) and not value.get("path")):
-            raise refuse("Input image is missing: upload a photo (or your own edge or depth map) whose structure "
-                         "the image should follow.")
+            raise base.refuse("Input image is missing: upload a photo (or your own edge or depth map) whose "
+                              "structure the image should follow.")
         data, name = read_upload(value, self.upload_roots, self.excluded)
         key = hashlib.sha256(data).digest()
         with self._images_lock:
             if key in self._images:
                 self._images.move_to_end(key)
                 return self._images[key], name
-        image = within(DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
+        image = base.within(DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
         with self._images_lock:
             self._images[key] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
@@ -248,45 +197,44 @@ class ImageToImageApp(base.TextToImageApp):
             # the decoders of rare formats are more code for a stranger's file to reach.
             Image.init()  # registers every plugin (WebP too): open() does that only for its default formats
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
-                return load_image(opened, name=label)
+                return edc.load_image(opened, name=label)
         except Image.DecompressionBombError:
-            raise refuse(f"{label} is far too large (at most {MAX_INPUT_PIXELS / 1e6:.0f} MP are accepted): "
-                         "downscale it first.") from None
+            raise base.refuse(f"{label} is far too large (at most {edc.MAX_INPUT_PIXELS / 1e6:.0f} MP are "
+                              "accepted): downscale it first.") from None
         except ValueError as error:  # load_image's: no pixels or too many pixels
-            raise refuse(str(error)) from None
+            raise base.refuse(str(error)) from None
         except Exception:  # noqa: BLE001 - whatever a decoder raises on a corrupt file gets the one message
-            raise refuse(f"{label} is not a readable image file: upload a JPEG, PNG or WebP image (a file that "
-                         "is empty, corrupt or has no pixels cannot be used).") from None
+            raise base.refuse(f"{label} is not a readable image file: upload a JPEG, PNG or WebP image (a file "
+                              "that is empty, corrupt or has no pixels cannot be used).") from None
 
     @staticmethod
     def condition_type(value) -> str:
-        if isinstance(value, str) and value.strip().lower() in CONDITIONS:
+        if isinstance(value, str) and value.strip().lower() in edc.CONDITIONS:
             value = value.strip().lower()
             return "image" if value == "none" else value
         labels = ", ".join(f"'{v}' ({label})" for label, v in CONDITION_CHOICES)
-        raise refuse(f"Condition must be one of {labels}; got {value!r}.")
+        raise base.refuse(f"Condition must be one of {labels}; got {value!r}.")
 
-    def parse_control(self, values: dict) -> ControlRequest:
-        """Validate the ControlNet inputs (UI and API alike), each with an actionable gr.Error."""
-        condition = self.condition_type(values.get("condition"))
-        knobs = {row.name: base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), self.native_px // 8)
-                 for row in CONTROLNET_KNOBS}
-        if knobs["canny_low"] > knobs["canny_high"]:
-            raise refuse(f"Canny low threshold ({knobs['canny_low']}) must not be above the Canny high threshold "
-                         f"({knobs['canny_high']}).")
-        image, name = self.input_image(values.get("image"))
-        return ControlRequest(image, name, condition, knobs["controlnet_conditioning_scale"], knobs["canny_low"],
-                              knobs["canny_high"])
+    def parse_control(self, values: dict) -> tuple[str, dict]:
+        """The ControlNet inputs (UI and API alike), each checked with an actionable gr.Error: the upload's own name
+        (never a server path) and the sampler's keyword arguments, the image decoded."""
+        control = dict(condition=self.condition_type(values.get("condition")))
+        for row in edc.CONTROLNET_KNOBS:
+            control[row.name] = base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), 0)
+        if control["canny_low"] > control["canny_high"]:
+            raise base.refuse(f"Canny low threshold ({control['canny_low']}) must not be above the Canny high "
+                              f"threshold ({control['canny_high']}).")
+        control["condition_image"], name = self.input_image(values.get("image"))
+        return name, control
 
     def stream(self, values: dict, progress, **run_kwargs):
         """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
         self._require_model()
-        control = self.parse_control(values)
-        if control.condition == "depth":  # load the depth model now, bounded, or fail at once with advice
-            within(DEPTH_SECONDS, "Loading the depth model", self._locked_depth, self._depth_estimator)
-        self._warn_if_mismatched(control.condition)
-        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, control),
-                                  **control.sampler_kwargs())
+        name, control = self.parse_control(values)
+        if control["condition"] == "depth":  # load the depth model now, bounded, or fail at once with advice
+            base.within(DEPTH_SECONDS, "Loading the depth model", self._depth)
+        self._warn_if_mismatched(control["condition"])
+        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, name), **control)
 
     def _warn_if_mismatched(self, condition: str) -> None:
         expected = self.controlnet_condition
@@ -296,29 +244,30 @@ class ImageToImageApp(base.TextToImageApp):
                        f"with --controlnet {condition}.")
 
     @staticmethod
-    def _save_condition(control: ControlRequest, folder: base.RequestFolder, request,
-                        info) -> list[tuple[str, str]]:
+    def _save_condition(name: str, folder: base.RequestFolder, request, info) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
-        info.settings["condition_image"] = control.name  # the sampler saw a decoded image, not a file
+        s = info.settings
+        s["condition_image"] = name  # the sampler saw a decoded image, not a file
         condition_map = info.condition_image
-        if control.condition in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
+        if s["condition"] in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
-        path = folder.file(f"condition_{control.condition}_seed{request.seed}_{size}.png")
-        record = dataclasses.replace(info, settings=dict(info.settings, image="condition map"))
-        save_png(condition_map, path, png_metadata(record, request.prompt, request.negative_prompt))
-        thresholds = f" {control.canny_low}/{control.canny_high}" if control.condition == "canny" else ""
-        return [(path, f"Condition map ({control.condition}{thresholds}), {size}")]
+        path = folder.file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
+        record = dataclasses.replace(info, settings=dict(s, image="condition map"))
+        ed.save_png(condition_map, path, ed.png_metadata(record, request.prompt, request.negative_prompt))
+        thresholds = f" {s['canny_low']}/{s['canny_high']}" if s["condition"] == "canny" else ""
+        return [(path, f"Condition map ({s['condition']}{thresholds}), {size}")]
 
     def condition_map(self, image, condition, width, height, canny_low, canny_high, max_side: int | None = None) -> str:
         """/condition_preview: the map /generate would follow, at the output size (`max_side` shrinks it)."""
-        values = dict(image=image, condition=condition, canny_low=canny_low, canny_high=canny_high)
-        control = self.parse_control(values)
+        _, control = self.parse_control(dict(image=image, condition=condition, canny_low=canny_low,
+                                             canny_high=canny_high))
+        condition = control["condition"]
         width, height = self.checked_size(width, height)
-        fitted = fit_image(control.image, width, height)  # the sampler's resize rule
-        if control.condition == "canny":
-            result = canny_condition(fitted, control.canny_low, control.canny_high).convert("L")
-        elif control.condition == "depth":
+        fitted = edc.fit_image(control["condition_image"], width, height)  # the sampler's resize rule
+        if condition == "canny":
+            result = edc.canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
+        elif condition == "depth":
             self._require_model()
             result = self._depth_map(fitted).convert("L")
         else:
@@ -327,34 +276,32 @@ class ImageToImageApp(base.TextToImageApp):
             result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
         folder = self.outputs.request()
         try:
-            path = folder.file(f"condition_{control.condition}_{width}x{height}.png")
+            path = folder.file(f"condition_{condition}_{width}x{height}.png")
             result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
         finally:
             folder.close()
         return path
 
-    def _depth_estimator(self):
-        """The sampler's depth model, loaded on first use; a failed load is remembered and said at once."""
-        if self._depth_failure:
-            raise refuse(self._depth_failure)
-        model = self.sampler.depth_model
-        try:
-            return self.sampler.depth_estimator()
-        except ValueError as error:
-            self._depth_failure = (
-                f"The depth model `{public_name(model)}` could not be loaded ({scrub_paths(str(error))[:300]}). "
-                "Start the app with `--depth-model /path/to/depth/model` (a transformers depth-estimation model "
-                "folder, e.g. Intel/dpt-large saved with save_pretrained), or choose Canny edges or your own map.")
-            raise refuse(self._depth_failure) from error
-
-    def _locked_depth(self, fn, *args):
+    def _depth(self, image: Image.Image | None = None) -> Image.Image | None:
+        """Load the sampler's depth model (a failed load is remembered and said at once), then make `image`'s depth
+        map if one is given: one load or estimate at a time outside generations."""
         with self._depth_lock:
-            return fn(*args)
+            if not self._depth_failure:
+                try:
+                    estimator = self.sampler.depth_estimator()
+                except ValueError as error:
+                    self._depth_failure = (
+                        f"The depth model `{ed.public_name(self.sampler.depth_model)}` could not be loaded "
+                        f"({base.scrub_paths(str(error))[:300]}). Start the app with `--depth-model "
+                        "/path/to/depth/model` (a transformers depth-estimation model folder, e.g. Intel/dpt-large "
+                        "saved with save_pretrained), or choose Canny edges or your own map.")
+            if self._depth_failure:
+                raise base.refuse(self._depth_failure)
+            return None if image is None else edc.depth_condition(image, estimator)
 
     def _estimate_depth(self, image: Image.Image) -> Image.Image:
         try:
-            return within(DEPTH_SECONDS, "Estimating the depth map", self._locked_depth,
-                          lambda: depth_condition(image, self._depth_estimator()))
+            return base.within(DEPTH_SECONDS, "Estimating the depth map", self._depth, image)
         except torch.OutOfMemoryError as error:
             raise gr.Error(base.OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
 
@@ -372,24 +319,21 @@ class ImageToImageApp(base.TextToImageApp):
 
     def model_note(self) -> str:
         note = super().model_note()
-        return note and f"{note[:-1]}; ControlNet: `{public_name(self.sampler.controlnet_model)}`."
-
-    def _expects(self) -> str:
-        if self.controlnet_condition is not None:
-            return f"The loaded ControlNet follows {CONDITION_NAMES[self.controlnet_condition]}."
-        return ("The loaded ControlNet is a custom one: choose the map it was trained on, or give your own map "
-                "('My own edge or depth map').")
+        return note and f"{note[:-1]}; ControlNet: `{ed.public_name(self.sampler.controlnet_model)}`."
 
     def _inputs(self) -> dict:
         """Input image, condition type and ControlNet scale, beside the live condition map."""
+        expects = (f"The loaded ControlNet follows {CONDITION_NAMES[self.controlnet_condition]}."
+                   if self.controlnet_condition else "The loaded ControlNet is a custom one: choose the map it was "
+                   "trained on, or give your own map ('My own edge or depth map').")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 widgets = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
                                              height=360, elem_id="input-image")}
                 widgets["condition"] = gr.Dropdown(CONDITION_CHOICES, value=self.default_condition, label="Condition",
-                                                   info=f"What the image follows. {self._expects()}",
+                                                   info=f"What the image follows. {expects}",
                                                    elem_id="condition")
-                scale = CONTROLNET_KNOBS[0]
+                scale = edc.CONTROLNET_KNOBS[0]
                 widgets[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
             with gr.Column(scale=1):
                 widgets["condition_map"] = gr.Image(
@@ -401,7 +345,7 @@ class ImageToImageApp(base.TextToImageApp):
     def _advanced(self) -> dict:
         """The Canny thresholds."""
         with gr.Row():
-            return {row.name: base.knob_widget(row, KNOB_DEFAULTS[row.name], 0) for row in CONTROLNET_KNOBS[1:]}
+            return {row.name: base.knob_widget(row, KNOB_DEFAULTS[row.name], 0) for row in edc.CONTROLNET_KNOBS[1:]}
 
     def _more_events(self, widgets: dict, outputs: list) -> None:
         """The live condition map (/condition_preview is its API twin), then the example."""
@@ -425,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", choices=["canny", "depth", "image"], default=None,
                    help="the condition the ControlNet was trained on, where the menu starts (default: canny or depth "
                         "for those ControlNets and for ids or folders named after one, else 'image')")
-    p.add_argument("--depth-model", "--depth_model", dest="depth_model", default=DEFAULT_DEPTH_MODEL,
+    p.add_argument("--depth-model", "--depth_model", dest="depth_model", default=edc.DEFAULT_DEPTH_MODEL,
                    help="transformers depth-estimation model id or folder, for the 'Depth map' condition")
     p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
                    help="most megabytes of uploaded images kept on disk; the oldest go first")
@@ -436,11 +380,11 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     base.configure_logging(args.verbose)
     outputs = base.private_storage(args.max_output_mb)
-    sampler, status = base.load_sampler(args, ElasticDiffusionControlNet, app_file=APP_FILE,
+    sampler, status = base.load_sampler(args, edc.ElasticDiffusionControlNet, app_file=APP_FILE,
                                         controlnet_model=args.controlnet, depth_model=args.depth_model)
     if sampler is None:
         status += (f" A ControlNet on disk is given the same way: `--controlnet /path/to/controlnet/folder` "
-                   f"(now `{public_name(args.controlnet)}`).")
+                   f"(now `{ed.public_name(args.controlnet)}`).")
     app = ImageToImageApp(sampler, status, preview_every=args.preview_every, outputs=outputs,
                           default_condition=args.condition)
     serve(app.build(), args, outputs)
@@ -450,7 +394,8 @@ def serve(demo: gr.Blocks, args: argparse.Namespace, outputs: base.OutputFolders
           max_file_size: int = MAX_UPLOAD_BYTES) -> None:
     """`app_gradio.serve` with uploads bounded by `UploadLimits`."""
     folder = os.path.dirname(outputs.root)  # the page's own files, made while it was built, are never pruned
-    limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=set(os.listdir(folder)),
+    own = {entry.path for entry in os.scandir(folder)}
+    limits = starlette.middleware.Middleware(UploadLimits, folder=folder, keep=own,
                                              max_file_size=max_file_size, max_bytes=args.max_uploads_mb * 2 ** 20)
     uploads = (f"at most {max_file_size / 2 ** 20:.0f} MB each and {args.max_uploads_mb} MB in all, each kept "
                f"{base.KEEP_OUTPUTS_SECONDS // 60} min")

@@ -132,6 +132,14 @@ class ControlNetInfo(ed.GenerationInfo):
     controlnet_reference_samples: int = 0
     controlnet_local_samples: int = 0
 
+    def summary(self) -> str:
+        """The ControlNet's part of the run in one markdown line (the image-to-image demo's summary shows it)."""
+        s = self.settings
+        canny = f" {s['canny_low']}/{s['canny_high']}" if s["condition"] == "canny" else ""
+        return (f"ControlNet `{ed.public_name(s['controlnet_model'])}`: {s['condition']}{canny} map, scale "
+                f"{s['controlnet_conditioning_scale']:g}, {self.controlnet_samples:,} ControlNet evaluations; map made "
+                f"in {self.timings.get('condition', 0):.2f} s")
+
 
 class ElasticDiffusionControlNet(ElasticDiffusion):
     """ElasticDiffusion whose every UNet call gets a ControlNet's residuals for that sample's region.

@@ -89,7 +89,8 @@ def record(image: Image.Image) -> dict:
 
 def stored_bytes(outputs: app.OutputFolders) -> int:
     """Bytes in the outputs now, as the prune counts them."""
-    return sum(size for _, size, _ in app.subfolder_sizes(outputs.root))
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(outputs.root)
+               for name in names)
 
 
 def test_generate_returns_full_size_png_with_settings(client):
@@ -129,8 +130,9 @@ def test_recommended_settings_endpoint_feeds_generate(client):
 
 @pytest.mark.parametrize("width,height,message", [
     (1001, 1024, "Width must be a multiple of 8"), (1024, 4096, "Height must be between 128 and 2048"),
-    (64, 1024, "Width must be at least 128 pixels"), ("abc", 1024, "Width must be a whole number"),
-    (1024, 512.5, "Height must be a whole number"), (None, 1024, "Width must be a whole number"),
+    (64, 1024, "Width must be at least 128 pixels"), ("abc", 1024, "Width must be an integer number of pixels"),
+    (1024, 512.5, "Height must be an integer number of pixels"),
+    (None, 1024, "Width must be an integer number of pixels"),
 ])
 def test_recommended_settings_validates_sizes_like_generate(client, width, height, message):
     with pytest.raises(AppError, match=message):
@@ -139,7 +141,7 @@ def test_recommended_settings_validates_sizes_like_generate(client, width, heigh
 
 def test_recommended_settings_refuses_non_finite_json(server):
     stream = call_raw(server[1], '{"data": [NaN, 1024]}', "recommended_settings")
-    assert "event: error" in stream and "Width must be a whole number" in stream
+    assert "event: error" in stream and "Width must be an integer number of pixels" in stream
 
 
 def test_recommended_settings_are_always_accepted_by_generate(sampler, monkeypatch):
@@ -186,7 +188,7 @@ BAD_INPUTS = [
     (dict(width=1001), "multiple of 8"),
     (dict(width=4096), "between 128 and 2048"),
     (dict(height=64), "Height must be at least 128 pixels"),
-    (dict(height="tall"), "Height must be a whole number"),
+    (dict(height="tall"), "Height must be an integer number of pixels"),
     (dict(seed="abc", randomize_seed=False), "Seed must be a whole number"),
     (dict(seed=-1), "Seed must be between 0"),
     (dict(seed=app.ed.MAX_SEED + 1), "between 0 and 4294967295; got 4294967296"),  # limits as written, not 4.29e+09
@@ -229,7 +231,7 @@ def final_data(stream: str):
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_json_numbers_are_refused(server, token):
     marker = 7.125  # stands for guidance_scale in the body, then becomes the non-finite token
-    values = {**FAST, **app.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
+    values = {**FAST, **app.ed.recommended_settings(1024, 512), "negative_prompt": "", "compare_plain": False,
               "view_batch_size": 16, "low_vram": False, "guidance_scale": marker, "look_inside": False}
     names = app.TextToImageApp.api_inputs()  # the order in which positional clients send them
     body = json.dumps({"data": [values[name] for name in names]}).replace(str(marker), token)
@@ -307,7 +309,7 @@ def test_fourteen_presets_are_wired_lazily(server, examples_cache):
     ratios = {app._aspect_ratio(p["width"], p["height"]) for p in DEMO_PRESETS}
     assert {"1:1", "1:2", "2:1", "9:16", "16:9", "3:4", "4:3", "1:4", "4:1"} <= ratios
     loader = next(d for d in config["dependencies"] if d.get("api_name") == "load_example_input")
-    assert len(loader["outputs"]) == len(app.EXAMPLE_INPUTS)  # a preset fills only the fields it sets
+    assert len(loader["outputs"]) == len(app.TextToImageApp.example_inputs)  # a preset fills only the fields it sets
     cached = [f for _, _, files in os.walk(examples_cache) for f in files]
     assert cached == []  # lazy: nothing generated at start-up
 
@@ -321,7 +323,7 @@ def test_preset_example_runs_with_its_own_knobs(sampler, monkeypatch):
         return real_generate(*args, **dict(kwargs, num_inference_steps=2))
 
     monkeypatch.setattr(sampler, "generate", two_steps)
-    row = app.EXAMPLE_ROWS[2]  # 1024x2048, R = 7, lambda0 = 1000
+    row = app.TextToImageApp.example_rows[2]  # 1024x2048, R = 7, lambda0 = 1000
     *_, (gallery, seed, summary, *_) = app.TextToImageApp(sampler, preview_every=0).generate_example(*row)
     asked = calls[0]
     assert (asked["width"], asked["height"], asked["seed"]) == (1024, 2048, 0)
@@ -393,9 +395,8 @@ def test_progress_shows_the_preparation_before_step_1(sampler):
     values = {**FAST, **app.preset(2048, 1024, 1024), "negative_prompt": "", "compare_plain": False,
               "view_batch_size": 16, "low_vram": False, "width": 2048, "height": 1024, "num_inference_steps": 2}
     outputs = app.OutputFolders()
-    *_, (gallery, seed, summary, *_) = app.stream_generation(
-        sampler, app.parse_request(values, sampler), outputs, progress=lambda done_total, desc: descriptions.append(desc),
-        preview_every=0)
+    text_to_image = app.TextToImageApp(sampler, preview_every=0, outputs=outputs)
+    *_, (gallery, seed, summary, *_) = text_to_image.stream(values, lambda done_total, desc: descriptions.append(desc))
     first_step = descriptions.index(next(d for d in descriptions if "step 1/2" in d))
     before = descriptions[:first_step]
     assert before[0] == "Encoding the prompt" and "Encoding the padding strips (0/" in before[1]
@@ -453,7 +454,7 @@ def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
     monkeypatch.setattr(app, "spaces", FakeSpaces)
     text_to_image = app.TextToImageApp(sampler)
     app.on_gpu(text_to_image.generate, 1024)
-    values = {**app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
+    values = {**app.ed.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
     # Gradio passes the progress tracker by position and the inputs by name (inputs_kwargs).
     assert durations[0](app.gr.Progress(), **values) == app.estimate_gpu_seconds(values, 1024) == 76
 
@@ -640,9 +641,9 @@ def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatc
     images = {}
     for look_inside in (False, True):
         request = app.parse_request(dict(values, look_inside=look_inside), sampler)
-        result = app.run_generation(sampler, request, outputs.request())
-        images[look_inside] = np.asarray(Image.open(result.gallery[0][0]))
-        assert (result.look_inside is None) is (not look_inside)
+        gallery, *_, caption = app.run_generation(sampler, request, outputs.request())
+        images[look_inside] = np.asarray(Image.open(gallery[0][0]))
+        assert (caption == "") is (not look_inside)
         if not look_inside:
             assert recordings == []
     off, on = calls

@@ -151,7 +151,8 @@ def test_a_tall_result_is_shown_whole_and_progress_starts_before_step_1(app_url,
     steps = [i for i, text in enumerate(texts) if "step 1/2" in text]
     assert stages and (not steps or stages[0] < steps[0]), texts  # progress text before step 1
     (image,) = finished_images(browser)
-    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [512, 2048]
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [512, 2048]
     assert shown_whole(browser, image)
     seed = browser.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value")
     summary = " ".join(browser.find_element(By.CSS_SELECTOR, "#summary").text.split())

@@ -402,14 +402,14 @@ def uploaded(url: str, source: str = PHOTO) -> str:
 
 
 def test_a_stalled_decode_times_out_and_the_app_keeps_serving(client, monkeypatch, tmp_path):
-    real_load = app.load_image
+    real_load = app.edc.load_image
 
     def stalled(*args, **kwargs):
         time.sleep(3)
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(app, "DECODE_SECONDS", 0.5)
-    monkeypatch.setattr(app, "load_image", stalled)
+    monkeypatch.setattr(app.edc, "load_image", stalled)
     slow = tmp_path / "slow.png"
     Image.new("RGB", (32, 32), (10, 20, 30)).save(slow)  # new content: not in the decoded-image cache
     started = time.monotonic()
@@ -513,7 +513,7 @@ def test_the_example_runs_through_the_lazy_cache_with_its_own_settings(server, i
     assert (asked["num_inference_steps"], asked["guidance_scale"], asked["rrg_stop_t"]) == (50, 10, 0.4)
     image, condition_map = (opened(item.image.path) for item in gallery.root)
     assert image.size == condition_map.size == (1536, 1536)
-    assert record(image)["negative_prompt"] == app.EXAMPLE_ROWS[0][2]
+    assert record(image)["negative_prompt"] == app.ImageToImageApp.example_rows[0][2]
     assert record(image)["condition_image"] == "astronaut.jpg" and "canny 100/200" in summary
 
 
@@ -529,13 +529,13 @@ def test_zero_gpu_durations_count_the_controlnet_and_the_examples_presets(sample
     monkeypatch.setattr(text_app, "spaces", FakeSpaces)
     monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
     app.ImageToImageApp(sampler).build()
-    values = {**text_app.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
+    values = {**text_app.ed.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
     unet_only = text_app.estimate_gpu_seconds(values, 1024)  # 76 s for 2048x2048 (test_app.py)
     assert durations["generate"](app.gr.Progress(), **values) == int(
         20 + 1.2 * 2782 * text_app.UNET_SAMPLE_SECONDS * app.CONTROLNET_COST) > unet_only
     # The example's handler takes only some knobs: the others are the size's preset, not a 30 s guess.
-    example = durations["generate_example"](*app.EXAMPLE_ROWS[0])
-    preset = {**text_app.recommended_settings(1536, 1536), "width": 1536, "height": 1536}
+    example = durations["generate_example"](*app.ImageToImageApp.example_rows[0])
+    preset = {**text_app.ed.recommended_settings(1536, 1536), "width": 1536, "height": 1536}
     assert example == text_app.estimate_gpu_seconds(preset, 1024, app.CONTROLNET_COST) > 30
     assert text_app.estimate_gpu_seconds(dict(width=2048, height=2048), 1024) == unet_only
 

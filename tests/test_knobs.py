@@ -101,7 +101,7 @@ def test_both_apps_widgets_and_api_follow_the_table(app_class, examples_cache):
     demo = app_class(None, "no model").build()  # the page is built without a model too, for native 1024 px
     widgets = {c["props"]["elem_id"]: c for c in demo.config["components"]
                if str(c["props"].get("elem_id", "")).startswith("knob-")}
-    preset = app.preset(app.DEFAULT_SIZE, app.DEFAULT_SIZE, app.DEFAULT_NATIVE_PX)
+    preset = app.preset(app.DEFAULT_SIZE, app.DEFAULT_SIZE, app.DEFAULT_SIZE)
     for row in ed.KNOBS:
         props = widgets[f"knob-{row.name}"]["props"]
         assert props["label"] == row.label and props["value"] == preset.get(row.name, row.default), row.name
