@@ -197,9 +197,9 @@ class ImageToImageApp(base.TextToImageApp):
             # the decoders of rare formats are more code for a stranger's file to reach.
             Image.init()  # registers every plugin (WebP too): open() does that only for its default formats
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
-                return edc.load_image(opened, name=label)
+                return ed.load_image(opened, name=label)
         except Image.DecompressionBombError:
-            raise base.refuse(f"{label} is far too large (at most {edc.MAX_INPUT_PIXELS / 1e6:.0f} MP are "
+            raise base.refuse(f"{label} is far too large (at most {ed.MAX_INPUT_PIXELS / 1e6:.0f} MP are "
                               "accepted): downscale it first.") from None
         except ValueError as error:  # load_image's: no pixels or too many pixels
             raise base.refuse(str(error)) from None
@@ -264,7 +264,7 @@ class ImageToImageApp(base.TextToImageApp):
                                              canny_high=canny_high))
         condition = control["condition"]
         width, height = self.checked_size(width, height)
-        fitted = edc.fit_image(control["condition_image"], width, height)  # the sampler's resize rule
+        fitted = ed.fit_image(control["condition_image"], width, height)  # the sampler's resize rule
         if condition == "canny":
             result = edc.canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
         elif condition == "depth":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import elastic_diffusion as ed
-from elastic_diffusion import MAX_INPUT_PIXELS, ElasticDiffusion, Region, Run, fit_image, load_image, to_rgb  # noqa: F401 (TODO app)
+from elastic_diffusion import ElasticDiffusion, Region, Run, fit_image, load_image, to_rgb
 
 # Default ControlNets per condition and base-model family (docs/method.md#controlnet-variant); any other hub id or
 # folder is accepted.

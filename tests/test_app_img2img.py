@@ -402,14 +402,14 @@ def uploaded(url: str, source: str = PHOTO) -> str:
 
 
 def test_a_stalled_decode_times_out_and_the_app_keeps_serving(client, monkeypatch, tmp_path):
-    real_load = app.edc.load_image
+    real_load = app.ed.load_image
 
     def stalled(*args, **kwargs):
         time.sleep(3)
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(app, "DECODE_SECONDS", 0.5)
-    monkeypatch.setattr(app.edc, "load_image", stalled)
+    monkeypatch.setattr(app.ed, "load_image", stalled)
     slow = tmp_path / "slow.png"
     Image.new("RGB", (32, 32), (10, 20, 30)).save(slow)  # new content: not in the decoded-image cache
     started = time.monotonic()

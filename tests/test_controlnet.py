@@ -397,7 +397,7 @@ def test_bad_files_give_clear_errors(tmp_path, content, message):
     path = tmp_path / "input.img"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"condition_image.*{message}"):
-        load_image(path)
+        load_image(path, "condition_image")
 
 
 def test_bad_inputs_fail_before_sampling(sd1):
