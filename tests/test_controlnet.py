@@ -403,7 +403,7 @@ def test_bad_files_give_clear_errors(tmp_path, content, message):
 def test_bad_inputs_fail_before_sampling(sd1):
     attributes = set(vars(sd1))
     for bad, message in [(Image.new("RGB", (0, 0)), "no pixels"), ("/no/such/image.png", "not a readable"),
-                         (42, "file path or a PIL image"), (None, "required")]:
+                         (42, "image file path, a PIL image"), (None, "required")]:
         with pytest.raises(ValueError, match=f"condition_image.*{message}"):
             sd1("a cat", condition_image=bad, width=512, height=256, **FAST)
     for kwargs, message in [(dict(condition="sketch"), "condition must be one of"),
@@ -441,7 +441,8 @@ def test_cli_end_to_end(tiny_sd1_path, sd1_controlnet, tmp_path, capsys):
 def test_cli_flags():
     parser = edc.build_parser()
     args = parser.parse_args([])
-    assert (args.width, args.height, args.controlnet_model, args.condition) == (1536, 1536, "canny", None)
+    assert (args.width, args.height, args.default_px, args.controlnet_model, args.condition) == (None, None, 1536, "canny",
+                                                                                             None)
     assert args.controlnet_conditioning_scale == 0.5 and args.save_condition and os.path.isfile(args.condition_image)
     assert not parser.parse_args(["--no-save_condition"]).save_condition
     assert not parser.parse_args(["--no-low_vram"]).low_vram and parser.parse_args(["--low_vram"]).low_vram
