@@ -575,6 +575,10 @@ def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: in
              f"T {s['num_inference_steps']}, ω {s['guidance_scale']:g}, R {s['resampling_steps']}, ρ {s['new_p']:g}, "
              f"λ0 {s['rrg_init_weight']:g}, κ {s['cosine_scale']:g}, patch {s['patch_size']}, "
              f"view batch {s['view_batch_size']}"]
+    if "strength" in s:
+        steps = ed.run_steps(s["num_inference_steps"], s["strength"])
+        lines.append(f"started from the input image at strength {s['strength']:g} (its last {steps} of "
+                     f"{s['num_inference_steps']} steps)")
     if hasattr(info, "summary"):  # an extension's own line (the ControlNet's)
         lines.append(info.summary())
     if info.peak_memory_gib is not None:
@@ -602,7 +606,8 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
         settings = {name: ed.knob(name).check(_read(settings[name], int), native_latent, demo=True)
                     for name in ("num_inference_steps", "resampling_steps", "patch_size")}
         settings["repaint"] = bool(values.get("repaint", True))
-        samples = ed.unet_cost(width, height, settings, native_latent).samples
+        strength = float(values.get("strength") or 1)  # image-to-image runs the last steps only
+        samples = ed.unet_cost(width, height, settings, native_latent, strength=strength).samples
         if values.get("compare_plain"):
             samples += plain_samples(settings["num_inference_steps"], width * height / native_px ** 2)
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
@@ -622,13 +627,14 @@ def look_inside_seconds(width: int, height: int) -> float:
     return LOOK_INSIDE_SECONDS + LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6
 
 
-def on_gpu(handler: Callable, native_px: int, cost_factor: float = 1.0, names: Sequence[str] = ()) -> Callable:
-    """`spaces.GPU` with a per-request duration (positional values named by `names`) on ZeroGPU; else `handler`."""
+def on_gpu(handler: Callable, seconds: Callable[[dict], int], names: Sequence[str] = ()) -> Callable:
+    """`spaces.GPU` on ZeroGPU, reserving `seconds(values)` for each request (positional values named by `names`);
+    else `handler`."""
     if spaces is None:
         return handler
 
     def duration(*args, **kwargs):
-        return estimate_gpu_seconds({**dict(zip(names, args)), **kwargs}, native_px, cost_factor)
+        return seconds({**dict(zip(names, args)), **kwargs})
 
     return spaces.GPU(handler, duration=duration)
 
@@ -684,27 +690,33 @@ class TextToImageApp:
         for outputs in self.stream(dict(zip(self.example_inputs, row), randomize_seed=False), progress):
             yield outputs[:3]
 
-    def stream(self, values: dict, progress, **run_kwargs):
-        """Check a request, then run it in a thread; yield /generate's outputs: previews, then the result.
+    def gpu_seconds(self, values: dict) -> int:
+        """The ZeroGPU reservation of a request (`estimate_gpu_seconds`)."""
+        return estimate_gpu_seconds(values, self.native_px, self.cost_factor)
+
+    def stream(self, values: dict, progress, sampler=None, **run_kwargs):
+        """Check a request, then run it on `sampler` (default: the app's) in a thread; yield /generate's outputs:
+        previews, then the result.
 
         `run_kwargs` go to `run_generation`. When Gradio closes this generator (Cancel, a client gone) the
         sampler stops at its next step or stage.
         """
         self._require_model()
-        request = parse_request(values, self.sampler)
+        sampler = sampler or self.sampler
+        request = parse_request(values, sampler)
         cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), self.outputs.request()
 
         def preview(step: int, total: int, x0: torch.Tensor) -> None:
             # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
             if self.preview_every and not request.low_vram and step % self.preview_every == 0 and step < total:
                 path = folder.file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
-                preview_image(self.sampler, x0).save(path, format="PNG", compress_level=1)
+                preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
                 previews.put([(path, f"Preview, step {step}/{total}")])
 
         def work() -> tuple:
             try:
                 run = RunProgress(progress, cancelled, preview, stage_names=self.stage_names)
-                return run_generation(self.sampler, request, folder, run, self.plain_comparison, **run_kwargs)
+                return run_generation(sampler, request, folder, run, self.plain_comparison, **run_kwargs)
             finally:
                 folder.close()
 
@@ -755,7 +767,7 @@ class TextToImageApp:
                       "by step, and the local windows). Adds a few seconds.", value=False, elem_id="look-inside")
             wire_size_presets(widgets, self.native_px, self.max_scale)
             outputs = self._result_widgets(widgets)
-            handler = on_gpu(self.generate, self.native_px, self.cost_factor)
+            handler = on_gpu(self.generate, self.gpu_seconds)
             event = gr.on([run.click, widgets["prompt"].submit], handler,
                           inputs_kwargs={name: widgets[name] for name in self.api_inputs()}, outputs=outputs,
                           api_name="generate", show_progress_on=outputs[2], concurrency_id="gpu",
@@ -778,7 +790,7 @@ class TextToImageApp:
 
     def _more_events(self, widgets: dict, outputs: list) -> None:
         """The examples, lazily cached, each filling only the fields it sets."""
-        fn = on_gpu(self.generate_example, self.native_px, self.cost_factor, names=self.example_inputs)
+        fn = on_gpu(self.generate_example, self.gpu_seconds, names=self.example_inputs)
         self.examples = gr.Examples(
             self.example_rows, inputs=[widgets[name] for name in self.example_inputs], outputs=outputs[:3],
             fn=fn if self.sampler else None, cache_examples=self.sampler is not None, cache_mode="lazy",

@@ -1,7 +1,9 @@
-"""ElasticDiffusion + ControlNet image-to-image demo (Gradio); docs/app.md says what it offers.
+"""ElasticDiffusion image-to-image demo (Gradio): refine or upscale a picture, or follow its edges or depth with a
+ControlNet; docs/app.md says what it offers.
 
-The text-to-image demo (`app_gradio.py`, imported) plus the input image, the condition, the ControlNet knobs,
-a live condition map, and what taking uploads needs (`read_upload`, `UploadLimits`, `serve`).
+The text-to-image demo (`app_gradio.py`, imported) plus the input image, the guide (the picture itself, or a
+ControlNet's condition, the ControlNet loaded on its first use), the strength, the ControlNet knobs, a live view of
+the guide, and what taking uploads needs (`read_upload`, `UploadLimits`, `serve`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,12 @@ import elastic_diffusion as ed
 import elastic_diffusion_w_controlnet as edc
 
 APP_FILE = "app_gradio_img2img.py"
-CONDITION_CHOICES = [("Canny edges", "canny"), ("Depth map", "depth"), ("My own edge or depth map", "image")]
+CONDITION_CHOICES = [("Refine: the picture itself (no ControlNet)", "refine"), ("Canny edges", "canny"),
+                     ("Depth map", "depth"), ("My own edge or depth map", "image")]
+STRENGTH = {"refine": ed.DEFAULT_STRENGTH, "canny": 1.0, "depth": 1.0, "image": 1.0}  # the slider's start per guide
+STRENGTH_KNOB = ed.Knob("strength", float, ed.DEFAULT_STRENGTH, "how much of the picture to redo: 0 keeps it, 1 redoes "
+                        "every step (with a ControlNet: starts from noise); the time grows with it", "Strength",
+                        minimum=0, maximum=1, step=0.05)
 CONDITION_NAMES = {"canny": "Canny edges", "depth": "a depth map"}  # what a ControlNet may have been trained on
 CONTROLNET_COST = 1.5  # a UNet sample plus its ControlNet (an encoder copy), relative to the UNet alone
 MAX_NAME_CHARS = 200  # an uploaded file's name as the client gave it, cut to this (it goes into metadata)
@@ -50,16 +57,15 @@ KNOB_DEFAULTS = {**{row.name: row.default for row in edc.CONTROLNET_KNOBS},
                  "controlnet_conditioning_scale": edc.DEMO_SCALE}
 PREVIEW_INPUTS = ("image", "condition", "width", "height", "canny_low", "canny_high")  # /condition_preview's
 
-# The single example: the official prompt and settings, with the shipped input photograph.
+# The examples: the official prompt and settings with the shipped photograph, and a 2x upscale of it.
 EXAMPLE_PROMPT = "Envision a dramatic photo of the joker, masterpiece, high quality."
+UPSCALE_PROMPT = "A portrait photo of a smiling astronaut in an orange spacesuit, highly detailed, sharp"
 
 
-def trained_condition(sampler) -> str | None:
+def trained_condition(controlnet_model) -> str | None:
     """'canny' or 'depth' for the default ControlNets (their ids name their condition) and for ids or folders
     named after one; else None."""
-    if sampler is None:
-        return "canny"  # the default ControlNet's
-    name = os.path.basename(os.path.normpath(str(sampler.controlnet_model))).lower()
+    name = os.path.basename(os.path.normpath(str(controlnet_model))).lower()
     found = [kind for kind in ("canny", "depth") if kind in name]
     return found[0] if len(found) == 1 else None
 
@@ -135,11 +141,11 @@ class UploadLimits:
 
 
 class ImageToImageApp(base.TextToImageApp):
-    """The ControlNet demo: the text-to-image demo's handlers and widgets plus an input image."""
+    """The image demo: the text-to-image demo's handlers and widgets plus an input image that guides the run."""
 
-    title = "ElasticDiffusion + ControlNet"
-    intro = ("Generate an image at any size and aspect ratio that follows the edges or the depth of an input "
-             "image, with a pretrained Stable Diffusion model and a ControlNet, training-free "
+    title = "ElasticDiffusion: bring your own image"
+    intro = ("Refine or upscale a picture at any size and aspect ratio, or generate one that follows its edges or "
+             "depth with a ControlNet, with a pretrained Stable Diffusion model, training-free "
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024). The input is scaled to cover the output "
              "size and centre-cropped.")
     plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
@@ -148,25 +154,38 @@ class ImageToImageApp(base.TextToImageApp):
     placeholder = EXAMPLE_PROMPT
     api_before_knobs = ("image", "prompt", "negative_prompt", "condition", "controlnet_conditioning_scale", "width",
                         "height", "seed", "randomize_seed")
-    api_after_knobs = ("canny_low", "canny_high", *base.TextToImageApp.api_after_knobs)  # then look_inside
-    example_inputs = ("image", "prompt", "negative_prompt", "condition", "width", "height", "resampling_steps",
-                      "new_p", "rrg_init_weight", "seed", "randomize_seed")
-    example_rows = [[edc.DEFAULT_INPUT, EXAMPLE_PROMPT, ed.PRESET_NEGATIVE_PROMPT, "canny", 1536, 1536, 7, 0.3, 1000, 0,
-                     False]]
-    example_labels = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT]
-    examples_title = "Example of the paper's demo (generated on first click, then cached)"
+    api_after_knobs = ("canny_low", "canny_high", *base.TextToImageApp.api_after_knobs, "strength")
+    example_inputs = ("image", "prompt", "negative_prompt", "condition", "strength", "width", "height",
+                      "resampling_steps", "new_p", "rrg_init_weight", "seed", "randomize_seed")
+    example_rows = [[edc.DEFAULT_INPUT, EXAMPLE_PROMPT, ed.PRESET_NEGATIVE_PROMPT, "canny", 1.0, 1536, 1536, 7, 0.3,
+                     1000, 0, False],
+                    [edc.DEFAULT_INPUT, UPSCALE_PROMPT, ed.PRESET_NEGATIVE_PROMPT, "refine", 0.4, 1024, 1024, 7, 0.3,
+                     1000, 0, False]]
+    example_labels = ["1536×1536, canny edges of the astronaut photo: " + EXAMPLE_PROMPT,
+                      "2× upscale of the astronaut photo, refined at strength 0.4: " + UPSCALE_PROMPT]
+    examples_title = "Examples (generated on first click, then cached)"
 
     def __init__(self, sampler, status: str = "", preview_every: int = base.PREVIEW_EVERY,
-                 outputs: base.OutputFolders | None = None, default_condition: str | None = None):
+                 outputs: base.OutputFolders | None = None, default_condition: str | None = None,
+                 controlnet: str = "canny", depth_model=edc.DEFAULT_DEPTH_MODEL):
+        """`sampler`: the base model's sampler, or a ControlNet sampler (then also the one of canny/depth runs);
+        otherwise `controlnet` and `depth_model` make one over the base model's modules on the first such run."""
+        is_controlnet = isinstance(sampler, edc.ElasticDiffusionControlNet)
+        self.controlnet_model = sampler.controlnet_model if is_controlnet else controlnet
+        self.depth_model = sampler.depth_model if is_controlnet else depth_model
+        self._controlnet = sampler if is_controlnet else None
+        self._controlnet_lock = threading.Lock()
+        if is_controlnet:  # refine runs need the base sampler: the same modules, without the ControlNet
+            sampler = ed.ElasticDiffusion.from_pipe(sampler.pipe, max_scale=sampler.max_scale)
         super().__init__(sampler, status, preview_every, outputs)
-        # What the loaded ControlNet was trained on (None: unknown), and where the condition menu starts.
-        self.default_condition = self.condition_type(default_condition or trained_condition(sampler) or "image")
-        self.controlnet_condition = None if self.default_condition == "image" else self.default_condition
+        # What the ControlNet was trained on (None: unknown), and where the guide menu starts.
+        self.controlnet_condition = trained_condition(self.controlnet_model)
+        self.default_condition = self.condition_type(default_condition or "refine")
         self._images: collections.OrderedDict = collections.OrderedDict()  # file digest -> RGB image
         self._images_lock = threading.Lock()
         self._depth_lock = threading.Lock()  # one depth model load or estimate at a time outside generations
         self._depth_failure = ""  # why the depth model could not be loaded: said at once from then on
-        self._depth_map = base.on_gpu(self._estimate_depth, self.native_px)
+        self._depth_map = base.on_gpu(self._estimate_depth, lambda values: DEPTH_SECONDS)
         # Inputs come only from Gradio's upload folder of this process, never from the app's own outputs.
         self.upload_roots = [os.path.realpath(gr.utils.get_upload_folder())]
         self.excluded = [os.path.realpath(self.outputs.root)]
@@ -209,32 +228,64 @@ class ImageToImageApp(base.TextToImageApp):
 
     @staticmethod
     def condition_type(value) -> str:
-        if isinstance(value, str) and value.strip().lower() in edc.CONDITIONS:
+        if isinstance(value, str) and value.strip().lower() in (*edc.CONDITIONS, "refine"):
             value = value.strip().lower()
             return "image" if value == "none" else value
         labels = ", ".join(f"'{v}' ({label})" for label, v in CONDITION_CHOICES)
         raise base.refuse(f"Condition must be one of {labels}; got {value!r}.")
 
     def parse_control(self, values: dict) -> tuple[str, dict]:
-        """The ControlNet inputs (UI and API alike), each checked with an actionable gr.Error: the upload's own name
-        (never a server path) and the sampler's keyword arguments, the image decoded."""
-        control = dict(condition=self.condition_type(values.get("condition")))
+        """The image inputs (UI and API alike), each checked with an actionable gr.Error: the upload's own name
+        (never a server path) and the sampler's keyword arguments, the image decoded. Refine starts from the
+        picture; the ControlNet's conditions follow it, from noise unless the strength is below 1."""
+        condition = self.condition_type(values.get("condition"))
+        strength = base.knob_value(STRENGTH_KNOB, values.get("strength", 1.0), 0)
+        image, name = self.input_image(values.get("image"))
+        if condition == "refine":
+            return name, dict(image=image, strength=strength)
+        control = dict(condition=condition, condition_image=image)
         for row in edc.CONTROLNET_KNOBS:
             control[row.name] = base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), 0)
         if control["canny_low"] > control["canny_high"]:
             raise base.refuse(f"Canny low threshold ({control['canny_low']}) must not be above the Canny high "
                               f"threshold ({control['canny_high']}).")
-        control["condition_image"], name = self.input_image(values.get("image"))
+        if strength < 1:
+            control.update(image=image, strength=strength)
         return name, control
 
+    def controlnet_sampler(self) -> edc.ElasticDiffusionControlNet:
+        """The ControlNet sampler, made on the first run that needs it over the base model's modules (one copy of the
+        UNet); gr.Error with advice if the ControlNet cannot be loaded."""
+        with self._controlnet_lock:
+            if self._controlnet is None:
+                try:
+                    self._controlnet = edc.ElasticDiffusionControlNet.from_pipe(
+                        self.sampler.pipe, controlnet_model=self.controlnet_model, depth_model=self.depth_model,
+                        max_scale=self.max_scale, low_vram=self.sampler.low_vram)
+                except Exception as error:  # noqa: BLE001 - no hub, a bad folder, a ControlNet of another model
+                    raise base.refuse(
+                        f"The ControlNet `{ed.public_name(self.controlnet_model)}` could not be loaded "
+                        f"({base.scrub_paths(str(error))[:300]}). Start the app with `--controlnet "
+                        "/path/to/controlnet/folder`, or choose Refine, which needs no ControlNet.") from None
+            return self._controlnet
+
+    def gpu_seconds(self, values: dict) -> int:
+        factor = 1.0 if values.get("condition", self.default_condition) == "refine" else CONTROLNET_COST
+        return base.estimate_gpu_seconds(values, self.native_px, factor)
+
     def stream(self, values: dict, progress, **run_kwargs):
-        """The text-to-image request plus the ControlNet's inputs, checked first (the image is read once)."""
+        """The text-to-image request plus the image's inputs, checked first (the image is read once)."""
         self._require_model()
         name, control = self.parse_control(values)
+        if "condition" not in control:  # refine: the base sampler
+            yield from super().stream(values, progress, **control)
+            return
+        sampler = base.within(DEPTH_SECONDS, "Loading the ControlNet", self.controlnet_sampler)
         if control["condition"] == "depth":  # load the depth model now, bounded, or fail at once with advice
             base.within(DEPTH_SECONDS, "Loading the depth model", self._depth)
         self._warn_if_mismatched(control["condition"])
-        yield from super().stream(values, progress, finish=functools.partial(self._save_condition, name), **control)
+        yield from super().stream(values, progress, sampler=sampler,
+                                  finish=functools.partial(self._save_condition, name), **control)
 
     def _warn_if_mismatched(self, condition: str) -> None:
         expected = self.controlnet_condition
@@ -262,9 +313,9 @@ class ImageToImageApp(base.TextToImageApp):
         """/condition_preview: the map /generate would follow, at the output size (`max_side` shrinks it)."""
         _, control = self.parse_control(dict(image=image, condition=condition, canny_low=canny_low,
                                              canny_high=canny_high))
-        condition = control["condition"]
+        condition = control.get("condition", "refine")
         width, height = self.checked_size(width, height)
-        fitted = ed.fit_image(control["condition_image"], width, height)  # the sampler's resize rule
+        fitted = ed.fit_image(control.get("condition_image") or control["image"], width, height)  # the sampler's rule
         if condition == "canny":
             result = edc.canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
         elif condition == "depth":
@@ -288,10 +339,10 @@ class ImageToImageApp(base.TextToImageApp):
         with self._depth_lock:
             if not self._depth_failure:
                 try:
-                    estimator = self.sampler.depth_estimator()
+                    estimator = self.controlnet_sampler().depth_estimator()
                 except ValueError as error:
                     self._depth_failure = (
-                        f"The depth model `{ed.public_name(self.sampler.depth_model)}` could not be loaded "
+                        f"The depth model `{ed.public_name(self.depth_model)}` could not be loaded "
                         f"({base.scrub_paths(str(error))[:300]}). Start the app with `--depth-model "
                         "/path/to/depth/model` (a transformers depth-estimation model folder, e.g. Intel/dpt-large "
                         "saved with save_pretrained), or choose Canny edges or your own map.")
@@ -319,28 +370,48 @@ class ImageToImageApp(base.TextToImageApp):
 
     def model_note(self) -> str:
         note = super().model_note()
-        return note and f"{note[:-1]}; ControlNet: `{ed.public_name(self.sampler.controlnet_model)}`."
+        loaded = "" if self._controlnet else " (loaded on the first canny or depth run)"
+        return note and f"{note[:-1]}; ControlNet: `{ed.public_name(self.controlnet_model)}`{loaded}."
 
     def _inputs(self) -> dict:
-        """Input image, condition type and ControlNet scale, beside the live condition map."""
-        expects = (f"The loaded ControlNet follows {CONDITION_NAMES[self.controlnet_condition]}."
-                   if self.controlnet_condition else "The loaded ControlNet is a custom one: choose the map it was "
+        """Input image, guide, strength and ControlNet scale, beside the live view of the guide."""
+        expects = (f"The ControlNet follows {CONDITION_NAMES[self.controlnet_condition]}."
+                   if self.controlnet_condition else "The ControlNet is a custom one: choose the map it was "
                    "trained on, or give your own map ('My own edge or depth map').")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 widgets = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
                                              height=360, elem_id="input-image")}
-                widgets["condition"] = gr.Dropdown(CONDITION_CHOICES, value=self.default_condition, label="Condition",
-                                                   info=f"What the image follows. {expects}",
+                self.upscale = gr.Button("Upscale ×2: twice the picture's size", size="sm", elem_id="upscale-2x")
+                widgets["condition"] = gr.Dropdown(CONDITION_CHOICES, value=self.default_condition, label="Guide",
+                                                   info=f"What the result follows: the picture itself, or its edges "
+                                                        f"or depth through a ControlNet. {expects}",
                                                    elem_id="condition")
+                # /generate's default is 1 (a ControlNet run from noise, as before refine existed); the page starts
+                # the slider at its guide's own default (`build`).
+                widgets["strength"] = self.strength = base.knob_widget(STRENGTH_KNOB, 1.0, 0)
                 scale = edc.CONTROLNET_KNOBS[0]
                 widgets[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
             with gr.Column(scale=1):
                 widgets["condition_map"] = gr.Image(
-                    label="Condition map (what the ControlNet follows, at the output size)", type="filepath",
-                    format="png", interactive=False, height=360, elem_id="condition-preview",
+                    label="What the run follows, at the output size (the picture, or the ControlNet's map)",
+                    type="filepath", format="png", interactive=False, height=360, elem_id="condition-preview",
                     buttons=["download", "fullscreen"])
         return widgets
+
+    def build(self) -> gr.Blocks:
+        demo = super().build()
+        with demo:
+            demo.load(lambda: STRENGTH[self.default_condition], outputs=self.strength, queue=False,
+                      show_progress="hidden", api_visibility="private")
+        return demo
+
+    def doubled_size(self, image) -> tuple[int, int]:
+        """Upscale ×2: (width, height) twice the uploaded picture's, shrunk to the model's largest size if needed,
+        in multiples of 8."""
+        picture, _ = self.input_image(image)
+        factor = min(2.0, self.max_scale * self.native_px / max(picture.size))
+        return tuple(max(ed.MIN_SIDE_PX, int(side * factor) // 8 * 8) for side in picture.size)
 
     def _advanced(self) -> dict:
         """The Canny thresholds."""
@@ -357,18 +428,22 @@ class ImageToImageApp(base.TextToImageApp):
               trigger_mode="always_last", api_visibility="private", **preview_options)
         gr.Button("Condition map", visible=False).click(self.condition_map, inputs=preview_inputs,
                                                         api_name="condition_preview", **preview_options)
+        self.upscale.click(self.doubled_size, inputs=widgets["image"], outputs=[widgets["width"], widgets["height"]],
+                           preprocess=False, concurrency_id="preview", api_visibility="private")
+        widgets["condition"].change(lambda guide: STRENGTH.get(guide, gr.skip()), inputs=widgets["condition"],
+                                    outputs=widgets["strength"], queue=False, show_progress="hidden",
+                                    api_visibility="private")
         super()._more_events(widgets, outputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The text-to-image demo's flags plus the ControlNet's."""
-    p = base.build_parser("ElasticDiffusion + ControlNet image-to-image demo (Gradio).")
+    p = base.build_parser("ElasticDiffusion image-to-image demo (Gradio): refine, upscale, or follow a ControlNet map.")
     p.add_argument("--controlnet", "--controlnet_model", dest="controlnet", default="canny",
                    help="'canny' or 'depth' (the default ControlNet of the model's family), a hub id or a local "
-                        "diffusers folder")
-    p.add_argument("--condition", choices=["canny", "depth", "image"], default=None,
-                   help="the condition the ControlNet was trained on, where the menu starts (default: canny or depth "
-                        "for those ControlNets and for ids or folders named after one, else 'image')")
+                        "diffusers folder; loaded on the first canny or depth run")
+    p.add_argument("--condition", choices=["refine", "canny", "depth", "image"], default=None,
+                   help="where the guide menu starts (default: refine)")
     p.add_argument("--depth-model", "--depth_model", dest="depth_model", default=edc.DEFAULT_DEPTH_MODEL,
                    help="transformers depth-estimation model id or folder, for the 'Depth map' condition")
     p.add_argument("--max-uploads-mb", type=int, default=MAX_UPLOADS_MB,
@@ -380,13 +455,12 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     base.configure_logging(args.verbose)
     outputs = base.private_storage(args.max_output_mb)
-    sampler, status = base.load_sampler(args, edc.ElasticDiffusionControlNet, app_file=APP_FILE,
-                                        controlnet_model=args.controlnet, depth_model=args.depth_model)
+    sampler, status = base.load_sampler(args, app_file=APP_FILE)  # the base model only: ControlNets on first use
     if sampler is None:
         status += (f" A ControlNet on disk is given the same way: `--controlnet /path/to/controlnet/folder` "
                    f"(now `{ed.public_name(args.controlnet)}`).")
     app = ImageToImageApp(sampler, status, preview_every=args.preview_every, outputs=outputs,
-                          default_condition=args.condition)
+                          default_condition=args.condition, controlnet=args.controlnet, depth_model=args.depth_model)
     serve(app.build(), args, outputs)
 
 

@@ -439,7 +439,7 @@ def test_gpu_duration_grows_with_the_work():
     assert [app.estimate_gpu_seconds(dict(width=w, height=h), 1024) for w, h in ((1024, 1024), (2048, 1024),
                                                                                 (2048, 2048))] == [22, 46, 76]
     if app.spaces is None:  # without the `spaces` package the handler is used as it is
-        assert app.on_gpu(free_port, 1024) is free_port
+        assert app.on_gpu(free_port, lambda values: 30) is free_port
 
 
 def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
@@ -453,7 +453,7 @@ def test_zero_gpu_duration_is_estimated_from_the_request(sampler, monkeypatch):
 
     monkeypatch.setattr(app, "spaces", FakeSpaces)
     text_to_image = app.TextToImageApp(sampler)
-    app.on_gpu(text_to_image.generate, 1024)
+    app.on_gpu(text_to_image.generate, text_to_image.gpu_seconds)
     values = {**app.ed.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
     # Gradio passes the progress tracker by position and the inputs by name (inputs_kwargs).
     assert durations[0](app.gr.Progress(), **values) == app.estimate_gpu_seconds(values, 1024) == 76

@@ -291,11 +291,16 @@ def img2img_sampler(tiny_sdxl_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def img2img_url(img2img_sampler, tmp_path_factory):
+def img2img_app(img2img_sampler):
     import app_gradio_img2img as img2img
 
+    return img2img.ImageToImageApp(img2img_sampler, preview_every=10)
+
+
+@pytest.fixture(scope="module")
+def img2img_url(img2img_app, tmp_path_factory):
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio_examples")))
-    demo = img2img.ImageToImageApp(img2img_sampler, preview_every=10).build()
+    demo = img2img_app.build()
     yield launched(demo)
     demo.close()
 
@@ -327,6 +332,29 @@ def test_img2img_upload_shows_the_condition_map_and_follows_the_size(img2img_url
     browser.find_element(By.CSS_SELECTOR, "#advanced .label-wrap").click()
     wait.until(lambda d: slider_value(d, "resampling_steps") == "7")  # the size presets work here too
     assert slider_value(browser, "canny_low") == "100" and slider_value(browser, "canny_high") == "200"
+
+
+def test_refine_upscales_an_uploaded_picture_from_the_page(img2img_url, img2img_app, browser, monkeypatch):
+    """Upload, Upscale ×2, Generate: the refine guide (the default) gives the picture at twice its size."""
+    from elastic_diffusion_w_controlnet import DEFAULT_INPUT
+
+    shortened(monkeypatch, img2img_app.sampler, num_inference_steps=4)
+    browser.get(img2img_url)
+    wait = WebDriverWait(browser, 120, poll_frequency=0.2)
+    upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
+    upload.send_keys(DEFAULT_INPUT)  # 512x512
+    assert slider_value(browser, "strength") == "0.5"  # refine's own default
+    wait.until(lambda d: loaded_size(d, "#condition-preview"))
+    browser.find_element(By.CSS_SELECTOR, "#upscale-2x").click()
+    wait.until(lambda d: [d.find_element(By.CSS_SELECTOR, f"#{side} input").get_attribute("value")
+                          for side in ("width", "height")] == ["1024", "1024"])
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("a portrait photo of an astronaut")
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    (image,) = wait.until(lambda d: error_toasts(d) or finished_images(d))  # no condition map beside it
+    assert error_toasts(browser) == []
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [1024,
+                                                                                                              1024]
+    assert "started from the input image at strength 0.5" in browser.find_element(By.CSS_SELECTOR, "#summary").text
 
 
 def test_the_command_line_img2img_app_takes_an_upload_from_the_page(browser, tmp_path):

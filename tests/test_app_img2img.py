@@ -278,7 +278,8 @@ def test_only_uploaded_files_are_read_with_one_message_within_seconds(server, ho
     assert with_meta["a missing file"] == with_meta["a server image"] == with_meta["a server file"]
     names = app.ImageToImageApp.api_inputs()  # the order in which positional clients send them
     values = {**FAST, **text_app.preset(1024, 512, 1024), "negative_prompt": "", "controlnet_conditioning_scale": 0.5,
-              "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200, "look_inside": False}
+              "view_batch_size": 16, "low_vram": False, "canny_low": 100, "canny_high": 200, "look_inside": False,
+              "strength": 1.0}
     for name in ("a server image", "a FIFO", "a pipe held by the server", "a symlink out"):  # /generate alike
         stream, seconds = timed_raw(url, "generate", [{"path": paths[name]}] + [values[n] for n in names[1:]])
         assert seconds < 5 and app.UPLOAD_REFUSED in stream, name
@@ -458,7 +459,8 @@ def test_the_pages_live_map_is_size_bounded_and_written_to_the_outputs(image_to_
 
 
 BAD_CONTROLS = [
-    (dict(condition="sketch"), "Condition must be one of 'canny'"),
+    (dict(condition="sketch"), "Condition must be one of 'refine'"),
+    (dict(condition="refine", strength=1.5), "Strength must be between 0 and 1; got 1.5"),
     (dict(controlnet_conditioning_scale=5), "ControlNet scale must be between 0.1 and 2"),
     (dict(canny_low=210, canny_high=200), "Canny low threshold \\(210\\) must not be above"),
     (dict(canny_high=300), "Canny high threshold must be between 0 and 255"),
@@ -487,10 +489,11 @@ def test_the_example_is_wired_lazily(server, examples_cache, controlnet_path):
     config = json.loads(page)
     datasets = [c for c in config["components"] if c.get("type") == "dataset"]
     assert len(datasets) == 1
-    (row,) = datasets[0]["props"]["samples"]
-    assert row[0]["orig_name"] == "astronaut.jpg"  # the shipped photograph
-    assert row[1:] == [app.EXAMPLE_PROMPT, "blurry, ugly, poorly drawn, deformed", "canny", 1536, 1536, 7, 0.3,
+    row, upscale = datasets[0]["props"]["samples"]
+    assert row[0]["orig_name"] == upscale[0]["orig_name"] == "astronaut.jpg"  # the shipped photograph
+    assert row[1:] == [app.EXAMPLE_PROMPT, "blurry, ugly, poorly drawn, deformed", "canny", 1.0, 1536, 1536, 7, 0.3,
                        1000, 0, False]
+    assert upscale[3:7] == ["refine", 0.4, 1024, 1024]  # twice the 512 px photograph, refined
     assert [f for _, _, files in os.walk(examples_cache) for f in files] == []  # nothing generated at start-up
     names = {d.get("api_name") for d in config["dependencies"]}
     assert {"generate", "condition_preview", "recommended_settings"} <= names
@@ -529,8 +532,10 @@ def test_zero_gpu_durations_count_the_controlnet_and_the_examples_presets(sample
     monkeypatch.setattr(text_app, "spaces", FakeSpaces)
     monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
     app.ImageToImageApp(sampler).build()
-    values = {**text_app.ed.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16}
+    values = {**text_app.ed.recommended_settings(2048, 2048), "width": 2048, "height": 2048, "view_batch_size": 16,
+              "condition": "canny"}
     unet_only = text_app.estimate_gpu_seconds(values, 1024)  # 76 s for 2048x2048 (test_app.py)
+    assert durations["generate"](app.gr.Progress(), **dict(values, condition="refine", strength=1.0)) == unet_only
     assert durations["generate"](app.gr.Progress(), **values) == int(
         20 + 1.2 * 2782 * text_app.UNET_SAMPLE_SECONDS * app.CONTROLNET_COST) > unet_only
     # The example's handler takes only some knobs: the others are the size's preset, not a 30 s guess.
@@ -574,10 +579,75 @@ def test_without_a_model_the_page_explains_and_canny_previews_still_work():
         assert opened(preview(client)).size == (1024, 512)  # Canny needs no model
 
 
-def test_condition_menu_starts_at_the_controlnets_type(sampler):
-    assert app.trained_condition(sampler) == "canny"  # a folder named after its condition
-    assert app.ImageToImageApp(sampler, default_condition="image").controlnet_condition is None
+def test_the_guide_menu_starts_at_refine_and_knows_the_controlnets_type(sampler):
+    assert app.trained_condition(sampler.controlnet_model) == "canny"  # a folder named after its condition
+    assert app.trained_condition("someone/controlnet-scribble") is None
+    page = app.ImageToImageApp(sampler)
+    assert (page.default_condition, page.controlnet_condition) == ("refine", "canny")
     assert app.ImageToImageApp(sampler, default_condition="depth").default_condition == "depth"
+
+
+def test_refine_starts_from_the_picture_without_a_controlnet(client, tmp_path):
+    gallery, seed, summary, *_ = generate(client, condition="refine", strength=0.5, width=768, height=768)
+    assert len(gallery) == 1  # no condition map: the picture itself guides the run
+    image = opened(gallery[0]["image"])
+    meta = record(image)
+    assert image.size == (768, 768) and (meta["strength"], meta["upscale"]) == (0.5, 1)
+    assert "condition" not in meta and "controlnet_model" not in meta and len(meta["image_hash"]) == 16
+    assert not [value for value in meta.values() if str(value).startswith("/")]
+    assert "started from the input image at strength 0.5 (its last 1 of 2 steps)" in summary
+    # The picture steers it: a grey picture gives another image with the same seed; strength 0 runs no step.
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
+    other = opened(generate(client, image=str(grey), condition="refine", strength=0.5, width=768, height=768)[0][0]
+                   ["image"])
+    assert np.abs(np.asarray(other, dtype=np.float32) - np.asarray(image, dtype=np.float32)).mean() > 1
+    _, _, untouched, *_ = generate(client, condition="refine", strength=0.0, width=768, height=768)
+    assert "**0 UNet evaluations**" in untouched
+
+
+def test_a_controlnet_guide_below_strength_one_starts_from_the_picture(client):
+    gallery, *_ = generate(client, strength=0.5)
+    meta = record(opened(gallery[0]["image"]))
+    assert meta["strength"] == 0.5 and meta["condition"] == "canny"
+    assert "strength" not in record(opened(generate(client)[0][0]["image"]))  # 1, the default: from noise
+
+
+def test_upscale_doubles_the_pictures_size_within_the_models_limit(image_to_image, tmp_path):
+    assert image_to_image.doubled_size({"path": _uploaded(PHOTO)}) == (1024, 1024)  # 512 px photo
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1500, 1000)).save(wide)
+    assert image_to_image.doubled_size({"path": _uploaded(str(wide))}) == (2048, 1360)  # 2048 px at most (SDXL)
+
+
+def _uploaded(path: str) -> str:
+    """A copy of `path` in Gradio's upload folder, where the app reads uploads from."""
+    folder = tempfile.mkdtemp(dir=app.gr.utils.get_upload_folder())
+    return shutil.copy(path, folder)
+
+
+def test_the_gpu_reservation_follows_the_guide_and_the_strength(image_to_image):
+    big = dict(width=2048, height=2048, num_inference_steps=50)
+    canny = image_to_image.gpu_seconds(dict(big, condition="canny"))
+    refine = image_to_image.gpu_seconds(dict(big, condition="refine", strength=0.5))
+    assert refine < image_to_image.gpu_seconds(dict(big, condition="refine", strength=1.0)) < canny
+    assert refine == text_app.estimate_gpu_seconds(dict(big, strength=0.5), 1024)
+
+
+def test_a_base_model_app_loads_its_controlnet_on_the_first_canny_run(tiny_sdxl_path, controlnet_path, tmp_path):
+    base = text_app.ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path)
+    page = app.ImageToImageApp(base, controlnet=controlnet_path)
+    assert page._controlnet is None and "loaded on the first canny or depth run" in page.model_note()
+    values = dict(FAST, image={"path": _uploaded(PHOTO)})
+    refined = list(page.stream(dict(values, condition="refine"), None))[-1]
+    assert page._controlnet is None and len(refined[0]) == 1  # refine needs no ControlNet
+    followed = list(page.stream(values, None))[-1]
+    assert page._controlnet is not None and page._controlnet.unet is base.unet  # one copy of the UNet
+    assert len(followed[0]) == 2  # the image and its condition map
+    broken = app.ImageToImageApp(base, controlnet=str(tmp_path / "missing"))
+    with pytest.raises(app.gr.Error, match="choose Refine"):
+        list(broken.stream(values, None))
+    assert len(list(broken.stream(dict(values, condition="refine"), None))[-1][0]) == 1
 
 
 def test_look_inside_works_through_the_controlnet_demo(client):
