@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import re
 import socket
@@ -792,11 +793,8 @@ def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The accelerator torch finds (CUDA, MPS, ...), else the CPU."""
+    return torch.accelerator.current_accelerator() or torch.device("cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -911,17 +909,13 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
                                                   local_files_only=cached)
         else:
             raise ValueError("not a known key, folder, hub id or .safetensors file")
-        factor = 2 ** (len(_json_file(config("vae"))["block_out_channels"]) - 1)
-        return Native(int(_json_file(config("unet"))["sample_size"]) * factor, factor, f"{sd_version}'s configs")
+        vae, unet = (json.loads(pathlib.Path(config(name)).read_text()) for name in ("vae", "unet"))
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return Native(int(unet["sample_size"]) * factor, factor, f"{sd_version}'s configs")
     except Exception as error:  # a missing file, no network, a config without the field
         raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
                          f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
                          "768-px)") from None
-
-
-def _json_file(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
@@ -1014,13 +1008,9 @@ def share_pipeline(pipe, **replace):
 
 @dataclass(frozen=True)
 class Region:
-    """Where one UNet sample comes from, for extensions that condition on the image (ControlNet).
-
-    kind "reference": the whole reduced reference latent, (rows, cols) = ((0, h), (0, w));
-    kind "local": a crop [rows) x [cols) of the full-resolution latent. `padding` is
-    (top, bottom, left, right) in latent pixels around it on the native canvas. Equal regions have
-    equal pixels (a hashable key for per-region data).
-    """
+    """Where one UNet sample comes from, for extensions that condition on the image (ControlNet): kind "reference"
+    (the whole reference latent, rows (0, h), cols (0, w)) or "local" (a crop [rows) x [cols) of the full-resolution
+    latent), with `padding` (top, bottom, left, right) in latent pixels around it on the native canvas."""
     kind: str
     rows: tuple[int, int]
     cols: tuple[int, int]
@@ -1256,15 +1246,9 @@ class ElasticDiffusion:
 
     @classmethod
     def from_pipe(cls, pipe, device=None, **kwargs) -> "ElasticDiffusion":
-        """Reuse an already loaded diffusers Stable Diffusion pipeline's components (no reload, no copy).
-
-        The caller's pipeline is not changed: no dtype conversion (a different `torch_dtype` is
-        refused), its VAE keeps its precision (an fp16 SDXL VAE is upcast in a private copy), no
-        hooks, and the modules stay on their device when `device` is left out. The modules are
-        shared, though: `low_vram=True` (or `set_low_vram(True)`) puts diffusers' offload hooks on
-        them, which the caller's pipeline then runs with too, until `set_low_vram(False)`; an
-        explicit `device` moves them.
-        """
+        """Reuse an already loaded diffusers Stable Diffusion pipeline's components (no reload, no copy, no dtype
+        conversion; an fp16 SDXL VAE is upcast in a private copy). The modules are shared, though: an explicit
+        `device` moves them, and `low_vram=True` puts offload hooks on them, for the caller's pipeline too."""
         if device is None:
             device = getattr(pipe, "_execution_device", None) or pipe.device
         return cls(device=device, pipe=pipe, **kwargs)
@@ -1622,9 +1606,7 @@ class ElasticDiffusion:
     @staticmethod
     def _prompt_lists(prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list, list]:
         """Prompt and negative lists of equal length, each prompt repeated num_images_per_prompt times."""
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
+        check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -1632,8 +1614,8 @@ class ElasticDiffusion:
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
                              f"prompt); got {negative_prompt!r}")
-        repeat = num_images_per_prompt
-        return [p for p in prompts for _ in range(repeat)], [p for p in negatives for _ in range(repeat)]
+        return [p for p in prompts for _ in range(num_images_per_prompt)], \
+            [p for p in negatives for _ in range(num_images_per_prompt)]
 
     def prepare(self, run: Run) -> None:
         """A run's per-image data, computed once: embeddings, time ids, timesteps, backgrounds.
