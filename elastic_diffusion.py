@@ -1540,6 +1540,13 @@ class ElasticDiffusion:
                 raise ValueError(f"image is {source.width}x{source.height} pixels and upscale {upscale or 1} makes "
                                  f"it {width}x{height}: {error}") from None
             strength = DEFAULT_STRENGTH if strength is None else check_number("strength", strength, 0, 1)
+            if max(height / source.height, width / source.width) > 2:  # more than 2x: progressive upscaling
+                return self._upscale_in_stages(source, prompt, negative_prompt, height, width, strength, upscale,
+                                               seed=seed, generator=generator, progress=progress, drop_p=drop_p,
+                                               view_batch_size=view_batch_size, output_type=output_type,
+                                               num_images_per_prompt=num_images_per_prompt, extras=extras,
+                                               callback_on_step_end=callback_on_step_end,
+                                               callback_on_stage=callback_on_stage, **knobs)
         elif strength is not None or upscale is not None:
             raise ValueError("strength and upscale go with image: pass the image to start from")
         height = 2 * self.native_px if height is None else height
@@ -1601,6 +1608,27 @@ class ElasticDiffusion:
         info = self.info_class(settings=settings,
                                seed=seed, model=str(self.sd_version), reference_size=(h, w), num_views=len(where.views),
                                **run.counters, timings=run.timings, peak_memory_gib=peak)
+        return images, info
+
+    def _upscale_in_stages(self, source: Image.Image, prompt, negative_prompt, height: int, width: int,
+                           strength: float, upscale, output_type: str, num_images_per_prompt: int, **call):
+        """Progressive upscaling (experimental; docs/method.md#image-to-image): first the picture to half the target
+        size (itself in stages if that is more than 2x), then that image to the target, each stage at most 2x its
+        input. One image at a time; the info counts every stage's UNet work."""
+        if num_images_per_prompt != 1 or not isinstance(prompt, str):
+            raise ValueError("an upscale of more than 2x runs in stages, one image at a time: give one prompt and "
+                             "num_images_per_prompt=1")
+        f = self.vae_scale_factor
+        half = (-(-height // (2 * f)) * f, -(-width // (2 * f)) * f)  # rounded up: the last stage is at most 2x
+        logger.warning("experimental: upscaling %dx%d to %dx%d in stages (via %dx%d); each stage costs a run",
+                       source.width, source.height, width, height, half[1], half[0])
+        call["seed"] = random.randrange(2 ** 32) if call["seed"] is None and call["generator"] is None else call["seed"]
+        stage = functools.partial(ElasticDiffusion.generate, self, prompt, negative_prompt, strength=strength, **call)
+        first, info_first = stage(*half, image=source)  # the base's generate: an extension's inputs are in `extras`
+        images, info = stage(height, width, image=first[0], output_type=output_type)
+        for name in ("unet_samples", "unet_calls", "vae_encodes"):
+            setattr(info, name, getattr(info, name) + getattr(info_first, name))
+        info.settings.update(upscale=upscale or 1, image_hash=image_hash(source))  # of the picture given
         return images, info
 
     @staticmethod

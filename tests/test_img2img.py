@@ -169,3 +169,26 @@ def test_cli_bad_image_flags_exit_before_loading(tiny_sd1_path, tmp_path, capsys
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_more_than_2x_runs_in_stages_of_at_most_2x(sd1):
+    """upscale=4 of a 192x128 picture: a first run to 384x256 (2x), then from it to 768x512 (2x); the info counts
+    both, the record names the picture given."""
+    small = Image.fromarray(PICTURE).resize((192, 128), Image.Resampling.LANCZOS)
+    sizes = []
+    encode = sd1.encode_image
+    sd1.encode_image = lambda image, tiled=False: sizes.append(image.size) or encode(image, tiled)
+    try:
+        samples, info = unet_samples(sd1, image=small, upscale=4, strength=0.5, num_inference_steps=4, seed=0,
+                                     **QUIET)
+    finally:
+        del sd1.encode_image
+    assert sizes == [(384, 256), (768, 512)]  # each stage's input fitted to its own size: 2x, then 2x
+    first, last = (ed.settings_for(w, h, 512, num_inference_steps=4) for w, h in ((384, 256), (768, 512)))
+    expected = (ed.unet_cost(384, 256, first, 64, strength=0.5).samples
+                + ed.unet_cost(768, 512, last, 64, strength=0.5).samples)
+    assert samples == info["unet_samples"] == expected
+    assert (info["settings"]["upscale"], info["settings"]["width"]) == (4, 768)
+    assert info["settings"]["image_hash"] == ed.image_hash(small)
+    with pytest.raises(ValueError, match="one image at a time"):
+        sd1("a cat", image=small, upscale=4, num_images_per_prompt=2, **QUIET)
