@@ -4,7 +4,7 @@
     accelerate launch --num_processes 8 batch.py --prompts_file prompts.jsonl --outdir out/
 
 `python batch.py` takes elastic_diffusion.py's flags; both sampler command lines hand a --prompts_file over to
-`run` (the ControlNet's lines may set its inputs too: `control_line_keys`). A job, in order:
+`run` (the ControlNet's lines may set its inputs too: `control_line_check`). A job, in order:
 
 1. read the file into `Item`s (`read_prompts_file`); a line that cannot become one stops the job, named;
 2. check and price each item without a model (`plan`); one the sampler would refuse is recorded as an error;
@@ -62,28 +62,19 @@ MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadat
 # --- The prompts file ---
 
 
-@dataclass(frozen=True)
-class LineKeys:
-    """Keys a command line adds to each line of a prompts file (the ControlNet's input image and knobs): those of
-    its `call_kwargs`, whose values are every line's defaults. `check` never changes the values."""
-    check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
-    settings: Callable[[dict], dict]  # values -> what a generation records of them (`info.settings`)
-    paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
-
-
-def control_line_keys(controlnet_model: str) -> LineKeys:
-    """What each line may set on the ControlNet command line (its `CONTROL_ARGS`), checked and recorded as its
-    `generate` does."""
+def control_line_check(controlnet_model: str) -> Callable[[dict, bool], dict]:
+    """How a line's ControlNet inputs (its `CONTROL_ARGS`, the flags as defaults) are checked, as its `generate`
+    does: (values, read_files) -> what a generation records of them (`info.settings`), or ValueError."""
     import elastic_diffusion_w_controlnet as edc  # only a ControlNet job needs the ControlNet's code
 
-    def request(values: dict) -> dict:
+    def check(values: dict, read_files: bool) -> dict:
         condition = values["condition"] or edc.default_condition(controlnet_model)
-        return edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
-                                   values["canny_low"], values["canny_high"])
+        request = edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
+                                      values["canny_low"], values["canny_high"])
+        edc.check_control_request(request, read_files)
+        return edc.control_settings(controlnet_model, request)
 
-    return LineKeys(check=lambda values, read_files: edc.check_control_request(request(values), read_files),
-                    settings=lambda values: edc.control_settings(controlnet_model, request(values)),
-                    paths=("condition_image",))
+    return check
 
 
 @dataclass
@@ -99,7 +90,7 @@ class Item:
     num_images: int
     knobs: dict  # method knobs as given (None: the resolution-aware preset)
     extra: dict = field(default_factory=dict)  # more call arguments: IMAGE_KEYS, the ControlNet's input
-    image_hash: str | None = None  # of extra["image"] (`plan`): part of the item's identity for resume
+    recorded: dict = field(default_factory=dict)  # what its PNGs record of `extra` (`plan`): its identity for resume
     settings: dict | None = None  # resolved method knobs (`plan`); None while unchecked or refused
     error: str | None = None  # why the sampler would refuse the item (`plan`)
     cost: int = 0  # estimated native-size UNet samples (`elastic_diffusion.unet_cost`)
@@ -147,8 +138,7 @@ def _unknown_key(key: str, allowed: list[str]) -> str:
     return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
 
 
-def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None,
-                      line_keys: LineKeys | None = None) -> list[Item]:
+def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
 
     `defaults` holds negative_prompt, width, height (None: default_px, or an image's size), seed (item i gets
@@ -197,7 +187,7 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             continue
         line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
-        for key in ("image", *(line_keys.paths if line_keys else ())):
+        for key in ("image", "condition_image"):  # files: a relative path is relative to the prompts file
             value = values.get(key)
             if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
                 line_extra[key] = os.path.normpath(os.path.join(folder, value))
@@ -221,28 +211,29 @@ def _as_knob_type(name: str, value):
 # --- The plan: checks and cost without a model, and the split ---
 
 def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
-         line_keys: LineKeys | None = None, read_files: bool = False) -> None:
-    """Check every item with the sampler's own rules and price it, in place: `settings` and `cost`, or `error`.
-    `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
+         check_line: Callable | None = None, read_files: bool = False) -> None:
+    """Check every item with the sampler's own rules and price it, in place: `settings`, `recorded` and `cost`, or
+    `error`. `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
     for item in items:
         try:
             strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
+            recorded = {}
             if item.extra.get("image") is not None:  # read now: its size and hash
                 picture = ed.load_image(item.extra["image"])
                 item.height, item.width = ed.image_size(picture, upscale, item.height, item.width)
-                item.image_hash = ed.image_hash(picture)
                 strength = ed.DEFAULT_STRENGTH if strength is None else ed.check_number("strength", strength, 0, 1)
+                recorded = dict(strength=strength, upscale=upscale or 1, image_hash=ed.image_hash(picture))
             elif strength is not None or upscale is not None:
                 raise ValueError("strength and upscale go with image: give the image to start from")
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)
-            if line_keys is not None:
-                line_keys.check(item.extra, read_files)
+            if check_line is not None:
+                recorded.update(check_line(item.extra, read_files))
         except ValueError as error:
             item.error, item.settings, item.cost = str(error), None, 0
             continue
-        item.settings, item.error = settings, None
+        item.settings, item.recorded, item.error = settings, recorded, None
         item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
                                  native.vae_scale_factor, 1.0 if strength is None else strength).samples
 
@@ -330,16 +321,10 @@ class RecordReader:
         return records
 
 
-def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
+def expected_metadata(item: Item, k: int, model: str) -> dict:
     """The PNG record (`GenerationInfo.record`) image k of `item` gets, less the memory knobs, which never change
     an image."""
-    settings = dict(item.settings, width=item.width, height=item.height)
-    if item.image_hash is not None:
-        strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
-        settings.update(strength=ed.DEFAULT_STRENGTH if strength is None else strength, upscale=upscale or 1,
-                        image_hash=item.image_hash)
-    if line_keys is not None:
-        settings.update(line_keys.settings(item.extra))
+    settings = dict(item.settings, width=item.width, height=item.height, **item.recorded)
     return ed.GenerationInfo(settings, item.seed, model).record(item.prompt, item.negative_prompt, k)
 
 
@@ -354,14 +339,14 @@ def png_record(path: str) -> dict | None:
     return record if isinstance(record, dict) and size == (record.get("width"), record.get("height")) else None
 
 
-def done_items(items: list[Item], outdir: str, model: str, line_keys: LineKeys | None) -> dict[int, list[dict]]:
+def done_items(items: list[Item], outdir: str, model: str) -> dict[int, list[dict]]:
     """Items whose every image exists with the metadata this job would write: index -> the images' PNG records."""
     done = {}
     for item in items:
         records = [png_record(item.path(outdir, k)) for k in range(item.num_images)]
         if item.error is None and all(
                 record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
-                expected_metadata(item, k, model, line_keys) for k, record in enumerate(records)):
+                expected_metadata(item, k, model) for k, record in enumerate(records)):
             done[item.index] = records
     return done
 
@@ -526,7 +511,7 @@ def summary(outdir: str, path: str, items: list[Item], done, records: list[dict]
     return "\n".join(lines)
 
 
-def claim(outdir: str, items: list[Item], model: str, line_keys: LineKeys | None, resume: bool,
+def claim(outdir: str, items: list[Item], model: str, resume: bool,
           held: contextlib.ExitStack) -> tuple[str | None, dict, dict]:
     """Main process: lock the folder (until `held` closes), fold a stopped job's records into the manifest, find
     what is done. Returns (why the folder cannot be used or None, the manifest's records by file name, `done_items`)."""
@@ -539,7 +524,7 @@ def claim(outdir: str, items: list[Item], model: str, line_keys: LineKeys | None
         for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
             os.unlink(path)
     base = fold_parts(outdir)
-    done = done_items(items, outdir, model, line_keys) if resume else {}
+    done = done_items(items, outdir, model) if resume else {}
     for index, records in done.items():  # a done image keeps its ok record; one without (a lost manifest) or with
         item = items[index]  # an error an earlier job recorded for its line gets one from its PNG
         for k, record in enumerate(records):
@@ -560,7 +545,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     from accelerate.utils import broadcast_object_list
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
+    check_line = control_line_check(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
     main, rank, outdir, model = state.is_main_process, state.process_index, args.outdir, args.sd_version
@@ -575,14 +560,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
             native = ed.native_size(model, args.native_px)
             defaults, knobs = command_line_defaults(args, native)
             image_keys = {key: getattr(args, key) for key in IMAGE_KEYS}
-            items = read_prompts_file(args.prompts_file, defaults, knobs, {**image_keys, **call_kwargs}, line_keys)
+            items = read_prompts_file(args.prompts_file, defaults, knobs, {**image_keys, **call_kwargs})
         except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
             fail(2, f"error: {error}")
-        plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
+        plan(items, native, args.max_scale, args.view_batch_size, check_line, read_files=args.dry_run is not None)
         resume = args.resume if args.resume is not None else (os.path.isfile(manifest) or bool(part_paths(outdir)))
 
         if args.dry_run is not None:
-            done = done_items(items, outdir, model, line_keys) if resume else {}
+            done = done_items(items, outdir, model) if resume else {}
             todo, parts = share_out(items, done, args.dry_run or state.num_processes)
             if main:
                 print(format_plan(args.prompts_file, items, todo, done, parts, native, model, args.verbose))
@@ -598,7 +583,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
         # image in flight is dropped, its temporary file removed, the records so far kept, the lock released.
         sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            busy, base, done = claim(outdir, items, model, line_keys, resume, held) if main else (None, {}, {})
+            busy, base, done = claim(outdir, items, model, resume, held) if main else (None, {}, {})
             busy, done = broadcast_object_list([(busy, set(done))])[0]  # every process: the same view
             if busy:
                 fail(1, f"error: {busy}")

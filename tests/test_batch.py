@@ -132,7 +132,7 @@ def test_six_item_job_gives_pngs_of_the_right_sizes_and_a_manifest(baseline, tin
     for item, record in zip(items, records):
         saved = batch.png_record(os.path.join(outdir, record["path"]))
         assert {k: v for k, v in saved.items() if k not in batch.MEMORY_KEYS} == \
-            batch.expected_metadata(item, 0, tiny_sd1_path, None)
+            batch.expected_metadata(item, 0, tiny_sd1_path)
     # Same prompt, size and settings but another index: another seed, another image.
     assert pixels(os.path.join(outdir, NAMES[0])) != pixels(os.path.join(outdir, NAMES[3]))
 
