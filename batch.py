@@ -133,11 +133,6 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _unknown_key(key: str, allowed: list[str]) -> str:
-    hint = KEY_HINTS.get(key) or ", ".join(f"did you mean {m!r}?" for m in difflib.get_close_matches(key, allowed, 1))
-    return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
-
-
 def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
 
@@ -165,9 +160,11 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             if not text or text.startswith("#"):
                 continue
             values = _json_object(text) if jsonl else {"prompt": text}
-            unknown = [key for key in values if key not in allowed]
-            if unknown:
-                raise ValueError(_unknown_key(unknown[0], allowed))
+            for key in (key for key in values if key not in allowed):  # the first unknown one
+                close = difflib.get_close_matches(key, allowed, 1)
+                hint = KEY_HINTS.get(key) or (f"did you mean {close[0]!r}?" if close else None)
+                raise ValueError(f"unknown key {key!r}" + (f" ({hint})" if hint else "") +
+                                 f"; the keys are {', '.join(allowed)}")
             values = {key: value for key, value in values.items() if value is not None}  # null: the default
             if not isinstance(values.get("prompt"), str):
                 raise ValueError("missing prompt: every line needs \"prompt\": \"...\"" if "prompt" not in values
@@ -185,7 +182,10 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
             continue
-        line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
+        # JSON writes 10 for 10.0: a whole number for a float knob becomes a float, as the CLI parses it (type(): a
+        # bool stays a bool).
+        line_knobs = {name: float(values[name]) if ed.knob(name).type is float and type(values[name]) is int
+                      else values[name] for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
         for key in ("image", "condition_image"):  # files: a relative path is relative to the prompts file
             value = values.get(key)
@@ -201,11 +201,6 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
     if errors:
         raise ValueError("\n".join(errors))
     return items
-
-
-def _as_knob_type(name: str, value):
-    """JSON writes 10 for 10.0: a whole number given for a float knob becomes a float, as the CLI parses it."""
-    return float(value) if ed.knob(name).type is float and type(value) is int else value  # type(): a bool stays a bool
 
 
 # --- The plan: checks and cost without a model, and the split ---
@@ -267,23 +262,6 @@ def write_manifest(path: str, records: dict[str, dict]) -> None:
 
 def part_paths(outdir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(outdir), PART.format(rank="*"))))
-
-
-def fold_parts(outdir: str) -> dict[str, dict]:
-    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed);
-    the newer record of an image file replaces the older one."""
-    manifest, parts = os.path.join(outdir, MANIFEST), part_paths(outdir)
-    records = {}
-    for path in [manifest, *parts]:
-        reader = RecordReader(path)
-        records.update({r["path"]: r for r in reader.read() if isinstance(r, dict) and "path" in r})
-        if reader.rest.strip():
-            logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
-    if parts:
-        write_manifest(manifest, records)
-        for part in parts:  # only once their records are safely in the manifest
-            os.unlink(part)
-    return records
 
 
 def append_records(path: str, records: list[dict]) -> None:
@@ -447,24 +425,6 @@ class Progress:
             os.unlink(part)
 
 
-def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[dict, dict]:
-    """(item defaults, method knobs) from the command line; ValueError for a value no line could use."""
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
-                         f"same images); got {args.seed}")
-    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-                num_images=args.num_images, default_px=args.default_px), ed.knob_flags(args, native.latent)
-
-
-def load_sampler(make_sampler: Callable, native: ed.Native):
-    """The process's sampler, made once; ValueError if its native size is not the one the plan assumed."""
-    pipe = make_sampler()
-    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
-        raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor {pipe.vae_scale_factor}), but "
-                         f"the plan assumed {native.px} px from {native.source}: pass --native_px {pipe.native_px}")
-    return pipe
-
-
 def _count(n: int, thing: str, things: str | None = None) -> str:
     return f"{n:,} {thing if n == 1 else things or thing + 's'}"
 
@@ -513,8 +473,9 @@ def summary(outdir: str, path: str, items: list[Item], done, records: list[dict]
 
 def claim(outdir: str, items: list[Item], model: str, resume: bool,
           held: contextlib.ExitStack) -> tuple[str | None, dict, dict]:
-    """Main process: lock the folder (until `held` closes), fold a stopped job's records into the manifest, find
-    what is done. Returns (why the folder cannot be used or None, the manifest's records by file name, `done_items`)."""
+    """Main process: lock the folder (until `held` closes), fold the per-process records a stopped job left into the
+    manifest (the newer record of an image replaces the older), find what is done. Returns (why the folder cannot be
+    used or None, the manifest's records by file name, `done_items`)."""
     try:
         os.makedirs(outdir, exist_ok=True)
         held.enter_context(folder_lock(outdir))
@@ -523,7 +484,16 @@ def claim(outdir: str, items: list[Item], model: str, resume: bool,
     for pattern in ("*.png.part", "*.jsonl.part"):  # writes a power loss cut short (`write_atomically`)
         for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
             os.unlink(path)
-    base = fold_parts(outdir)
+    manifest, parts, base = os.path.join(outdir, MANIFEST), part_paths(outdir), {}
+    for path in [manifest, *parts]:
+        reader = RecordReader(path)
+        base.update({r["path"]: r for r in reader.read() if isinstance(r, dict) and "path" in r})
+        if reader.rest.strip():
+            logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
+    if parts:
+        write_manifest(manifest, base)
+        for part in parts:  # only once their records are safely in the manifest
+            os.unlink(part)
     done = done_items(items, outdir, model) if resume else {}
     for index, records in done.items():  # a done image keeps its ok record; one without (a lost manifest) or with
         item = items[index]  # an error an earlier job recorded for its line gets one from its PNG
@@ -558,9 +528,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
         held.callback(state.destroy_process_group)  # the process group (a no-op on one process); later the lock
         try:
             native = ed.native_size(model, args.native_px)
-            defaults, knobs = command_line_defaults(args, native)
-            image_keys = {key: getattr(args, key) for key in IMAGE_KEYS}
-            items = read_prompts_file(args.prompts_file, defaults, knobs, {**image_keys, **call_kwargs})
+            if args.seed < 0:  # a flag no line could use
+                raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives "
+                                 f"the same images); got {args.seed}")
+            defaults = {key: getattr(args, key) for key in (*ITEM_KEYS[1:], "default_px")}
+            extra = {**{key: getattr(args, key) for key in IMAGE_KEYS}, **call_kwargs}
+            items = read_prompts_file(args.prompts_file, defaults, ed.knob_flags(args, native.latent), extra)
         except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
             fail(2, f"error: {error}")
         plan(items, native, args.max_scale, args.view_batch_size, check_line, read_files=args.dry_run is not None)
@@ -599,7 +572,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
                 if item.error is not None:
                     records = item_records(item, outdir, model, rank, "error", item.error)
                 else:
-                    pipe = pipe or load_sampler(make_sampler, native)
+                    pipe = pipe or make_sampler()  # loaded once, by the first item to generate
+                    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
+                        raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor "
+                                         f"{pipe.vae_scale_factor}), but the plan assumed {native.px} px from "
+                                         f"{native.source}: pass --native_px {pipe.native_px}")
                     records = generate_item(pipe, item, outdir, model, rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", args.prompts_file, item.line, item.index,
