@@ -48,15 +48,14 @@ POLL_S = 1.0  # how often the main process reads the other processes' records wh
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
 IMAGE_KEYS = ("image", "strength", "upscale")  # image-to-image: a line's own, or the command line's --image ...
+MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 # Other spellings people will type, and where they belong.
 KEY_HINTS = {
     **{alias: f"the knob is called {row.name!r}" for row in ed.KNOBS for alias in row.aliases},
     "num_sampled": "the key is called 'num_images'", "drop_p": "give new_p = 1 - drop_p",
-    **{row.name: f"{row.name} is a memory setting of the whole job: give --{row.name} on the command line"
-       for row in ed.KNOBS if row.memory},
+    **{name: f"{name} is a memory setting of the whole job: give --{name} on the command line" for name in MEMORY_KEYS},
     **dict.fromkeys(("sd_version", "model"), "one model per job: give --sd_version on the command line"),
 }
-MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
 
 # --- The prompts file ---
@@ -299,13 +298,6 @@ class RecordReader:
         return records
 
 
-def expected_metadata(item: Item, k: int, model: str) -> dict:
-    """The PNG record (`GenerationInfo.record`) image k of `item` gets, less the memory knobs, which never change
-    an image."""
-    settings = dict(item.settings, width=item.width, height=item.height, **item.recorded)
-    return ed.GenerationInfo(settings, item.seed, model).record(item.prompt, item.negative_prompt, k)
-
-
 def png_record(path: str) -> dict | None:
     """The settings record of a PNG this project wrote, read from its header (no pixels decoded), or None."""
     try:
@@ -318,13 +310,15 @@ def png_record(path: str) -> dict | None:
 
 
 def done_items(items: list[Item], outdir: str, model: str) -> dict[int, list[dict]]:
-    """Items whose every image exists with the metadata this job would write: index -> the images' PNG records."""
+    """Items whose every image exists with the metadata this job would write (`GenerationInfo.record`, less the
+    memory knobs, which never change an image): index -> the images' PNG records."""
     done = {}
-    for item in items:
+    for item in (item for item in items if item.error is None):
+        info = ed.GenerationInfo(dict(item.settings, width=item.width, height=item.height, **item.recorded),
+                                 item.seed, model)
         records = [png_record(item.path(outdir, k)) for k in range(item.num_images)]
-        if item.error is None and all(
-                record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
-                expected_metadata(item, k, model) for k, record in enumerate(records)):
+        if all(record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
+               info.record(item.prompt, item.negative_prompt, k) for k, record in enumerate(records)):
             done[item.index] = records
     return done
 
@@ -391,9 +385,9 @@ class Progress:
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}  # file name -> record, of this job's images
         self.last_merge = time.monotonic()
-        self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not items, dynamic_ncols=True,
+        self.bar = tqdm(total=sum(item.cost for item in items) or 1, desc=f"0/{len(self.items)} items",
+                        disable=not items, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-        self._describe()
 
     def poll(self, merge: bool = False) -> None:
         """Read the records written since the last call; rewrite the manifest every MERGE_EVERY_S (now: `merge`)."""
@@ -404,16 +398,13 @@ class Progress:
                 self.records[record["path"]] = record
                 self.bar.n += item.cost / item.num_images  # drawn below with the new count: one line per change
         if len(self.records) > count:  # a log file gets a line per change, not one per poll
-            self._describe()
+            seen = {r["index"] for r in self.records.values()}
+            failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
+            text = f"{len(seen)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
+            self.bar.set_description_str(text, refresh=True)
         if merge or time.monotonic() - self.last_merge > MERGE_EVERY_S:
             write_manifest(os.path.join(self.outdir, MANIFEST), {**self.base, **self.records})
             self.last_merge = time.monotonic()
-
-    def _describe(self) -> None:
-        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
-        self.text = f"{len({r['index'] for r in self.records.values()})}/{len(self.items)} items" + \
-            (f", {len(failed)} failed" if failed else "")
-        self.bar.set_description_str(self.text, refresh=True)
 
     def finish(self) -> None:
         """Wait for the other processes' records, then merge them all into the manifest and remove the logs."""
@@ -432,12 +423,11 @@ def _count(n: int, thing: str, things: str | None = None) -> str:
 def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: ed.Native,
                 model: str, verbose: bool = False) -> str:
     """The --dry_run report: refused items, items already done, the split with estimated UNet samples."""
-    def share(some: list[Item]) -> str:
-        return (f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}, "
-                f"{sum(i.cost for i in some):,} UNet samples")
+    def share(some: list[Item], cost: bool = True) -> str:
+        return f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}" + \
+            (f", {sum(i.cost for i in some):,} UNet samples" if cost else "")
 
-    lines = [f"{path}: {_count(len(items), 'item')}, {_count(sum(i.num_images for i in items), 'image')}; "
-             f"model {model!r}, native size {native.px} px (from {native.source})"]
+    lines = [f"{path}: {share(items, cost=False)}; model {model!r}, native size {native.px} px (from {native.source})"]
     refused = [item for item in items if item.error is not None]
     if refused:
         lines.append(f"refused ({_count(len(refused), 'item')}, each would be recorded as an error):")
@@ -460,12 +450,10 @@ def summary(outdir: str, path: str, items: list[Item], done, records: list[dict]
     """The job's last words: what was generated, skipped and failed, and where the manifest is."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = {r["index"]: r for r in records if r["status"] != "ok"}
-    samples = sum(r["unet_samples"] or 0 for r in ok)
     lines = [f"{_count(len(items), 'item')}: {len({r['index'] for r in ok})} generated ({_count(len(ok), 'image')}, "
-             f"{samples:,} UNet samples, {seconds:.1f} s), {len(done)} already done, {len(failed)} failed; "
-             f"manifest: {os.path.join(outdir, MANIFEST)}"]
-    for index in sorted(failed)[:20]:
-        lines.append(f"  failed: {path}:{failed[index]['line']} (item {index}): {failed[index]['message']}")
+             f"{sum(r['unet_samples'] or 0 for r in ok):,} UNet samples, {seconds:.1f} s), {len(done)} already done, "
+             f"{len(failed)} failed; manifest: {os.path.join(outdir, MANIFEST)}"]
+    lines += [f"  failed: {path}:{failed[i]['line']} (item {i}): {failed[i]['message']}" for i in sorted(failed)[:20]]
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (status \"error\" in the manifest)")
     return "\n".join(lines)
