@@ -60,7 +60,6 @@ KEY_HINTS = {
 
 # --- The prompts file ---
 
-
 def control_line_check(controlnet_model: str) -> Callable[[dict, bool], dict]:
     """How a line's ControlNet inputs (its `CONTROL_ARGS`, the flags as defaults) are checked, as its `generate`
     does: (values, read_files) -> what a generation records of them (`info.settings`), or ValueError."""
@@ -252,7 +251,6 @@ def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
 
 # --- The output folder: manifest, records, resume, lock ---
 
-
 def write_manifest(path: str, records: dict[str, dict]) -> None:
     """Write the records (path -> record) as JSON lines sorted by file name, atomically."""
     text = "".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in sorted(records))
@@ -342,7 +340,6 @@ def folder_lock(outdir: str):
 
 
 # --- The job ---
-
 
 def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,
                  settings: dict | None = None, seconds: float | None = None, unet_samples: int | None = None):
