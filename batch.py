@@ -4,7 +4,7 @@
     accelerate launch --num_processes 8 batch.py --prompts_file prompts.jsonl --outdir out/
 
 `python batch.py` takes elastic_diffusion.py's flags; both sampler command lines hand a --prompts_file over to
-`run` (the ControlNet's lines may set its inputs too: `control_line_keys`). A job, in order:
+`run` (the ControlNet's lines may set its inputs too: `control_line_check`). A job, in order:
 
 1. read the file into `Item`s (`read_prompts_file`); a line that cannot become one stops the job, named;
 2. check and price each item without a model (`plan`); one the sampler would refuse is recorded as an error;
@@ -48,42 +48,31 @@ POLL_S = 1.0  # how often the main process reads the other processes' records wh
 
 ITEM_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "num_images")
 IMAGE_KEYS = ("image", "strength", "upscale")  # image-to-image: a line's own, or the command line's --image ...
+MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 # Other spellings people will type, and where they belong.
 KEY_HINTS = {
     **{alias: f"the knob is called {row.name!r}" for row in ed.KNOBS for alias in row.aliases},
     "num_sampled": "the key is called 'num_images'", "drop_p": "give new_p = 1 - drop_p",
-    **{row.name: f"{row.name} is a memory setting of the whole job: give --{row.name} on the command line"
-       for row in ed.KNOBS if row.memory},
+    **{name: f"{name} is a memory setting of the whole job: give --{name} on the command line" for name in MEMORY_KEYS},
     **dict.fromkeys(("sd_version", "model"), "one model per job: give --sd_version on the command line"),
 }
-MEMORY_KEYS = {row.name for row in ed.KNOBS if row.memory}  # in the PNG metadata, but never change the image
 
 
 # --- The prompts file ---
 
-
-@dataclass(frozen=True)
-class LineKeys:
-    """Keys a command line adds to each line of a prompts file (the ControlNet's input image and knobs): those of
-    its `call_kwargs`, whose values are every line's defaults. `check` never changes the values."""
-    check: Callable[[dict, bool], None]  # (values, read_files) -> None or ValueError; read_files in --dry_run
-    settings: Callable[[dict], dict]  # values -> what a generation records of them (`info.settings`)
-    paths: tuple[str, ...] = ()  # keys naming files; a relative one is relative to the prompts file's folder
-
-
-def control_line_keys(controlnet_model: str) -> LineKeys:
-    """What each line may set on the ControlNet command line (its `CONTROL_ARGS`), checked and recorded as its
-    `generate` does."""
+def control_line_check(controlnet_model: str) -> Callable[[dict, bool], dict]:
+    """How a line's ControlNet inputs (its `CONTROL_ARGS`, the flags as defaults) are checked, as its `generate`
+    does: (values, read_files) -> what a generation records of them (`info.settings`), or ValueError."""
     import elastic_diffusion_w_controlnet as edc  # only a ControlNet job needs the ControlNet's code
 
-    def request(values: dict) -> dict:
+    def check(values: dict, read_files: bool) -> dict:
         condition = values["condition"] or edc.default_condition(controlnet_model)
-        return edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
-                                   values["canny_low"], values["canny_high"])
+        request = edc.control_request(values["condition_image"], condition, values["controlnet_conditioning_scale"],
+                                      values["canny_low"], values["canny_high"])
+        edc.check_control_request(request, read_files)
+        return edc.control_settings(controlnet_model, request)
 
-    return LineKeys(check=lambda values, read_files: edc.check_control_request(request(values), read_files),
-                    settings=lambda values: edc.control_settings(controlnet_model, request(values)),
-                    paths=("condition_image",))
+    return check
 
 
 @dataclass
@@ -99,7 +88,7 @@ class Item:
     num_images: int
     knobs: dict  # method knobs as given (None: the resolution-aware preset)
     extra: dict = field(default_factory=dict)  # more call arguments: IMAGE_KEYS, the ControlNet's input
-    image_hash: str | None = None  # of extra["image"] (`plan`): part of the item's identity for resume
+    recorded: dict = field(default_factory=dict)  # what its PNGs record of `extra` (`plan`): its identity for resume
     settings: dict | None = None  # resolved method knobs (`plan`); None while unchecked or refused
     error: str | None = None  # why the sampler would refuse the item (`plan`)
     cost: int = 0  # estimated native-size UNet samples (`elastic_diffusion.unet_cost`)
@@ -142,13 +131,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _unknown_key(key: str, allowed: list[str]) -> str:
-    hint = KEY_HINTS.get(key) or ", ".join(f"did you mean {m!r}?" for m in difflib.get_close_matches(key, allowed, 1))
-    return f"unknown key {key!r}" + (f" ({hint})" if hint else "") + f"; the keys are {', '.join(allowed)}"
-
-
-def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None,
-                      line_keys: LineKeys | None = None) -> list[Item]:
+def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None = None) -> list[Item]:
     """The items of a .txt or .jsonl prompts file, with the command line's values where a line leaves a key out.
 
     `defaults` holds negative_prompt, width, height (None: default_px, or an image's size), seed (item i gets
@@ -175,9 +158,11 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
             if not text or text.startswith("#"):
                 continue
             values = _json_object(text) if jsonl else {"prompt": text}
-            unknown = [key for key in values if key not in allowed]
-            if unknown:
-                raise ValueError(_unknown_key(unknown[0], allowed))
+            for key in (key for key in values if key not in allowed):  # the first unknown one
+                close = difflib.get_close_matches(key, allowed, 1)
+                hint = KEY_HINTS.get(key) or (f"did you mean {close[0]!r}?" if close else None)
+                raise ValueError(f"unknown key {key!r}" + (f" ({hint})" if hint else "") +
+                                 f"; the keys are {', '.join(allowed)}")
             values = {key: value for key, value in values.items() if value is not None}  # null: the default
             if not isinstance(values.get("prompt"), str):
                 raise ValueError("missing prompt: every line needs \"prompt\": \"...\"" if "prompt" not in values
@@ -195,9 +180,12 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
         except ValueError as error:
             errors.append(f"{path}:{number}: {error}")
             continue
-        line_knobs = {name: _as_knob_type(name, values[name]) for name in knobs if name in values}
+        # JSON writes 10 for 10.0: a whole number for a float knob becomes a float, as the CLI parses it (type(): a
+        # bool stays a bool).
+        line_knobs = {name: float(values[name]) if ed.knob(name).type is float and type(values[name]) is int
+                      else values[name] for name in knobs if name in values}
         line_extra = {key: values.get(key, default) for key, default in extra.items()}
-        for key in ("image", *(line_keys.paths if line_keys else ())):
+        for key in ("image", "condition_image"):  # files: a relative path is relative to the prompts file
             value = values.get(key)
             if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
                 line_extra[key] = os.path.normpath(os.path.join(folder, value))
@@ -213,36 +201,32 @@ def read_prompts_file(path: str, defaults: dict, knobs: dict, extra: dict | None
     return items
 
 
-def _as_knob_type(name: str, value):
-    """JSON writes 10 for 10.0: a whole number given for a float knob becomes a float, as the CLI parses it."""
-    return float(value) if ed.knob(name).type is float and type(value) is int else value  # type(): a bool stays a bool
-
-
 # --- The plan: checks and cost without a model, and the split ---
 
 def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, view_batch_size: int = 16,
-         line_keys: LineKeys | None = None, read_files: bool = False) -> None:
-    """Check every item with the sampler's own rules and price it, in place: `settings` and `cost`, or `error`.
-    `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
+         check_line: Callable | None = None, read_files: bool = False) -> None:
+    """Check every item with the sampler's own rules and price it, in place: `settings`, `recorded` and `cost`, or
+    `error`. `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
     for item in items:
         try:
             strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
+            recorded = {}
             if item.extra.get("image") is not None:  # read now: its size and hash
                 picture = ed.load_image(item.extra["image"])
                 item.height, item.width = ed.image_size(picture, upscale, item.height, item.width)
-                item.image_hash = ed.image_hash(picture)
                 strength = ed.DEFAULT_STRENGTH if strength is None else ed.check_number("strength", strength, 0, 1)
+                recorded = dict(strength=strength, upscale=upscale or 1, image_hash=ed.image_hash(picture))
             elif strength is not None or upscale is not None:
                 raise ValueError("strength and upscale go with image: give the image to start from")
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)
-            if line_keys is not None:
-                line_keys.check(item.extra, read_files)
+            if check_line is not None:
+                recorded.update(check_line(item.extra, read_files))
         except ValueError as error:
             item.error, item.settings, item.cost = str(error), None, 0
             continue
-        item.settings, item.error = settings, None
+        item.settings, item.recorded, item.error = settings, recorded, None
         item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
                                  native.vae_scale_factor, 1.0 if strength is None else strength).samples
 
@@ -267,7 +251,6 @@ def split_by_cost(costs: list[int], num_processes: int) -> list[list[int]]:
 
 # --- The output folder: manifest, records, resume, lock ---
 
-
 def write_manifest(path: str, records: dict[str, dict]) -> None:
     """Write the records (path -> record) as JSON lines sorted by file name, atomically."""
     text = "".join(json.dumps(records[key], ensure_ascii=False) + "\n" for key in sorted(records))
@@ -276,23 +259,6 @@ def write_manifest(path: str, records: dict[str, dict]) -> None:
 
 def part_paths(outdir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(outdir), PART.format(rank="*"))))
-
-
-def fold_parts(outdir: str) -> dict[str, dict]:
-    """manifest.jsonl plus the per-process records a stopped job left, as one manifest (written, parts removed);
-    the newer record of an image file replaces the older one."""
-    manifest, parts = os.path.join(outdir, MANIFEST), part_paths(outdir)
-    records = {}
-    for path in [manifest, *parts]:
-        reader = RecordReader(path)
-        records.update({r["path"]: r for r in reader.read() if isinstance(r, dict) and "path" in r})
-        if reader.rest.strip():
-            logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
-    if parts:
-        write_manifest(manifest, records)
-        for part in parts:  # only once their records are safely in the manifest
-            os.unlink(part)
-    return records
 
 
 def append_records(path: str, records: list[dict]) -> None:
@@ -330,19 +296,6 @@ class RecordReader:
         return records
 
 
-def expected_metadata(item: Item, k: int, model: str, line_keys: LineKeys | None) -> dict:
-    """The PNG record (`GenerationInfo.record`) image k of `item` gets, less the memory knobs, which never change
-    an image."""
-    settings = dict(item.settings, width=item.width, height=item.height)
-    if item.image_hash is not None:
-        strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
-        settings.update(strength=ed.DEFAULT_STRENGTH if strength is None else strength, upscale=upscale or 1,
-                        image_hash=item.image_hash)
-    if line_keys is not None:
-        settings.update(line_keys.settings(item.extra))
-    return ed.GenerationInfo(settings, item.seed, model).record(item.prompt, item.negative_prompt, k)
-
-
 def png_record(path: str) -> dict | None:
     """The settings record of a PNG this project wrote, read from its header (no pixels decoded), or None."""
     try:
@@ -354,14 +307,16 @@ def png_record(path: str) -> dict | None:
     return record if isinstance(record, dict) and size == (record.get("width"), record.get("height")) else None
 
 
-def done_items(items: list[Item], outdir: str, model: str, line_keys: LineKeys | None) -> dict[int, list[dict]]:
-    """Items whose every image exists with the metadata this job would write: index -> the images' PNG records."""
+def done_items(items: list[Item], outdir: str, model: str) -> dict[int, list[dict]]:
+    """Items whose every image exists with the metadata this job would write (`GenerationInfo.record`, less the
+    memory knobs, which never change an image): index -> the images' PNG records."""
     done = {}
-    for item in items:
+    for item in (item for item in items if item.error is None):
+        info = ed.GenerationInfo(dict(item.settings, width=item.width, height=item.height, **item.recorded),
+                                 item.seed, model)
         records = [png_record(item.path(outdir, k)) for k in range(item.num_images)]
-        if item.error is None and all(
-                record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
-                expected_metadata(item, k, model, line_keys) for k, record in enumerate(records)):
+        if all(record is not None and {key: v for key, v in record.items() if key not in MEMORY_KEYS} ==
+               info.record(item.prompt, item.negative_prompt, k) for k, record in enumerate(records)):
             done[item.index] = records
     return done
 
@@ -385,7 +340,6 @@ def folder_lock(outdir: str):
 
 
 # --- The job ---
-
 
 def item_records(item: Item, outdir: str, model: str, rank: int | None, status: str, message: str | None = None,
                  settings: dict | None = None, seconds: float | None = None, unet_samples: int | None = None):
@@ -428,9 +382,9 @@ class Progress:
         self.readers = [RecordReader(os.path.join(outdir, PART.format(rank=r))) for r in range(num_processes)]
         self.records: dict[str, dict] = {}  # file name -> record, of this job's images
         self.last_merge = time.monotonic()
-        self.bar = tqdm(total=sum(item.cost for item in items) or 1, disable=not items, dynamic_ncols=True,
+        self.bar = tqdm(total=sum(item.cost for item in items) or 1, desc=f"0/{len(self.items)} items",
+                        disable=not items, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-        self._describe()
 
     def poll(self, merge: bool = False) -> None:
         """Read the records written since the last call; rewrite the manifest every MERGE_EVERY_S (now: `merge`)."""
@@ -441,16 +395,13 @@ class Progress:
                 self.records[record["path"]] = record
                 self.bar.n += item.cost / item.num_images  # drawn below with the new count: one line per change
         if len(self.records) > count:  # a log file gets a line per change, not one per poll
-            self._describe()
+            seen = {r["index"] for r in self.records.values()}
+            failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
+            text = f"{len(seen)}/{len(self.items)} items" + (f", {len(failed)} failed" if failed else "")
+            self.bar.set_description_str(text, refresh=True)
         if merge or time.monotonic() - self.last_merge > MERGE_EVERY_S:
             write_manifest(os.path.join(self.outdir, MANIFEST), {**self.base, **self.records})
             self.last_merge = time.monotonic()
-
-    def _describe(self) -> None:
-        failed = {r["index"] for r in self.records.values() if r["status"] != "ok"}
-        self.text = f"{len({r['index'] for r in self.records.values()})}/{len(self.items)} items" + \
-            (f", {len(failed)} failed" if failed else "")
-        self.bar.set_description_str(self.text, refresh=True)
 
     def finish(self) -> None:
         """Wait for the other processes' records, then merge them all into the manifest and remove the logs."""
@@ -462,24 +413,6 @@ class Progress:
             os.unlink(part)
 
 
-def command_line_defaults(args: argparse.Namespace, native: ed.Native) -> tuple[dict, dict]:
-    """(item defaults, method knobs) from the command line; ValueError for a value no line could use."""
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives the "
-                         f"same images); got {args.seed}")
-    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-                num_images=args.num_images, default_px=args.default_px), ed.knob_flags(args, native.latent)
-
-
-def load_sampler(make_sampler: Callable, native: ed.Native):
-    """The process's sampler, made once; ValueError if its native size is not the one the plan assumed."""
-    pipe = make_sampler()
-    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
-        raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor {pipe.vae_scale_factor}), but "
-                         f"the plan assumed {native.px} px from {native.source}: pass --native_px {pipe.native_px}")
-    return pipe
-
-
 def _count(n: int, thing: str, things: str | None = None) -> str:
     return f"{n:,} {thing if n == 1 else things or thing + 's'}"
 
@@ -487,12 +420,11 @@ def _count(n: int, thing: str, things: str | None = None) -> str:
 def format_plan(path: str, items: list[Item], todo: list[Item], done: dict, parts: list[list[int]], native: ed.Native,
                 model: str, verbose: bool = False) -> str:
     """The --dry_run report: refused items, items already done, the split with estimated UNet samples."""
-    def share(some: list[Item]) -> str:
-        return (f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}, "
-                f"{sum(i.cost for i in some):,} UNet samples")
+    def share(some: list[Item], cost: bool = True) -> str:
+        return f"{_count(len(some), 'item')}, {_count(sum(i.num_images for i in some), 'image')}" + \
+            (f", {sum(i.cost for i in some):,} UNet samples" if cost else "")
 
-    lines = [f"{path}: {_count(len(items), 'item')}, {_count(sum(i.num_images for i in items), 'image')}; "
-             f"model {model!r}, native size {native.px} px (from {native.source})"]
+    lines = [f"{path}: {share(items, cost=False)}; model {model!r}, native size {native.px} px (from {native.source})"]
     refused = [item for item in items if item.error is not None]
     if refused:
         lines.append(f"refused ({_count(len(refused), 'item')}, each would be recorded as an error):")
@@ -515,21 +447,20 @@ def summary(outdir: str, path: str, items: list[Item], done, records: list[dict]
     """The job's last words: what was generated, skipped and failed, and where the manifest is."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = {r["index"]: r for r in records if r["status"] != "ok"}
-    samples = sum(r["unet_samples"] or 0 for r in ok)
     lines = [f"{_count(len(items), 'item')}: {len({r['index'] for r in ok})} generated ({_count(len(ok), 'image')}, "
-             f"{samples:,} UNet samples, {seconds:.1f} s), {len(done)} already done, {len(failed)} failed; "
-             f"manifest: {os.path.join(outdir, MANIFEST)}"]
-    for index in sorted(failed)[:20]:
-        lines.append(f"  failed: {path}:{failed[index]['line']} (item {index}): {failed[index]['message']}")
+             f"{sum(r['unet_samples'] or 0 for r in ok):,} UNet samples, {seconds:.1f} s), {len(done)} already done, "
+             f"{len(failed)} failed; manifest: {os.path.join(outdir, MANIFEST)}"]
+    lines += [f"  failed: {path}:{failed[i]['line']} (item {i}): {failed[i]['message']}" for i in sorted(failed)[:20]]
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (status \"error\" in the manifest)")
     return "\n".join(lines)
 
 
-def claim(outdir: str, items: list[Item], model: str, line_keys: LineKeys | None, resume: bool,
+def claim(outdir: str, items: list[Item], model: str, resume: bool,
           held: contextlib.ExitStack) -> tuple[str | None, dict, dict]:
-    """Main process: lock the folder (until `held` closes), fold a stopped job's records into the manifest, find
-    what is done. Returns (why the folder cannot be used or None, the manifest's records by file name, `done_items`)."""
+    """Main process: lock the folder (until `held` closes), fold the per-process records a stopped job left into the
+    manifest (the newer record of an image replaces the older), find what is done. Returns (why the folder cannot be
+    used or None, the manifest's records by file name, `done_items`)."""
     try:
         os.makedirs(outdir, exist_ok=True)
         held.enter_context(folder_lock(outdir))
@@ -538,8 +469,17 @@ def claim(outdir: str, items: list[Item], model: str, line_keys: LineKeys | None
     for pattern in ("*.png.part", "*.jsonl.part"):  # writes a power loss cut short (`write_atomically`)
         for path in glob.glob(os.path.join(glob.escape(outdir), pattern)):
             os.unlink(path)
-    base = fold_parts(outdir)
-    done = done_items(items, outdir, model, line_keys) if resume else {}
+    manifest, parts, base = os.path.join(outdir, MANIFEST), part_paths(outdir), {}
+    for path in [manifest, *parts]:
+        reader = RecordReader(path)
+        base.update({r["path"]: r for r in reader.read() if isinstance(r, dict) and "path" in r})
+        if reader.rest.strip():
+            logger.warning("%s: skipped an unfinished last record (the job writing it was stopped)", path)
+    if parts:
+        write_manifest(manifest, base)
+        for part in parts:  # only once their records are safely in the manifest
+            os.unlink(part)
+    done = done_items(items, outdir, model) if resume else {}
     for index, records in done.items():  # a done image keeps its ok record; one without (a lost manifest) or with
         item = items[index]  # an error an earlier job recorded for its line gets one from its PNG
         for k, record in enumerate(records):
@@ -560,7 +500,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
     from accelerate.utils import broadcast_object_list
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    line_keys = control_line_keys(args.controlnet_model) if "controlnet_model" in vars(args) else None
+    check_line = control_line_check(args.controlnet_model) if "controlnet_model" in vars(args) else None
     # Several processes on CPUs need cpu=True (accelerate then uses the gloo backend).
     state = PartialState(cpu=(args.device or ed.default_device().type).startswith("cpu"))
     main, rank, outdir, model = state.is_main_process, state.process_index, args.outdir, args.sd_version
@@ -573,16 +513,19 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
         held.callback(state.destroy_process_group)  # the process group (a no-op on one process); later the lock
         try:
             native = ed.native_size(model, args.native_px)
-            defaults, knobs = command_line_defaults(args, native)
-            image_keys = {key: getattr(args, key) for key in IMAGE_KEYS}
-            items = read_prompts_file(args.prompts_file, defaults, knobs, {**image_keys, **call_kwargs}, line_keys)
+            if args.seed < 0:  # a flag no line could use
+                raise ValueError(f"--seed must be >= 0 with --prompts_file (item i gets --seed + i, so a rerun gives "
+                                 f"the same images); got {args.seed}")
+            defaults = {key: getattr(args, key) for key in (*ITEM_KEYS[1:], "default_px")}
+            extra = {**{key: getattr(args, key) for key in IMAGE_KEYS}, **call_kwargs}
+            items = read_prompts_file(args.prompts_file, defaults, ed.knob_flags(args, native.latent), extra)
         except ValueError as error:  # a bad file or flag: every line that cannot be read, with its number
             fail(2, f"error: {error}")
-        plan(items, native, args.max_scale, args.view_batch_size, line_keys, read_files=args.dry_run is not None)
+        plan(items, native, args.max_scale, args.view_batch_size, check_line, read_files=args.dry_run is not None)
         resume = args.resume if args.resume is not None else (os.path.isfile(manifest) or bool(part_paths(outdir)))
 
         if args.dry_run is not None:
-            done = done_items(items, outdir, model, line_keys) if resume else {}
+            done = done_items(items, outdir, model) if resume else {}
             todo, parts = share_out(items, done, args.dry_run or state.num_processes)
             if main:
                 print(format_plan(args.prompts_file, items, todo, done, parts, native, model, args.verbose))
@@ -598,7 +541,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
         # image in flight is dropped, its temporary file removed, the records so far kept, the lock released.
         sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            busy, base, done = claim(outdir, items, model, line_keys, resume, held) if main else (None, {}, {})
+            busy, base, done = claim(outdir, items, model, resume, held) if main else (None, {}, {})
             busy, done = broadcast_object_list([(busy, set(done))])[0]  # every process: the same view
             if busy:
                 fail(1, f"error: {busy}")
@@ -614,7 +557,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
                 if item.error is not None:
                     records = item_records(item, outdir, model, rank, "error", item.error)
                 else:
-                    pipe = pipe or load_sampler(make_sampler, native)
+                    pipe = pipe or make_sampler()  # loaded once, by the first item to generate
+                    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
+                        raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor "
+                                         f"{pipe.vae_scale_factor}), but the plan assumed {native.px} px from "
+                                         f"{native.source}: pass --native_px {pipe.native_px}")
                     records = generate_item(pipe, item, outdir, model, rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", args.prompts_file, item.line, item.index,
