@@ -209,15 +209,12 @@ def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, vi
     `error`. `read_files` (--dry_run) also reads the files an item names, which a job leaves to the sampler."""
     for item in items:
         try:
-            strength, upscale = item.extra.get("strength"), item.extra.get("upscale")
-            recorded = {}
-            if item.extra.get("image") is not None:  # read now: its size and hash
-                picture = ed.load_image(item.extra["image"])
-                item.height, item.width = ed.image_size(picture, upscale, item.height, item.width)
-                strength = ed.DEFAULT_STRENGTH if strength is None else ed.check_number("strength", strength, 0, 1)
-                recorded = dict(strength=strength, upscale=upscale or 1, image_hash=ed.image_hash(picture))
-            elif strength is not None or upscale is not None:
-                raise ValueError("strength and upscale go with image: give the image to start from")
+            upscale = item.extra.get("upscale")
+            picture, item.height, item.width, strength = ed.image_request(  # a picture is read now: size and hash
+                item.extra.get("image"), item.extra.get("strength"), upscale, item.height, item.width, native.px,
+                native.vae_scale_factor, max_scale)
+            recorded = {} if picture is None else dict(strength=strength, upscale=upscale or 1,
+                                                        image_hash=ed.image_hash(picture))
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
             settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
             ed.check_settings(settings, native.latent)

@@ -439,6 +439,27 @@ def image_size(image: Image.Image, upscale: float | None = None, height: int | N
                  for side, given in ((image.height, height), (image.width, width)))
 
 
+def image_request(image, strength, upscale, height: int | None, width: int | None, native_px: int | None,
+                  vae_scale_factor: int = 8, max_scale: int = MAX_SCALE, flag: str = ""):
+    """An image-to-image request's (picture, height, width, strength), checked before any model work (the sampler,
+    the command line and batch.py's plan): (None, height, width, None) without an image. ValueError naming the
+    argument (`flag` "--": its command-line flag): strength or upscale without an image, a bad strength, an
+    unreadable picture, or a size the picture and upscale make that `check_size` refuses."""
+    if image is None:
+        if strength is not None or upscale is not None:
+            raise ValueError(f"{flag}strength and {flag}upscale go with {flag}image: give the picture to start from")
+        return None, height, width, None
+    picture = load_image(image, f"{flag}image")
+    height, width = image_size(picture, upscale, height, width, vae_scale_factor)
+    try:
+        check_size(height, width, native_px, vae_scale_factor, max_scale)
+    except ValueError as error:
+        raise ValueError(f"{flag}image is {picture.width}x{picture.height} pixels and {flag}upscale {upscale or 1} "
+                         f"makes it {width}x{height}: {error}") from None
+    return picture, height, width, DEFAULT_STRENGTH if strength is None else check_number(f"{flag}strength",
+                                                                                          strength, 0, 1)
+
+
 def image_hash(image: Image.Image) -> str:
     """A short hash of an image's size and pixels: what a record keeps of its input image (never its path)."""
     return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:16]
@@ -886,7 +907,7 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
     --native_px wins; then MODEL_IDS' keys (`KEY_NATIVE_PX`); a diffusers folder's or hub repository's
     unet/config.json and vae/config.json (the hub's from the cache or a small download); a single
     .safetensors file: 1024 for SDXL, else 512 (an SD 2.x 768-px checkpoint needs --native_px).
-    The loaded model is checked against it (batch.py's `load_sampler`).
+    The loaded model is checked against it (batch.py's `run`, before the first item).
     """
     if native_px is not None:
         check_number("--native_px", native_px, 64, integer=True)
@@ -1530,25 +1551,15 @@ class ElasticDiffusion:
         `GenerationCancelled` too. Threads share a sampler one call at a time.
         """
         t_start = time.perf_counter()
-        source = None
-        if image is not None:
-            source = load_image(image)
-            height, width = image_size(source, upscale, height, width, self.vae_scale_factor)
-            try:
-                check_size(height, width, self.native_px, self.vae_scale_factor, self.max_scale)
-            except ValueError as error:
-                raise ValueError(f"image is {source.width}x{source.height} pixels and upscale {upscale or 1} makes "
-                                 f"it {width}x{height}: {error}") from None
-            strength = DEFAULT_STRENGTH if strength is None else check_number("strength", strength, 0, 1)
-            if max(height / source.height, width / source.width) > 2:  # more than 2x: progressive upscaling
-                return self._upscale_in_stages(source, prompt, negative_prompt, height, width, strength, upscale,
-                                               seed=seed, generator=generator, progress=progress, drop_p=drop_p,
-                                               view_batch_size=view_batch_size, output_type=output_type,
-                                               num_images_per_prompt=num_images_per_prompt, extras=extras,
-                                               callback_on_step_end=callback_on_step_end,
-                                               callback_on_stage=callback_on_stage, **knobs)
-        elif strength is not None or upscale is not None:
-            raise ValueError("strength and upscale go with image: pass the image to start from")
+        source, height, width, strength = image_request(image, strength, upscale, height, width, self.native_px,
+                                                        self.vae_scale_factor, self.max_scale)
+        if source is not None and max(height / source.height, width / source.width) > 2:  # progressive upscaling
+            return self._upscale_in_stages(source, prompt, negative_prompt, height, width, strength, upscale,
+                                           seed=seed, generator=generator, progress=progress, drop_p=drop_p,
+                                           view_batch_size=view_batch_size, output_type=output_type,
+                                           num_images_per_prompt=num_images_per_prompt, extras=extras,
+                                           callback_on_step_end=callback_on_step_end,
+                                           callback_on_stage=callback_on_stage, **knobs)
         height = 2 * self.native_px if height is None else height
         width = 2 * self.native_px if width is None else width
         prompts, negatives = self._prompt_lists(prompt, negative_prompt, num_images_per_prompt)
@@ -1998,8 +2009,6 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
 
         return batch.run(parser, args, make_sampler, call_kwargs or {}, extra_outputs)
     if args.image is None:
-        if args.strength is not None or args.upscale is not None:
-            parser.error("--strength and --upscale go with --image")
         args.width, args.height = args.width or args.default_px, args.height or args.default_px
     for flag in ("resume", "dry_run", "native_px"):
         if getattr(args, flag) is not None:
@@ -2014,13 +2023,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         except ValueError:
             native = None
         px, factor = (native.px, native.vae_scale_factor) if native else (None, 8)
-        image = None
-        if args.image is not None:
-            image = load_image(args.image, "--image")
-            args.height, args.width = image_size(image, args.upscale, args.height, args.width, factor)
-            if args.strength is not None:
-                check_number("--strength", args.strength, 0, 1)
-            image_call = dict(image=image, strength=args.strength, upscale=args.upscale)
+        image, args.height, args.width, strength = image_request(args.image, args.strength, args.upscale, args.height,
+                                                                 args.width, px, factor, args.max_scale, flag="--")
         check_size(args.height, args.width, px, factor, args.max_scale)
         knobs = knob_flags(args, native.latent if native else None)
         check_number("--num_images", args.num_images, 1, integer=True)
@@ -2030,7 +2034,8 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_samp
         paths, info = generate_and_save(pipe, stem, args.prompt, args.negative_prompt, extra_outputs,
                                         height=args.height, width=args.width, seed=seed,
                                         num_images_per_prompt=args.num_images, **knobs,
-                                        **(image_call if image else {}), **(call_kwargs or {}))
+                                        **(dict(image=image, strength=strength, upscale=args.upscale) if image else {}),
+                                        **(call_kwargs or {}))
     except (ValueError, GenerationCancelled) as error:  # the message names the argument: no usage dump
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except torch.OutOfMemoryError as error:
