@@ -348,16 +348,6 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
 
 
-@functools.lru_cache(maxsize=8)
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 # The contact sheet's row labels by method, top to bottom: x0 preview, direction, unconditional score. Text drawn
 # into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
 ROW_TITLES = {"plain": ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)"),
@@ -428,7 +418,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
     """The recording as one PIL picture: rows x0 preview, direction, unconditional score; one labelled column per
     kept step of `steps` (default `sheet_steps(recording.steps, max_columns)`), panels `panel_size`d."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     maps = recording.pca(basis)
     steps = sheet_steps(recording.steps, max_columns) if steps is None else list(steps)
@@ -439,7 +429,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     layout = SheetLayout(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(font_size)
+    font = ImageFont.load_default(size=font_size)
     s = recording.info.settings
     title = (f"{'plain CFG-DDIM' if recording.method == 'plain' else 'ElasticDiffusion'} {s['width']}x{s['height']}\n"
              f"seed {recording.info.seed}, PCA basis {basis}")
@@ -479,7 +469,7 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     """A copy of `image` (PIL) with the sampler's `views` (`local_views`, latent pixels) tinted, neighbours in
     different colours, each one's crop outlined thinly, the reference latent size (h, w) as a white box at the
     centre, and `overlay_legend` in a strip below."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     f = vae_scale_factor
     base = image.convert("RGB")
@@ -506,7 +496,7 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     canvas = Image.new("RGB", (base.width, base.height + 3 * font_size + 4 * line), "white")  # the legend below
     canvas.paste(out, (0, 0))
     ImageDraw.Draw(canvas).multiline_text((line, base.height + line), overlay_legend(views, reference_size, f),
-                                          fill="black", font=_font(font_size), spacing=2)
+                                          fill="black", font=ImageFont.load_default(size=font_size), spacing=2)
     return canvas
 
 
