@@ -150,28 +150,25 @@ class _StepRecorder:
             self.maps[name][k].copy_(value)
 
 
-def plain_pipeline(sampler):
-    """The sampler's diffusers pipeline with a DDIM scheduler from its config, sharing every module as it is."""
-    from diffusers import DDIMScheduler
-
-    return ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
-
-
 def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, width: int, num_inference_steps: int,
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
     """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
-    included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
-    output)` is a forward hook on the UNet for this run only."""
-    pipe = plain_pipeline(sampler)
+    included) on the sampler's modules, shared as they are, from the sampler's starting noise for `seed`; decoded
+    by the sampler, whose VAE may differ in dtype from the UNet (diffusers' decode would refuse the latent). Returns
+    (images, info). `unet_hook(module, args, output)` is a forward hook on the UNet for this run only."""
+    from diffusers import DDIMScheduler
+
+    pipe = ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
     with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
         with pipe.unet.register_forward_hook(unet_hook) if unet_hook is not None else contextlib.nullcontext():
-            images = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
-                          output_type=output_type, callback_on_step_end=callback_on_step_end).images
+            latents = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
+                           output_type="latent", callback_on_step_end=callback_on_step_end).images
+    images = sampler.decode(latents, False, output_type)
     f = sampler.vae_scale_factor
     info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),

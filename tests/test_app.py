@@ -541,13 +541,15 @@ def test_request_values_reach_the_sampler_validated(sampler):
     assert not math.isnan(request.knobs["new_p"])
 
 
-def test_plain_pipeline_shares_the_modules_without_casting_them(tiny_sdxl_path):
-    """The comparison pipeline runs on the sampler's own modules; building it leaves their dtypes alone
+def test_the_plain_comparison_runs_on_the_modules_without_casting_them(tiny_sdxl_path):
+    """The demo's plain comparison runs on the sampler's own modules and leaves their dtypes alone
     (diffusers' from_pipe would cast an fp16 sampler's UNet to fp32: twice the memory on a GPU)."""
     half = ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, torch_dtype=torch.float16)
     dtypes = {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)}
-    plain = app.pca.plain_pipeline(half)  # what the demo's plain comparison runs through
-    assert plain.unet is half.unet and plain.vae is half.vae and type(plain.scheduler).__name__ == "DDIMScheduler"
+    inputs = []
+    with half.unet.register_forward_pre_hook(lambda unet, args: inputs.append(args[0].dtype)):
+        images, _ = app.pca.generate_plain(half, "p", "", 256, 256, 2, 5.0, 0, output_type="pt", progress=False)
+    assert inputs == [torch.float16] * 2 and images.shape == (1, 3, 256, 256)  # one fp16 UNet call per step
     assert {name: m.dtype for name, m in half.pipe.components.items() if isinstance(m, torch.nn.Module)} == dtypes
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # the VAE upcast for decoding
 
