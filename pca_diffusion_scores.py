@@ -176,54 +176,6 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
     return images, info
 
 
-def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
-                  callback_on_step_end, progress):
-    """Plain CFG-DDIM, ε(∅) and ε(c) read off each step's UNet call by a forward hook (the output is untouched)."""
-    T, omega = settings["num_inference_steps"], settings["guidance_scale"]
-    if omega <= 1:
-        raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
-                         f"unconditional branch otherwise, so there is no direction to record); got {omega}")
-    last_call = {}
-
-    def keep_unet_call(module, args, output):  # diffusers calls unet(x, t, ...) on [x; x]: unconditional, conditional
-        last_call.update(x=args[0], out=output[0])
-
-    def on_step(pipe, i, t, tensors):
-        if i in recorder.slot:
-            x, alpha = last_call["x"], sampler.alpha(int(t))
-            eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
-            uncond, cond = eps.chunk(2)
-            direction = cond - uncond
-            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
-            recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
-        if i == T - 1:
-            recorder.final_latent = tensors["latents"][0].float().cpu()
-        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
-
-    return generate_plain(sampler, prompt, negative_prompt, height, width, T, omega, seed, output_type="pt",
-                          callback_on_step_end=on_step, progress=progress, unet_hook=keep_unet_call)
-
-
-def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
-                    callback_on_step_end, progress, generate_kwargs):
-    """ElasticDiffusion with each kept step's `ScoreEstimate` (the update the step kept) copied to the CPU."""
-    T = settings["num_inference_steps"]
-
-    def on_step(pipe, i, t, tensors):
-        if i in recorder.slot:
-            scores = tensors["scores"]
-            h, w = scores.reference_latent.shape[-2:]
-            recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
-                            local_uncond=scores.local_uncond[0],
-                            reference_direction=ed.downsample_groups(scores.direction[:1], h, w)[0])
-        if i == T - 1:
-            recorder.final_latent = tensors["latents"][0].float().cpu()
-        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
-
-    return sampler(prompt, negative_prompt, height=height, width=width, seed=seed, output_type="pt",
-                   callback_on_step_end=on_step, progress=progress, **generate_kwargs)
-
-
 def _generate_parameters(sampler) -> set[str]:
     """Keyword names the sampler's `generate` takes: those of each `generate` of its classes, and the knobs."""
     names = {name for cls in type(sampler).__mro__ if "generate" in vars(cls)
@@ -255,15 +207,42 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
     sampler.check_inputs(height, width, settings, None, 1)
     T = settings["num_inference_steps"]
     steps = parse_steps_to_keep(steps_to_keep, T)
+    omega = settings["guidance_scale"]
+    if method == "plain" and omega <= 1:
+        raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
+                         f"unconditional branch otherwise, so there is no direction to record); got {omega}")
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)
+    unet_call = {}
+
+    def keep_unet_call(unet, args, output):  # plain: diffusers calls unet(x, t, ...) on [x; x]: uncond, cond
+        unet_call.update(x=args[0], out=output[0])
+
+    def on_step(pipe, i, t, tensors):  # the recorder, in front of the caller's callback
+        if i in recorder.slot and method == "plain":
+            x, alpha = unet_call["x"], sampler.alpha(int(t))
+            eps = ed.epsilon_from_prediction(unet_call["out"].float(), x, alpha, sampler.prediction_type)
+            uncond, cond = eps.chunk(2)
+            direction = cond - uncond
+            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
+            recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
+        elif i in recorder.slot:  # elastic: the `ScoreEstimate` of the update the step kept
+            scores = tensors["scores"]
+            h, w = scores.reference_latent.shape[-2:]
+            recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
+                            local_uncond=scores.local_uncond[0],
+                            reference_direction=ed.downsample_groups(scores.direction[:1], h, w)[0])
+        if i == T - 1:
+            recorder.final_latent = tensors["latents"][0].float().cpu()
+        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
     if method == "plain":
-        images, info = _record_plain(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
-                                     callback_on_step_end, progress)
+        images, info = generate_plain(sampler, prompt, negative_prompt, height, width, T, omega, seed, output_type="pt",
+                                      callback_on_step_end=on_step, progress=progress, unet_hook=keep_unet_call)
         views, reference = [], info.reference_size
     else:
-        images, info = _record_elastic(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
-                                       callback_on_step_end, progress, generate_kwargs)
+        images, info = sampler(prompt, negative_prompt, height=height, width=width, seed=seed, output_type="pt",
+                               callback_on_step_end=on_step, progress=progress, **generate_kwargs)
         f = sampler.vae_scale_factor
         views = ed.local_views(height // f, width // f, sampler.native_latent, info.settings["patch_size"])
         reference = tuple(info.reference_size)

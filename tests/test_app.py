@@ -652,8 +652,7 @@ def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatc
     assert set(off) == {"height", "width", "seed", "view_batch_size", "progress", "callback_on_step_end",
                         "callback_on_stage", *request.knobs}
     assert off["callback_on_step_end"].__qualname__ == "RunProgress.steps.<locals>.on_step"
-    assert on["callback_on_step_end"].__qualname__ == "_record_elastic.<locals>.on_step" and on["output_type"] == "pt"
-    assert recordings == [0, 1]
+    assert on["output_type"] == "pt" and recordings == [0, 1]  # the recorder's callback ran at every step
     monkeypatch.undo()
     reference, _ = sampler("a lighthouse at dusk", "blurry", height=512, width=1024, seed=7, num_inference_steps=2,
                            progress=False, **{k: v for k, v in request.knobs.items() if k != "num_inference_steps"})
