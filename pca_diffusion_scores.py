@@ -154,10 +154,9 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
-    """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
-    included) on the sampler's modules, shared as they are, from the sampler's starting noise for `seed`; decoded
-    by the sampler, whose VAE may differ in dtype from the UNet (diffusers' decode would refuse the latent). Returns
-    (images, info). `unet_hook(module, args, output)` is a forward hook on the UNet for this run only."""
+    """Plain CFG-DDIM at the size through diffusers' pipeline (its defaults, SDXL's size conditioning included) on
+    the sampler's modules, from its starting noise for `seed`; the sampler decodes (diffusers would hand its upcast
+    VAE the UNet-dtype latent). Returns (images, info). `unet_hook(module, args, output)`: a UNet forward hook."""
     from diffusers import DDIMScheduler
 
     pipe = ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
@@ -201,8 +200,7 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                         "generate() arguments")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise ValueError(f"prompt and negative_prompt must be strings; got {prompt!r} and {negative_prompt!r}")
-    height = 2 * sampler.native_px if height is None else height
-    width = 2 * sampler.native_px if width is None else width
+    height, width = (2 * sampler.native_px if size is None else size for size in (height, width))
     settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
     sampler.check_inputs(height, width, settings, None, 1)
     T = settings["num_inference_steps"]
@@ -430,9 +428,8 @@ def animation(recording: Recording, basis: str = "shared", fmt: str = "webp", pa
     frames = [contact_sheet(recording, basis, steps=[step], panel_px=panel_px) for step in recording.steps]
     durations = [frame_ms] * (len(frames) - 1) + [max(frame_ms, 1500)]  # rest on the final maps
     buffer = io.BytesIO()
-    options = dict(lossless=True) if fmt == "webp" else {}
     frames[0].save(buffer, format=fmt.upper(), save_all=True, append_images=frames[1:], duration=durations,
-                   loop=0, **options)
+                   loop=0, lossless=fmt == "webp")  # GIF has no lossy mode: its writer reads no such option
     return buffer.getvalue()
 
 
@@ -542,9 +539,6 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     return paths
 
 
-ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """`elastic_diffusion.py`'s flags (model, size, knobs), plus the visualisation's own."""
     parser = ed.build_parser()
@@ -595,10 +589,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         except ValueError as error:
             parser.error(f"--{error}")
     knobs = {name: getattr(args, name) for name in KNOB_NAMES}
-    if args.method == "plain":
-        ignored = [f"--{n}" for n in ELASTIC_ONLY if getattr(args, n, None) is not None]
-        if ignored:
-            logger.warning("--method plain ignores %s (ElasticDiffusion knobs)", ", ".join(ignored))
+    ignored = [f"--{n}" for n in (*KNOB_NAMES, "drop_p") if args.method == "plain" and getattr(args, n) is not None
+               and n not in ("num_inference_steps", "guidance_scale")]
+    if ignored:
+        logger.warning("--method plain ignores %s (ElasticDiffusion knobs)", ", ".join(ignored))
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     try:
         sampler = ed.ElasticDiffusion(**ed.sampler_kwargs(args))
