@@ -150,81 +150,29 @@ class _StepRecorder:
             self.maps[name][k].copy_(value)
 
 
-def plain_pipeline(sampler):
-    """The sampler's diffusers pipeline with a DDIM scheduler from its config, sharing every module as it is."""
-    from diffusers import DDIMScheduler
-
-    return ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
-
-
 def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, width: int, num_inference_steps: int,
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
-    """Plain CFG-DDIM at the requested size through diffusers' pipeline (its defaults, SDXL's size conditioning
-    included), from the sampler's starting noise for `seed`. Returns (images, info). `unet_hook(module, args,
-    output)` is a forward hook on the UNet for this run only."""
-    pipe = plain_pipeline(sampler)
+    """Plain CFG-DDIM at the size through diffusers' pipeline (its defaults, SDXL's size conditioning included) on
+    the sampler's modules, from its starting noise for `seed`; the sampler decodes (diffusers would hand its upcast
+    VAE the UNet-dtype latent). Returns (images, info). `unet_hook(module, args, output)`: a UNet forward hook."""
+    from diffusers import DDIMScheduler
+
+    pipe = ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
     with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
         with pipe.unet.register_forward_hook(unet_hook) if unet_hook is not None else contextlib.nullcontext():
-            images = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
-                          output_type=output_type, callback_on_step_end=callback_on_step_end).images
+            latents = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
+                           output_type="latent", callback_on_step_end=callback_on_step_end).images
+    images = sampler.decode(latents, False, output_type)
     f = sampler.vae_scale_factor
     info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
                              seed, str(sampler.sd_version), reference_size=(height // f, width // f))
     return images, info
-
-
-def _record_plain(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
-                  callback_on_step_end, progress):
-    """Plain CFG-DDIM, ε(∅) and ε(c) read off each step's UNet call by a forward hook (the output is untouched)."""
-    T, omega = settings["num_inference_steps"], settings["guidance_scale"]
-    if omega <= 1:
-        raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
-                         f"unconditional branch otherwise, so there is no direction to record); got {omega}")
-    last_call = {}
-
-    def keep_unet_call(module, args, output):  # diffusers calls unet(x, t, ...) on [x; x]: unconditional, conditional
-        last_call.update(x=args[0], out=output[0])
-
-    def on_step(pipe, i, t, tensors):
-        if i in recorder.slot:
-            x, alpha = last_call["x"], sampler.alpha(int(t))
-            eps = ed.epsilon_from_prediction(last_call["out"].float(), x, alpha, sampler.prediction_type)
-            uncond, cond = eps.chunk(2)
-            direction = cond - uncond
-            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
-            recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
-        if i == T - 1:
-            recorder.final_latent = tensors["latents"][0].float().cpu()
-        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
-
-    return generate_plain(sampler, prompt, negative_prompt, height, width, T, omega, seed, output_type="pt",
-                          callback_on_step_end=on_step, progress=progress, unet_hook=keep_unet_call)
-
-
-def _record_elastic(sampler, recorder: _StepRecorder, prompt, negative_prompt, height, width, settings, seed,
-                    callback_on_step_end, progress, generate_kwargs):
-    """ElasticDiffusion with each kept step's `ScoreEstimate` (the update the step kept) copied to the CPU."""
-    T = settings["num_inference_steps"]
-
-    def on_step(pipe, i, t, tensors):
-        if i in recorder.slot:
-            scores = tensors["scores"]
-            h, w = scores.reference_latent.shape[-2:]
-            recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
-                            local_uncond=scores.local_uncond[0],
-                            reference_direction=ed.downsample_groups(scores.direction[:1], h, w)[0])
-        if i == T - 1:
-            recorder.final_latent = tensors["latents"][0].float().cpu()
-        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
-
-    return sampler(prompt, negative_prompt, height=height, width=width, seed=seed, output_type="pt",
-                   callback_on_step_end=on_step, progress=progress, **generate_kwargs)
 
 
 def _generate_parameters(sampler) -> set[str]:
@@ -252,21 +200,47 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                         "generate() arguments")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise ValueError(f"prompt and negative_prompt must be strings; got {prompt!r} and {negative_prompt!r}")
-    height = 2 * sampler.native_px if height is None else height
-    width = 2 * sampler.native_px if width is None else width
+    height, width = (2 * sampler.native_px if size is None else size for size in (height, width))
     settings = sampler.resolve_settings(width, height, **{k: generate_kwargs.get(k) for k in KNOB_NAMES})
     sampler.check_inputs(height, width, settings, None, 1)
     T = settings["num_inference_steps"]
     steps = parse_steps_to_keep(steps_to_keep, T)
+    omega = settings["guidance_scale"]
+    if method == "plain" and omega <= 1:
+        raise ValueError(f"guidance_scale must be greater than 1 for method 'plain' (diffusers skips the "
+                         f"unconditional branch otherwise, so there is no direction to record); got {omega}")
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)
+    unet_call = {}
+
+    def keep_unet_call(unet, args, output):  # plain: diffusers calls unet(x, t, ...) on [x; x]: uncond, cond
+        unet_call.update(x=args[0], out=output[0])
+
+    def on_step(pipe, i, t, tensors):  # the recorder, in front of the caller's callback
+        if i in recorder.slot and method == "plain":
+            x, alpha = unet_call["x"], sampler.alpha(int(t))
+            eps = ed.epsilon_from_prediction(unet_call["out"].float(), x, alpha, sampler.prediction_type)
+            uncond, cond = eps.chunk(2)
+            direction = cond - uncond
+            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
+            recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
+        elif i in recorder.slot:  # elastic: the `ScoreEstimate` of the update the step kept
+            scores = tensors["scores"]
+            h, w = scores.reference_latent.shape[-2:]
+            recorder.record(i, t, x0=tensors["x0"][0], direction=scores.direction[0],
+                            local_uncond=scores.local_uncond[0],
+                            reference_direction=ed.downsample_groups(scores.direction[:1], h, w)[0])
+        if i == T - 1:
+            recorder.final_latent = tensors["latents"][0].float().cpu()
+        return callback_on_step_end(pipe, i, t, tensors) if callback_on_step_end is not None else {}
+
     if method == "plain":
-        images, info = _record_plain(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
-                                     callback_on_step_end, progress)
+        images, info = generate_plain(sampler, prompt, negative_prompt, height, width, T, omega, seed, output_type="pt",
+                                      callback_on_step_end=on_step, progress=progress, unet_hook=keep_unet_call)
         views, reference = [], info.reference_size
     else:
-        images, info = _record_elastic(sampler, recorder, prompt, negative_prompt, height, width, settings, seed,
-                                       callback_on_step_end, progress, generate_kwargs)
+        images, info = sampler(prompt, negative_prompt, height=height, width=width, seed=seed, output_type="pt",
+                               callback_on_step_end=on_step, progress=progress, **generate_kwargs)
         f = sampler.vae_scale_factor
         views = ed.local_views(height // f, width // f, sampler.native_latent, info.settings["patch_size"])
         reference = tuple(info.reference_size)
@@ -348,16 +322,6 @@ def pca_maps(maps: torch.Tensor, basis: str = "shared", fitted: PCAMaps | None =
     return PCAMaps(projections, rgb, mean, components, variance, low, high)
 
 
-@functools.lru_cache(maxsize=8)
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 # The contact sheet's row labels by method, top to bottom: x0 preview, direction, unconditional score. Text drawn
 # into pictures stays ASCII: Pillow's built-in font has no Greek letters or math signs.
 ROW_TITLES = {"plain": ("x0 prediction", "class direction\neps(c) - eps(neg)", "unconditional\nscore eps(neg)"),
@@ -428,7 +392,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
                   max_columns: int = SHEET_COLUMNS, panel_px: int = 256):
     """The recording as one PIL picture: rows x0 preview, direction, unconditional score; one labelled column per
     kept step of `steps` (default `sheet_steps(recording.steps, max_columns)`), panels `panel_size`d."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     maps = recording.pca(basis)
     steps = sheet_steps(recording.steps, max_columns) if steps is None else list(steps)
@@ -439,7 +403,7 @@ def contact_sheet(recording: Recording, basis: str = "shared", steps: Sequence[i
     layout = SheetLayout(panel_size(recording.direction.shape[-2:], panel_px), 3, len(steps), font_size)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(font_size)
+    font = ImageFont.load_default(size=font_size)
     s = recording.info.settings
     title = (f"{'plain CFG-DDIM' if recording.method == 'plain' else 'ElasticDiffusion'} {s['width']}x{s['height']}\n"
              f"seed {recording.info.seed}, PCA basis {basis}")
@@ -464,9 +428,8 @@ def animation(recording: Recording, basis: str = "shared", fmt: str = "webp", pa
     frames = [contact_sheet(recording, basis, steps=[step], panel_px=panel_px) for step in recording.steps]
     durations = [frame_ms] * (len(frames) - 1) + [max(frame_ms, 1500)]  # rest on the final maps
     buffer = io.BytesIO()
-    options = dict(lossless=True) if fmt == "webp" else {}
     frames[0].save(buffer, format=fmt.upper(), save_all=True, append_images=frames[1:], duration=durations,
-                   loop=0, **options)
+                   loop=0, lossless=fmt == "webp")  # GIF has no lossy mode: its writer reads no such option
     return buffer.getvalue()
 
 
@@ -479,7 +442,7 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     """A copy of `image` (PIL) with the sampler's `views` (`local_views`, latent pixels) tinted, neighbours in
     different colours, each one's crop outlined thinly, the reference latent size (h, w) as a white box at the
     centre, and `overlay_legend` in a strip below."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     f = vae_scale_factor
     base = image.convert("RGB")
@@ -506,7 +469,7 @@ def window_overlay(image, views: Sequence, reference_size: tuple[int, int], vae_
     canvas = Image.new("RGB", (base.width, base.height + 3 * font_size + 4 * line), "white")  # the legend below
     canvas.paste(out, (0, 0))
     ImageDraw.Draw(canvas).multiline_text((line, base.height + line), overlay_legend(views, reference_size, f),
-                                          fill="black", font=_font(font_size), spacing=2)
+                                          fill="black", font=ImageFont.load_default(size=font_size), spacing=2)
     return canvas
 
 
@@ -576,9 +539,6 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     return paths
 
 
-ELASTIC_ONLY = tuple(n for n in KNOB_NAMES if n not in ("num_inference_steps", "guidance_scale")) + ("drop_p",)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """`elastic_diffusion.py`'s flags (model, size, knobs), plus the visualisation's own."""
     parser = ed.build_parser()
@@ -629,10 +589,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         except ValueError as error:
             parser.error(f"--{error}")
     knobs = {name: getattr(args, name) for name in KNOB_NAMES}
-    if args.method == "plain":
-        ignored = [f"--{n}" for n in ELASTIC_ONLY if getattr(args, n, None) is not None]
-        if ignored:
-            logger.warning("--method plain ignores %s (ElasticDiffusion knobs)", ", ".join(ignored))
+    ignored = [f"--{n}" for n in (*KNOB_NAMES, "drop_p") if args.method == "plain" and getattr(args, n) is not None
+               and n not in ("num_inference_steps", "guidance_scale")]
+    if ignored:
+        logger.warning("--method plain ignores %s (ElasticDiffusion knobs)", ", ".join(ignored))
     seed = args.seed if args.seed >= 0 else random.randrange(2 ** 32)
     try:
         sampler = ed.ElasticDiffusion(**ed.sampler_kwargs(args))
