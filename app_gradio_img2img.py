@@ -148,7 +148,6 @@ class ImageToImageApp(base.TextToImageApp):
              "depth with a ControlNet, with a pretrained Stable Diffusion model, training-free "
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024). The input is scaled to cover the output "
              "size and centre-cropped.")
-    plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
     cost_factor = CONTROLNET_COST
     stage_names = {**base.STAGE_NAMES, "condition": "Making the condition map"}  # the ControlNet sampler's stage
     placeholder = EXAMPLE_PROMPT
@@ -295,7 +294,7 @@ class ImageToImageApp(base.TextToImageApp):
                        f"with --controlnet {condition}.")
 
     @staticmethod
-    def _save_condition(name: str, folder: base.RequestFolder, request, info) -> list[tuple[str, str]]:
+    def _save_condition(name: str, file, request, info) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
         s = info.settings
         s["condition_image"] = name  # the sampler saw a decoded image, not a file
@@ -303,7 +302,7 @@ class ImageToImageApp(base.TextToImageApp):
         if s["condition"] in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
-        path = folder.file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
+        path = file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
         record = dataclasses.replace(info, settings=dict(s, image="condition map"))
         ed.save_png(condition_map, path, ed.png_metadata(record, request.prompt, request.negative_prompt))
         thresholds = f" {s['canny_low']}/{s['canny_high']}" if s["condition"] == "canny" else ""
@@ -314,7 +313,7 @@ class ImageToImageApp(base.TextToImageApp):
         _, control = self.parse_control(dict(image=image, condition=condition, canny_low=canny_low,
                                              canny_high=canny_high))
         condition = control.get("condition", "refine")
-        width, height = self.checked_size(width, height)
+        width, height = base.checked_size(width, height, self.native_px, self.max_scale)
         fitted = ed.fit_image(control.get("condition_image") or control["image"], width, height)  # the sampler's rule
         if condition == "canny":
             result = edc.canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
@@ -325,12 +324,9 @@ class ImageToImageApp(base.TextToImageApp):
             result = fitted
         if max_side is not None and max(result.size) > max_side:
             result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
-        folder = self.outputs.request()
-        try:
-            path = folder.file(f"condition_{condition}_{width}x{height}.png")
+        with self.outputs.request() as file:
+            path = file(f"condition_{condition}_{width}x{height}.png")
             result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
-        finally:
-            folder.close()
         return path
 
     def _depth(self, image: Image.Image | None = None) -> Image.Image | None:
