@@ -382,12 +382,15 @@ def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
 
 
 def within(seconds: float, what: str, fn: Callable, *args):
-    """fn(*args) in a helper thread, waited for at most `seconds` (then a gr.Error; the thread runs on)."""
+    """fn(*args) in a helper thread, waited for at most `seconds` (then a gr.Error; the thread runs on); running
+    out of GPU memory gets the advice."""
     try:
         return in_thread(fn, *args).result(timeout=seconds)
     except concurrent.futures.TimeoutError:
         raise refuse(f"{what} took longer than {ed.format_number(seconds)} s and was given up: try a smaller image, "
                      "or try again in a minute if the server is busy.") from None
+    except torch.OutOfMemoryError as error:
+        raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
 
 
 # The "Look inside" view of one generation: contact sheet PNG, animated WebP, window overlay PNG, markdown caption.
