@@ -340,12 +340,12 @@ class OutputFolders:
     def request(self):
         """`with outputs.request() as file:` file(name) is a path in the request's own folder, made on first use
         (a refused request leaves none) and never pruned before the block ends."""
-        made = []
+        made = []  # the folder, once made
 
         def file(name: str) -> str:
             if not made:
-                self.prune()
-                with self._lock:
+                with self._lock:  # room for it first: the folders past their age, then the oldest over the cap
+                    prune(self.root, self.max_bytes, self._active, time.time() - self.keep_seconds)
                     made.append(tempfile.mkdtemp(prefix="request_", dir=self.root))
                     self._active.add(made[0])
             return os.path.join(made[0], name)
@@ -353,15 +353,10 @@ class OutputFolders:
         try:
             yield file
         finally:
-            if made:
+            if made:  # the cap again, with this request's files counted; they stay until the next requests'
                 with self._lock:
                     self._active.discard(made[0])
-                self.prune(keep=made[0])
-
-    def prune(self, keep: str | None = None) -> None:
-        """Remove folders past their age, then the oldest over `max_bytes`; never `keep` or a running request's."""
-        with self._lock:
-            prune(self.root, self.max_bytes, self._active | {keep}, time.time() - self.keep_seconds)
+                    prune(self.root, self.max_bytes, self._active | {made[0]}, time.time() - self.keep_seconds)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -602,11 +597,7 @@ def on_gpu(handler: Callable, seconds: Callable[[dict], int], names: Sequence[st
     else `handler`."""
     if spaces is None:
         return handler
-
-    def duration(*args, **kwargs):
-        return seconds({**dict(zip(names, args)), **kwargs})
-
-    return spaces.GPU(handler, duration=duration)
+    return spaces.GPU(handler, duration=lambda *args, **kwargs: seconds({**dict(zip(names, args)), **kwargs}))
 
 
 def _aspect_ratio(width: int, height: int) -> str:
