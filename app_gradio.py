@@ -13,8 +13,10 @@ import argparse
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -48,10 +50,6 @@ UNET_SAMPLE_SECONDS = 0.017
 # "Look inside" keeps at most this many steps plus the last: bounded memory (< 50 MiB at 2048²), time, animation.
 LOOK_INSIDE_STEPS = 25
 LOOK_INSIDE_BASIS = "shared"  # one PCA basis over all recorded steps: a colour means the same at every step
-# ZeroGPU's reservation for drawing the look-inside pictures while the GPU is held: 2 s + 0.75 s per megapixel,
-# above what benchmarks/look_inside_cost.py measured on one CPU thread.
-LOOK_INSIDE_SECONDS = 2.0
-LOOK_INSIDE_SECONDS_PER_MP = 0.75
 KEEP_OUTPUTS_SECONDS = 3600  # results, previews and uploads older than this are removed
 CACHE_SWEEP_SECONDS = 300  # how often Gradio's cache is swept for them: nothing stays past 65 minutes
 MAX_OUTPUT_MB = 2048  # the outputs' total size; beyond it the oldest requests' files go first (--max-output-mb)
@@ -231,9 +229,8 @@ class GenerationRequest:
     width: int
     height: int
     seed: int
-    knobs: dict  # the sampler's keyword arguments: every method knob of the table
-    view_batch_size: int
-    low_vram: bool
+    knobs: dict  # the sampler's keyword arguments: every knob of the table but low_vram
+    low_vram: bool  # switched on the sampler before the call (`set_low_vram`)
     compare_plain: bool
     look_inside: bool = False  # also record the scores and draw them (`save_look_inside`)
 
@@ -263,10 +260,7 @@ def _checked(check: Callable, *args, **kwargs):
 
 
 def _flag(label: str, value) -> bool:
-    value = _read(value, bool)
-    if not isinstance(value, bool):
-        raise refuse(f"{label} must be true or false; got {value!r}.")
-    return value
+    return knob_value(ed.Knob(label, bool, False, "", label), value, 0)
 
 
 def knob_value(row: ed.Knob, value, native_latent: int):
@@ -305,26 +299,9 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
     return GenerationRequest(
         prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True),
         negative_prompt=_checked(ed.check_prompt, "Negative prompt", values.get("negative_prompt"), False),
-        width=width, height=height, seed=seed, view_batch_size=knobs["view_batch_size"], low_vram=knobs["low_vram"],
+        width=width, height=height, seed=seed, low_vram=knobs.pop("low_vram"), knobs=knobs,
         compare_plain=_flag("Compare with plain generation", values.get("compare_plain", False)),
-        look_inside=_flag("Look inside", values.get("look_inside", False)),
-        knobs={k.name: knobs[k.name] for k in ed.method_knobs()})
-
-
-class RequestFolder:
-    """One request's folder, made on first write (a refused request leaves none), never pruned until `close()`."""
-
-    def __init__(self, outputs: "OutputFolders"):
-        self.outputs, self.path = outputs, None
-
-    def file(self, name: str) -> str:
-        if self.path is None:
-            self.path = self.outputs.new()
-        return os.path.join(self.path, name)
-
-    def close(self) -> None:
-        if self.path is not None:
-            self.outputs.release(self.path)
+        look_inside=_flag("Look inside", values.get("look_inside", False)))
 
 
 def prune(root: str, max_bytes: int, keep=(), cutoff: float = 0) -> None:
@@ -359,25 +336,27 @@ class OutputFolders:
         self._active: set[str] = set()  # folders of requests still writing: never pruned
         atexit.register(self.remove)
 
-    def request(self) -> RequestFolder:
-        return RequestFolder(self)
+    @contextlib.contextmanager
+    def request(self):
+        """`with outputs.request() as file:` file(name) is a path in the request's own folder, made on first use
+        (a refused request leaves none) and never pruned before the block ends."""
+        made = []  # the folder, once made
 
-    def new(self) -> str:
-        self.prune()
-        with self._lock:
-            path = tempfile.mkdtemp(prefix="request_", dir=self.root)
-            self._active.add(path)
-        return path
+        def file(name: str) -> str:
+            if not made:
+                with self._lock:  # room for it first: the folders past their age, then the oldest over the cap
+                    prune(self.root, self.max_bytes, self._active, time.time() - self.keep_seconds)
+                    made.append(tempfile.mkdtemp(prefix="request_", dir=self.root))
+                    self._active.add(made[0])
+            return os.path.join(made[0], name)
 
-    def release(self, path: str) -> None:
-        with self._lock:
-            self._active.discard(path)
-        self.prune(keep=path)
-
-    def prune(self, keep: str | None = None) -> None:
-        """Remove folders past their age, then the oldest over `max_bytes`; never `keep` or a running request's."""
-        with self._lock:
-            prune(self.root, self.max_bytes, self._active | {keep}, time.time() - self.keep_seconds)
+        try:
+            yield file
+        finally:
+            if made:  # the cap again, with this request's files counted; they stay until the next requests'
+                with self._lock:
+                    self._active.discard(made[0])
+                    prune(self.root, self.max_bytes, self._active | {made[0]}, time.time() - self.keep_seconds)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -398,12 +377,15 @@ def in_thread(fn: Callable, *args) -> concurrent.futures.Future:
 
 
 def within(seconds: float, what: str, fn: Callable, *args):
-    """fn(*args) in a helper thread, waited for at most `seconds` (then a gr.Error; the thread runs on)."""
+    """fn(*args) in a helper thread, waited for at most `seconds` (then a gr.Error; the thread runs on); running
+    out of GPU memory gets the advice."""
     try:
         return in_thread(fn, *args).result(timeout=seconds)
     except concurrent.futures.TimeoutError:
         raise refuse(f"{what} took longer than {ed.format_number(seconds)} s and was given up: try a smaller image, "
                      "or try again in a minute if the server is busy.") from None
+    except torch.OutOfMemoryError as error:
+        raise gr.Error(OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
 
 
 # The "Look inside" view of one generation: contact sheet PNG, animated WebP, window overlay PNG, markdown caption.
@@ -457,19 +439,13 @@ class RunProgress:
         return on_step
 
 
-def public_record(info: ed.GenerationInfo) -> ed.GenerationInfo:
-    """The run's info with every model (any setting that is a path) by name, not by server path."""
-    settings = {name: ed.public_name(v) if isinstance(v, str) else v for name, v in info.settings.items()}
-    return dataclasses.replace(info, model=ed.public_name(info.model), settings=settings)
+def run_generation(sampler, request: GenerationRequest, file: Callable[[str], str], run: RunProgress | None = None,
+                   finish: Callable | None = None, **sampler_kwargs) -> tuple:
+    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs at the
+    paths `file(name)` gives; returns /generate's outputs: gallery, seed, summary, then the look-inside sheet,
+    animation, windows and caption.
 
-
-def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, run: RunProgress | None = None,
-                   plain_comparison: bool = False, finish: Callable | None = None,
-                   **sampler_kwargs) -> tuple:
-    """Generate (recorded with `request.look_inside`, plus the plain image if asked) and write the PNGs; returns
-    /generate's outputs: gallery, seed, summary, then the look-inside sheet, animation, windows and caption.
-
-    `sampler_kwargs` go to the sampler; `finish(folder, request, info)` may amend `info.settings` before the
+    `sampler_kwargs` go to the sampler; `finish(file, request, info)` may amend `info.settings` before the
     PNGs are written and returns more (path, caption) gallery items (the ControlNet's condition map).
     """
     run = run or RunProgress()
@@ -478,8 +454,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
     try:
         # Low VRAM moves modules in place (never a reload) and waits for any running generation.
         sampler.set_low_vram(request.low_vram)
-        call = dict(height=request.height, width=request.width, seed=request.seed,
-                    view_batch_size=request.view_batch_size, progress=False,
+        call = dict(height=request.height, width=request.width, seed=request.seed, progress=False,
                     callback_on_step_end=run.steps("ElasticDiffusion", steps), callback_on_stage=run.stage,
                     **request.knobs, **sampler_kwargs)
         if request.look_inside:
@@ -489,7 +464,7 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
         else:
             recording = None
             images, info = sampler(request.prompt, request.negative_prompt, **call)
-        if request.compare_plain and plain_comparison:
+        if request.compare_plain:
             tic = time.perf_counter()
             plain_images, plain_info = pca.generate_plain(
                 sampler, request.prompt, request.negative_prompt, request.height, request.width, steps,
@@ -504,15 +479,16 @@ def run_generation(sampler, request: GenerationRequest, folder: RequestFolder, r
     finally:  # hand cached blocks back after any run, so that the next starts clean
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    info = public_record(info)
-    extra = finish(folder, request, info) if finish is not None else []
+    settings = {name: ed.public_name(v) if isinstance(v, str) else v for name, v in info.settings.items()}
+    info = dataclasses.replace(info, model=ed.public_name(info.model), settings=settings)  # models by name only
+    extra = finish(file, request, info) if finish is not None else []
     look_inside = NO_LOOK_INSIDE
     if recording is not None:
         run.stage("look_inside", 0, 1)
         tic = time.perf_counter()
-        look_inside = save_look_inside(folder, request, recording, info)
+        look_inside = save_look_inside(file, recording, info)
         info.timings["look_inside"] = time.perf_counter() - tic
-    gallery = save_results(folder, request, images[0], info, plain) + extra
+    gallery = save_results(file, request, images[0], info, plain) + extra
     return gallery, request.seed, summarize(info, request, sampler.native_px), *look_inside
 
 
@@ -522,20 +498,19 @@ def look_inside_steps(num_inference_steps: int) -> str:
     return "all" if every == 1 else f"every:{every}"
 
 
-def save_look_inside(folder: RequestFolder, request: GenerationRequest, recording,
-                     info: ed.GenerationInfo) -> LookInside:
-    """Draw a recording into the request's folder: sheet and windows PNGs with metadata, a WebP, the caption."""
-    size, basis = f"{request.width}x{request.height}", LOOK_INSIDE_BASIS
+def save_look_inside(file: Callable[[str], str], recording: pca.Recording, info: ed.GenerationInfo) -> LookInside:
+    """Draw a recording at the paths `file(name)` gives: sheet and windows PNGs with the metadata of `info` (the
+    run's, models by name), a WebP; and the caption."""
+    name, basis = f"seed{info.seed}_{info.settings['width']}x{info.settings['height']}", LOOK_INSIDE_BASIS
     record = pca.pca_record(info, recording, basis)
 
     def png(picture, kind: str) -> str:
-        path = folder.file(f"look_inside_{kind}_seed{request.seed}_{size}.png")
         metadata = ed.png_metadata(dataclasses.replace(record, settings=dict(record.settings, image=kind)),
-                                request.prompt, request.negative_prompt)
-        return ed.save_png(picture, path, metadata)
+                                   recording.prompt, recording.negative_prompt)
+        return ed.save_png(picture, file(f"look_inside_{kind}_{name}.png"), metadata)
 
     sheet = png(pca.contact_sheet(recording, basis), "sheet")
-    animation = folder.file(f"look_inside_steps_seed{request.seed}_{size}.webp")
+    animation = file(f"look_inside_steps_{name}.webp")
     pca.write_bytes(animation, pca.animation(recording, basis, "webp"))
     f = recording.vae_scale_factor
     windows = png(pca.window_overlay(recording.image, recording.views, recording.reference_size, f), "windows")
@@ -548,16 +523,16 @@ def save_look_inside(folder: RequestFolder, request: GenerationRequest, recordin
     return LookInside(sheet, animation, windows, caption)
 
 
-def save_results(folder: RequestFolder, request: GenerationRequest, image, info: ed.GenerationInfo,
+def save_results(file: Callable[[str], str], request: GenerationRequest, image, info: ed.GenerationInfo,
                  plain: tuple | None) -> list[tuple[str, str]]:
     """Full-resolution PNGs with the settings in their text chunks: the gallery's (path, caption)s."""
     size = f"{request.width}x{request.height}"
-    path = folder.file(f"elastic_seed{request.seed}_{size}.png")
+    path = file(f"elastic_seed{request.seed}_{size}.png")
     ed.save_png(image, path, ed.png_metadata(info, request.prompt, request.negative_prompt))
     gallery = [(path, f"ElasticDiffusion {size}, seed {request.seed}")]
     if plain is not None:
         plain_image, plain_settings = plain
-        plain_path = folder.file(f"plain_seed{request.seed}_{size}.png")
+        plain_path = file(f"plain_seed{request.seed}_{size}.png")
         ed.save_png(plain_image, plain_path, ed.png_metadata(dataclasses.replace(info, settings=plain_settings),
                                                        request.prompt, request.negative_prompt))
         gallery.append((plain_path, f"Plain generation {size}, same seed (for comparison)"))
@@ -567,7 +542,7 @@ def save_results(folder: RequestFolder, request: GenerationRequest, image, info:
 def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: int) -> str:
     """Markdown: the time taken (every stage), the UNet evaluations and what they cost next to a plain image."""
     s, timings = info.settings, info.timings
-    plain_cost = plain_samples(request.knobs["num_inference_steps"])
+    plain_cost = 2 * request.knobs["num_inference_steps"]  # a plain native-size image's UNet samples
     split = ", ".join(f"{label} {timings[key]:.1f} s" for key, label in TIMING_LABELS.items() if key in timings)
     lines = [f"**{request.width}×{request.height}**, seed `{request.seed}`: **{timings['total']:.1f} s** ({split})",
              f"**{info.unet_samples:,} UNet evaluations** (native-size samples) in {info.unet_calls:,} calls, "
@@ -590,13 +565,6 @@ def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: in
     return "  \n".join(lines)
 
 
-def preview_image(sampler, x0: torch.Tensor):
-    """x0 decoded at <= 512 px per side: a glimpse of the image for a fraction of a full decode."""
-    factor = max(1, math.ceil(max(x0.shape[-2:]) / PREVIEW_LATENT_SIDE))
-    small = torch.nn.functional.avg_pool2d(x0[:1], factor) if factor > 1 else x0[:1]  # (1, C, h, w)
-    return sampler.decode(small, tiled=False, output_type="pil")[0]
-
-
 def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
     """GPU seconds to reserve on ZeroGPU: the cost model's UNet samples (x `cost_factor`), plain and look inside."""
     native_latent = native_px // 8
@@ -608,8 +576,8 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
         settings["repaint"] = bool(values.get("repaint", True))
         strength = float(values.get("strength") or 1)  # image-to-image runs the last steps only
         samples = ed.unet_cost(width, height, settings, native_latent, strength=strength).samples
-        if values.get("compare_plain"):
-            samples += plain_samples(settings["num_inference_steps"], width * height / native_px ** 2)
+        if values.get("compare_plain"):  # a plain image: 2 samples per step and native area
+            samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
         return 30
     seconds = samples * UNET_SAMPLE_SECONDS * cost_factor * (native_px / 1024) ** 2
@@ -618,13 +586,10 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
     return int(min(300, 20 + 1.2 * seconds))  # 20 s for loading onto the GPU and decoding
 
 
-def plain_samples(steps: int, area: float = 1) -> float:
-    """Native-size UNet samples of a plain image of `area` times the native one: 2 T per native area."""
-    return 2 * steps * area
-
-
 def look_inside_seconds(width: int, height: int) -> float:
-    return LOOK_INSIDE_SECONDS + LOOK_INSIDE_SECONDS_PER_MP * width * height / 1e6
+    """ZeroGPU's reservation for drawing the look-inside pictures while the GPU is held: 2 s + 0.75 s per
+    megapixel, above what benchmarks/look_inside_cost.py measured on one CPU thread."""
+    return 2.0 + 0.75 * width * height / 1e6
 
 
 def on_gpu(handler: Callable, seconds: Callable[[dict], int], names: Sequence[str] = ()) -> Callable:
@@ -632,11 +597,7 @@ def on_gpu(handler: Callable, seconds: Callable[[dict], int], names: Sequence[st
     else `handler`."""
     if spaces is None:
         return handler
-
-    def duration(*args, **kwargs):
-        return seconds({**dict(zip(names, args)), **kwargs})
-
-    return spaces.GPU(handler, duration=duration)
+    return spaces.GPU(handler, duration=lambda *args, **kwargs: seconds({**dict(zip(names, args)), **kwargs}))
 
 
 def _aspect_ratio(width: int, height: int) -> str:
@@ -651,7 +612,6 @@ class TextToImageApp:
     intro = ("Training-free image generation at any size and aspect ratio with a pretrained Stable Diffusion "
              "model, up to twice its native resolution per side "
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024).")
-    plain_comparison = True
     cost_factor = 1.0  # the GPU cost of one UNet sample, relative to the UNet alone (ZeroGPU's duration)
     stage_names = STAGE_NAMES  # the progress text of the sampler's stages before step 1
     # /generate's parameters around the knobs table's, in the order positional clients send them (new ones
@@ -704,21 +664,20 @@ class TextToImageApp:
         self._require_model()
         sampler = sampler or self.sampler
         request = parse_request(values, sampler)
-        cancelled, previews, folder = threading.Event(), queue.SimpleQueue(), self.outputs.request()
+        cancelled, previews = threading.Event(), queue.SimpleQueue()
 
-        def preview(step: int, total: int, x0: torch.Tensor) -> None:
+        def preview(file, step: int, total: int, x0: torch.Tensor) -> None:
             # A preview costs a small decode; in Low VRAM mode it would also move the VAE each time.
             if self.preview_every and not request.low_vram and step % self.preview_every == 0 and step < total:
-                path = folder.file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
-                preview_image(sampler, x0).save(path, format="PNG", compress_level=1)
+                small = torch.nn.functional.avg_pool2d(x0[:1], math.ceil(max(x0.shape[-2:]) / PREVIEW_LATENT_SIDE))
+                path = file(f"preview_step{step}.png")  # in the request's folder: counted, pruned
+                sampler.decode(small, tiled=False, output_type="pil")[0].save(path, format="PNG", compress_level=1)
                 previews.put([(path, f"Preview, step {step}/{total}")])
 
         def work() -> tuple:
-            try:
-                run = RunProgress(progress, cancelled, preview, stage_names=self.stage_names)
-                return run_generation(sampler, request, folder, run, self.plain_comparison, **run_kwargs)
-            finally:
-                folder.close()
+            with self.outputs.request() as file:
+                run = RunProgress(progress, cancelled, functools.partial(preview, file), stage_names=self.stage_names)
+                return run_generation(sampler, request, file, run, **run_kwargs)
 
         job = in_thread(work)
         try:
@@ -739,10 +698,7 @@ class TextToImageApp:
 
     def recommended(self, width: int, height: int) -> dict:
         """/recommended_settings: the preset for a size checked as /generate checks it, by /generate's names."""
-        return preset(*self.checked_size(width, height), self.native_px)
-
-    def checked_size(self, width, height) -> tuple[int, int]:
-        return checked_size(width, height, self.native_px, self.max_scale)
+        return preset(*checked_size(width, height, self.native_px, self.max_scale), self.native_px)
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title=self.title, delete_cache=(CACHE_SWEEP_SECONDS, KEEP_OUTPUTS_SECONDS)) as demo:
@@ -758,7 +714,7 @@ class TextToImageApp:
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             widgets.update(knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True),
                                         max_scale=self.max_scale, extra_advanced=self._advanced))
-            if self.plain_comparison:
+            if "compare_plain" in self.api_before_knobs:  # the image demo's would need a ControlNet pipeline
                 widgets["compare_plain"] = gr.Checkbox(
                     label="Also generate the plain image (the model run directly at this size, same seed) for "
                           "comparison", value=False, elem_id="compare-plain")

@@ -1,15 +1,13 @@
 """ElasticDiffusion image-to-image demo (Gradio): refine or upscale a picture, or follow its edges or depth with a
-ControlNet; docs/app.md says what it offers.
+ControlNet (loaded on its first use); docs/app.md says what it offers.
 
-The text-to-image demo (`app_gradio.py`, imported) plus the input image, the guide (the picture itself, or a
-ControlNet's condition, the ControlNet loaded on its first use), the strength, the ControlNet knobs, a live view of
-the guide, and what taking uploads needs (`read_upload`, `UploadLimits`, `serve`).
+The text-to-image demo (`app_gradio.py`) plus the input image, its guide and a live view of it, and what taking
+uploads needs (`read_upload`, `UploadLimits`, `serve`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -23,7 +21,6 @@ from typing import Sequence
 
 import gradio as gr
 import starlette.middleware
-import torch
 from PIL import Image
 from starlette.responses import PlainTextResponse
 
@@ -148,7 +145,6 @@ class ImageToImageApp(base.TextToImageApp):
              "depth with a ControlNet, with a pretrained Stable Diffusion model, training-free "
              "([paper](https://arxiv.org/abs/2311.18822), CVPR 2024). The input is scaled to cover the output "
              "size and centre-cropped.")
-    plain_comparison = False  # a plain comparison would need a ControlNet pipeline of its own
     cost_factor = CONTROLNET_COST
     stage_names = {**base.STAGE_NAMES, "condition": "Making the condition map"}  # the ControlNet sampler's stage
     placeholder = EXAMPLE_PROMPT
@@ -170,18 +166,17 @@ class ImageToImageApp(base.TextToImageApp):
                  controlnet: str = "canny", depth_model=edc.DEFAULT_DEPTH_MODEL):
         """`sampler`: the base model's sampler, or a ControlNet sampler (then also the one of canny/depth runs);
         otherwise `controlnet` and `depth_model` make one over the base model's modules on the first such run."""
-        is_controlnet = isinstance(sampler, edc.ElasticDiffusionControlNet)
-        self.controlnet_model = sampler.controlnet_model if is_controlnet else controlnet
-        self.depth_model = sampler.depth_model if is_controlnet else depth_model
-        self._controlnet = sampler if is_controlnet else None
+        self._controlnet = sampler if isinstance(sampler, edc.ElasticDiffusionControlNet) else None
+        self.controlnet_model = getattr(self._controlnet, "controlnet_model", controlnet)
+        self.depth_model = getattr(self._controlnet, "depth_model", depth_model)
         self._controlnet_lock = threading.Lock()
-        if is_controlnet:  # refine runs need the base sampler: the same modules, without the ControlNet
+        if self._controlnet is not None:  # refine runs need the base sampler: the same modules, no ControlNet
             sampler = ed.ElasticDiffusion.from_pipe(sampler.pipe, max_scale=sampler.max_scale)
         super().__init__(sampler, status, preview_every, outputs)
         # What the ControlNet was trained on (None: unknown), and where the guide menu starts.
         self.controlnet_condition = trained_condition(self.controlnet_model)
         self.default_condition = self.condition_type(default_condition or "refine")
-        self._images: collections.OrderedDict = collections.OrderedDict()  # file digest -> RGB image
+        self._images: dict = {}  # file digest -> RGB image, the most recently used last
         self._images_lock = threading.Lock()
         self._depth_lock = threading.Lock()  # one depth model load or estimate at a time outside generations
         self._depth_failure = ""  # why the depth model could not be loaded: said at once from then on
@@ -198,14 +193,13 @@ class ImageToImageApp(base.TextToImageApp):
         data, name = read_upload(value, self.upload_roots, self.excluded)
         key = hashlib.sha256(data).digest()
         with self._images_lock:
-            if key in self._images:
-                self._images.move_to_end(key)
-                return self._images[key], name
-        image = base.within(DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
+            image = self._images.pop(key, None)
+        if image is None:
+            image = base.within(DECODE_SECONDS, f"Decoding input image {name!r}", self._decode, data, name)
         with self._images_lock:
             self._images[key] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
-                self._images.popitem(last=False)
+                del self._images[next(iter(self._images))]
         return image, name
 
     @staticmethod
@@ -283,19 +277,16 @@ class ImageToImageApp(base.TextToImageApp):
         sampler = base.within(DEPTH_SECONDS, "Loading the ControlNet", self.controlnet_sampler)
         if control["condition"] == "depth":  # load the depth model now, bounded, or fail at once with advice
             base.within(DEPTH_SECONDS, "Loading the depth model", self._depth)
-        self._warn_if_mismatched(control["condition"])
-        yield from super().stream(values, progress, sampler=sampler,
-                                  finish=functools.partial(self._save_condition, name), **control)
-
-    def _warn_if_mismatched(self, condition: str) -> None:
-        expected = self.controlnet_condition
+        expected, condition = self.controlnet_condition, control["condition"]
         if expected is not None and condition in ("canny", "depth") and condition != expected:
             gr.Warning(f"The loaded ControlNet was trained on {CONDITION_NAMES[expected]}, so it follows "
                        f"{CONDITION_NAMES[condition]} only loosely. For {CONDITION_NAMES[condition]}, start the app "
                        f"with --controlnet {condition}.")
+        yield from super().stream(values, progress, sampler=sampler,
+                                  finish=functools.partial(self._save_condition, name), **control)
 
     @staticmethod
-    def _save_condition(name: str, folder: base.RequestFolder, request, info) -> list[tuple[str, str]]:
+    def _save_condition(name: str, file, request, info) -> list[tuple[str, str]]:
         """`run_generation`'s finish hook: the input's own name in the metadata, the condition map as a PNG."""
         s = info.settings
         s["condition_image"] = name  # the sampler saw a decoded image, not a file
@@ -303,7 +294,7 @@ class ImageToImageApp(base.TextToImageApp):
         if s["condition"] in ("canny", "depth"):  # grey maps replicated to RGB: one channel is enough
             condition_map = condition_map.convert("L")
         size = f"{request.width}x{request.height}"
-        path = folder.file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
+        path = file(f"condition_{s['condition']}_seed{request.seed}_{size}.png")
         record = dataclasses.replace(info, settings=dict(s, image="condition map"))
         ed.save_png(condition_map, path, ed.png_metadata(record, request.prompt, request.negative_prompt))
         thresholds = f" {s['canny_low']}/{s['canny_high']}" if s["condition"] == "canny" else ""
@@ -314,7 +305,7 @@ class ImageToImageApp(base.TextToImageApp):
         _, control = self.parse_control(dict(image=image, condition=condition, canny_low=canny_low,
                                              canny_high=canny_high))
         condition = control.get("condition", "refine")
-        width, height = self.checked_size(width, height)
+        width, height = base.checked_size(width, height, self.native_px, self.max_scale)
         fitted = ed.fit_image(control.get("condition_image") or control["image"], width, height)  # the sampler's rule
         if condition == "canny":
             result = edc.canny_condition(fitted, control["canny_low"], control["canny_high"]).convert("L")
@@ -325,12 +316,9 @@ class ImageToImageApp(base.TextToImageApp):
             result = fitted
         if max_side is not None and max(result.size) > max_side:
             result.thumbnail((max_side, max_side), Image.Resampling.BOX)  # keeps the aspect ratio
-        folder = self.outputs.request()
-        try:
-            path = folder.file(f"condition_{condition}_{width}x{height}.png")
+        with self.outputs.request() as file:
+            path = file(f"condition_{condition}_{width}x{height}.png")
             result.save(path, format="PNG", compress_level=1)  # a quick save: previews change often
-        finally:
-            folder.close()
         return path
 
     def _depth(self, image: Image.Image | None = None) -> Image.Image | None:
@@ -351,10 +339,7 @@ class ImageToImageApp(base.TextToImageApp):
             return None if image is None else edc.depth_condition(image, estimator)
 
     def _estimate_depth(self, image: Image.Image) -> Image.Image:
-        try:
-            return base.within(DEPTH_SECONDS, "Estimating the depth map", self._depth, image)
-        except torch.OutOfMemoryError as error:
-            raise gr.Error(base.OUT_OF_MEMORY_ADVICE, title="Out of GPU memory") from error
+        return base.within(DEPTH_SECONDS, "Estimating the depth map", self._depth, image)
 
     def preview(self, image, condition, width, height, canny_low, canny_high):
         """The live preview: cleared without an image or on an error (a warning says why), kept while typing."""
@@ -388,8 +373,8 @@ class ImageToImageApp(base.TextToImageApp):
                                                         f"or depth through a ControlNet. {expects}",
                                                    elem_id="condition")
                 # /generate's default is 1 (a ControlNet run from noise, as before refine existed); the page starts
-                # the slider at its guide's own default (`build`).
-                widgets["strength"] = self.strength = base.knob_widget(STRENGTH_KNOB, 1.0, 0)
+                # the slider at its guide's own default (`_more_events`).
+                widgets["strength"] = base.knob_widget(STRENGTH_KNOB, 1.0, 0)
                 scale = edc.CONTROLNET_KNOBS[0]
                 widgets[scale.name] = base.knob_widget(scale, KNOB_DEFAULTS[scale.name], 0)
             with gr.Column(scale=1):
@@ -398,13 +383,6 @@ class ImageToImageApp(base.TextToImageApp):
                     type="filepath", format="png", interactive=False, height=360, elem_id="condition-preview",
                     buttons=["download", "fullscreen"])
         return widgets
-
-    def build(self) -> gr.Blocks:
-        demo = super().build()
-        with demo:
-            demo.load(lambda: STRENGTH[self.default_condition], outputs=self.strength, queue=False,
-                      show_progress="hidden", api_visibility="private")
-        return demo
 
     def doubled_size(self, image) -> tuple[int, int]:
         """Upscale ×2: (width, height) twice the uploaded picture's, shrunk to the model's largest size if needed,
@@ -430,9 +408,9 @@ class ImageToImageApp(base.TextToImageApp):
                                                         api_name="condition_preview", **preview_options)
         self.upscale.click(self.doubled_size, inputs=widgets["image"], outputs=[widgets["width"], widgets["height"]],
                            preprocess=False, concurrency_id="preview", api_visibility="private")
-        widgets["condition"].change(lambda guide: STRENGTH.get(guide, gr.skip()), inputs=widgets["condition"],
-                                    outputs=widgets["strength"], queue=False, show_progress="hidden",
-                                    api_visibility="private")
+        # Each guide's own strength, when the page loads and when the guide changes (no triggers: both).
+        gr.on(None, lambda guide: STRENGTH.get(guide, gr.skip()), inputs=widgets["condition"],
+              outputs=widgets["strength"], queue=False, show_progress="hidden", api_visibility="private")
         super()._more_events(widgets, outputs)
 
 

@@ -374,18 +374,18 @@ def test_outputs_are_stored_once_bounded_and_only_for_served_requests(sampler, e
 
 def test_running_requests_keep_their_folders_and_old_ones_go(tmp_path):
     outputs = app.OutputFolders(max_bytes=150, parent=str(tmp_path))
-    running, done = outputs.request(), outputs.request()
-    for folder in (running, done):
-        with open(folder.file("image.png"), "wb") as f:
-            f.write(b"x" * 100)
-    done.close()  # over the cap, but the newest result stays, and a running request's folder is never pruned
-    assert os.path.isdir(running.path) and os.path.isdir(done.path)
-    running.close()  # now the older one goes
-    assert os.path.isdir(running.path) and not os.path.isdir(done.path)
+    with outputs.request() as running:
+        with outputs.request() as done:
+            for file in (running, done):
+                with open(file("image.png"), "wb") as f:
+                    f.write(b"x" * 100)
+        # over the cap, but the newest result stays, and a running request's folder is never pruned
+        assert os.path.isfile(running("image.png")) and os.path.isfile(done("image.png"))
+    assert os.path.isfile(running("image.png")) and not os.path.exists(done("image.png"))  # now the older one goes
     outputs.keep_seconds = -1  # everything is past its age: the next request's folder is all that is left
-    later = outputs.request()
-    later.file("image.png")
-    assert [entry.path for entry in os.scandir(outputs.root)] == [later.path]
+    with outputs.request() as later:
+        folder = os.path.dirname(later("image.png"))  # made on first use
+        assert [entry.path for entry in os.scandir(outputs.root)] == [folder]
     outputs.remove()
     assert not os.path.exists(outputs.root)
 
@@ -534,10 +534,11 @@ def test_request_values_reach_the_sampler_validated(sampler):
                   rrg_stop_t=0.4, patch_size=64, view_batch_size=4, repaint=True, tiled_decoder=False,
                   low_vram=False, time_ids_scale="4")
     request = app.parse_request(values, sampler)
-    assert (request.seed, request.negative_prompt, request.compare_plain, request.view_batch_size) == (12, "", False, 4)
+    assert (request.seed, request.negative_prompt, request.compare_plain) == (12, "", False)
+    assert request.knobs["view_batch_size"] == 4
     assert request.knobs["num_inference_steps"] == 3 and isinstance(request.knobs["num_inference_steps"], int)
     assert request.knobs["guidance_scale"] == 7.5 and request.knobs["time_ids_scale"] == 4
-    assert list(request.knobs) == [k.name for k in app.ed.method_knobs()]
+    assert list(request.knobs) == [k.name for k in app.ed.KNOBS if k.name != "low_vram"]
     assert not math.isnan(request.knobs["new_p"])
 
 
@@ -565,7 +566,8 @@ def test_the_low_vram_box_switches_the_loaded_sampler_in_place(sampler, monkeypa
             request = app.parse_request(dict(FAST, num_inference_steps=1, low_vram=low_vram), sampler)
             switched = []
             monkeypatch.setattr(sampler, "sample", lambda *args, **kwargs: switched.append(sampler.low_vram) or args[1])
-            app.run_generation(sampler, request, outputs.request())
+            with outputs.request() as file:
+                app.run_generation(sampler, request, file)
             assert switched == [low_vram] and sampler.low_vram is low_vram
             assert (type(getattr(sampler.unet, "_hf_hook", None)).__name__ == "CpuOffload") is low_vram
     finally:
@@ -597,7 +599,7 @@ def test_look_inside_returns_the_sheet_the_animation_and_the_windows_through_the
     request = app.parse_request(values, sampler)
     assert app.look_inside_steps(request.knobs["num_inference_steps"]) == "all"
     direct = pca.record_scores(sampler, request.prompt, request.negative_prompt, width=1024, height=512, seed=7,
-                               progress=False, view_batch_size=request.view_batch_size, **request.knobs)
+                               progress=False, **request.knobs)
     # The image is the one the option leaves alone, and the pictures are those of its own recording.
     assert np.array_equal(np.asarray(png(gallery[0])), np.asarray(direct.image)) and len(gallery) == 1
     sheet_png = Image.open(sheet)
@@ -643,7 +645,8 @@ def test_without_look_inside_the_sampler_is_called_as_before(sampler, monkeypatc
     images = {}
     for look_inside in (False, True):
         request = app.parse_request(dict(values, look_inside=look_inside), sampler)
-        gallery, *_, caption = app.run_generation(sampler, request, outputs.request())
+        with outputs.request() as file:
+            gallery, *_, caption = app.run_generation(sampler, request, file)
         images[look_inside] = np.asarray(Image.open(gallery[0][0]))
         assert (caption == "") is (not look_inside)
         if not look_inside:

@@ -126,14 +126,13 @@ def test_parse_request_follows_the_table(xl):
     for row in NUMBERS:
         for value in _inside(row, xl.native_latent, demo=True):
             request = app.parse_request(dict(base, **{row.name: str(value)}), xl)  # API clients may send text
-            got = {**request.knobs, "view_batch_size": request.view_batch_size}[row.name]
+            got = request.knobs[row.name]
             assert got == value and type(got) is row.type, row.name
         for value in _outside(row, xl.native_latent, demo=True):
             with pytest.raises(app.gr.Error, match=row.label.replace("(", r"\(").replace(")", r"\)")):
                 app.parse_request(dict(base, **{row.name: value}), xl)
     request = app.parse_request(base, xl)  # every knob left out: the preset, as the page starts
-    assert request.knobs == app.preset(1024, 512, xl.native_px)
-    assert (request.view_batch_size, request.low_vram) == (16, False)
+    assert request.knobs == dict(app.preset(1024, 512, xl.native_px), view_batch_size=16) and not request.low_vram
     for name in ("time_ids_scale", "repaint"):
         with pytest.raises(app.gr.Error, match=ed.knob(name).label):
             app.parse_request(dict(base, **{name: 3}), xl)
