@@ -511,7 +511,8 @@ def save_look_inside(file: Callable[[str], str], recording: pca.Recording, info:
 
     sheet = png(pca.contact_sheet(recording, basis), "sheet")
     animation = file(f"look_inside_steps_{name}.webp")
-    pca.write_bytes(animation, pca.animation(recording, basis, "webp"))
+    frames = pca.animation(recording, basis, "webp")
+    ed.write_atomically(animation, lambda f: f.write(frames))
     f = recording.vae_scale_factor
     windows = png(pca.window_overlay(recording.image, recording.views, recording.reference_size, f), "windows")
     T, kept = recording.num_inference_steps, len(recording.steps)

@@ -510,11 +510,6 @@ def describe(recording: Recording, basis: str = "shared") -> str:
             "and the second window by window.")
 
 
-def write_bytes(path: str, data: bytes) -> str:
-    """Write `data` to `path` atomically (`elastic_diffusion.write_atomically`): never a half-written file."""
-    return ed.write_atomically(path, lambda f: f.write(data))
-
-
 def pca_record(info: ed.GenerationInfo, recording: Recording, basis: str) -> ed.GenerationInfo:
     """The run's record `info` with what the pictures show added to its settings: method, basis, kept steps."""
     return dataclasses.replace(info, settings=dict(info.settings, pca_method=recording.method, pca_basis=basis,
@@ -531,8 +526,9 @@ def save_outputs(recording: Recording, folder: str, basis: str = "shared", max_c
     paths = dict(image=ed.save_png(recording.image, os.path.join(folder, "image.png"), metadata))
     sheet = contact_sheet(recording, basis, max_columns=max_columns, panel_px=panel_px)
     paths["sheet"] = ed.save_png(sheet, os.path.join(folder, "sheet.png"), metadata)
-    paths["animation"] = write_bytes(os.path.join(folder, f"animation.{animation_format}"),
-                                     animation(recording, basis, animation_format, panel_px))
+    frames = animation(recording, basis, animation_format, panel_px)
+    paths["animation"] = ed.write_atomically(os.path.join(folder, f"animation.{animation_format}"),
+                                             lambda f: f.write(frames))
     if recording.method == "elastic":
         overlay = window_overlay(recording.image, recording.views, recording.reference_size, recording.vae_scale_factor)
         paths["windows"] = ed.save_png(overlay, os.path.join(folder, "windows.png"), metadata)
