@@ -1553,7 +1553,8 @@ class ElasticDiffusion:
         t_start = time.perf_counter()
         source, height, width, strength = image_request(image, strength, upscale, height, width, self.native_px,
                                                         self.vae_scale_factor, self.max_scale)
-        if source is not None and max(height / source.height, width / source.width) > 2:  # progressive upscaling
+        if source is not None and max(height / source.height, width / source.width) > 2 \
+                and min(height, width) >= 2 * MIN_SIDE_PX:  # progressive upscaling, each stage within the size rule
             return self._upscale_in_stages(source, prompt, negative_prompt, height, width, strength, upscale,
                                            seed=seed, generator=generator, progress=progress, drop_p=drop_p,
                                            view_batch_size=view_batch_size, output_type=output_type,

@@ -192,3 +192,10 @@ def test_more_than_2x_runs_in_stages_of_at_most_2x(sd1):
     assert info["settings"]["image_hash"] == ed.image_hash(small)
     with pytest.raises(ValueError, match="one image at a time"):
         sd1("a cat", image=small, upscale=4, num_images_per_prompt=2, **QUIET)
+    sizes.clear()  # a tiny picture: no stage below the smallest size (128 px), so its first stage is 3x
+    sd1.encode_image = lambda image, tiled=False: sizes.append(image.size) or encode(image, tiled)
+    try:
+        sd1("a cat", image=PICTURE[:64, :64], width=768, height=768, strength=0.5, num_inference_steps=2, **QUIET)
+    finally:
+        del sd1.encode_image
+    assert sizes == [(192, 192), (384, 384), (768, 768)]
