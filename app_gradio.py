@@ -575,7 +575,7 @@ def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0)
         settings = {name: ed.knob(name).check(_read(settings[name], int), native_latent, demo=True)
                     for name in ("num_inference_steps", "resampling_steps", "patch_size")}
         settings["repaint"] = bool(values.get("repaint", True))
-        strength = float(values.get("strength") or 1)  # image-to-image runs the last steps only
+        strength = float(1 if values.get("strength") is None else values["strength"])  # image-to-image: last steps
         samples = ed.unet_cost(width, height, settings, native_latent, strength=strength).samples
         if values.get("compare_plain"):  # a plain image: 2 samples per step and native area
             samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2

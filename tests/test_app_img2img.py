@@ -632,6 +632,7 @@ def test_the_gpu_reservation_follows_the_guide_and_the_strength(image_to_image):
     refine = image_to_image.gpu_seconds(dict(big, condition="refine", strength=0.5))
     assert refine < image_to_image.gpu_seconds(dict(big, condition="refine", strength=1.0)) < canny
     assert refine == text_app.estimate_gpu_seconds(dict(big, strength=0.5), 1024)
+    assert text_app.estimate_gpu_seconds(dict(big, strength=0), 1024) == 20  # no UNet step: the fixed margin only
 
 
 def test_a_base_model_app_loads_its_controlnet_on_the_first_canny_run(tiny_sdxl_path, controlnet_path, tmp_path):
