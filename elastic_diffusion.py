@@ -65,6 +65,8 @@ MODEL_IDS = {
     "2.0": "stabilityai/stable-diffusion-2-base",
     "2.1": "stabilityai/stable-diffusion-2-1-base",
     "XL1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+    "3.5-medium": "stabilityai/stable-diffusion-3.5-medium",  # flow matching (docs/method.md#flow-matching-models-sd-35)
+    "3.5-large": "stabilityai/stable-diffusion-3.5-large",
 }
 # runwayml removed its repository in 2024; the same weights live on under this id.
 HUB_MIRRORS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
@@ -264,14 +266,15 @@ def method_knobs() -> list[Knob]:
     return [k for k in KNOBS if not k.memory]
 
 
-def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict:
+def recommended_settings(width: int, height: int, native_px: int = 1024, flow: bool = False) -> dict:
     """Resolution-aware defaults: reproduce the 14 demo presets at their sizes, interpolate elsewhere.
 
     Rules read off the presets (docs/method.md#resolution-aware-settings): nothing to resample at or
     below the native size (R = 0, no RRG); otherwise R = 10 for the largest pixel counts (>= 2.5x the
     native area) and 7 below, and the RRG weight grows with the area so the pull at step 0,
     2*lambda0/(4*H*W), stays near 0.015: lambda0 = 500 * round(area / native area), at least 1000.
-    Every other method knob takes its constant default from KNOBS.
+    Every other method knob takes its constant default from KNOBS. `flow` (SD 3.5, untuned): `FLOW_DEFAULTS`, and
+    lambda0 x 4 for its 16 latent channels, so that the pull 2*lambda0/(16*H*W) is SDXL's.
     """
     area = (width * height) / float(native_px * native_px)
     if max(width, height) > native_px:
@@ -279,16 +282,25 @@ def recommended_settings(width: int, height: int, native_px: int = 1024) -> dict
         rrg_init_weight = 500.0 * max(2, math.floor(area + 0.5))
     else:
         resampling_steps, rrg_init_weight = 0, 0.0
-    preset = dict(resampling_steps=resampling_steps, rrg_init_weight=rrg_init_weight, patch_size=native_px // 16)
-    return {k.name: preset[k.name] if k.default == PRESET else k.default for k in method_knobs()}
+    preset = dict(resampling_steps=resampling_steps, rrg_init_weight=rrg_init_weight * (4 if flow else 1),
+                  patch_size=native_px // 16, **(FLOW_DEFAULTS if flow else {}))
+    return {k.name: preset.get(k.name, k.default) for k in method_knobs()}
 
 
-def settings_for(width: int, height: int, native_px: int, **explicit) -> dict:
+# SD 3.5's own step count and guidance (the model cards' range); ElasticDiffusion's settings for it are untuned.
+FLOW_DEFAULTS = dict(num_inference_steps=28, guidance_scale=4.5)
+
+
+def settings_for(width: int, height: int, native_px: int, flow: bool = False, **explicit) -> dict:
     """A run's method knobs: `recommended_settings` with the explicitly given (non-None) values on top.
 
-    TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword).
+    TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword); ValueError for
+    an SDXL-only knob other than its default on an SD 3 model (`flow`), where it means nothing.
     """
-    settings = recommended_settings(width, height, native_px)
+    for row in KNOBS:
+        if flow and row.sdxl_only and explicit.get(row.name) not in (None, row.default):
+            raise ValueError(f"{row.name} is SDXL's size conditioning: SD 3 models have none; leave it out")
+    settings = recommended_settings(width, height, native_px, flow)
     unknown = sorted(set(explicit) - set(settings))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the method's knobs are {sorted(settings)}")
@@ -651,13 +663,15 @@ class Layout(NamedTuple):
         return (1, 0) if self.reference_size == self.latent_size else (num_passes, len(self.views))
 
 
-def layout(height: int, width: int, native_latent: int, patch_size: int, vae_scale_factor: int = 8) -> Layout:
-    """The `Layout` of an image of height x width pixels (docs/method.md#reference-size, #local-views)."""
+def layout(height: int, width: int, native_latent: int, patch_size: int, vae_scale_factor: int = 8,
+           flow: bool = False) -> Layout:
+    """The `Layout` of an image of height x width pixels (docs/method.md#reference-size, #local-views). `flow`
+    (SD 3, trained at many aspect ratios): an image within the native size runs at its own size, unpadded."""
     f, D = vae_scale_factor, native_latent
     H, W = height // f, width // f
     h, w = reference_size(height, width, D * f, f)
     views = local_views(H, W, D, patch_size)
-    return Layout((H, W), (h, w), views, background_strips(h, w, views, D))
+    return Layout((H, W), (h, w), views, set() if flow and (h, w) == (H, W) else background_strips(h, w, views, D))
 
 
 def repaint_passes(settings: dict) -> bool:
@@ -742,6 +756,21 @@ def epsilon_from_prediction(out: torch.Tensor, x: torch.Tensor, alpha: float, pr
     return (x - math.sqrt(alpha) * out) / math.sqrt(1 - alpha)  # "sample" prediction
 
 
+def flow_step(v: torch.Tensor, x: torch.Tensor, sigma: float, sigma_next: float):
+    """The flow form's Euler step (docs/method.md#flow-matching-models-sd-35): returns (x0, x_next).
+
+    x_sigma = (1 - sigma) x0 + sigma eps and v = eps - x0, so x0 = x - sigma v; the step follows v to sigma_next.
+    """
+    return x - sigma * v, x + (sigma_next - sigma) * v
+
+
+def flow_renoise(x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse x from level sigma_from to the noisier sigma_to in one draw: a x + b noise with
+    a = (1 - sigma_to) / (1 - sigma_from) and b = sqrt(sigma_to^2 - a^2 sigma_from^2) (docs/method.md#repaint)."""
+    a = (1 - sigma_to) / (1 - sigma_from)
+    return a * x + math.sqrt(sigma_to ** 2 - a ** 2 * sigma_from ** 2) * noise
+
+
 def rrg_weight(step: int, num_inference_steps: int, init_weight: float, cosine_scale: float,
                stop_t: float) -> float:
     """lambda(i) = lambda0 * (0.5 (1 + cos(pi i / S)))^kappa for i < S = T - floor(T stop_t).
@@ -788,7 +817,7 @@ class Cost(NamedTuple):
 
 
 def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch: int = 1,
-              view_batch_size: int = 16, vae_scale_factor: int = 8, strength: float = 1.0) -> Cost:
+              view_batch_size: int = 16, vae_scale_factor: int = 8, strength: float = 1.0, flow: bool = False) -> Cost:
     """The UNet samples, calls and VAE encodes of one generation (docs/method.md#cost-model).
 
     `settings` holds the run's num_inference_steps, resampling_steps (R), patch_size and repaint
@@ -798,7 +827,7 @@ def unet_cost(width: int, height: int, settings: dict, native_latent: int, batch
     inputs are one [neg; pos] pair: 2B samples. Each pass runs in ceil(samples / view_batch_size) balanced calls.
     """
     T, R, B = run_steps(settings["num_inference_steps"], strength), settings["resampling_steps"], batch
-    where = layout(height, width, native_latent, settings["patch_size"], vae_scale_factor)
+    where = layout(height, width, native_latent, settings["patch_size"], vae_scale_factor, flow)
     passes, local = where.pass_inputs(R + 1)
     repaints = max(T - 1, 0) if repaint_passes(settings) else 0
     main, repaint = B * (2 * passes + local), B * (2 + local) if repaints else 0
@@ -823,11 +852,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-def _is_sdxl_checkpoint(path: str) -> bool:
+def checkpoint_kind(path: str) -> str:
+    """"sd3", "sdxl" or "sd" (1.x / 2.x): the architecture of a single .safetensors checkpoint, by its keys."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        return any(key.startswith("conditioner.embedders.1") for key in f.keys())
+        keys = list(f.keys())
+    for prefix, kind in (("model.diffusion_model.joint_blocks", "sd3"), ("conditioner.embedders.1", "sdxl")):
+        if any(key.startswith(prefix) for key in keys):
+            return kind
+    return "sd"
 
 
 def from_pretrained_variant(load: Callable, source: str, precision: torch.dtype, **kwargs):
@@ -887,7 +921,7 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
 
 
 # Native sizes of MODEL_IDS' keys, so a plan for them needs neither the weights nor the network.
-KEY_NATIVE_PX = {"1.4": 512, "1.5": 512, "2.0": 512, "2.1": 512, "XL1.0": 1024}
+KEY_NATIVE_PX = {"1.4": 512, "1.5": 512, "2.0": 512, "2.1": 512, "XL1.0": 1024, "3.5-medium": 1024, "3.5-large": 1024}
 
 
 class Native(NamedTuple):
@@ -895,6 +929,7 @@ class Native(NamedTuple):
     px: int  # P, pixels
     vae_scale_factor: int
     source: str  # where it was read, for messages
+    flow: bool = False  # an SD 3 flow-matching model (its own presets)
 
     @property
     def latent(self) -> int:  # D
@@ -913,26 +948,28 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
         check_number("--native_px", native_px, 64, integer=True)
         if native_px % 8:
             raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
-        return Native(native_px, 8, "--native_px")
+        return Native(native_px, 8, "--native_px", str(sd_version).startswith("3."))
     if sd_version in KEY_NATIVE_PX:
-        return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}")
+        return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}", sd_version.startswith("3."))
     source = os.path.expanduser(MODEL_IDS.get(sd_version, sd_version))
     try:
         if source.endswith(".safetensors") and os.path.isfile(source):
-            return Native(1024 if _is_sdxl_checkpoint(source) else 512, 8, f"the checkpoint {sd_version}")
+            kind = checkpoint_kind(source)
+            return Native(512 if kind == "sd" else 1024, 8, f"the checkpoint {sd_version}", kind == "sd3")
         if os.path.isdir(source):
-            config = lambda name: os.path.join(source, name, "config.json")  # noqa: E731
+            path = lambda name: os.path.join(source, name)  # noqa: E731
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
             from huggingface_hub import hf_hub_download
 
             cached = hub_offline_reason() is not None  # without network: read the cache at once, no retries
-            config = lambda name: hf_hub_download(source, "config.json", subfolder=name,  # noqa: E731
-                                                  local_files_only=cached)
+            path = lambda name: hf_hub_download(source, name, local_files_only=cached)  # noqa: E731
         else:
             raise ValueError("not a known key, folder, hub id or .safetensors file")
-        vae, unet = (json.loads(pathlib.Path(config(name)).read_text()) for name in ("vae", "unet"))
+        read = lambda name: json.loads(pathlib.Path(path(name)).read_text())  # noqa: E731
+        flow = "transformer" in read("model_index.json")  # SD 3
+        vae, net = read("vae/config.json"), read(f"{'transformer' if flow else 'unet'}/config.json")
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        return Native(int(unet["sample_size"]) * factor, factor, f"{sd_version}'s configs")
+        return Native(int(net["sample_size"]) * factor, factor, f"{sd_version}'s configs", flow)
     except Exception as error:  # a missing file, no network, a config without the field
         raise ValueError(f"the native size of --sd_version {sd_version!r} could not be read without loading it "
                          f"({error}); pass --native_px (1024 for SDXL, 512 for SD 1.x/2.x base, 768 for SD 2.x "
@@ -940,12 +977,16 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
 
 
 def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-                  **kwargs):
-    """A diffusers Stable Diffusion (1.x, 2.x, XL) pipeline from a key, hub id, folder or file.
+                  t5: bool = False, **kwargs):
+    """A diffusers Stable Diffusion (1.x, 2.x, XL, 3.x) pipeline from a key, hub id, folder or file. An SD 3 model's
+    optional T5 encoder (4.7B parameters) is loaded only with `t5`.
 
     Raises ValueError naming `sd_version` and what it may be when the source cannot be used.
     """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
+
+    no_t5 = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
 
     allowed = (f"one of {sorted(MODEL_IDS)}, a hub id such as 'stabilityai/sdxl-turbo', a local "
                "diffusers folder (with model_index.json) or a single .safetensors checkpoint")
@@ -962,7 +1003,9 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
                                  "loaded; convert it to .safetensors or pass allow_pickle=True if you trust it")
             cls = StableDiffusionPipeline
         else:
-            cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(source) else StableDiffusionPipeline
+            kind = checkpoint_kind(source)
+            cls = dict(sd3=StableDiffusion3Pipeline, sdxl=StableDiffusionXLPipeline).get(kind, StableDiffusionPipeline)
+            kwargs = {**no_t5, **kwargs} if kind == "sd3" else kwargs
         return cls.from_single_file(source, dtype=torch_dtype, **kwargs)
     is_path = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
     if is_path:
@@ -982,12 +1025,14 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         config = DiffusionPipeline.load_config(source, local_files_only=offline is not None)
         if "safety_checker" in config:  # not used by this sampler: do not download or load it
             load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if "text_encoder_3" in config:
+            load_kwargs = {**no_t5, **load_kwargs}
         pipe = from_pretrained_variant(DiffusionPipeline.from_pretrained, source, torch_dtype, **load_kwargs)
     except (OSError, EnvironmentError) as error:
         if source in HUB_MIRRORS:
             if not offline:
                 logger.warning("%s could not be loaded (%s); trying %s", source, error, HUB_MIRRORS[source])
-            return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, **kwargs)
+            return load_pipeline(HUB_MIRRORS[source], torch_dtype, allow_pickle, t5, **kwargs)
         if offline:
             raise ValueError(f"sd_version {sd_version!r} ({source}) is not in the local Hugging Face cache and the "
                              f"hub cannot be used ({offline}). Pass a local diffusers folder or a .safetensors file, "
@@ -997,11 +1042,77 @@ def load_pipeline(sd_version: str, torch_dtype: torch.dtype = torch.float32, all
         raise ValueError(f"sd_version {sd_version!r} could not be loaded ({error}). Check the id and the network "
                          "(gated models need `hf auth login`), or pass a local diffusers folder or a "
                          f".safetensors file{hint}") from error
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    network = "transformer" if type(pipe).__name__.startswith("StableDiffusion3") else "unet"
+    for name in (network, "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, name, None) is None:
             raise ValueError(f"sd_version {sd_version!r} is a {type(pipe).__name__} without a {name}; "
-                             "ElasticDiffusion needs a Stable Diffusion 1.x, 2.x or XL model")
+                             "ElasticDiffusion needs a Stable Diffusion 1.x, 2.x, XL or 3.x model")
     return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# The model seam: one loop, two model families (docs/method.md#flow-matching-models-sd-35)
+# --------------------------------------------------------------------------------------------------
+
+
+class EpsilonModel:
+    """SD 1.x / 2.x / XL: the UNet's output as epsilon; a noise level is DDIM's cumulative alpha (1: clean)."""
+    clean = 1.0
+    step = staticmethod(ddim_step)  # (prediction, x, level, next level) -> (x0, x_next)
+    renoise = staticmethod(renoise)  # (x, level, noisier level, noise) -> x at the noisier level
+
+    def __init__(self, unet, scheduler_config):
+        from diffusers import DDIMScheduler
+
+        self.net = unet
+        # The method's own DDIM, from the model's scheduler config (docs/method.md#models-and-scheduler).
+        self.ddim = DDIMScheduler.from_config(scheduler_config)
+        self.alphas_cumprod = self.ddim.alphas_cumprod.double()
+        self.final_alpha = float(self.ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+
+    def alpha(self, t: int) -> float:
+        """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+
+    def schedule(self, num_inference_steps: int) -> tuple[list, list]:
+        """(timesteps, levels): DDIM's timesteps (981, 961, ..., 1 for T = 50 and 'leading' spacing), noisiest
+        first, and the T + 1 levels of the steps, the final one last."""
+        scheduler = type(self.ddim).from_config(self.ddim.config)  # a fresh one: set_timesteps is a mutation
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        return timesteps, [self.alpha(t) for t in timesteps] + [self.final_alpha]
+
+    def __call__(self, x, t: int, timestep, embeds, pooled, **kwargs) -> torch.Tensor:
+        out = self.net(x, timestep, encoder_hidden_states=embeds, **kwargs).sample.float()
+        return epsilon_from_prediction(out, x, self.alpha(t), self.prediction_type)
+
+
+class FlowModel:
+    """SD 3 / 3.5: the transformer's output v = eps - x0; a noise level is the flow's sigma (0: clean), on the
+    model's own (shifted) sigma schedule, stepped by Euler as diffusers' FlowMatchEulerDiscreteScheduler."""
+    clean = 0.0
+    step = staticmethod(flow_step)
+    renoise = staticmethod(flow_renoise)
+
+    def __init__(self, transformer, scheduler_config):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.net, self.config = transformer, scheduler_config
+        if scheduler_config.get("use_dynamic_shifting"):  # FLUX-style shift by image size: not this model family
+            raise ValueError("this model's scheduler shifts its sigmas by image size (use_dynamic_shifting); "
+                             "ElasticDiffusion supports SD 3 / 3.5's fixed shift")
+        self.make_scheduler = lambda: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def schedule(self, num_inference_steps: int) -> tuple[list, list]:
+        """(timesteps, levels): the transformer's timesteps (1000 sigma) and the T + 1 sigmas, 0 last."""
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(num_inference_steps)
+        return [float(t) for t in scheduler.timesteps], [float(s) for s in scheduler.sigmas]
+
+    def __call__(self, x, t: float, timestep, embeds, pooled, **kwargs) -> torch.Tensor:
+        return self.net(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False, **kwargs)[0].float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1112,7 +1223,8 @@ class Run:
     embeds: torch.Tensor | None = None  # [neg; pos] text embeddings (2B, 77, d)
     pooled: torch.Tensor | None = None  # SDXL pooled embeddings (2B, d') or None
     time_ids: torch.Tensor | None = None  # SDXL size conditioning (1, 6) or None
-    timesteps: list = field(default_factory=list)  # the whole schedule's DDIM timesteps, noisiest first
+    timesteps: list = field(default_factory=list)  # the whole schedule's timesteps, noisiest first
+    levels: list = field(default_factory=list)  # their noise levels (`model`), and the final one: T + 1
     timestep_tensors: dict = field(default_factory=dict)  # t -> 0-d tensor on the device
     backgrounds: dict = field(default_factory=dict)  # (strip, size, t) -> noised strip latent (1, C, sh, sw)
     counters: dict = field(default_factory=lambda: {"unet_samples": 0, "unet_calls": 0, "vae_encodes": 0,
@@ -1183,7 +1295,9 @@ class ElasticDiffusion:
         if shared:
             pipe = share_pipeline(pipe, vae=vae)
         self.pipe = pipe
-        self.vae, self.unet, self.scheduler = pipe.vae, pipe.unet, pipe.scheduler
+        self.is_flow = getattr(pipe, "transformer", None) is not None  # SD 3 / 3.5: a flow-matching transformer
+        # `unet` is the denoising network: SD 3's is a transformer (same calls, hooks and offload).
+        self.vae, self.unet, self.scheduler = pipe.vae, pipe.transformer if self.is_flow else pipe.unet, pipe.scheduler
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
@@ -1194,21 +1308,14 @@ class ElasticDiffusion:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_px = self.native_latent * self.vae_scale_factor  # P
         self.latent_channels = int(self.unet.config.in_channels)
-        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        from diffusers import DDIMScheduler
-
-        # The method's own DDIM, from the model's scheduler config: noise levels and timesteps
-        # (docs/method.md#models-and-scheduler).
-        self._ddim = DDIMScheduler.from_config(self.scheduler.config)
-        self.alphas_cumprod = self._ddim.alphas_cumprod.double()
-        self.final_alpha = float(self._ddim.final_alpha_cumprod)  # 1 or alpha_0, per set_alpha_to_one
+        self.model = (FlowModel if self.is_flow else EpsilonModel)(self.unet, self.scheduler.config)
         self._lock = threading.RLock()  # one user of the modules at a time (`exclusive`)
         self.attach_models()
         self.low_vram = None
         self.set_low_vram(low_vram)  # the one place modules are first put on the device
         self.compiled = bool(compile_unet)
         if self.compiled:  # all UNet inputs are D x D: only the batch size varies (marked dynamic)
-            self.unet = torch.compile(self.unet)
+            self.unet = self.model.net = torch.compile(self.unet)
 
     def attach_models(self) -> None:
         """Extension point: load the models a subclass adds (the ControlNet's).
@@ -1274,17 +1381,9 @@ class ElasticDiffusion:
             device = getattr(pipe, "_execution_device", None) or pipe.device
         return cls(device=device, pipe=pipe, **kwargs)
 
-    def timesteps(self, num_inference_steps: int) -> list[int]:
-        """DDIM timesteps of the model's scheduler config: 981, 961, ..., 1 for T = 50 and 'leading' spacing."""
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self._ddim.config)  # a fresh one: set_timesteps is a mutation
-        scheduler.set_timesteps(num_inference_steps)
-        return [int(t) for t in scheduler.timesteps]
-
-    def alpha(self, t: int) -> float:
-        """Cumulative alpha of timestep t; t < 0 is the level after the last step (the scheduler's final alpha)."""
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
+    def timesteps(self, num_inference_steps: int) -> list:
+        """The model's timesteps for T steps, noisiest first (`model.schedule`)."""
+        return self.model.schedule(num_inference_steps)[0]
 
     # ---------------------------------------------------------- text (docs/method.md#text-encoding)
 
@@ -1303,8 +1402,14 @@ class ElasticDiffusion:
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text embeddings (N, 77, d) and, for SDXL, pooled embeddings (N, 1280).
 
-        Empty prompts are CLIP-encoded like any other (never zeroed, unlike diffusers' SDXL default).
+        Empty prompts are CLIP-encoded like any other (never zeroed, unlike diffusers' SDXL default). SD 3: diffusers'
+        own encoding, (N, 77 + 256, d) and (N, d'); without the T5 encoder its 256 tokens are zeros, and CLIP cuts
+        prompts at 77 tokens.
         """
+        if self.is_flow:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                           do_classifier_free_guidance=False)
+            return embeds, pooled
         ids = self._tokenize(self.tokenizer, prompts)
         if not self.is_sdxl:
             return self.text_encoder(ids)[0], None
@@ -1323,23 +1428,25 @@ class ElasticDiffusion:
         """
         return {}
 
-    def predict_noise(self, run: Run, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor,
-                      pooled_embeds: torch.Tensor | None, regions: list[Region]) -> torch.Tensor:
-        """Noise prediction (epsilon) for a batch of native-size latents: every UNet call goes here."""
+    def predict(self, run: Run, latents: torch.Tensor, t, prompt_embeds: torch.Tensor,
+                pooled_embeds: torch.Tensor | None, regions: list[Region]) -> torch.Tensor:
+        """The model's prediction in the loop's terms (`self.model`: epsilon, or SD 3's v) for a batch of native-size
+        latents: every UNet call goes here."""
         n = latents.shape[0]
-        added = None
+        extra = {}
         if self.is_sdxl:
-            added = {"text_embeds": pooled_embeds, "time_ids": run.time_ids.expand(n, -1).contiguous()}
+            extra["added_cond_kwargs"] = {"text_embeds": pooled_embeds,
+                                          "time_ids": run.time_ids.expand(n, -1).contiguous()}
         timestep = run.timestep_tensors[t]  # a tensor: a Python int would recompile a compiled UNet
-        extra = self.unet_extra_kwargs(run, latents, timestep, prompt_embeds, added, regions)
+        extra.update(self.unet_extra_kwargs(run, latents, timestep, prompt_embeds, extra.get("added_cond_kwargs"),
+                                            regions))
         if self.compiled and n > 1:  # sizes 0 and 1 are always specialised by torch.compile
             extras = [v for value in extra.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-            for tensor in (latents, prompt_embeds, *(added or {}).values(), *extras):
+            extras = [v for value in extras for v in (value.values() if isinstance(value, dict) else [value])]
+            for tensor in (latents, prompt_embeds, pooled_embeds, *extras):
                 if torch.is_tensor(tensor):
                     torch._dynamo.mark_dynamic(tensor, 0)
-        out = self.unet(latents, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-                        **extra).sample.float()
-        return epsilon_from_prediction(out, latents, self.alpha(t), self.prediction_type)
+        return self.model(latents, t, timestep, prompt_embeds, pooled_embeds, **extra)
 
     def _evaluate(self, run: Run, latents: torch.Tensor, t: int, cond_index: torch.Tensor,
                   regions: list[Region]) -> torch.Tensor:
@@ -1357,7 +1464,7 @@ class ElasticDiffusion:
             chunk = slice(start, min(start + size, n))
             x, index = latents[chunk].to(self.dtype), cond_index[chunk]
             pooled = run.pooled[index] if run.pooled is not None else None
-            outputs.append(self.predict_noise(run, x, t, run.embeds[index], pooled, regions[chunk]))
+            outputs.append(self.predict(run, x, t, run.embeds[index], pooled, regions[chunk]))
             counters["unet_samples"] += x.shape[0]
             counters["unet_calls"] += 1
             batches = counters["unet_batch_sizes"]
@@ -1372,17 +1479,17 @@ class ElasticDiffusion:
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2 ** 63 - 1)
 
     @torch.no_grad()
-    def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], timesteps: list[int],
+    def prepare_backgrounds(self, strips: set[tuple[str, tuple[int, int]]], levels: dict,
                             aux_seed: int, counters: dict | None = None, chunk: int = 8,
                             report: Callable | None = None) -> dict:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep), encoded once up front.
 
-        `strips` holds (name, (height, width)) pairs; `aux_seed` seeds each strip's colour, VAE
-        sample and noise. Encoded once, up front: identical across passes, view batches and batch
+        `strips` holds (name, (height, width)) pairs, `levels` maps each timestep to its noise level; `aux_seed`
+        seeds each strip's colour, VAE sample and noise. Encoded once, up front: identical across passes, view batches and batch
         items within a timestep, different across timesteps. `report("backgrounds", done, total)` is
         called before each chunk and at the end. Returns {(name, size, t): (1, C, sh, sw)}.
         """
-        keys = [(name, size, t) for t in timesteps for name, size in sorted(strips)]
+        keys = [(name, size, t) for t in levels for name, size in sorted(strips)]
         backgrounds = {}
         f = self.vae_scale_factor
         for size in sorted({k[1] for k in keys}):
@@ -1399,17 +1506,16 @@ class ElasticDiffusion:
                     counters["vae_encodes"] += len(group)
                 for k, g, mean, std in zip(group, gens, dist.mean.float(), dist.std.float()):
                     z0 = (mean + std * torch.randn(mean.shape, generator=g).to(self.device))
-                    z0 = z0 * self.vae.config.scaling_factor
-                    alpha = self.alpha(k[2])
+                    z0 = (z0 - (self.vae.config.get("shift_factor") or 0)) * self.vae.config.scaling_factor
                     noise = torch.randn(z0.shape, generator=g).to(self.device)
-                    backgrounds[k] = (math.sqrt(alpha) * z0 + math.sqrt(1 - alpha) * noise)[None]
+                    backgrounds[k] = self.model.renoise(z0, self.model.clean, levels[k[2]], noise)[None]
         if report is not None:
             report("backgrounds", len(backgrounds), len(keys))
         return backgrounds
 
-    def _pad(self, run: Run, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _pad(self, run: Run, x: torch.Tensor, t) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if (h, w) == (self.native_latent, self.native_latent):
+        if not run.layout.strips:  # native-size inputs, or SD 3 running a small image at its own size
             return x
         strips = padding_strips(h, w, self.native_latent)
         return pad_with_strips(x, {n: run.backgrounds[(n, s, t)] for n, s in strips.items()})
@@ -1447,7 +1553,7 @@ class ElasticDiffusion:
         batches = [self._pad(run, ref_batch, t)]  # (S*2B, C, D, D)
         item = torch.arange(B)
         index = [torch.cat([item, item + B]).repeat(S)]  # (S*2B,): b for neg, B + b for pos
-        ref_pad = centered_padding(h, w, D)
+        ref_pad = centered_padding(h, w, D) if run.layout.strips else (0, 0, 0, 0)
         regions = [Region("reference", (0, h), (0, w), ref_pad)] * (S * 2 * B)
         if crops:
             ch, cw = crops[0].shape[-2:]  # every crop has the same size
@@ -1473,7 +1579,7 @@ class ElasticDiffusion:
         local = assemble_local_score(local_eps, views, H, W)  # (B, C, H, W)
         return ScoreEstimate(local, direction, references[-1], ref_eps[-1, 0])
 
-    def reduced_resolution_guidance(self, estimate: ScoreEstimate, x0: torch.Tensor, t: int,
+    def reduced_resolution_guidance(self, estimate: ScoreEstimate, x0: torch.Tensor, level: float,
                                     guidance_scale: float, weight: float) -> torch.Tensor:
         """RRG: pull x0 towards the reference's own x0, reusing this step's UNet outputs.
 
@@ -1481,8 +1587,8 @@ class ElasticDiffusion:
         """
         h, w = estimate.reference_latent.shape[-2:]
         H, W = x0.shape[-2:]
-        eps_reference = estimate.reference_uncond + guidance_scale * downsample_groups(estimate.direction, h, w)
-        x0_reference, _ = ddim_step(eps_reference, estimate.reference_latent.float(), self.alpha(t), self.alpha(t))
+        guided = estimate.reference_uncond + guidance_scale * downsample_groups(estimate.direction, h, w)
+        x0_reference, _ = self.model.step(guided, estimate.reference_latent.float(), level, level)
         return rrg_pull(upsample_groups(x0_reference, H, W), x0, weight)
 
     # --------------------------------------------------------------------------------------- inputs
@@ -1502,7 +1608,7 @@ class ElasticDiffusion:
 
         TypeError for a name that is not a method knob of KNOBS (as Python's for an unknown keyword).
         """
-        return settings_for(width, height, self.native_px, **explicit)
+        return settings_for(width, height, self.native_px, self.is_flow, **explicit)
 
     # ---------------------------------------------------- generation (docs/method.md#sampling-loop)
 
@@ -1582,7 +1688,7 @@ class ElasticDiffusion:
         # One derived seed drives the sub-sampler, the re-noising and the backgrounds
         # (docs/method.md#precision-randomness-and-memory).
         aux_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        where = layout(height, width, self.native_latent, s["patch_size"], self.vae_scale_factor)
+        where = layout(height, width, self.native_latent, s["patch_size"], self.vae_scale_factor, self.is_flow)
         (H, W), (h, w) = where.latent_size, where.reference_size
         if cells is None or repaint_noise is None:  # both draw from one generator, in loop order
             aux = torch.Generator().manual_seed(aux_seed)
@@ -1674,8 +1780,9 @@ class ElasticDiffusion:
         run.timings["encode_prompt"] = self._sync_time(tic)
 
         tic, strips = time.perf_counter(), run.layout.strips
-        run.timesteps = self.timesteps(s["num_inference_steps"])
-        steps = run.timesteps[run.first_step:]
+        run.timesteps, run.levels = self.model.schedule(s["num_inference_steps"])
+        steps = dict(zip(run.timesteps, run.levels))
+        steps = {t: steps[t] for t in run.timesteps[run.first_step:]}  # t -> level
         run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in steps}
         run.backgrounds = (self.prepare_backgrounds(strips, steps, run.aux_seed, run.counters, report=run.stage)
                            if strips and steps else {})
@@ -1701,16 +1808,17 @@ class ElasticDiffusion:
         tiled = run.settings["tiled_decoder"] or (self.low_vram and max(noise.shape[-2:]) > self.native_latent)
         z = self.encode_image(image, tiled).expand_as(noise)
         if run.first_step < len(run.timesteps):
-            z = renoise(z, 1.0, self.alpha(run.timesteps[run.first_step]), noise)
+            z = self.model.renoise(z, self.model.clean, run.levels[run.first_step], noise)
         run.timings["encode_image"] = self._sync_time(tic)
         return z
 
     def sample(self, run: Run, x: torch.Tensor, callback_on_step_end: Callable | None = None,
                progress: bool | Callable = True) -> torch.Tensor:
-        """The sampling loop (docs/method.md#sampling-loop), one iteration per DDIM timestep."""
+        """The sampling loop (docs/method.md#sampling-loop), one iteration per timestep; `self.model` says what the
+        prediction is (epsilon or v) and how to step and re-noise."""
         from tqdm.auto import tqdm
 
-        s, timesteps = run.settings, run.timesteps
+        s, timesteps, step, renoise = run.settings, run.timesteps, self.model.step, self.model.renoise
         T, omega, R = len(timesteps), s["guidance_scale"], s["resampling_steps"]
         h, w = run.layout.reference_size
         top_left = torch.zeros(1, h, w, dtype=torch.long)
@@ -1721,28 +1829,28 @@ class ElasticDiffusion:
             steps = tqdm(steps, desc="ElasticDiffusion")
         for i, t in steps:
             # The schedule's own next level (the final one after the last step), whatever its spacing.
-            alpha, alpha_prev = self.alpha(t), self.alpha(timesteps[i + 1] if i + 1 < T else -1)
+            level, level_next = run.levels[i], run.levels[i + 1]
             # 1. Global direction over R + 1 resampling passes and local unconditional score.
             cells = run.choose_cells(i, R + 1)
             if tuple(cells.shape) != (R + 1, h, w):
                 raise ValueError(f"cells(step, num_passes) gave shape {tuple(cells.shape)} at step {i}; "
                                  f"expected {(R + 1, h, w)}")
             scores = resampled = self.estimate_scores(run, x, t, cells)
-            # 2. Combine and take a DDIM step.
-            x0, x_prev = ddim_step(scores.local_uncond + omega * scores.direction, x, alpha, alpha_prev)
+            # 2. Combine and take a step (DDIM, or the flow's Euler step).
+            x0, x_prev = step(scores.local_uncond + omega * scores.direction, x, level, level_next)
             omega_step = omega
             # 3. Repaint: back to level t, one top-left reference pass, guidance w/3 (docs/method.md#repaint).
             if repaint_passes(s) and i < T - 1:
                 noise = self._to_device(run.repaint_noise(i, tuple(x.shape)))
-                x = renoise(x_prev, alpha_prev, alpha, noise)
+                x = renoise(x_prev, level_next, level, noise)
                 scores = self.estimate_scores(run, x, t, top_left)
                 omega_step = omega / 3
-                x0, x_prev = ddim_step(scores.local_uncond + omega_step * scores.direction, x, alpha, alpha_prev)
+                x0, x_prev = step(scores.local_uncond + omega_step * scores.direction, x, level, level_next)
             # 4. Reduced-resolution guidance, from this step's own UNet outputs
             #    (docs/method.md#reduced-resolution-guidance).
             weight = rrg_weight(i, T, s["rrg_init_weight"], s["cosine_scale"], s["rrg_stop_t"])
             if weight > 10:
-                x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, t, omega_step, weight)
+                x_prev = x_prev + self.reduced_resolution_guidance(scores, x0, level, omega_step, weight)
             x = x_prev
             if callback_on_step_end is not None:
                 tensors = {"latents": x, "x0": x0, "scores": scores, "resampled_scores": resampled}

@@ -218,8 +218,8 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
 
     def on_step(pipe, i, t, tensors):  # the recorder, in front of the caller's callback
         if i in recorder.slot and method == "plain":
-            x, alpha = unet_call["x"], sampler.alpha(int(t))
-            eps = ed.epsilon_from_prediction(unet_call["out"].float(), x, alpha, sampler.prediction_type)
+            x, alpha = unet_call["x"], sampler.model.alpha(int(t))
+            eps = ed.epsilon_from_prediction(unet_call["out"].float(), x, alpha, sampler.model.prediction_type)
             uncond, cond = eps.chunk(2)
             direction = cond - uncond
             x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)

@@ -74,7 +74,7 @@ def test_the_start_latent_is_the_image_latent_noised_forward_with_the_seeds_nois
     assert first == 6  # the last 4 of 10 steps
     z = encoded(sd1, Image.fromarray(PICTURE).resize((768, 512), Image.Resampling.LANCZOS))
     noise = sd1.initial_latents(512, 768, 1, 5)
-    alpha = float(sd1.alphas_cumprod[sd1.timesteps(10)[6]])
+    alpha = float(sd1.model.alphas_cumprod[sd1.timesteps(10)[6]])
     torch.testing.assert_close(x, alpha ** 0.5 * z + (1 - alpha) ** 0.5 * noise, rtol=0, atol=1e-5)
 
 

@@ -288,11 +288,11 @@ def test_renoising_distribution_over_many_draws(sd1):
     variance 1 - a_t / a_{t_{i+1}}, for the schedule's own pair of levels (T = 50, step 0: 961 -> 981)."""
     timesteps = sd1.timesteps(50)
     t, t_next = timesteps[0], timesteps[1]
-    ratio = sd1.alpha(t) / sd1.alpha(t_next)
+    ratio = sd1.model.alpha(t) / sd1.model.alpha(t_next)
     assert ratio == pytest.approx(0.79315, rel=1e-4)
     x_prev = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
     aux = torch.Generator().manual_seed(2)
-    draws = torch.stack([ed.renoise(x_prev, sd1.alpha(t_next), sd1.alpha(t), torch.randn(x_prev.shape, generator=aux))
+    draws = torch.stack([ed.renoise(x_prev, sd1.model.alpha(t_next), sd1.model.alpha(t), torch.randn(x_prev.shape, generator=aux))
                          for _ in range(4000)])
     mean, var = draws.mean(0), draws.var(0)
     slope = float((mean * x_prev).sum() / (x_prev * x_prev).sum())
@@ -312,8 +312,8 @@ def test_rrg_is_the_gradient_of_its_loss_at_a_non_half_ratio(sd1):
                                 reference_uncond=torch.randn(1, 4, h, w, generator=gen))
     x0 = torch.randn(1, 4, H, W, generator=gen, dtype=torch.float64).float()
     t, omega, weight = 501, 7.0 / 3, 900.0
-    pull = sd1.reduced_resolution_guidance(estimate, x0, t, omega, weight)
-    a = torch.tensor(sd1.alpha(t), dtype=torch.float64)
+    pull = sd1.reduced_resolution_guidance(estimate, x0, sd1.model.alpha(t), omega, weight)
+    a = torch.tensor(sd1.model.alpha(t), dtype=torch.float64)
     _, _, row_owner = group_rule(H, h)
     _, _, col_owner = group_rule(W, w)
     eps_ref = estimate.reference_uncond.double() + omega * F.interpolate(estimate.direction.double(), size=(h, w),

@@ -32,6 +32,9 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -42,7 +45,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER_EOS_PAD = os.path.join(FIXTURES, "clip_tokenizer")  # pads with <|endoftext|> (49407)
 TOKENIZER_ZERO_PAD = os.path.join(FIXTURES, "clip_tokenizer_pad0")  # pads with "!" (0)
 
-KINDS = ("sd1", "sd2", "sdxl")
+KINDS = ("sd1", "sd2", "sdxl", "sd3")
 TEXT_HIDDEN = 32  # width of every tiny text encoder
 ADD_TIME_DIM = 8  # SDXL addition_time_embed_dim
 
@@ -72,7 +75,7 @@ def _text_config(hidden_act: str, pad_token_id: int, projection_dim: int = TEXT_
 
 
 def _vae(kind: str) -> AutoencoderKL:
-    sdxl = kind == "sdxl"
+    sdxl, sd3 = kind == "sdxl", kind == "sd3"
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -81,9 +84,12 @@ def _vae(kind: str) -> AutoencoderKL:
         block_out_channels=(4, 4, 4, 4),  # four blocks -> scale factor 8
         layers_per_block=1,
         norm_num_groups=2,
-        latent_channels=4,
-        sample_size=1024 if sdxl else 512,
-        scaling_factor=0.13025 if sdxl else 0.18215,
+        latent_channels=16 if sd3 else 4,
+        sample_size=1024 if sdxl or sd3 else 512,
+        scaling_factor=1.5305 if sd3 else 0.13025 if sdxl else 0.18215,
+        shift_factor=0.0609 if sd3 else None,  # SD3's latents are shifted and scaled
+        use_quant_conv=not sd3,
+        use_post_quant_conv=not sd3,
         force_upcast=True,
         mid_block_add_attention=False,
     )
@@ -132,12 +138,29 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
+def _sd3_pipeline(vae: AutoencoderKL) -> StableDiffusion3Pipeline:
+    """SD 3.5's geometry (native 1024 px: 128 x 128 latents of 16 channels in 2 x 2 patches, the shift-3 flow
+    schedule, two CLIP encoders with projections) on a 2-layer transformer, without the optional T5."""
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=2 * TEXT_HIDDEN, caption_projection_dim=16,
+        pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=CLIPTextModelWithProjection(_text_config("quick_gelu", pad_token_id=49407)),
+        tokenizer=_tokenizer(TOKENIZER_EOS_PAD),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config("gelu", pad_token_id=0)),
+        tokenizer_2=_tokenizer(TOKENIZER_ZERO_PAD), text_encoder_3=None, tokenizer_3=None)
+
+
 def build_tiny_pipeline(kind: str, seed: int = 0):
-    """Return an in-memory tiny pipeline; ``kind`` is "sd1", "sd2" or "sdxl"."""
+    """Return an in-memory tiny pipeline; ``kind`` is "sd1", "sd2", "sdxl" or "sd3" (SD 3.5's layout)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
     vae = _vae(kind)
+    if kind == "sd3":
+        return _sd3_pipeline(vae)
     unet = _unet(kind)
     scheduler = _scheduler()
     if kind == "sd1":
