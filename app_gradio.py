@@ -137,9 +137,10 @@ def load_sampler(args: argparse.Namespace, sampler_class=ed.ElasticDiffusion, ap
     return sampler, ""
 
 
-def preset(width: int, height: int, native_px: int) -> dict:
-    """`recommended_settings` clamped to the demos' ranges (λ0 grows with the area), so /generate takes them."""
-    settings = ed.recommended_settings(width, height, native_px)
+def preset(width: int, height: int, native_px: int, flow: bool = False) -> dict:
+    """`recommended_settings` clamped to the demos' ranges (λ0 grows with the area), so /generate takes them;
+    `flow`: an SD 3 model's."""
+    settings = ed.recommended_settings(width, height, native_px, flow)
     return {name: ed.knob(name).clamp(value, native_px // 8, demo=True) for name, value in settings.items()}
 
 
@@ -155,7 +156,8 @@ def knob_widget(row: ed.Knob, value, native_latent: int, is_sdxl: bool = True) -
 
 
 def knob_widgets(native_px: int = DEFAULT_SIZE, is_sdxl: bool = True, max_scale: int = ed.MAX_SCALE,
-                 extra_advanced: Callable[[], dict] | None = None) -> dict[str, gr.components.Component]:
+                 extra_advanced: Callable[[], dict] | None = None,
+                 flow: bool = False) -> dict[str, gr.components.Component]:
     """Size row and an "Advanced options" accordion with every knob (and `extra_advanced()`'s widgets), by name."""
     limit = max_scale * native_px
     size_info = f"pixels, a multiple of 8, {ed.MIN_SIDE_PX}-{limit} (up to {max_scale}x the model's {native_px} px)"
@@ -165,7 +167,7 @@ def knob_widgets(native_px: int = DEFAULT_SIZE, is_sdxl: bool = True, max_scale:
             w[name] = gr.Number(label=name.title(), value=DEFAULT_SIZE, precision=0, step=8, minimum=ed.MIN_SIDE_PX,
                                 maximum=limit, info=size_info, elem_id=name)
         w["swap_size"] = gr.Button("⇄ Swap", size="sm", scale=0, min_width=80)
-    values = {**{k.name: k.default for k in ed.KNOBS}, **preset(DEFAULT_SIZE, DEFAULT_SIZE, native_px)}
+    values = {**{k.name: k.default for k in ed.KNOBS}, **preset(DEFAULT_SIZE, DEFAULT_SIZE, native_px, flow)}
     with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
         w["negative_prompt"] = gr.Textbox(label="Negative prompt", value=ed.DEFAULT_NEGATIVE_PROMPT, lines=2,
                                           max_length=ed.MAX_PROMPT_CHARS, info="What the image should not show.")
@@ -189,7 +191,8 @@ def knob_widgets(native_px: int = DEFAULT_SIZE, is_sdxl: bool = True, max_scale:
     return w
 
 
-def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: int = ed.MAX_SCALE) -> None:
+def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: int = ed.MAX_SCALE,
+                      flow: bool = False) -> None:
     """Re-apply the preset when the size changes, except to knobs the user edited (`.input` marks those)."""
     names = [k.name for k in ed.method_knobs() if k.name in widgets]
     edited = gr.State(frozenset())
@@ -198,7 +201,7 @@ def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: i
                             queue=False, show_progress="hidden", api_visibility="private")
 
     def follow_size(width, height, marks):
-        return preset_updates(width, height, marks, names, native_px, max_scale)
+        return preset_updates(width, height, marks, names, native_px, max_scale, flow)
 
     size = [widgets["width"], widgets["height"]]
     knob_outputs = [widgets[name] for name in names]
@@ -213,11 +216,11 @@ def wire_size_presets(widgets: dict, native_px: int = DEFAULT_SIZE, max_scale: i
 
 
 def preset_updates(width, height, edited: frozenset, names: Sequence[str], native_px: int,
-                   max_scale: int = ed.MAX_SCALE) -> list:
+                   max_scale: int = ed.MAX_SCALE, flow: bool = False) -> list:
     """New values for the knobs `names` at this size: the preset, or gr.skip() for the user's own values."""
     if not size_ok(width, height, native_px, max_scale):  # a value being typed: leave the knobs alone
         return [gr.skip()] * len(names)
-    recommended = preset(int(width), int(height), native_px)
+    recommended = preset(int(width), int(height), native_px, flow)
     return [gr.skip() if name in edited else recommended[name] for name in names]
 
 
@@ -294,7 +297,7 @@ def parse_request(values: dict, sampler) -> GenerationRequest:
         raise refuse("Seed is empty: enter a whole number, or tick 'Randomize seed'.")
     else:
         seed = _checked(ed.check_number, "Seed", _read(values["seed"], int), 0, ed.MAX_SEED, integer=True)
-    defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px)}
+    defaults = {**{k.name: k.default for k in ed.KNOBS}, **preset(width, height, sampler.native_px, sampler.is_flow)}
     knobs = {k.name: knob_value(k, values.get(k.name, defaults[k.name]), sampler.native_latent) for k in ed.KNOBS}
     return GenerationRequest(
         prompt=_checked(ed.check_prompt, "Prompt", values.get("prompt"), True),
@@ -566,17 +569,17 @@ def summarize(info: ed.GenerationInfo, request: GenerationRequest, native_px: in
     return "  \n".join(lines)
 
 
-def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0) -> int:
+def estimate_gpu_seconds(values: dict, native_px: int, cost_factor: float = 1.0, flow: bool = False) -> int:
     """GPU seconds to reserve on ZeroGPU: the cost model's UNet samples (x `cost_factor`), plain and look inside."""
     native_latent = native_px // 8
     try:
         width, height = int(values["width"]), int(values["height"])
-        settings = {**preset(width, height, native_px), **values}
+        settings = {**preset(width, height, native_px, flow), **values}
         settings = {name: ed.knob(name).check(_read(settings[name], int), native_latent, demo=True)
                     for name in ("num_inference_steps", "resampling_steps", "patch_size")}
         settings["repaint"] = bool(values.get("repaint", True))
         strength = float(1 if values.get("strength") is None else values["strength"])  # image-to-image: last steps
-        samples = ed.unet_cost(width, height, settings, native_latent, strength=strength).samples
+        samples = ed.unet_cost(width, height, settings, native_latent, strength=strength, flow=flow).samples
         if values.get("compare_plain"):  # a plain image: 2 samples per step and native area
             samples += 2 * settings["num_inference_steps"] * width * height / native_px ** 2
     except (KeyError, TypeError, ValueError):  # invalid input fails fast anyway
@@ -636,6 +639,7 @@ class TextToImageApp:
         self.outputs = outputs or OutputFolders()
         self.native_px = sampler.native_px if sampler is not None else DEFAULT_SIZE
         self.max_scale = getattr(sampler, "max_scale", ed.MAX_SCALE)
+        self.flow = getattr(sampler, "is_flow", False)  # SD 3: its own presets
 
     @classmethod
     def api_inputs(cls) -> list[str]:
@@ -653,7 +657,7 @@ class TextToImageApp:
 
     def gpu_seconds(self, values: dict) -> int:
         """The ZeroGPU reservation of a request (`estimate_gpu_seconds`)."""
-        return estimate_gpu_seconds(values, self.native_px, self.cost_factor)
+        return estimate_gpu_seconds(values, self.native_px, self.cost_factor, self.flow)
 
     def stream(self, values: dict, progress, sampler=None, **run_kwargs):
         """Check a request, then run it on `sampler` (default: the app's) in a thread; yield /generate's outputs:
@@ -699,7 +703,7 @@ class TextToImageApp:
 
     def recommended(self, width: int, height: int) -> dict:
         """/recommended_settings: the preset for a size checked as /generate checks it, by /generate's names."""
-        return preset(*checked_size(width, height, self.native_px, self.max_scale), self.native_px)
+        return preset(*checked_size(width, height, self.native_px, self.max_scale), self.native_px, self.flow)
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title=self.title, delete_cache=(CACHE_SWEEP_SECONDS, KEEP_OUTPUTS_SECONDS)) as demo:
@@ -714,7 +718,7 @@ class TextToImageApp:
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             widgets.update(knob_widgets(self.native_px, getattr(self.sampler, "is_sdxl", True),
-                                        max_scale=self.max_scale, extra_advanced=self._advanced))
+                                        max_scale=self.max_scale, extra_advanced=self._advanced, flow=self.flow))
             if "compare_plain" in self.api_before_knobs:  # the image demo's would need a ControlNet pipeline
                 widgets["compare_plain"] = gr.Checkbox(
                     label="Also generate the plain image (the model run directly at this size, same seed) for "
@@ -722,7 +726,7 @@ class TextToImageApp:
             widgets["look_inside"] = gr.Checkbox(
                 label="Look inside: also show how the method builds this image (the two halves of the score, step "
                       "by step, and the local windows). Adds a few seconds.", value=False, elem_id="look-inside")
-            wire_size_presets(widgets, self.native_px, self.max_scale)
+            wire_size_presets(widgets, self.native_px, self.max_scale, self.flow)
             outputs = self._result_widgets(widgets)
             handler = on_gpu(self.generate, self.gpu_seconds)
             event = gr.on([run.click, widgets["prompt"].submit], handler,
@@ -761,7 +765,9 @@ class TextToImageApp:
         """The header's sentence about the loaded model(s)."""
         if self.sampler is None:
             return ""
-        return f" Model: `{ed.public_name(self.sampler.sd_version)}`, native {self.native_px} px."
+        untuned = (" An SD 3 model: ElasticDiffusion's settings for it are untuned (its presets keep SDXL's pull, "
+                   "scaled to 16 latent channels)." if self.flow else "")
+        return f" Model: `{ed.public_name(self.sampler.sd_version)}`, native {self.native_px} px.{untuned}"
 
     @staticmethod
     def _result_widgets(widgets: dict) -> list:

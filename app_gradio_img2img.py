@@ -237,6 +237,9 @@ class ImageToImageApp(base.TextToImageApp):
         image, name = self.input_image(values.get("image"))
         if condition == "refine":
             return name, dict(image=image, strength=strength)
+        if self.flow:
+            raise base.refuse(f"Guide '{condition}' needs a ControlNet, which runs on SD 1.x, 2.x and XL models only; "
+                              "with this SD 3 model choose Refine.")
         control = dict(condition=condition, condition_image=image)
         for row in edc.CONTROLNET_KNOBS:
             control[row.name] = base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), 0)
@@ -265,7 +268,7 @@ class ImageToImageApp(base.TextToImageApp):
 
     def gpu_seconds(self, values: dict) -> int:
         factor = 1.0 if values.get("condition", self.default_condition) == "refine" else CONTROLNET_COST
-        return base.estimate_gpu_seconds(values, self.native_px, factor)
+        return base.estimate_gpu_seconds(values, self.native_px, factor, self.flow)
 
     def stream(self, values: dict, progress, **run_kwargs):
         """The text-to-image request plus the image's inputs, checked first (the image is read once)."""
@@ -355,6 +358,8 @@ class ImageToImageApp(base.TextToImageApp):
 
     def model_note(self) -> str:
         note = super().model_note()
+        if self.flow:
+            return note
         loaded = "" if self._controlnet else " (loaded on the first canny or depth run)"
         return note and f"{note[:-1]}; ControlNet: `{ed.public_name(self.controlnet_model)}`{loaded}."
 
@@ -368,7 +373,8 @@ class ImageToImageApp(base.TextToImageApp):
                 widgets = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
                                              height=360, elem_id="input-image")}
                 self.upscale = gr.Button("Upscale ×2: twice the picture's size", size="sm", elem_id="upscale-2x")
-                widgets["condition"] = gr.Dropdown(CONDITION_CHOICES, value=self.default_condition, label="Guide",
+                widgets["condition"] = gr.Dropdown(CONDITION_CHOICES[:1] if self.flow else CONDITION_CHOICES,
+                                                   value=self.default_condition, label="Guide",
                                                    info=f"What the result follows: the picture itself, or its edges "
                                                         f"or depth through a ControlNet. {expects}",
                                                    elem_id="condition")

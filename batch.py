@@ -216,7 +216,7 @@ def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, vi
             recorded = {} if picture is None else dict(strength=strength, upscale=upscale or 1,
                                                         image_hash=ed.image_hash(picture))
             ed.check_size(item.height, item.width, native.px, native.vae_scale_factor, max_scale)
-            settings = ed.settings_for(item.width, item.height, native.px, **item.knobs)
+            settings = ed.settings_for(item.width, item.height, native.px, native.flow, **item.knobs)
             ed.check_settings(settings, native.latent)
             if check_line is not None:
                 recorded.update(check_line(item.extra, read_files))
@@ -225,7 +225,7 @@ def plan(items: list[Item], native: ed.Native, max_scale: int = ed.MAX_SCALE, vi
             continue
         item.settings, item.recorded, item.error = settings, recorded, None
         item.cost = ed.unet_cost(item.width, item.height, settings, native.latent, item.num_images, view_batch_size,
-                                 native.vae_scale_factor, 1.0 if strength is None else strength).samples
+                                 native.vae_scale_factor, 1.0 if strength is None else strength, native.flow).samples
 
 
 def share_out(items: list[Item], done, num_processes: int) -> tuple[list[Item], list[list[int]]]:
@@ -555,7 +555,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
                     records = item_records(item, outdir, model, rank, "error", item.error)
                 else:
                     pipe = pipe or make_sampler()  # loaded once, by the first item to generate
-                    if (pipe.native_px, pipe.vae_scale_factor) != (native.px, native.vae_scale_factor):
+                    if (pipe.native_px, pipe.vae_scale_factor, pipe.is_flow) != native[:2] + native[3:]:
                         raise ValueError(f"the model's native size is {pipe.native_px} px (VAE factor "
                                          f"{pipe.vae_scale_factor}), but the plan assumed {native.px} px from "
                                          f"{native.source}: pass --native_px {pipe.native_px}")

@@ -65,7 +65,7 @@ MODEL_IDS = {
     "2.0": "stabilityai/stable-diffusion-2-base",
     "2.1": "stabilityai/stable-diffusion-2-1-base",
     "XL1.0": "stabilityai/stable-diffusion-xl-base-1.0",
-    "3.5-medium": "stabilityai/stable-diffusion-3.5-medium",  # flow matching (docs/method.md#flow-matching-models-sd-35)
+    "3.5-medium": "stabilityai/stable-diffusion-3.5-medium",  # docs/method.md#flow-matching-models-sd-35
     "3.5-large": "stabilityai/stable-diffusion-3.5-large",
 }
 # runwayml removed its repository in 2024; the same weights live on under this id.
@@ -1083,9 +1083,13 @@ class EpsilonModel:
         timesteps = [int(t) for t in scheduler.timesteps]
         return timesteps, [self.alpha(t) for t in timesteps] + [self.final_alpha]
 
+    def prediction(self, out: torch.Tensor, x: torch.Tensor, level: float) -> torch.Tensor:
+        """The network's raw output for x at `level` in the loop's terms, fp32."""
+        return epsilon_from_prediction(out.float(), x, level, self.prediction_type)
+
     def __call__(self, x, t: int, timestep, embeds, pooled, **kwargs) -> torch.Tensor:
-        out = self.net(x, timestep, encoder_hidden_states=embeds, **kwargs).sample.float()
-        return epsilon_from_prediction(out, x, self.alpha(t), self.prediction_type)
+        out = self.net(x, timestep, encoder_hidden_states=embeds, **kwargs).sample
+        return self.prediction(out, x, self.alpha(t))
 
 
 class FlowModel:
@@ -1109,6 +1113,9 @@ class FlowModel:
         scheduler = self.make_scheduler()
         scheduler.set_timesteps(num_inference_steps)
         return [float(t) for t in scheduler.timesteps], [float(s) for s in scheduler.sigmas]
+
+    def prediction(self, out: torch.Tensor, x: torch.Tensor, level: float) -> torch.Tensor:
+        return out.float()  # v, as the loop uses it
 
     def __call__(self, x, t: float, timestep, embeds, pooled, **kwargs) -> torch.Tensor:
         return self.net(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=embeds,
@@ -1244,12 +1251,12 @@ class Run:
 
 
 class ElasticDiffusion:
-    """ElasticDiffusion sampler over a diffusers Stable Diffusion 1.x / 2.x / XL pipeline.
+    """ElasticDiffusion sampler over a diffusers Stable Diffusion 1.x / 2.x / XL / 3.x pipeline.
 
     Args:
         device: where to run (default: CUDA, then MPS, then CPU).
-        sd_version: '1.4', '1.5', '2.0', '2.1', 'XL1.0', any hub id, a local diffusers folder or a
-            single `.safetensors` checkpoint. The architecture is read from the loaded model.
+        sd_version: '1.4', '1.5', '2.0', '2.1', 'XL1.0', '3.5-medium', '3.5-large', any hub id, a local diffusers
+            folder or a single `.safetensors` checkpoint. The architecture is read from the loaded model.
         view_batch_size: most UNet samples (native-size latents) per UNet call; memory only.
         low_vram: diffusers' model CPU offload (one model on the GPU at a time).
         torch_dtype: weight dtype (default fp16 on accelerators, fp32 on CPU).
@@ -1258,6 +1265,7 @@ class ElasticDiffusion:
         compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
             dimension marked dynamic one compilation serves every image size.
         max_scale: largest side as a multiple of the native size (`check_size`); above MAX_SCALE is experimental.
+        t5: SD 3 models: load the optional T5 text encoder too (without it CLIP cuts prompts at 77 tokens).
 
     The instance holds the models and the configuration only; each call keeps its data in its own
     `Run`. Threads may share a sampler: generations, `set_low_vram` and `exclusive()` take it one at
@@ -1270,7 +1278,7 @@ class ElasticDiffusion:
                  view_batch_size: int = knob("view_batch_size").default, low_vram: bool = False,
                  torch_dtype: torch.dtype | None = None,
                  pipe=None, allow_pickle: bool = False, compile_unet: bool = False, max_scale: int = MAX_SCALE,
-                 **load_kwargs):
+                 t5: bool = False, **load_kwargs):
         self.device = torch.device(device) if device is not None else default_device()
         self.view_batch_size = knob("view_batch_size").check(view_batch_size, 0)
         self.max_scale = check_number("max_scale", max_scale, 1, integer=True)
@@ -1284,7 +1292,7 @@ class ElasticDiffusion:
                                  "first (pipe.to(dtype=...)) or leave torch_dtype out")
         else:
             self.sd_version = sd_version
-            pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, **load_kwargs)
+            pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, t5, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
             # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the
@@ -1485,9 +1493,9 @@ class ElasticDiffusion:
         """Noised, VAE-encoded solid-colour strips, one per (strip, size, timestep), encoded once up front.
 
         `strips` holds (name, (height, width)) pairs, `levels` maps each timestep to its noise level; `aux_seed`
-        seeds each strip's colour, VAE sample and noise. Encoded once, up front: identical across passes, view batches and batch
-        items within a timestep, different across timesteps. `report("backgrounds", done, total)` is
-        called before each chunk and at the end. Returns {(name, size, t): (1, C, sh, sw)}.
+        seeds each strip's colour, VAE sample and noise. Encoded once, up front: identical across passes, view
+        batches and batch items within a timestep, different across timesteps. `report("backgrounds", done, total)`
+        is called before each chunk and at the end. Returns {(name, size, t): (1, C, sh, sw)}.
         """
         keys = [(name, size, t) for t in levels for name, size in sorted(strips)]
         backgrounds = {}
@@ -2071,6 +2079,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="weight dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--allow_pickle", action="store_true", help="allow non-safetensors (pickle) weights")
+    p.add_argument("--t5", action="store_true", help="SD 3 models: also load the T5 text encoder (4.7B parameters); "
+                   "without it CLIP cuts prompts at 77 tokens")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the UNet (pays off within one large image)")
     p.add_argument("--drop_p", type=float, help="the official README's name for 1 - new_p")
@@ -2098,7 +2108,7 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
     """Constructor arguments of the sampler from the shared command-line flags."""
     return dict(device=args.device, sd_version=args.sd_version, view_batch_size=args.view_batch_size,
                 low_vram=args.low_vram, torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
-                allow_pickle=args.allow_pickle, compile_unet=args.compile, max_scale=args.max_scale)
+                allow_pickle=args.allow_pickle, compile_unet=args.compile, max_scale=args.max_scale, t5=args.t5)
 
 
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler: Callable,

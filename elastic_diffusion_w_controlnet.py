@@ -165,6 +165,9 @@ class ElasticDiffusionControlNet(ElasticDiffusion):
         self.default_condition = default_condition(self.controlnet_model)
 
     def attach_models(self) -> None:
+        if self.is_flow:
+            raise ValueError(f"ControlNet: sd_version {self.sd_version!r} is an SD 3 model; the ControlNet extension "
+                             "runs on SD 1.x, 2.x and XL models (their UNet)")
         self.controlnet = self.load_controlnet(self._controlnet_source, self.allow_pickle)
 
     def load_controlnet(self, model, allow_pickle: bool = False):

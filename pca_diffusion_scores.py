@@ -154,22 +154,26 @@ def generate_plain(sampler, prompt: str, negative_prompt: str, height: int, widt
                    guidance_scale: float, seed: int, output_type: str = "pil",
                    callback_on_step_end: Callable | None = None, progress: bool = True,
                    unet_hook: Callable | None = None):
-    """Plain CFG-DDIM at the size through diffusers' pipeline (its defaults, SDXL's size conditioning included) on
-    the sampler's modules, from its starting noise for `seed`; the sampler decodes (diffusers would hand its upcast
-    VAE the UNet-dtype latent). Returns (images, info). `unet_hook(module, args, output)`: a UNet forward hook."""
+    """Plain CFG at the size through diffusers' pipeline (its defaults, SDXL's size conditioning included) on the
+    sampler's modules, from its starting noise for `seed`, with DDIM (SD 3: its own flow scheduler); the sampler
+    decodes (diffusers would hand its upcast VAE the UNet-dtype latent). Returns (images, info).
+    `unet_hook(module, args, kwargs, output)`: a forward hook on the UNet (SD 3: the transformer)."""
     from diffusers import DDIMScheduler
 
-    pipe = ed.share_pipeline(sampler.pipe, scheduler=DDIMScheduler.from_config(sampler.scheduler.config))
+    scheduler = (type(sampler.scheduler) if sampler.is_flow else DDIMScheduler).from_config(sampler.scheduler.config)
+    pipe = ed.share_pipeline(sampler.pipe, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=not progress)
     latents = sampler.initial_latents(height, width, 1, seed).to(sampler.dtype)
     with sampler.exclusive():  # the modules are the sampler's: no other generation may run through them now
-        with pipe.unet.register_forward_hook(unet_hook) if unet_hook is not None else contextlib.nullcontext():
+        with (sampler.unet.register_forward_hook(unet_hook, with_kwargs=True) if unet_hook is not None
+              else contextlib.nullcontext()):
             latents = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
                            output_type="latent", callback_on_step_end=callback_on_step_end).images
     images = sampler.decode(latents, False, output_type)
     f = sampler.vae_scale_factor
-    info = ed.GenerationInfo(dict(method="plain DDIM", width=width, height=height,
+    method = "plain flow" if sampler.is_flow else "plain DDIM"
+    info = ed.GenerationInfo(dict(method=method, width=width, height=height,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
                              seed, str(sampler.sd_version), reference_size=(height // f, width // f))
     return images, info
@@ -211,18 +215,17 @@ def record_scores(sampler, prompt: str, negative_prompt: str = "", *, height: in
                          f"unconditional branch otherwise, so there is no direction to record); got {omega}")
     seed = random.randrange(2 ** 32) if seed is None else int(seed)
     recorder = _StepRecorder(steps)
-    unet_call = {}
+    unet_call, levels = {}, sampler.model.schedule(T)[1]
 
-    def keep_unet_call(unet, args, output):  # plain: diffusers calls unet(x, t, ...) on [x; x]: uncond, cond
-        unet_call.update(x=args[0], out=output[0])
+    def keep_unet_call(unet, args, kwargs, output):  # plain: diffusers calls the model on [x; x]: uncond, cond
+        unet_call.update(x=args[0] if args else kwargs["hidden_states"], out=output[0])
 
     def on_step(pipe, i, t, tensors):  # the recorder, in front of the caller's callback
         if i in recorder.slot and method == "plain":
-            x, alpha = unet_call["x"], sampler.model.alpha(int(t))
-            eps = ed.epsilon_from_prediction(unet_call["out"].float(), x, alpha, sampler.model.prediction_type)
-            uncond, cond = eps.chunk(2)
+            x, level = unet_call["x"], levels[i]
+            uncond, cond = sampler.model.prediction(unet_call["out"], x, level).chunk(2)
             direction = cond - uncond
-            x0, _ = ed.ddim_step(uncond + omega * direction, x[:1].float(), alpha, alpha)
+            x0, _ = sampler.model.step(uncond + omega * direction, x[:1].float(), level, level)
             recorder.record(i, t, x0=x0[0], direction=direction[0], local_uncond=uncond[0])
         elif i in recorder.slot:  # elastic: the `ScoreEstimate` of the update the step kept
             scores = tensors["scores"]

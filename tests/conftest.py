@@ -38,6 +38,11 @@ def tiny_sdxl_path(tmp_path_factory) -> str:
     return _saved(tmp_path_factory, "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory) -> str:
+    return _saved(tmp_path_factory, "sd3")
+
+
 @pytest.fixture(scope="module")
 def examples_cache(tmp_path_factory):
     """Gradio's example cache in a fresh temporary folder per test module, not ./.gradio of the checkout."""

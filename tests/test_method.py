@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 import elastic_diffusion as ed
 from test_sampler import QUIET, relative_error
@@ -29,6 +29,11 @@ def sd1(tiny_sd1_path):
 @pytest.fixture(scope="module")
 def xl(tiny_sdxl_path):
     return ed.ElasticDiffusion(device="cpu", sd_version=tiny_sdxl_path, view_batch_size=7)
+
+
+@pytest.fixture(scope="module")
+def sd3(tiny_sd3_path):
+    return ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd3_path, view_batch_size=7)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,12 +78,15 @@ def naive_elastic(sampler, latents, neg, pos, T, omega, R, lam0, kappa, stop_t, 
                   backgrounds, repaint=True):
     """The sampling loop for one image, from the method description. `cells[i]` (R + 1, h, w) holds the
     sub-sampler's k in {0, 1, 2, 3} for step i (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right),
-    `noise[i]` the re-noising draw of step i, `backgrounds[(strip, (height, width), t)]` the noised strips."""
-    unet, D, P = sampler.unet, sampler.native_latent, sampler.native_px
-    sched = DDIMScheduler.from_config(sampler.scheduler.config)
+    `noise[i]` the re-noising draw of step i, `backgrounds[(strip, (height, width), t)]` the noised strips.
+    An SD 3 model (`sampler.is_flow`) runs the flow form: the transformer's v, the Euler step x0 = x - sigma v,
+    x' = x + (sigma' - sigma) v on the scheduler's sigmas, repaint a x' + b noise with a = (1 - sigma) / (1 - sigma'),
+    b = sqrt(sigma^2 - a^2 sigma'^2), and an image within the native size unpadded."""
+    unet, D, P, flow = sampler.unet, sampler.native_latent, sampler.native_px, sampler.is_flow
+    sched = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(sampler.scheduler.config)
     sched.set_timesteps(T)
-    timesteps = [int(t) for t in sched.timesteps]
-    acp = sched.alphas_cumprod
+    timesteps = sched.timesteps.tolist() if flow else [int(t) for t in sched.timesteps]
+    acp, sigmas = (None, sched.sigmas.tolist()) if flow else (sched.alphas_cumprod, None)
     embeds, pooled = sampler.encode_prompt([neg, pos])
     H, W = latents.shape[-2:]
     Hp, Wp = 8 * H, 8 * W
@@ -89,6 +97,8 @@ def naive_elastic(sampler, latents, neg, pos, T, omega, R, lam0, kappa, stop_t, 
     def pad(x, t):
         """Centre x (N, C, a, b) on a D x D canvas: strips left/right of height a first, then top/bottom of width D."""
         a, b = x.shape[-2:]
+        if flow and (a, b) == (H, W):  # SD 3 runs an image within the native size at its own size
+            return x, 0, 0
         left, top = (D - b) // 2, (D - a) // 2
         right, bottom = D - b - left, D - a - top
         strip = lambda name, size: backgrounds[(name, size, t)].expand(x.shape[0], -1, -1, -1)  # noqa: E731
@@ -105,7 +115,11 @@ def naive_elastic(sampler, latents, neg, pos, T, omega, R, lam0, kappa, stop_t, 
         if sampler.is_sdxl:
             ids = torch.tensor([[4 * Hp, 4 * Wp, 0, 0, 4 * Hp, 4 * Wp]], dtype=torch.float32)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[which:which + 1], "time_ids": ids}
-        out = unet(canvas, t, encoder_hidden_states=embeds[which:which + 1], **kwargs).sample
+        if flow:
+            out = unet(hidden_states=canvas, timestep=torch.tensor([t]), encoder_hidden_states=embeds[which:which + 1],
+                       pooled_projections=pooled[which:which + 1]).sample
+        else:
+            out = unet(canvas, t, encoder_hidden_states=embeds[which:which + 1], **kwargs).sample
         return out[:, :, top:top + a, left:left + b]
 
     def global_direction(x, t, k):
@@ -136,27 +150,39 @@ def naive_elastic(sampler, latents, neg, pos, T, omega, R, lam0, kappa, stop_t, 
         assert written.all()
         return local
 
+    def step(prediction, i, t, x):
+        """(x0, x at the next level): the flow's Euler step in closed form, or diffusers' DDIM step."""
+        if flow:
+            return x - sigmas[i] * prediction, x + (sigmas[i + 1] - sigmas[i]) * prediction
+        out = sched.step(prediction, t, x)
+        return out.pred_original_sample, out.prev_sample
+
     S = T - math.floor(T * stop_t)
     x = latents.clone()
     for i, t in enumerate(timesteps):
-        if i + 1 < T:  # DDIMScheduler.step steps to t - 1000 // T: here the schedule's own next timestep
+        if i + 1 < T and not flow:  # DDIMScheduler.step steps to t - 1000 // T: here the schedule's own next one
             assert timesteps[i + 1] == t - 1000 // T
         direction, x_ref, eps_ref_neg = global_direction(x, t, cells[i])
-        step = sched.step(local_uncond(x, t) + omega * direction, t, x)
-        x0, x_prev = step.pred_original_sample, step.prev_sample
+        x0, x_prev = step(local_uncond(x, t) + omega * direction, i, t, x)
         omega_rrg = omega
         if repaint and R > 0 and i < T - 1:
-            ratio = acp[t] / acp[timesteps[i + 1]]
-            x = ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise[i]  # from level t_{i+1} back to t
+            if flow:  # from sigma_{i+1} back to sigma_i
+                a = (1 - sigmas[i]) / (1 - sigmas[i + 1])
+                x = a * x_prev + math.sqrt(sigmas[i] ** 2 - a ** 2 * sigmas[i + 1] ** 2) * noise[i]
+            else:
+                ratio = acp[t] / acp[timesteps[i + 1]]
+                x = ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise[i]  # from level t_{i+1} back to t
             direction, x_ref, eps_ref_neg = global_direction(x, t, torch.zeros(1, h, w, dtype=torch.long))
             omega_rrg = omega / 3
-            step = sched.step(local_uncond(x, t) + omega_rrg * direction, t, x)
-            x0, x_prev = step.pred_original_sample, step.prev_sample
+            x0, x_prev = step(local_uncond(x, t) + omega_rrg * direction, i, t, x)
         lam = lam0 * ((1 + math.cos(math.pi * i / S)) / 2) ** kappa if i < S else 0.0
         if lam > 10:
-            a = acp[t]
             eps_ref = eps_ref_neg + omega_rrg * F.interpolate(direction, size=(h, w), mode="nearest")
-            x0_ref = (x_ref - (1 - a).sqrt() * eps_ref) / a.sqrt()
+            if flow:
+                x0_ref = x_ref - sigmas[i] * eps_ref  # v = eps - x0
+            else:
+                a = acp[t]
+                x0_ref = (x_ref - (1 - a).sqrt() * eps_ref) / a.sqrt()
             target = x0_ref[:, :, row_owner][:, :, :, col_owner]
             leaf = x0.detach().clone().requires_grad_(True)
             with torch.enable_grad():
@@ -200,20 +226,21 @@ CASES = {  # model, width x height, repaint: what it exercises (sd1: native 512 
     "below_native": ("sd1", 384, 256, True),  # ratio 1: the whole image padded, passes and the view one input
     "no_repaint": ("sd1", 1024, 512, False),  # every step keeps the resampled direction at full guidance
     "sdxl_2x_width": ("sdxl", 2048, 1024, True),  # pooled embeddings and 4x time ids
+    "sd3_1.5x": ("sd3", 1536, 1024, True),  # the flow form: v, Euler steps, sigma re-noising, padded reference
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_loop_matches_independent_implementation(case, request):
     kind, width, height, repaint = CASES[case]
-    sampler = request.getfixturevalue("xl" if kind == "sdxl" else "sd1")
-    D, P = sampler.native_latent, sampler.native_px
+    sampler = request.getfixturevalue({"sdxl": "xl", "sd3": "sd3"}.get(kind, "sd1"))
+    D, P, C = sampler.native_latent, sampler.native_px, sampler.latent_channels
     # RRG at every step (1500, 1125, 375): after repaint passes (w/3, one pass) and after the last, resampled one.
     T, R, omega, lam0, kappa, stop_t, patch = 3, 2, 7.0, 1500.0, 1.0, 0.0, D // 2
     H, W = height // 8, width // 8
     h, w = naive_reference_size(height, width, P)
-    latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(4))
-    cells, noise = injected(T, R, h, w, (1, 4, H, W))
+    latents = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(4))
+    cells, noise = injected(T, R, h, w, (1, C, H, W))
     spy = BackgroundSpy(sampler)
     try:
         ours, info = sampler("a castle", "ugly", height=height, width=width, num_inference_steps=T,

@@ -725,7 +725,7 @@ def test_non_diffusers_folder_and_pickle_checkpoint(tmp_path):
 def test_model_keys_map_to_hub_ids():
     assert ed.MODEL_IDS["XL1.0"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert ed.MODEL_IDS["2.0"] == "stabilityai/stable-diffusion-2-base"
-    assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0"}
+    assert set(ed.MODEL_IDS) == {"1.4", "1.5", "2.0", "2.1", "XL1.0", "3.5-medium", "3.5-large"}
 
 
 # ---------------------------------------------------------- beyond 2x (docs/method.md#fix-general-sub-sampler)
