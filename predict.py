@@ -52,6 +52,8 @@ def check_request(inputs: dict, sampler) -> dict:
     ed.check_number("output_quality", inputs["output_quality"], 1, WEBP_LOSSLESS_QUALITY, integer=True)
     knobs = {k.name: None if inputs[k.name] is None else k.check(inputs[k.name], sampler.native_latent, demo=True)
              for k in ed.method_knobs()}
+    if sampler.is_flow:  # cog's literal defaults are SDXL's: on SD 3 they mean "the model's own" (FLOW_DEFAULTS)
+        knobs.update({name: None for name in ed.FLOW_DEFAULTS if knobs[name] == ed.knob(name).default})
     return dict(prompt=ed.check_prompt("prompt", inputs["prompt"]), width=inputs["width"], height=inputs["height"],
                 negative_prompt=ed.check_prompt("negative_prompt", inputs["negative_prompt"], required=False),
                 seed=seed, num_images_per_prompt=inputs["num_outputs"], **knobs)

@@ -319,7 +319,8 @@ def test_renoising_distribution_over_many_draws(sd1):
     assert ratio == pytest.approx(0.79315, rel=1e-4)
     x_prev = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
     aux = torch.Generator().manual_seed(2)
-    draws = torch.stack([ed.renoise(x_prev, sd1.model.alpha(t_next), sd1.model.alpha(t), torch.randn(x_prev.shape, generator=aux))
+    alpha, alpha_next = sd1.model.alpha(t), sd1.model.alpha(t_next)
+    draws = torch.stack([ed.renoise(x_prev, alpha_next, alpha, torch.randn(x_prev.shape, generator=aux))
                          for _ in range(4000)])
     mean, var = draws.mean(0), draws.var(0)
     slope = float((mean * x_prev).sum() / (x_prev * x_prev).sum())

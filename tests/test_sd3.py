@@ -5,6 +5,8 @@ The 2x loop is pinned against the independent implementation in test_method.py (
 and below the native size, the flow form's stages against diffusers and their closed forms, and the options an
 SD 3 model refuses.
 """
+import inspect
+import json
 import math
 
 import pytest
@@ -113,3 +115,21 @@ def test_look_inside_records_v_and_the_class_direction_plain_and_elastic(sd3):
     for name in ("direction", "local_uncond", "x0"):
         torch.testing.assert_close(getattr(plain, name).float(), getattr(elastic, name).float(), rtol=0, atol=2e-3)
     assert plain.direction.float().abs().max() > 0.01
+
+
+def test_cog_runs_an_sd3_model_with_its_own_defaults(tiny_sd3_path, monkeypatch):
+    """cog's literal defaults are SDXL's (50 steps, guidance 10): on SD 3 they stand for the model's (28, 4.5)."""
+    import predict
+
+    monkeypatch.setenv("MODEL", tiny_sd3_path)
+    predictor = predict.Predictor()
+    predictor.setup()
+    inputs = {name: p.default.default for name, p in inspect.signature(predictor.predict).parameters.items()}
+    call = predict.check_request(dict(inputs, width=1024, height=1024), predictor.sampler)
+    assert (call["num_inference_steps"], call["guidance_scale"]) == (None, None)
+    assert predict.check_request(dict(inputs, width=1024, height=1024, guidance_scale=6.0),
+                                 predictor.sampler)["guidance_scale"] == 6.0
+    (path,) = predictor.predict(**dict(inputs, width=1024, height=768, num_inference_steps=1, seed=2))
+    with ed.Image.open(path) as image:
+        record = json.loads(image.text["elastic_diffusion"])
+    assert image.size == (1024, 768) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
