@@ -91,7 +91,8 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
     """The flags both apps share (docs/app.md has the table)."""
     p = argparse.ArgumentParser(description=description, formatter_class=ed.HelpFormatter)
     p.add_argument("--model", "--sd_version", dest="model", default=os.environ.get("ELASTIC_MODEL", DEFAULT_MODEL),
-                   help="'1.5', '2.1', 'XL1.0', any hub id, a local diffusers folder or a .safetensors file")
+                   help="'1.5', '2.1', 'XL1.0', '3.5-medium', any hub id, a local diffusers folder or a .safetensors "
+                        "file")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="HTTP port")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on (0.0.0.0 to serve the local network)")
@@ -104,6 +105,7 @@ def build_parser(description: str = "ElasticDiffusion text-to-image demo (Gradio
                    help="weight dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
                    help="allow non-safetensors (pickle) weights; only for checkpoints you trust")
+    p.add_argument("--t5", action="store_true", help="SD 3 models: also load the T5 text encoder (4.7B parameters)")
     p.add_argument("--max-scale", "--max_scale", dest="max_scale", type=int, default=ed.MAX_SCALE,
                    help="largest size as a multiple of the model's native size per side; above 2 is experimental")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="most requests waiting in the queue")
@@ -122,7 +124,8 @@ def load_sampler(args: argparse.Namespace, sampler_class=ed.ElasticDiffusion, ap
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
         sampler = sampler_class(device=args.device, sd_version=args.model, low_vram=args.low_vram, torch_dtype=dtype,
-                                allow_pickle=args.allow_pickle, max_scale=args.max_scale, **kwargs)
+                                allow_pickle=args.allow_pickle, max_scale=args.max_scale,
+                                t5=getattr(args, "t5", False), **kwargs)
     except Exception as error:  # the app must still start and explain (no hub, no GPU, bad path, ...)
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:400]
         logger.warning("%s could not be loaded: %s", args.model, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
