@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Speed and memory benchmark of the ElasticDiffusion sampler on the real model architectures.
 
-The models are the published SDXL and SD 1.5 architectures (docs/method.md#benchmark-architectures)
-with random weights: nothing is downloaded, and timing does not depend on weight values. Each preset
+The models are the published SDXL, SD 1.5 and SD 3.5 Medium architectures
+(docs/method.md#benchmark-architectures) with random weights: nothing is downloaded, and timing
+does not depend on weight values. Each preset
 run is compared with the *UNet floor* measured in the same process: the number of native-size UNet
 samples the run needs (`elastic_diffusion.unet_cost`, docs/method.md#cost-model) times the best
 per-sample time of the bare UNet at a saturated batch.
@@ -79,16 +80,25 @@ SD15_UNET = dict(
 )
 
 
+# SD 3.5 Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+
+
 def vae_config(model: str) -> dict:
-    sdxl = model == "sdxl"
+    sdxl, sd3 = model == "sdxl", model == "sd35m"
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        in_channels=3, out_channels=3, latent_channels=16 if sd3 else 4, layers_per_block=2,
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         act_fn="silu", norm_num_groups=32,
-        sample_size=1024 if sdxl else 512,
-        scaling_factor=0.13025 if sdxl else 0.18215,
-        force_upcast=sdxl,
+        sample_size=512 if model == "sd15" else 1024,
+        scaling_factor=1.5305 if sd3 else 0.13025 if sdxl else 0.18215,
+        **(dict(shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False) if sd3 else
+           dict(force_upcast=sdxl)),
     )
 
 
@@ -110,6 +120,8 @@ def clip_config(kind: str):
 EXPECTED_PARAMS_M = {
     "sdxl": {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7},
     "sd15": {"unet": 859.5, "vae": 83.7, "text_encoder": 123.1},
+    # From the hub config (Stability rounds the transformer to "2.5B"); CLIP-L here with its projection.
+    "sd35m": {"transformer": 2243.2, "vae": 83.8, "text_encoder": 123.7, "text_encoder_2": 694.7},
 }
 
 
@@ -127,13 +139,18 @@ def build_empty_components(model: str) -> dict:
     Buffers (CLIP's position ids) stay real on the CPU.
     """
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if model not in EXPECTED_PARAMS_M:
         raise ValueError(f"model must be one of {sorted(EXPECTED_PARAMS_M)}; got {model!r}")
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if model == "sd35m":
+            return {"transformer": SD3Transformer2DModel(**SD35M_TRANSFORMER),
+                    "vae": AutoencoderKL(**vae_config(model)),
+                    "text_encoder": CLIPTextModelWithProjection(clip_config("L")),
+                    "text_encoder_2": CLIPTextModelWithProjection(clip_config("bigG"))}
         parts = {
             "unet": UNet2DConditionModel(**(SDXL_UNET if model == "sdxl" else SD15_UNET)),
             "vae": AutoencoderKL(**vae_config(model)),
@@ -187,7 +204,8 @@ def build_real_pipeline(model: str, device: torch.device, dtype: torch.dtype, se
 
     Returns (pipeline, parameter counts in millions).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline, \
+        StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     parts = build_empty_components(model)
@@ -195,10 +213,13 @@ def build_real_pipeline(model: str, device: torch.device, dtype: torch.dtype, se
     generator = torch.Generator(device).manual_seed(seed)
     parts = {name: materialize(module, device, dtype, generator) for name, module in parts.items()}
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "clip_tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "clip_tokenizer_pad0"))
     if model == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "clip_tokenizer_pad0")),
-            scheduler=ddim_scheduler(), **parts)
+        pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=ddim_scheduler(),
+                                         **parts)
+    elif model == "sd35m":  # without the optional T5 encoder, as the sampler loads it by default
+        pipe = StableDiffusion3Pipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder_3=None,
+                                        tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
     else:
         pipe = StableDiffusionPipeline(tokenizer=tokenizer, scheduler=ddim_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False, **parts)
@@ -223,7 +244,7 @@ def build_controlnet(unet, device: torch.device, dtype: torch.dtype, seed: int =
 def build_tiny(model: str):
     from tiny_models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("sdxl" if model == "sdxl" else "sd1")
+    pipe = build_tiny_pipeline({"sdxl": "sdxl", "sd35m": "sd3"}.get(model, "sd1"))
     return pipe, {name: count_params(getattr(pipe, name)) / 1e6 for name in EXPECTED_PARAMS_M[model]}
 
 
@@ -232,11 +253,16 @@ def build_tiny(model: str):
 # --------------------------------------------------------------------------------------------------
 
 
+def denoiser(pipe):
+    """The network every sample goes through: the UNet, or SD 3's transformer."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
 def expected_cost(height: int, width: int, native: int, patch: int, R: int, T: int, B: int, v: int,
-                  repaint: bool = True) -> dict:
+                  repaint: bool = True, flow: bool = False) -> dict:
     """UNet samples and calls of one generation by `elastic_diffusion.unet_cost`, for the JSON report."""
     settings = dict(num_inference_steps=T, resampling_steps=R, patch_size=patch, repaint=repaint)
-    cost = ed.unet_cost(width, height, settings, native, batch=B, view_batch_size=v)
+    cost = ed.unet_cost(width, height, settings, native, batch=B, view_batch_size=v, flow=flow)
     return dict(V=cost.views, samples_per_main_pass=cost.samples_per_main_pass,
                 samples_per_repaint_pass=cost.samples_per_repaint_pass, samples=cost.samples, calls=cost.calls,
                 vae_encodes=cost.vae_encodes, plain_cfg_samples=2 * B * T)
@@ -265,8 +291,9 @@ def planned_batch_sizes(expected: dict, steps: int, v: int) -> dict[int, int]:
     return {size: count for size, count in sorted(sizes.items()) if count}
 
 
-def preset_request(index: int, native_px: int) -> dict:
-    """Demo preset `index` (1-based), sizes scaled to the model (SD 1.5: half the SDXL sizes)."""
+def preset_request(index: int, native_px: int, latent_channels: int = 4) -> dict:
+    """Demo preset `index` (1-based), sizes scaled to the model (SD 1.5: half the SDXL sizes), the RRG weight to its
+    latent channels (SD 3: 16, `recommended_settings`)."""
     if not 1 <= index <= len(ed.DEMO_PRESETS):
         raise ValueError(f"presets are numbered 1..{len(ed.DEMO_PRESETS)}; got {index}")
     preset = ed.DEMO_PRESETS[index - 1]
@@ -277,7 +304,7 @@ def preset_request(index: int, native_px: int) -> dict:
         height=int(preset["height"] * scale) // 8 * 8,
         resampling_steps=preset["resampling_steps"],
         new_p=preset["new_p"],
-        rrg_init_weight=preset["rrg_init_weight"] * scale * scale,  # same pull per pixel (RRG's pull at step 0)
+        rrg_init_weight=preset["rrg_init_weight"] * scale * scale * latent_channels / 4,  # same pull per value
     )
 
 
@@ -313,9 +340,17 @@ def card_name(device: torch.device) -> str:
 
 
 def unet_inputs(unet, n: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Inputs of the right shapes for n native-size samples (SDXL: (n, 77, 2048) + added cond)."""
+    """Inputs of the right shapes for n native-size samples (SDXL: (n, 77, 2048) + added cond; SD 3: 77 + 256 text
+    tokens of 4096 and pooled 2048)."""
     config = unet.config
     D, gen = int(config.sample_size), torch.Generator(device).manual_seed(1)
+    if "joint_attention_dim" in config:  # SD 3's transformer, as the sampler calls it (`FlowModel`)
+        return dict(hidden_states=torch.randn(n, config.in_channels, D, D, generator=gen, device=device, dtype=dtype),
+                    timestep=torch.tensor(500.0, device=device).expand(n),
+                    encoder_hidden_states=torch.randn(n, 333, config.joint_attention_dim, generator=gen, device=device,
+                                                      dtype=dtype),
+                    pooled_projections=torch.randn(n, config.pooled_projection_dim, generator=gen, device=device,
+                                                   dtype=dtype))
     cross = config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     inputs = dict(
@@ -341,14 +376,15 @@ def time_unet(unet, batch: int, device: torch.device, dtype: torch.dtype, iters:
     a UNet the sampler compiled is timed without compiling again.
     """
     inputs = unet_inputs(unet, batch, device, dtype)
-    sample, timestep = inputs.pop("sample"), inputs.pop("timestep")
     if batch > 1:
         added = inputs.get("added_cond_kwargs", {})
-        for tensor in (sample, inputs["encoder_hidden_states"], *added.values()):
-            torch._dynamo.mark_dynamic(tensor, 0)
+        for name, tensor in (*inputs.items(), *added.items()):
+            if torch.is_tensor(tensor) and name != "timestep":
+                torch._dynamo.mark_dynamic(tensor, 0)
+    positional = [inputs.pop("sample"), inputs.pop("timestep")] if "sample" in inputs else []
 
-    def call():  # positional (sample, t) as the sampler calls it: a compiled UNet sees the same signature
-        unet(sample, timestep, **inputs)
+    def call():  # the UNet positional (sample, t), the transformer by keyword, as the sampler calls each
+        unet(*positional, **inputs)
 
     for _ in range(warmup):
         call()
@@ -448,7 +484,7 @@ def run_upscale(sampler, request: dict, args, patch: int, text_info, text_wall: 
     _, info, wall = generate(sampler, request, args.steps, args.batch, patch, args.seed, image=picture,
                              strength=strength)
     expected = ed.unet_cost(width, height, info.settings, sampler.native_latent, args.batch, args.view_batch_size,
-                            sampler.vae_scale_factor, strength).samples
+                            sampler.vae_scale_factor, strength, sampler.is_flow).samples
     print(f"  2x upscale from {width // 2}x{height // 2} at strength {strength}: samples {info.unet_samples} "
           f"(expected {expected}; text-to-image {text_info.unet_samples}), wall {wall:.2f} s "
           f"(text-to-image {text_wall:.2f} s)", flush=True)
@@ -469,9 +505,10 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
     """
     D = sampler.native_latent
     patch = args.patch_size or D // 2
-    request = preset_request(index, sampler.native_px)
+    request = preset_request(index, sampler.native_px, sampler.latent_channels)
     width, height, R = request["width"], request["height"], request["resampling_steps"]
-    expected = expected_cost(height, width, D, patch, R, args.steps, args.batch, args.view_batch_size)
+    expected = expected_cost(height, width, D, patch, R, args.steps, args.batch, args.view_batch_size,
+                             flow=sampler.is_flow)
     print(f"preset {index}: {width}x{height}, R={R}, T={args.steps}, V={expected['V']}, "
           f"v={args.view_batch_size}{', low_vram' if sampler.low_vram else ''}"
           f"{', compiled' if sampler.compiled else ''}", flush=True)
@@ -503,7 +540,7 @@ def run_preset(sampler, index: int, args, floor: dict, compiled_per_sample: floa
     per_sample = floor["best_per_sample_s"]
     floor_s = info.unet_samples * per_sample
     result = dict(
-        preset=index, width=width, height=height, resampling_steps=R, new_p=request["new_p"],
+        model=args.model, preset=index, width=width, height=height, resampling_steps=R, new_p=request["new_p"],
         rrg_init_weight=request["rrg_init_weight"], steps=args.steps, batch=args.batch, patch_size=patch,
         view_batch_size=args.view_batch_size, low_vram=bool(sampler.low_vram), compiled=bool(sampler.compiled),
         num_views=info.num_views, reference_size=list(info.reference_size),
@@ -561,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["gpu", "tiny", "meta"], default=None,
                    help="gpu: real architectures (default with CUDA); tiny: tiny CPU models (CI); "
                         "meta: only check the real architectures' parameter counts")
-    p.add_argument("--model", choices=["sdxl", "sd15"], default="sdxl")
+    p.add_argument("--model", choices=sorted(EXPECTED_PARAMS_M), default="sdxl",
+                   help="sd35m: SD 3.5 Medium's transformer (without T5)")
     p.add_argument("--presets", default=",".join(map(str, DEFAULT_PRESETS)),
                    help="1-based indexes into DEMO_PRESETS (SD 1.5: sizes halved)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps T (default 50 gpu, 2 tiny)")
@@ -592,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def variant_name(result: dict) -> str:
-    """eager, compiled or low_vram (combined with '+')."""
+    """eager, compiled or low_vram (combined with '+'), after the model when it is not SDXL."""
     parts = [name for name, on in (("compiled", result.get("compiled")), ("low_vram", result.get("low_vram"))) if on]
-    return "+".join(parts) or "eager"
+    model = result.get("model", "sdxl")
+    return " ".join([*([model] if model != "sdxl" else []), "+".join(parts) or "eager"])
 
 
 def markdown_table(results: list[dict], card: str) -> str:
@@ -674,7 +713,8 @@ def compile_first_call(sampler, index: int, args: argparse.Namespace) -> dict:
     """
     steps = min(args.warmup_steps, args.steps)
     graphs = compiled_graphs()
-    _, _, first = generate(sampler, preset_request(index, sampler.native_px), steps, args.batch,
+    request = preset_request(index, sampler.native_px, sampler.latent_channels)
+    _, _, first = generate(sampler, request, steps, args.batch,
                            args.patch_size or sampler.native_latent // 2, args.seed)
     done = dict(first_call_s=first, steps=steps, graphs_compiled=compiled_graphs() - graphs, preset=index)
     print(f"  compiled UNet: first call (preset {index}, T={steps}) {first:.1f} s, "
@@ -727,7 +767,7 @@ def main(argv=None) -> dict:
     # The floor, in the same process, on the bare (eager) UNet before the sampler touches it.
     print("UNet floor (eager):", flush=True)
     eager_costs = {}
-    floor = measure_floor(pipe.unet, parse_ints(args.floor_batches), device, dtype, args.floor_iters,
+    floor = measure_floor(denoiser(pipe), parse_ints(args.floor_batches), device, dtype, args.floor_iters,
                           warmup=1 if args.mode == "tiny" else 2, known=eager_costs)
     report["floor"] = floor
     if device.type == "cuda":

@@ -9,6 +9,8 @@ file has the exact device call. Stages run in the order given (`--stages`, defau
                    first the eager UNet floor, timed also at every batch size those runs use at v = 16
                    and at the wide view batch (40: one call per pass)
     tests          tests/test_gpu.py except the compile check
+    sd3            SD 3.5 Medium's architecture (random weights, no T5), eager: its own transformer floor, then
+                   preset 3 (1024x2048, R = 7) at its 28 steps, wall against floor (benchmark.py --model sd35m)
     low_vram       low_vram=True, preset 1: peak memory and wall time
     compile        compile_unet=True: the first call's time (compilation) separately, then presets 1 and 3
     tests_compile  tests/test_gpu.py's compile check (after `compile`, inductor's on-disk cache is warm)
@@ -47,12 +49,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-STAGES = ("table", "tests", "low_vram", "compile", "tests_compile", "view_batch")
+STAGES = ("table", "tests", "sd3", "low_vram", "compile", "tests_compile", "view_batch")
 # Seconds each stage is planned to take on an H100/H200 (see the module docstring); `setup` is the
 # imports, the model build and the floor (13 batch sizes), paid by the first stage that needs the
 # models. tests_compile compiles the UNet again: about 75 s with the compile stage's graphs in
 # inductor's on-disk cache, a full compilation (COLD_COMPILE_S) more without.
-ESTIMATE_S = dict(setup=45, table=135, tests=75, low_vram=65, compile=230, tests_compile=75, view_batch=80)
+ESTIMATE_S = dict(setup=45, table=135, tests=75, sd3=100, low_vram=65, compile=230, tests_compile=75, view_batch=80)
+SELF_CONTAINED = ("tests", "tests_compile", "sd3")  # stages that build their own models (no SDXL `setup`)
 COLD_COMPILE_S = 150
 COMPILE_TEST = "compiled"  # pytest -k expression that selects test_gpu.py's compile check
 TARGETS = dict(ratio=1.15, speedup_vs_reference=2.0, peak_2048_gib=12.0, peak_2048_low_vram_gib=8.0)
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale_strength", type=float, default=0.5,
                    help="the table stage also times a 2x upscale to each preset's size at this strength (0: off)")
     p.add_argument("--low_vram_presets", default="1", help="presets of the low_vram stage")
+    p.add_argument("--sd3_presets", default="3", help="presets of the sd3 stage")
     p.add_argument("--steps", type=int, default=None, help="T (default 50 gpu, 2 tiny)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
                    help="UNet and text encoder weights (float16: the sampler's default on CUDA; the SDXL VAE "
@@ -139,7 +143,7 @@ class Session:
         """Planned seconds of `stage` (0 in tiny mode: only the budget itself then decides)."""
         if self.tiny:
             return 0.0
-        setup = ESTIMATE_S["setup"] if self.built is None and not stage.startswith("tests") else 0
+        setup = ESTIMATE_S["setup"] if self.built is None and stage not in SELF_CONTAINED else 0
         cold = stage == "tests_compile" and self.report["stages"].get("compile", {}).get("status") != "done"
         return ESTIMATE_S[stage] + setup + (COLD_COMPILE_S if cold else 0)
 
@@ -292,6 +296,21 @@ def stage_view_batch(s: Session) -> dict:
     return dict(skipped_presets=skipped)
 
 
+def stage_sd3(s: Session) -> dict:
+    """benchmarks/benchmark.py --model sd35m in this process: it builds, times and frees its own pipeline."""
+    argv = ["--mode", s.args.mode, "--model", "sd35m", "--presets", s.args.sd3_presets, "--seed", str(s.args.seed),
+            "--view_batch_size", str(s.args.view_batch_size), "--json", os.path.join(s.args.out, "sd3.json")]
+    argv += (["--steps", "1", "--floor_batches", "2", "--no-warmup"] if s.tiny
+             else ["--steps", "28", "--dtype", "bfloat16"])  # SD 3.5's own step count and dtype
+    report = bm.main(argv)
+    for result in report["results"]:
+        s.add_result("sd3", result)
+    s.report["sd3"] = {key: report.get(key) for key in ("card", "params_m", "build_s", "floor", "table")}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # its pipeline is gone with `report`'s caller frame
+    return dict(all_checks_passed=report["all_checks_passed"])
+
+
 def run_gpu_tests(s: Session, name: str, selection: str) -> dict:
     """tests/test_gpu.py in its own process (-k `selection`); outcomes and printed figures from its JUnit XML."""
     if s.built is not None and s.built["device"].type == "cuda":
@@ -344,6 +363,7 @@ def junit_outcomes(path: str) -> dict:
 STAGE_FUNCTIONS = dict(
     table=stage_table,
     tests=lambda s: run_gpu_tests(s, "tests", f"not {COMPILE_TEST}"),
+    sd3=stage_sd3,
     low_vram=stage_low_vram,
     compile=stage_compile,
     tests_compile=lambda s: run_gpu_tests(s, "tests_compile", COMPILE_TEST),
@@ -408,9 +428,11 @@ def summary_text(report: dict) -> str:
                        if k in ("torch", "cuda", "diffusers", "transformers"))]
     if report["results"]:
         lines.append(bm.markdown_table(report["results"], report.get("card", "-")))
+    for label, floor in (("eager UNet floor", report.get("floor")), ("SD 3.5 Medium transformer floor (eager)",
+                                                                   (report.get("sd3") or {}).get("floor"))):
+        if floor:
+            lines.append(f"{label}: {1000 * floor['best_per_sample_s']:.2f} ms/sample at batch {floor['best_batch']}")
     floor = report.get("floor") or {}
-    if floor:
-        lines.append(f"eager UNet floor: {1000 * floor['best_per_sample_s']:.2f} ms/sample at batch {floor['best_batch']}")
     compiled = report.get("compile")
     if compiled:
         per_sample = floor.get("compiled_per_sample_s")

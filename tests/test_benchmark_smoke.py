@@ -23,7 +23,7 @@ def _load_benchmark():
     return module
 
 
-@pytest.mark.parametrize("model", ["sdxl", "sd15"])
+@pytest.mark.parametrize("model", ["sdxl", "sd15", "sd35m"])
 def test_real_architectures_parameter_counts(model):
     """The published configs (docs/method.md#benchmark-architectures) on the meta device: no memory, and a
     config typo fails here, not on a GPU."""
@@ -32,6 +32,8 @@ def test_real_architectures_parameter_counts(model):
     assert set(counts) == set(bm.EXPECTED_PARAMS_M[model])
     if model == "sdxl":
         assert round(counts["unet"], 1) == 2567.5 and round(counts["text_encoder_2"], 1) == 694.7
+    if model == "sd35m":  # SD 3.5 Medium's MMDiT-X: 24 blocks, 13 of them with dual attention
+        assert round(counts["transformer"], 1) == 2243.2
 
 
 def test_param_count_check_catches_a_typo():
@@ -93,20 +95,27 @@ def _load_gpu_check():
     return module
 
 
+def log_text(folder) -> str:
+    return (folder / "gpu_check.log").read_text()
+
+
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh on the CPU with tiny models: every stage but the compile ones, the JSON written as
     results come, tests/test_gpu.py run in its own process and reported (skipped here, with its reason)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, OUT=str(tmp_path))
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--mode", "tiny", "--presets", "3",
-                           "--low_vram_presets", "3", "--stages", "table,tests,low_vram,view_batch"],
+                           "--low_vram_presets", "3", "--stages", "table,tests,sd3,low_vram,view_batch"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(name, stage["status"]) for name, stage in report["stages"].items()] == [
-        ("table", "done"), ("tests", "done"), ("low_vram", "done"), ("view_batch", "done")]
+        ("table", "done"), ("tests", "done"), ("sd3", "done"), ("low_vram", "done"), ("view_batch", "done")]
     assert not report["failures"] and report["targets"] == []  # tiny numbers are not held against the targets
     assert report["environment"]["diffusers"] and report["environment"]["cuda_available"] is False
     runs = {r["stage"]: r for r in report["results"]}
+    sd3 = runs.pop("sd3")  # SD 3.5 Medium's layout (tiny), T = 1: one main pass of 2 (7 + 1) + 4 windows
+    assert (sd3["model"], sd3["unet_samples"], sd3["expected"]["samples"], sd3["samples_match"]) == ("sd35m", 20, 20, True)
+    assert report["sd3"]["floor"]["best_per_sample_s"] > 0 and "sd35m eager" in log_text(tmp_path)
     assert list(runs) == ["table", "low_vram", "view_batch"]
     assert [(r["view_batch_size"], r["low_vram"], r["unet_calls"]) for r in runs.values()] == [
         (16, False, 5), (16, True, 5), (40, False, 3)]
@@ -126,7 +135,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert tests["returncode"] == 0 and tests["counts"] == {"skipped": 4}  # the compile check is the other stage's
     assert all("needs a CUDA GPU" in t["message"] for t in tests["tests"].values())
     assert "test_compiled_unet_gives_the_eager_image" not in tests["tests"]
-    log = (tmp_path / "gpu_check.log").read_text()
+    log = log_text(tmp_path)
     assert "== summary" in log and "tests: {'skipped': 4}" in log and (tmp_path / "tests.xml").exists()
 
 
