@@ -173,6 +173,9 @@ class ImageToImageApp(base.TextToImageApp):
         if self._controlnet is not None:  # refine runs need the base sampler: the same modules, no ControlNet
             sampler = ed.ElasticDiffusion.from_pipe(sampler.pipe, max_scale=sampler.max_scale)
         super().__init__(sampler, status, preview_every, outputs)
+        if self.flow:  # SD 3 has no ControlNet here: only the refine examples
+            rows = [(row, label) for row, label in zip(self.example_rows, self.example_labels) if row[3] == "refine"]
+            self.example_rows, self.example_labels = [row for row, _ in rows], [label for _, label in rows]
         # What the ControlNet was trained on (None: unknown), and where the guide menu starts.
         self.controlnet_condition = trained_condition(self.controlnet_model)
         self.default_condition = self.condition_type(default_condition or "refine")
@@ -233,13 +236,13 @@ class ImageToImageApp(base.TextToImageApp):
         (never a server path) and the sampler's keyword arguments, the image decoded. Refine starts from the
         picture; the ControlNet's conditions follow it, from noise unless the strength is below 1."""
         condition = self.condition_type(values.get("condition"))
+        if self.flow and condition != "refine":
+            raise base.refuse(f"Guide '{condition}' needs a ControlNet, which runs on SD 1.x, 2.x and XL models only; "
+                              "with this SD 3 model choose Refine.")
         strength = base.knob_value(STRENGTH_KNOB, values.get("strength", 1.0), 0)
         image, name = self.input_image(values.get("image"))
         if condition == "refine":
             return name, dict(image=image, strength=strength)
-        if self.flow:
-            raise base.refuse(f"Guide '{condition}' needs a ControlNet, which runs on SD 1.x, 2.x and XL models only; "
-                              "with this SD 3 model choose Refine.")
         control = dict(condition=condition, condition_image=image)
         for row in edc.CONTROLNET_KNOBS:
             control[row.name] = base.knob_value(row, values.get(row.name, KNOB_DEFAULTS[row.name]), 0)

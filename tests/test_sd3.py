@@ -133,3 +133,50 @@ def test_cog_runs_an_sd3_model_with_its_own_defaults(tiny_sd3_path, monkeypatch)
     with ed.Image.open(path) as image:
         record = json.loads(image.text["elastic_diffusion"])
     assert image.size == (1024, 768) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
+
+
+def test_the_demos_offer_sd3_its_presets_and_refine_only(sd3, examples_cache):
+    import gradio as gr
+
+    import app_gradio
+    import app_gradio_img2img
+
+    text = app_gradio.TextToImageApp(sd3)
+    recommended = text.recommended(2048, 2048)
+    assert (recommended["num_inference_steps"], recommended["guidance_scale"], recommended["rrg_init_weight"]) == (
+        28, 4.5, 8000)
+    assert "untuned" in text.model_note() and text.gpu_seconds(dict(width=2048, height=2048)) > 20
+    image = app_gradio_img2img.ImageToImageApp(sd3)
+    assert [row[3] for row in image.example_rows] == ["refine"] and len(image.example_labels) == 1
+    demo = image.build()
+    (guide,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "condition"]
+    assert [value for _, value in guide.choices] == ["refine"]
+    with pytest.raises(gr.Error, match="Guide 'canny' needs a ControlNet.*choose Refine"):
+        image.parse_control(dict(condition="canny", image=None))
+
+
+def test_cli_and_batch_run_sd3_with_its_defaults(tiny_sd3_path, tmp_path):
+    (path,) = ed.main(["--sd_version", tiny_sd3_path, "--width", "1024", "--height", "768", "--steps", "1",
+                       "--outdir", str(tmp_path / "cli")])
+    with ed.Image.open(path) as image:
+        record = json.loads(image.text["elastic_diffusion"])
+    assert image.size == (1024, 768) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(json.dumps(dict(prompt="a lake", width=1024, height=768, num_inference_steps=1)) + "\n")
+    (path,) = ed.main(["--sd_version", tiny_sd3_path, "--prompts_file", str(lines), "--outdir", str(tmp_path / "b")])
+    with ed.Image.open(path) as image:
+        assert json.loads(image.text["elastic_diffusion"])["guidance_scale"] == 4.5
+
+
+def test_low_vram_offloads_the_transformer_and_gives_the_same_latent(sd3):
+    """diffusers' model CPU offload on SD 3's pipeline (SD 3.5 Large's memory mode): hooks on the transformer,
+    the same result; switched back off for the other tests (the modules are shared)."""
+    args = dict(prompt="a boat", height=1024, width=768, num_inference_steps=1, seed=4, **QUIET)
+    expected, _ = sd3(**args)
+    offloaded = ed.ElasticDiffusion.from_pipe(sd3.pipe, low_vram=True)
+    try:
+        assert type(getattr(sd3.unet, "_hf_hook", None)).__name__ == "CpuOffload"
+        torch.testing.assert_close(offloaded(**args)[0], expected, rtol=0, atol=0)
+    finally:
+        offloaded.set_low_vram(False)
+    assert getattr(sd3.unet, "_hf_hook", None) is None
