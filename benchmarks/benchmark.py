@@ -133,10 +133,11 @@ def ddim_scheduler():
                          steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 
 
-def build_empty_components(model: str) -> dict:
+def build_empty_components(model: str, meta_buffers: bool = False) -> dict:
     """The networks of `model` with parameters on the meta device (no memory, well under a second).
 
-    Buffers (CLIP's position ids) stay real on the CPU.
+    Buffers (CLIP's position ids, SD 3's 384 x 384 positional table: 10 s to compute) stay real on the CPU, for
+    `materialize`; `meta_buffers` puts them on the meta device too (enough to count parameters).
     """
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
@@ -144,7 +145,7 @@ def build_empty_components(model: str) -> dict:
 
     if model not in EXPECTED_PARAMS_M:
         raise ValueError(f"model must be one of {sorted(EXPECTED_PARAMS_M)}; got {model!r}")
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+    with init_empty_weights(include_buffers=meta_buffers), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if model == "sd35m":
             return {"transformer": SD3Transformer2DModel(**SD35M_TRANSFORMER),
@@ -751,7 +752,7 @@ def main(argv=None) -> dict:
                   versions=versions(), mode=args.mode, model=args.model)
 
     if args.mode == "meta":
-        counts = check_param_counts(args.model, build_empty_components(args.model))
+        counts = check_param_counts(args.model, build_empty_components(args.model, meta_buffers=True))
         report["params_m"] = counts
         for name, value in counts.items():
             print(f"{args.model} {name}: {value:.2f} M parameters (published: {EXPECTED_PARAMS_M[args.model][name]} M)")

@@ -125,9 +125,10 @@ def test_cost_model_with_a_batch_and_small_calls(xl, width, height, R):
         assert max(info["unet_batch_sizes"]) <= 5
 
 
-# 2048² takes 37 s on 2 cores: marked slow (its 50-step count is also the cost-model table's, test_geometry.py).
-@pytest.mark.parametrize("width,height,samples,encodes", [pytest.param(2048, 2048, 2782, 0, marks=pytest.mark.slow),
-                                                          (1024, 2048, 1294, 100)])
+# 37 s and 25 s on 2 cores: marked slow. The 50-step counts are also the cost-model table's (test_geometry.py), and
+# the cost model equals the sampler's counts at every preset (test_unet_sample_count_matches_cost_formula).
+@pytest.mark.slow
+@pytest.mark.parametrize("width,height,samples,encodes", [(2048, 2048, 2782, 0), (1024, 2048, 1294, 100)])
 def test_unet_sample_count_at_50_steps(xl, width, height, samples, encodes):
     _, info = xl("a corgi", height=height, width=width, num_inference_steps=50, seed=0, **QUIET)
     assert info["unet_samples"] == samples

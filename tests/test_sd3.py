@@ -22,7 +22,7 @@ def sd3(tiny_sd3_path):
     return ed.ElasticDiffusion(device="cpu", sd_version=tiny_sd3_path)
 
 
-@pytest.mark.parametrize("height, width", [(1024, 1024), (768, 1024)])
+@pytest.mark.parametrize("height, width", [(512, 512), (384, 512)])
 def test_at_or_below_the_native_size_equals_diffusers_sd3(sd3, height, width):
     """Within the native size the reference is the latent itself: one [neg; pos] pair per step, unpadded, stepped
     by Euler on the shifted sigmas, equals StableDiffusion3Pipeline from the same latents to fp32 round-off."""
@@ -64,28 +64,28 @@ def test_flow_renoise_reaches_the_noisier_level_of_the_forward_process():
 
 
 def test_the_cost_model_counts_an_sd3_run(sd3):
-    settings = dict(sd3.resolve_settings(1536, 1024, num_inference_steps=2, resampling_steps=1))
-    _, info = sd3("a castle", height=1024, width=1536, seed=3, **settings, **QUIET)
-    cost = ed.unet_cost(1536, 1024, settings, sd3.native_latent, flow=True)
+    settings = dict(sd3.resolve_settings(768, 512, num_inference_steps=2, resampling_steps=1))
+    _, info = sd3("a castle", height=512, width=768, seed=3, **settings, **QUIET)
+    cost = ed.unet_cost(768, 512, settings, sd3.native_latent, flow=True)
     assert (cost.samples, cost.calls, cost.vae_encodes) == (info.unet_samples, info.unet_calls, info.vae_encodes)
-    assert info.vae_encodes > 0  # the reference (85 x 128 latent pixels) is padded to the native size
-    assert ed.unet_cost(768, 1024, settings, sd3.native_latent, flow=True).vae_encodes == 0  # unpadded
+    assert info.vae_encodes > 0  # the reference (42 x 64 latent pixels) is padded to the native size
+    assert ed.unet_cost(384, 512, settings, sd3.native_latent, flow=True).vae_encodes == 0  # unpadded
 
 
 def test_sd3_presets_and_geometry(sd3, tiny_sd3_path):
-    assert (sd3.is_flow, sd3.native_px, sd3.latent_channels, sd3.is_sdxl) == (True, 1024, 16, False)
-    assert ed.native_size(tiny_sd3_path) == ed.Native(1024, 8, f"{tiny_sd3_path}'s configs", True)
+    assert (sd3.is_flow, sd3.native_px, sd3.latent_channels, sd3.is_sdxl) == (True, 512, 16, False)  # tiny: half
+    assert ed.native_size(tiny_sd3_path) == ed.Native(512, 8, f"{tiny_sd3_path}'s configs", True)
     assert ed.native_size("3.5-large").flow and not ed.native_size("XL1.0").flow
     flow, xl = ed.recommended_settings(2048, 2048, 1024, flow=True), ed.recommended_settings(2048, 2048, 1024)
     assert (flow["num_inference_steps"], flow["guidance_scale"]) == (28, 4.5)
     # The pull 2 lambda0 / (C H W) is SDXL's: 16 channels take 4x the weight of SDXL's 4.
     assert flow["rrg_init_weight"] == 4 * xl["rrg_init_weight"] == 8000
-    assert sd3.resolve_settings(2048, 2048) == flow
+    assert sd3.resolve_settings(1024, 1024) == ed.recommended_settings(1024, 1024, 512, flow=True)
 
 
 def test_sd3_refuses_what_it_does_not_have(sd3, tiny_sd3_path):
     with pytest.raises(ValueError, match="time_ids_scale is SDXL's size conditioning: SD 3 models have none"):
-        sd3("a cat", height=1024, width=1024, time_ids_scale=1, **QUIET)
+        sd3("a cat", height=512, width=512, time_ids_scale=1, **QUIET)
     from elastic_diffusion_w_controlnet import ElasticDiffusionControlNet
 
     with pytest.raises(ValueError, match="ControlNet.*SD 1.x, 2.x and XL"):
@@ -94,7 +94,7 @@ def test_sd3_refuses_what_it_does_not_have(sd3, tiny_sd3_path):
 
 def test_image_to_image_on_sd3_starts_from_the_noised_image(sd3):
     """Strength 0.5 of 4 steps runs the last 2 from (1 - sigma) z + sigma noise at the third sigma."""
-    image = ed.Image.new("RGB", (1024, 768), (200, 40, 40))
+    image = ed.Image.new("RGB", (512, 384), (200, 40, 40))
     seen = []
     out, info = sd3("a red wall", image=image, strength=0.5, num_inference_steps=4, seed=1, **QUIET,
                     callback_on_step_end=lambda pipe, i, t, tensors: seen.append(i))
@@ -107,11 +107,11 @@ def test_look_inside_records_v_and_the_class_direction_plain_and_elastic(sd3):
     """At the native size both methods see the same two transformer outputs per step: the same maps."""
     import pca_diffusion_scores as pca
 
-    kwargs = dict(height=1024, width=1024, steps_to_keep=[0, 1], seed=5, progress=False, num_inference_steps=2,
+    kwargs = dict(height=512, width=512, steps_to_keep=[0, 1], seed=5, progress=False, num_inference_steps=2,
                   guidance_scale=4.5)
     plain = pca.record_scores(sd3, "a fox", "", method="plain", **kwargs)
     elastic = pca.record_scores(sd3, "a fox", "", method="elastic", **kwargs)
-    assert plain.info.settings["method"] == "plain flow" and plain.direction.shape == (2, 16, 128, 128)
+    assert plain.info.settings["method"] == "plain flow" and plain.direction.shape == (2, 16, 64, 64)
     for name in ("direction", "local_uncond", "x0"):
         torch.testing.assert_close(getattr(plain, name).float(), getattr(elastic, name).float(), rtol=0, atol=2e-3)
     assert plain.direction.float().abs().max() > 0.01
@@ -125,14 +125,14 @@ def test_cog_runs_an_sd3_model_with_its_own_defaults(tiny_sd3_path, monkeypatch)
     predictor = predict.Predictor()
     predictor.setup()
     inputs = {name: p.default.default for name, p in inspect.signature(predictor.predict).parameters.items()}
-    call = predict.check_request(dict(inputs, width=1024, height=1024), predictor.sampler)
+    call = predict.check_request(dict(inputs, width=512, height=512), predictor.sampler)
     assert (call["num_inference_steps"], call["guidance_scale"]) == (None, None)
-    assert predict.check_request(dict(inputs, width=1024, height=1024, guidance_scale=6.0),
+    assert predict.check_request(dict(inputs, width=512, height=512, guidance_scale=6.0),
                                  predictor.sampler)["guidance_scale"] == 6.0
-    (path,) = predictor.predict(**dict(inputs, width=1024, height=768, num_inference_steps=1, seed=2))
+    (path,) = predictor.predict(**dict(inputs, width=512, height=384, num_inference_steps=1, seed=2))
     with ed.Image.open(path) as image:
         record = json.loads(image.text["elastic_diffusion"])
-    assert image.size == (1024, 768) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
+    assert image.size == (512, 384) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
 
 
 def test_the_demos_offer_sd3_its_presets_and_refine_only(sd3, examples_cache):
@@ -142,10 +142,10 @@ def test_the_demos_offer_sd3_its_presets_and_refine_only(sd3, examples_cache):
     import app_gradio_img2img
 
     text = app_gradio.TextToImageApp(sd3)
-    recommended = text.recommended(2048, 2048)
+    recommended = text.recommended(1024, 1024)  # 2x the tiny model's 512 px: 4 native areas, as 2048² on SD 3.5
     assert (recommended["num_inference_steps"], recommended["guidance_scale"], recommended["rrg_init_weight"]) == (
         28, 4.5, 8000)
-    assert "untuned" in text.model_note() and text.gpu_seconds(dict(width=2048, height=2048)) > 20
+    assert "untuned" in text.model_note() and text.gpu_seconds(dict(width=1024, height=1024)) > 20
     image = app_gradio_img2img.ImageToImageApp(sd3)
     assert [row[3] for row in image.example_rows] == ["refine"] and len(image.example_labels) == 1
     demo = image.build()
@@ -156,13 +156,13 @@ def test_the_demos_offer_sd3_its_presets_and_refine_only(sd3, examples_cache):
 
 
 def test_cli_and_batch_run_sd3_with_its_defaults(tiny_sd3_path, tmp_path):
-    (path,) = ed.main(["--sd_version", tiny_sd3_path, "--width", "1024", "--height", "768", "--steps", "1",
+    (path,) = ed.main(["--sd_version", tiny_sd3_path, "--width", "512", "--height", "384", "--steps", "1",
                        "--outdir", str(tmp_path / "cli")])
     with ed.Image.open(path) as image:
         record = json.loads(image.text["elastic_diffusion"])
-    assert image.size == (1024, 768) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
+    assert image.size == (512, 384) and (record["num_inference_steps"], record["guidance_scale"]) == (1, 4.5)
     lines = tmp_path / "prompts.jsonl"
-    lines.write_text(json.dumps(dict(prompt="a lake", width=1024, height=768, num_inference_steps=1)) + "\n")
+    lines.write_text(json.dumps(dict(prompt="a lake", width=512, height=384, num_inference_steps=1)) + "\n")
     (path,) = ed.main(["--sd_version", tiny_sd3_path, "--prompts_file", str(lines), "--outdir", str(tmp_path / "b")])
     with ed.Image.open(path) as image:
         assert json.loads(image.text["elastic_diffusion"])["guidance_scale"] == 4.5
@@ -171,7 +171,7 @@ def test_cli_and_batch_run_sd3_with_its_defaults(tiny_sd3_path, tmp_path):
 def test_low_vram_offloads_the_transformer_and_gives_the_same_latent(sd3):
     """diffusers' model CPU offload on SD 3's pipeline (SD 3.5 Large's memory mode): hooks on the transformer,
     the same result; switched back off for the other tests (the modules are shared)."""
-    args = dict(prompt="a boat", height=1024, width=768, num_inference_steps=1, seed=4, **QUIET)
+    args = dict(prompt="a boat", height=512, width=384, num_inference_steps=1, seed=4, **QUIET)
     expected, _ = sd3(**args)
     offloaded = ed.ElasticDiffusion.from_pipe(sd3.pipe, low_vram=True)
     try:

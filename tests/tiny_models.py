@@ -85,7 +85,7 @@ def _vae(kind: str) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=2,
         latent_channels=16 if sd3 else 4,
-        sample_size=1024 if sdxl or sd3 else 512,
+        sample_size=1024 if sdxl else 512,
         scaling_factor=1.5305 if sd3 else 0.13025 if sdxl else 0.18215,
         shift_factor=0.0609 if sd3 else None,  # SD3's latents are shifted and scaled
         use_quant_conv=not sd3,
@@ -139,10 +139,11 @@ def _scheduler() -> DDIMScheduler:
 
 
 def _sd3_pipeline(vae: AutoencoderKL) -> StableDiffusion3Pipeline:
-    """SD 3.5's geometry (native 1024 px: 128 x 128 latents of 16 channels in 2 x 2 patches, the shift-3 flow
-    schedule, two CLIP encoders with projections) on a 2-layer transformer, without the optional T5."""
+    """SD 3.5's layout (16-channel latents in 2 x 2 patches, the shift-3 flow schedule, two CLIP encoders with
+    projections) on a 2-layer transformer, without the optional T5, at half SD 3.5's native size: 512 px
+    (64 x 64 latents, 1,024 tokens; at 1024 px a sample would cost 10x more)."""
     transformer = SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=2 * TEXT_HIDDEN, caption_projection_dim=16,
         pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm")
     return StableDiffusion3Pipeline(
@@ -253,9 +254,14 @@ def main(argv=None) -> str:
                     "are noise.")
     parser.add_argument("folder", nargs="?", default="tiny-model", help="where to write it (default: %(default)s)")
     parser.add_argument("--kind", choices=KINDS, default="sdxl",
-                        help="the architecture: SD 1.x, SD 2.x or SDXL, the default model's (default: %(default)s)")
+                        help="the architecture: SD 1.x, SD 2.x, SDXL (the default model's) or SD 3.5 (default: "
+                             "%(default)s)")
     args = parser.parse_args(argv)
     folder = save_tiny_pipeline(args.kind, args.folder)
+    if args.kind == "sd3":  # no ControlNet for SD 3 here
+        print(f"Wrote a tiny random-weight SD 3 model to {folder}/ (its pictures are noise); for example:\n"
+              f'  make run ARGS="--model {folder} --width 1024 --height 512 --steps 4"')
+        return folder
     save_tiny_controlnet(folder, os.path.join(folder, "controlnet"))
     save_tiny_depth_model(os.path.join(folder, "depth"))
     print(f"""Wrote a tiny random-weight {args.kind} model to {folder}/, with a ControlNet in {folder}/controlnet and a
