@@ -847,9 +847,21 @@ def default_device() -> torch.device:
     return torch.accelerator.current_accelerator() or torch.device("cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (the UNet's speed), fp32 on the CPU (no fast fp16 kernels)."""
-    return torch.float32 if device.type == "cpu" else torch.float16
+def default_dtype(device: torch.device, flow: bool = False) -> torch.dtype:
+    """Half precision on accelerators (the UNet's speed), fp32 on the CPU (no fast fp16 kernels). SD 3 (`flow`):
+    bf16, the precision Stability trains and ships it in, where the GPU has it."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if flow and (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
+
+
+def is_flow_model(sd_version: str) -> bool:
+    """Whether `sd_version` names an SD 3 model, from what `native_size` reads without the weights (False if it
+    cannot tell: the dtype default then is the UNet models')."""
+    try:
+        return native_size(sd_version).flow
+    except ValueError:
+        return False
 
 
 def checkpoint_kind(path: str) -> str:
@@ -1259,7 +1271,7 @@ class ElasticDiffusion:
             folder or a single `.safetensors` checkpoint. The architecture is read from the loaded model.
         view_batch_size: most UNet samples (native-size latents) per UNet call; memory only.
         low_vram: diffusers' model CPU offload (one model on the GPU at a time).
-        torch_dtype: weight dtype (default fp16 on accelerators, fp32 on CPU).
+        torch_dtype: weight dtype (default fp16 on accelerators, bf16 for SD 3 where the GPU has it; fp32 on CPU).
         pipe: an already loaded diffusers pipeline to use instead of loading (see `from_pipe`).
         allow_pickle: allow non-safetensors weights (they can run code when loaded).
         compile_unet: `torch.compile` the UNet. Every UNet input is native-size, so with the batch
@@ -1292,7 +1304,8 @@ class ElasticDiffusion:
                                  "first (pipe.to(dtype=...)) or leave torch_dtype out")
         else:
             self.sd_version = sd_version
-            pipe = load_pipeline(sd_version, torch_dtype or default_dtype(self.device), allow_pickle, t5, **load_kwargs)
+            dtype = torch_dtype or default_dtype(self.device, self.device.type != "cpu" and is_flow_model(sd_version))
+            pipe = load_pipeline(sd_version, dtype, allow_pickle, t5, **load_kwargs)
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
             # The SDXL VAE overflows to NaN in fp16 (docs/method.md#decoding). bf16 has fp32's range at half the
@@ -2077,7 +2090,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model: one of {sorted(MODEL_IDS)}, a hub id, a diffusers folder or a .safetensors file")
     p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="weight dtype (default: float16 on GPU, float32 on CPU)")
+                   help="weight dtype (default: float16 on GPU, bfloat16 for SD 3; float32 on CPU)")
     p.add_argument("--allow_pickle", action="store_true", help="allow non-safetensors (pickle) weights")
     p.add_argument("--t5", action="store_true", help="SD 3 models: also load the T5 text encoder (4.7B parameters); "
                    "without it CLIP cuts prompts at 77 tokens")

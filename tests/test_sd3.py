@@ -76,6 +76,10 @@ def test_sd3_presets_and_geometry(sd3, tiny_sd3_path):
     assert (sd3.is_flow, sd3.native_px, sd3.latent_channels, sd3.is_sdxl) == (True, 512, 16, False)  # tiny: half
     assert ed.native_size(tiny_sd3_path) == ed.Native(512, 8, f"{tiny_sd3_path}'s configs", True)
     assert ed.native_size("3.5-large").flow and not ed.native_size("XL1.0").flow
+    assert ed.is_flow_model(tiny_sd3_path) and not ed.is_flow_model("XL1.0") and not ed.is_flow_model("no/such-model")
+    mps = torch.device("mps")  # an accelerator: half precision, SD 3's in bf16
+    assert (ed.default_dtype(mps, flow=True), ed.default_dtype(mps), ed.default_dtype(torch.device("cpu"), True)) == (
+        torch.bfloat16, torch.float16, torch.float32)
     flow, xl = ed.recommended_settings(2048, 2048, 1024, flow=True), ed.recommended_settings(2048, 2048, 1024)
     assert (flow["num_inference_steps"], flow["guidance_scale"]) == (28, 4.5)
     # The pull 2 lambda0 / (C H W) is SDXL's: 16 channels take 4x the weight of SDXL's 4.
