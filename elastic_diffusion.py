@@ -1114,7 +1114,7 @@ class FlowModel:
     def __init__(self, transformer, scheduler_config):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.net, self.config = transformer, scheduler_config
+        self.net = transformer
         if scheduler_config.get("use_dynamic_shifting"):  # FLUX-style shift by image size: not this model family
             raise ValueError("this model's scheduler shifts its sigmas by image size (use_dynamic_shifting); "
                              "ElasticDiffusion supports SD 3 / 3.5's fixed shift")
@@ -1127,7 +1127,8 @@ class FlowModel:
         return [float(t) for t in scheduler.timesteps], [float(s) for s in scheduler.sigmas]
 
     def prediction(self, out: torch.Tensor, x: torch.Tensor, level: float) -> torch.Tensor:
-        return out.float()  # v, as the loop uses it
+        """The transformer's raw output in the loop's terms, fp32: v itself."""
+        return out.float()
 
     def __call__(self, x, t: float, timestep, embeds, pooled, **kwargs) -> torch.Tensor:
         return self.net(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=embeds,
