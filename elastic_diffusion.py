@@ -960,7 +960,7 @@ def native_size(sd_version: str, native_px: int | None = None) -> Native:
         check_number("--native_px", native_px, 64, integer=True)
         if native_px % 8:
             raise ValueError(f"--native_px must be a multiple of 8; got {native_px}")
-        return Native(native_px, 8, "--native_px", str(sd_version).startswith("3."))
+        return Native(native_px, 8, "--native_px", is_flow_model(sd_version))
     if sd_version in KEY_NATIVE_PX:
         return Native(KEY_NATIVE_PX[sd_version], 8, f"--sd_version {sd_version}", sd_version.startswith("3."))
     source = os.path.expanduser(MODEL_IDS.get(sd_version, sd_version))
