@@ -226,7 +226,8 @@ CASES = {  # model, width x height, repaint: what it exercises (sd1: native 512 
     "below_native": ("sd1", 384, 256, True),  # ratio 1: the whole image padded, passes and the view one input
     "no_repaint": ("sd1", 1024, 512, False),  # every step keeps the resampled direction at full guidance
     "sdxl_2x_width": ("sdxl", 2048, 1024, True),  # pooled embeddings and 4x time ids
-    "sd3_1.5x": ("sd3", 768, 512, True),  # the flow form (tiny SD 3: native 512 px): v, Euler, padded reference
+    "sd3_2x_width": ("sd3", 1024, 512, True),  # the flow form (tiny SD 3: native 512 px): v, Euler, four windows
+    "sd3_1.5x": ("sd3", 768, 512, True),  # the flow form with a padded reference (42 x 64 in 64 x 64)
 }
 
 
