@@ -1803,8 +1803,7 @@ class ElasticDiffusion:
 
         tic, strips = time.perf_counter(), run.layout.strips
         run.timesteps, run.levels = self.model.schedule(s["num_inference_steps"])
-        steps = dict(zip(run.timesteps, run.levels))
-        steps = {t: steps[t] for t in run.timesteps[run.first_step:]}  # t -> level
+        steps = dict(list(zip(run.timesteps, run.levels))[run.first_step:])  # t -> level, of the steps that run
         run.timestep_tensors = {t: torch.tensor(t, device=self.device) for t in steps}
         run.backgrounds = (self.prepare_backgrounds(strips, steps, run.aux_seed, run.counters, report=run.stage)
                            if strips and steps else {})
