@@ -44,36 +44,6 @@ def test_param_count_check_catches_a_typo():
         bm.check_param_counts("sd15", parts)
 
 
-def test_tiny_mode_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, SCRIPT, "--mode", "tiny", "--presets", "3", "--steps", "2",
-                           "--upscale_strength", "0.5", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    (result,) = report["results"]
-    # Preset 3 (1024x2048, R = 7, V = 4), T = 2: 2 (2*8 + 4) + 1 (2 + 4) = 46 samples, in 2 + 2 + 1 calls.
-    assert (result["width"], result["height"], result["resampling_steps"]) == (1024, 2048, 7)
-    assert result["unet_samples"] == result["expected"]["samples"] == 46
-    assert result["unet_calls"] == result["expected"]["calls"] == 5
-    assert result["vae_encodes"] == result["expected"]["vae_encodes"] == 2 * 2  # left/right strips, 2 steps
-    assert result["num_views"] == 4
-    # The 2x upscale to the same size at strength 0.5 runs the last of the 2 steps: one main pass, no repaint.
-    upscale = result["upscale"]
-    assert upscale["unet_samples"] == upscale["expected_samples"] == 2 * 8 + 4 and upscale["from_size"] == [512, 1024]
-    assert upscale["text_unet_samples"] == 46 and upscale["wall_s"] > 0
-    assert result["peak_memory_gib"] is None  # no GPU
-    assert report["all_checks_passed"] and not report["failures"]
-    for key in ("command", "date", "versions", "card", "floor", "params_m", "table"):
-        assert key in report
-    assert report["versions"]["torch"] and report["versions"]["diffusers"]
-    assert result["floor_s"] > 0 and result["wall_s"] > 0 and result["ratio"] > 0
-    assert result["plain_cfg_samples"] == 4
-    # The markdown table is printed last.
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("| 3 | 1024x2048 | 7 | 46 | 5 |")
-
-
 def test_planned_batch_sizes_add_up_to_the_cost_model():
     """The call sizes the floor times up front: balanced splits of each pass, summing to the run's samples and calls."""
     bm = _load_benchmark()
@@ -116,7 +86,25 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     sd3 = runs.pop("sd3")  # SD 3.5 Medium's layout (tiny), T = 1: one main pass of 2 (7 + 1) + 4 windows
     assert (sd3["model"], sd3["unet_samples"], sd3["expected"]["samples"], sd3["samples_match"]) == ("sd35m", 20, 20, True)
     assert report["sd3"]["floor"]["best_per_sample_s"] > 0 and "sd35m eager" in log_text(tmp_path)
+    # The sd3 stage ran benchmarks/benchmark.py's main in-process: its own JSON report, complete.
+    bench = json.loads((tmp_path / "sd3.json").read_text())
+    assert bench["all_checks_passed"] and not bench["failures"] and bench["model"] == "sd35m"
+    for key in ("command", "date", "versions", "card", "floor", "params_m", "table"):
+        assert key in bench
+    assert bench["versions"]["torch"] and bench["versions"]["diffusers"]
+    assert bench["table"].splitlines()[-1].startswith("| 3 | 512x1024 | 7 | 20 | 2 |")  # sizes at its 512 px
     assert list(runs) == ["table", "low_vram", "view_batch"]
+    table = runs["table"]
+    # Preset 3 (1024x2048, R = 7, V = 4), T = 2: 2 (2*8 + 4) + 1 (2 + 4) = 46 samples, in 2 + 2 + 1 calls.
+    assert (table["width"], table["height"], table["resampling_steps"], table["num_views"]) == (1024, 2048, 7, 4)
+    assert table["unet_samples"] == table["expected"]["samples"] == 46
+    assert table["vae_encodes"] == table["expected"]["vae_encodes"] == 2 * 2  # left/right strips, 2 steps
+    assert table["peak_memory_gib"] is None and table["plain_cfg_samples"] == 4  # no GPU; plain CFG: 2 x T
+    assert table["floor_s"] > 0 and table["wall_s"] > 0 and table["ratio"] > 0
+    # The 2x upscale to the same size at strength 0.5 runs the last of the 2 steps: one main pass, no repaint.
+    upscale = table["upscale"]
+    assert upscale["unet_samples"] == upscale["expected_samples"] == 2 * 8 + 4 and upscale["from_size"] == [512, 1024]
+    assert upscale["text_unet_samples"] == 46 and upscale["wall_s"] > 0
     assert [(r["view_batch_size"], r["low_vram"], r["unet_calls"]) for r in runs.values()] == [
         (16, False, 5), (16, True, 5), (40, False, 3)]
     # T = 2 at 1024x2048: main passes of 20 samples (10 + 10 at v = 16, one call at 40), one repaint pass of 6
