@@ -174,7 +174,9 @@ class ImageToImageApp(base.TextToImageApp):
             sampler = ed.ElasticDiffusion.from_pipe(sampler.pipe, max_scale=sampler.max_scale)
         super().__init__(sampler, status, preview_every, outputs)
         if self.flow:  # SD 3 has no ControlNet here: only the refine examples
-            rows = [(row, label) for row, label in zip(self.example_rows, self.example_labels) if row[3] == "refine"]
+            guide = self.example_inputs.index("condition")
+            rows = [(row, label) for row, label in zip(self.example_rows, self.example_labels)
+                    if row[guide] == "refine"]
             self.example_rows, self.example_labels = [row for row, _ in rows], [label for _, label in rows]
         # What the ControlNet was trained on (None: unknown), and where the guide menu starts.
         self.controlnet_condition = trained_condition(self.controlnet_model)

@@ -555,11 +555,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, make_sampler:
                     records = item_records(item, outdir, model, rank, "error", item.error)
                 else:
                     pipe = pipe or make_sampler()  # loaded once, by the first item to generate
-                    if (pipe.native_px, pipe.vae_scale_factor, pipe.is_flow) != native[:2] + native[3:]:
-                        sd3 = lambda flow: "an SD 3 model, " if flow else ""  # noqa: E731
-                        raise ValueError(f"the model ({sd3(pipe.is_flow)}native size {pipe.native_px} px, VAE factor "
-                                         f"{pipe.vae_scale_factor}) is not what the plan assumed from {native.source} "
-                                         f"({sd3(native.flow)}{native.px} px): pass --native_px {pipe.native_px}")
+                    loaded = (pipe.native_px, pipe.vae_scale_factor, pipe.is_flow)
+                    if loaded != (native.px, native.vae_scale_factor, native.flow):
+                        raise ValueError(f"the model (native size, VAE factor, SD 3) is {loaded}, but the plan "
+                                         f"assumed {(native.px, native.vae_scale_factor, native.flow)} from "
+                                         f"{native.source}: pass --native_px {pipe.native_px}")
                     records = generate_item(pipe, item, outdir, model, rank, extra_outputs)
                 if records[0]["status"] != "ok":
                     logger.warning("%s:%d (item %d): %s", args.prompts_file, item.line, item.index,

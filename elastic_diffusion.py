@@ -1455,19 +1455,18 @@ class ElasticDiffusion:
         """The model's prediction in the loop's terms (`self.model`: epsilon, or SD 3's v) for a batch of native-size
         latents: every UNet call goes here."""
         n = latents.shape[0]
-        extra = {}
+        added = None
         if self.is_sdxl:
-            extra["added_cond_kwargs"] = {"text_embeds": pooled_embeds,
-                                          "time_ids": run.time_ids.expand(n, -1).contiguous()}
+            added = {"text_embeds": pooled_embeds, "time_ids": run.time_ids.expand(n, -1).contiguous()}
         timestep = run.timestep_tensors[t]  # a tensor: a Python int would recompile a compiled UNet
-        extra.update(self.unet_extra_kwargs(run, latents, timestep, prompt_embeds, extra.get("added_cond_kwargs"),
-                                            regions))
+        extra = self.unet_extra_kwargs(run, latents, timestep, prompt_embeds, added, regions)
         if self.compiled and n > 1:  # sizes 0 and 1 are always specialised by torch.compile
             extras = [v for value in extra.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-            extras = [v for value in extras for v in (value.values() if isinstance(value, dict) else [value])]
-            for tensor in (latents, prompt_embeds, pooled_embeds, *extras):
+            for tensor in (latents, prompt_embeds, pooled_embeds, *(added or {}).values(), *extras):
                 if torch.is_tensor(tensor):
                     torch._dynamo.mark_dynamic(tensor, 0)
+        if added is not None:
+            extra = dict(extra, added_cond_kwargs=added)
         return self.model(latents, t, timestep, prompt_embeds, pooled_embeds, **extra)
 
     def _evaluate(self, run: Run, latents: torch.Tensor, t: int, cond_index: torch.Tensor,

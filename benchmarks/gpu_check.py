@@ -307,7 +307,7 @@ def stage_sd3(s: Session) -> dict:
         s.add_result("sd3", result)
     s.report["sd3"] = {key: report.get(key) for key in ("card", "params_m", "build_s", "floor", "table")}
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # its pipeline is gone with `report`'s caller frame
+        torch.cuda.empty_cache()  # bm.main's pipeline was freed when it returned
     return dict(all_checks_passed=report["all_checks_passed"])
 
 
